@@ -122,8 +122,17 @@ def _load_corpus_texts(repo_root: Path) -> list[str]:
 
 def _train_tokenizer(out_dir: Path, repo_root: Path) -> None:
     """Train a small byte-level BPE with Qwen's pipeline and write HF tokenizer files."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
-    from tokenizers import models, processors, trainers
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
 
     tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
     tok.normalizer = normalizers.NFC()
@@ -148,7 +157,9 @@ def _train_tokenizer(out_dir: Path, repo_root: Path) -> None:
     # Specials go after the ordinary tokens, as in Qwen (endoftext, im_start, im_end).
     tok.add_special_tokens(
         [
-            AddedToken(t, single_word=False, lstrip=False, rstrip=False, normalized=False, special=True)
+            AddedToken(
+                t, single_word=False, lstrip=False, rstrip=False, normalized=False, special=True
+            )
             for t in SPECIAL_TOKENS
         ]
     )
