@@ -111,11 +111,17 @@ def _load_corpus_texts(repo_root: Path) -> list[str]:
             records = []
         if isinstance(records, list):
             for rec in records:
-                if isinstance(rec, dict):
-                    for key in ("instruction", "input", "output"):
-                        value = rec.get(key)
-                        if isinstance(value, str) and value:
-                            texts.append(value)
+                if not isinstance(rec, dict):
+                    continue
+                fields = [rec.get(k) for k in ("instruction", "input", "output")]
+                if not all(isinstance(f, str) for f in fields):
+                    continue
+                # Shaped like a rendered ChatML turn, so role names become single tokens.
+                instruction, extra, output = fields
+                user = f"{instruction}\n{extra}" if extra else instruction
+                texts.append(
+                    f"system\nYou are a helpful assistant\nuser\n{user}\nassistant\n{output}"
+                )
     texts.extend(ENGLISH_CORPUS.splitlines())
     return texts
 
