@@ -1,0 +1,21 @@
+"""The one place where user errors become a single line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+from mlx_lora.errors import MlxLoraError
+
+
+def run(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> int:
+    """Call a command's ``main``; ``MlxLoraError`` → ``error: …`` and 2, Ctrl-C → 130."""
+    try:
+        main(argv)
+    except MlxLoraError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0

@@ -1,0 +1,109 @@
+"""Resolve ``--model``: a local folder, or an id fetched from ModelScope or Hugging Face.
+
+The seed downloads ``qwen/Qwen1.5-4B-Chat`` from ModelScope, so ModelScope is the default source.
+Only the files a model needs are fetched (weights, configs, tokenizer, template), both hubs keep
+their own cache, and a cached copy is used without touching the network.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mlx_lora.errors import MlxLoraError
+
+DEFAULT_MODEL = "qwen/Qwen1.5-4B-Chat"
+SOURCES = ("auto", "modelscope", "huggingface")
+
+# Everything mlx-lm, transformers and llama.cpp read from a model folder; nothing else
+# (no PyTorch .bin duplicates, no ONNX/GGUF variants that would multiply the download).
+ALLOW_PATTERNS = [
+    "*.json",
+    "*.safetensors",
+    "tokenizer.model",
+    "*.tiktoken",
+    "merges.txt",
+    "vocab.txt",
+    "*.jinja",
+    "*.py",
+]
+
+
+def looks_like_path(model: str) -> bool:
+    """A path is anything that exists or is spelled like one; ``org/name`` is a hub id."""
+    if Path(model).expanduser().exists():
+        return True
+    return model.startswith((".", "/", "~")) or model.count("/") != 1
+
+
+def check_model_dir(path: Path) -> Path:
+    """Fail early, in one line, on a folder that mlx-lm could not load."""
+    if not path.is_dir():
+        raise MlxLoraError(f"model folder {path} does not exist; pass --model DIR or a hub id like {DEFAULT_MODEL}")
+    config = path / "config.json"
+    if not config.is_file():
+        raise MlxLoraError(f"{path} has no config.json: it is not a Hugging Face model folder; pass the folder that holds config.json and *.safetensors")
+    try:
+        json.loads(config.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MlxLoraError(f"{config}: not valid JSON ({e}); re-download the model") from None
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
+            raise MlxLoraError(f"{index}: unreadable shard index ({e}); re-download the model") from None
+        missing = sorted(s for s in shards if not (path / s).is_file())
+        if missing:
+            raise MlxLoraError(f"{path} is missing weight shard(s) {', '.join(missing)} listed in model.safetensors.index.json; finish or redo the download")
+    if not any(path.glob("*.safetensors")):
+        hint = " (only PyTorch .bin weights found: convert them to safetensors)" if any(path.glob("*.bin")) else ""
+        raise MlxLoraError(f"{path} has no *.safetensors weights{hint}; pass a complete model folder")
+    return path
+
+
+def _from_modelscope(model_id: str, local_only: bool) -> Path:
+    from modelscope import snapshot_download
+
+    return Path(snapshot_download(model_id, allow_patterns=ALLOW_PATTERNS, local_files_only=local_only))
+
+
+def _from_huggingface(model_id: str, local_only: bool) -> Path:
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(model_id, allow_patterns=ALLOW_PATTERNS, local_files_only=local_only))
+
+
+_FETCHERS = {"modelscope": _from_modelscope, "huggingface": _from_huggingface}
+_NAMES = {"modelscope": "ModelScope", "huggingface": "Hugging Face"}
+
+
+def resolve_model(model: str, source: str = "auto") -> Path:
+    """Return a local folder for ``model``, downloading it if it is a hub id.
+
+    ``auto`` means: a cached copy from either hub, else ModelScope, else Hugging Face.
+    """
+    if source not in SOURCES:
+        raise MlxLoraError(f"unknown --model-source {source!r}; choose one of {', '.join(SOURCES)}")
+    if looks_like_path(model):
+        return check_model_dir(Path(model).expanduser().resolve())
+    order = ["modelscope", "huggingface"] if source == "auto" else [source]
+    for name in order:  # a cached copy first: no network, no surprise re-download
+        try:
+            return check_model_dir(_FETCHERS[name](model, True))
+        except MlxLoraError:
+            raise
+        except Exception:  # noqa: BLE001 - any miss in the cache just means "not cached"
+            pass
+    reasons = []
+    for name in order:
+        try:
+            return check_model_dir(_FETCHERS[name](model, False))
+        except MlxLoraError:
+            raise
+        except Exception as e:  # noqa: BLE001 - network, auth, unknown id: all reported below
+            reasons.append(f"{_NAMES[name]}: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
+    raise MlxLoraError(
+        f"cannot fetch model '{model}' ({'; '.join(reasons)}); check the id and your network, "
+        f"or download it elsewhere and pass --model DIR"
+    )

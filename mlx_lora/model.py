@@ -1,0 +1,136 @@
+"""Loading a base model (optionally quantized) and a model for inference (base + adapter, or fused).
+
+mlx-lm owns the model definitions and loading; this module only adds what our commands share:
+one-line errors for broken folders, the compute dtype rule, QLoRA quantization of the frozen base,
+and "an adapter knows its base".
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mlx_lora.errors import MlxLoraError
+from mlx_lora.hub import resolve_model
+
+# Architectures whose blocks are (embed → layers(x, mask, cache) → norm → head): the ones training
+# drives layer by layer for packing and target-only vocabulary projection.
+TRAINABLE_TYPES = ("qwen2", "qwen3", "llama", "mistral")
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+def on_gpu() -> bool:
+    return mx.default_device().type == mx.DeviceType.gpu
+
+
+def compute_dtype(flag: str = "auto") -> mx.Dtype:
+    """``auto``: bf16 on the GPU; fp32 on the CPU, where bf16 matmuls are many times slower."""
+    if flag == "auto":
+        return mx.bfloat16 if on_gpu() else mx.float32
+    if flag not in DTYPES:
+        raise MlxLoraError(f"unknown --dtype {flag!r}; choose auto, {', '.join(DTYPES)}")
+    return DTYPES[flag]
+
+
+def device_name() -> str:
+    return "gpu (Metal)" if on_gpu() else "cpu"
+
+
+def load_base(
+    model_dir: Path, *, dtype: mx.Dtype | None = None, quantize: int | None = None
+) -> tuple[nn.Module, Any, dict]:
+    """mlx-lm model + tokenizer + config from a local folder, cast to ``dtype`` and optionally quantized."""
+    from mlx_lm.utils import load_model, load_tokenizer
+
+    try:
+        model, config = load_model(Path(model_dir))
+    except (ValueError, FileNotFoundError, KeyError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise MlxLoraError(f"cannot load the model in {model_dir}: {msg}") from None
+    if dtype is not None:
+        # quantized tensors keep their storage; only float weights are cast
+        model.update(_cast_floats(model.parameters(), dtype))
+    if quantize is not None:
+        if quantize not in (4, 8):
+            raise MlxLoraError(f"--quantize must be 4 or 8, got {quantize}")
+        if "quantization" in config:
+            raise MlxLoraError(f"{model_dir} is already quantized; drop --quantize")
+        nn.quantize(model, group_size=64, bits=quantize, class_predicate=_quantizable)
+    mx.eval(model.parameters())
+    tokenizer = load_tokenizer(Path(model_dir), eos_token_ids=config.get("eos_token_id"))
+    return model, tokenizer, config
+
+
+def _quantizable(path: str, module: nn.Module) -> bool:
+    return hasattr(module, "to_quantized") and module.weight.shape[-1] % 64 == 0
+
+
+def _cast_floats(tree: Any, dtype: mx.Dtype) -> Any:
+    if isinstance(tree, dict):
+        return {k: _cast_floats(v, dtype) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_cast_floats(v, dtype) for v in tree]
+    if isinstance(tree, mx.array) and mx.issubdtype(tree.dtype, mx.floating):
+        return tree.astype(dtype)
+    return tree
+
+
+@dataclass
+class Loaded:
+    """A model ready to generate, and where it came from."""
+
+    model: nn.Module
+    tokenizer: Any
+    model_dir: Path
+    config: dict
+    adapter_config: dict | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def system_prompt(self) -> str | None:
+        """The system prompt the adapter (or fused model) was trained with, if any."""
+        if self.adapter_config:
+            return (self.adapter_config.get("mlx_lora") or {}).get("system_prompt")
+        return self.extra.get("system_prompt")
+
+
+def adapter_base(adapter_dir: Path) -> str | None:
+    cfg = Path(adapter_dir) / "adapter_config.json"
+    if not cfg.is_file():
+        return None
+    try:
+        return json.loads(cfg.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+
+
+def load_for_inference(
+    model: str | None,
+    adapter: str | Path | None = None,
+    *,
+    source: str = "auto",
+    dtype: str = "auto",
+) -> Loaded:
+    """Base (+ PEFT adapter) or a fused folder; ``model`` defaults to the adapter's recorded base."""
+    from mlx_lora.lora import load_adapter
+
+    if model is None:
+        model = adapter_base(Path(adapter)) if adapter else None
+        if model is None:
+            raise MlxLoraError("pass --model ID|DIR (or --adapter OUT of a training run, whose base is recorded)")
+    model_dir = resolve_model(model, source)
+    m, tok, config = load_base(model_dir, dtype=compute_dtype(dtype))
+    extra = {}
+    fused_info = model_dir / "mlx_lora.json"
+    if fused_info.is_file():
+        extra = json.loads(fused_info.read_text(encoding="utf-8"))
+    adapter_cfg = None
+    if adapter is not None:
+        adapter_cfg = load_adapter(m, Path(adapter))
+    m.eval()
+    return Loaded(m, tok, model_dir, config, adapter_cfg, extra)
