@@ -1,0 +1,3 @@
+module render_template
+
+go 1.19
