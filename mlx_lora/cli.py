@@ -9,7 +9,15 @@ from mlx_lora.errors import MlxLoraError
 
 
 def run(main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> int:
-    """Call a command's ``main``; ``MlxLoraError`` → ``error: …`` and 2, Ctrl-C → 130."""
+    """Call a command's ``main``; ``MlxLoraError`` → ``error: …`` and 2, Ctrl-C → 130.
+
+    From a real command line (``argv is None``) the process first re-launches itself with the
+    system OpenBLAS on Linux (see :mod:`mlx_lora.blas`).
+    """
+    if argv is None:
+        from mlx_lora.blas import maybe_relaunch
+
+        maybe_relaunch()
     try:
         main(argv)
     except MlxLoraError as e:

@@ -127,8 +127,11 @@ def encode_conversation(
         prefix = render(tok, msgs[:i], add_generation_prompt=True)
         if text.startswith(prefix):
             cursor = max(cursor, len(prefix))
-        content = m["content"].strip()
+        content = m["content"]
         start = text.find(content, cursor)
+        if start < 0:  # templates that trim the content (Llama-3 does)
+            content = content.strip()
+            start = text.find(content, cursor)
         if start < 0:
             raise MlxLoraError("the chat template does not reproduce an assistant turn verbatim; use --format text")
         end = start + len(content)

@@ -15,7 +15,6 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -269,11 +268,12 @@ def summary(cfg: TrainConfig, ds: Dataset, n_train: int, n_val: int, trainable: 
     skipped = f", {ds.skipped} skipped (missing/empty fields)" if ds.skipped else ""
     trunc = f", {ds.truncated} truncated to {cfg.max_seq_length} tokens" if ds.truncated else ""
     dropped = f", {ds.dropped_no_target} dropped (no answer left after truncation)" if ds.dropped_no_target else ""
+    quant = f", base quantized to {cfg.quantize} bits" if cfg.quantize else ""
     return (
         f"data: {ds.records} records ({ds.format}) → {len(ds.examples)} examples kept{skipped}{trunc}{dropped}; "
         f"{n_train} train / {n_val} validation; {ds.tokens:,} tokens, {ds.target_tokens:,} trained on\n"
         f"model: {trainable:,} trainable LoRA parameters of {total:,} ({100 * trainable / max(total, 1):.3f}%); "
-        f"device {device_name()}, dtype {str(dtype).split('.')[-1]}{', base quantized to %d bits' % cfg.quantize if cfg.quantize else ''}\n"
+        f"device {device_name()}, dtype {str(dtype).split('.')[-1]}{quant}\n"
         f"schedule: {steps_per_epoch} steps/epoch, {total_steps} steps, effective batch {eff} "
         f"({cfg.per_device_train_batch_size} × {cfg.gradient_accumulation_steps} accumulation), "
         f"packing {'on' if cfg.packing else 'off'}, gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}"
@@ -378,7 +378,8 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
                 mx.eval(loss, grads)
                 loss_total += loss.item()
                 tokens_seen += b.n_tokens
-            grads = tree_map(lambda x: x / max(n_targets, 1), grads)
+            inv = 1.0 / max(n_targets, 1)
+            grads = tree_map(lambda x: x * inv, grads)  # noqa: B023 - applied right here
             if cfg.max_grad_norm > 0:
                 grads, grad_norm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
             else:

@@ -418,7 +418,7 @@ def make_tiny_model(
 ) -> Path:
     """Write a tiny random model + tokenizer to ``out`` and return ``out``.
 
-    Weights: normal(0, 0.02) matrices, ones for RMSNorm weights, small nonzero biases (so bias
+    Weights: normal(0, 0.02) matrices (embeddings and lm_head: 1/sqrt(hidden), unit-norm rows), ones for RMSNorm weights, small nonzero biases (so bias
     handling in LoRA/fuse/GGUF is really exercised), all from ``numpy.random.default_rng(seed)``.
     Raises MlxLoraError for bad arguments or a non-empty ``out`` without ``force``.
     """
@@ -471,6 +471,10 @@ def make_tiny_model(
                 tensors[name] = np.ones(shape, dtype=np.float32)
             elif kind == "bias":  # small but nonzero, so bias handling is exercised
                 tensors[name] = rng.normal(0.0, 0.01, size=shape).astype(np.float32)
+            elif name.endswith(("embed_tokens.weight", "lm_head.weight")):
+                # unit-norm rows: logits span a useful range, so fine-tuning visibly lowers the loss
+                std = 1.0 / np.sqrt(hidden_size)
+                tensors[name] = rng.normal(0.0, std, size=shape).astype(np.float32)
             else:
                 tensors[name] = rng.normal(0.0, 0.02, size=shape).astype(np.float32)
         _write_bf16_safetensors(tmp / "model.safetensors", tensors)

@@ -132,7 +132,7 @@ def test_weights_bf16_hf_names_and_init(tiny: Path) -> None:
         assert weights[p + "mlp.gate_proj.weight"].shape == (128, 64)
         assert mx.array_equal(weights[p + "input_layernorm.weight"], mx.ones((64,)))
     emb = weights["model.embed_tokens.weight"].astype(mx.float32)
-    assert 0.015 < float(mx.std(emb).item()) < 0.025
+    assert 0.11 < float(mx.std(emb).item()) < 0.14  # 1/sqrt(64): unit-norm rows
 
 
 def test_special_tokens_single_ids(tiny: Path) -> None:
