@@ -255,6 +255,10 @@ def plot_losses(history: list[dict], path: Path) -> None:
     tmp.replace(path)
 
 
+def human_bytes(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
+
+
 def _fmt(record: dict) -> str:
     """The seed's log line: a Python dict with rounded floats."""
     return str({k: (round(v, 4) if k in ("loss", "eval_loss") else v) for k, v in record.items()})
@@ -395,7 +399,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
             window_loss += step_loss
             window_steps += 1
             elapsed = time.perf_counter() - t0
-            bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_seen / max(elapsed, 1e-9):,.0f}", mem=f"{mx.get_peak_memory() / 1e9:.2f}GB", refresh=False)
+            bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_seen / max(elapsed, 1e-9):,.0f}", mem=human_bytes(mx.get_peak_memory()), refresh=False)
             bar.update(1)
 
             if state.global_step % cfg.logging_steps == 0 or state.global_step == total_steps:
@@ -456,7 +460,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
         plot_losses(state.log_history, out / "loss.png")
     tps = tokens_seen / max(train_time, 1e-9)
     peak = mx.get_peak_memory() / 1e9
-    print(f"adapter saved to {out} ({tps:,.0f} tokens/s, peak memory {peak:.2f} GB)")
+    print(f"adapter saved to {out} ({tps:,.0f} tokens/s, peak memory {human_bytes(peak * 1e9)})")
     return TrainResult(out, state.global_step, train_loss, last_eval, state.best_model_checkpoint, tps, peak, stopped_early)
 
 
