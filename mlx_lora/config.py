@@ -32,6 +32,7 @@ class TrainConfig:
     system_prompt: str | None = opt(None, "system prompt for every example without one (recorded in the adapter; chat/serve/export reuse it). Default: the chat template's own")
     max_seq_length: int = opt(2048, "longest example in tokens; longer ones are truncated and counted")
     val_split: float = opt(0.0, "fraction of examples held out for eval_loss (seeded split)")
+    eval_data: str | None = opt(None, "separate validation file (same formats); replaces --val-split")
     num_train_epochs: float = opt(3.0, "epochs to train (fractions allowed); ignored when --max-steps is set")
     max_steps: int = opt(-1, "optimizer steps to train; overrides --num-train-epochs when > 0")
     per_device_train_batch_size: int = opt(4, "examples per micro-batch")

@@ -88,7 +88,7 @@ def validate(cfg: TrainConfig) -> None:
         (0 <= cfg.lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {cfg.lora_dropout}"),
         (cfg.max_grad_norm >= 0, f"--max-grad-norm must be >= 0, got {cfg.max_grad_norm}"),
         (cfg.save_total_limit is None or cfg.save_total_limit > 0, f"--save-total-limit must be > 0, got {cfg.save_total_limit}"),
-        (cfg.early_stopping_patience is None or cfg.val_split > 0, "--early-stopping-patience needs a validation split: set --val-split (e.g. 0.05)"),
+        (cfg.early_stopping_patience is None or cfg.val_split > 0 or cfg.eval_data, "--early-stopping-patience needs validation data: set --val-split (e.g. 0.05) or --eval-data"),
     ]
     for ok, msg in checks:
         if not ok:
@@ -298,9 +298,14 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
         raise MlxLoraError(f"training {config.get('model_type')!r} models is not supported; supported: {', '.join(TRAINABLE_TYPES)}")
 
     ds = load_dataset(Path(cfg.data), tokenizer, fmt=cfg.format, system_prompt=cfg.system_prompt, max_seq_length=cfg.max_seq_length)
-    train_idx, val_idx = split(len(ds.examples), cfg.val_split, cfg.seed)
-    train_ex = [ds.examples[i] for i in train_idx]
-    val_ex = [ds.examples[i] for i in val_idx]
+    if cfg.eval_data:
+        train_ex = ds.examples
+        val_ex = load_dataset(Path(cfg.eval_data), tokenizer, fmt=cfg.format, system_prompt=cfg.system_prompt,
+                              max_seq_length=cfg.max_seq_length).examples
+    else:
+        train_idx, val_idx = split(len(ds.examples), cfg.val_split, cfg.seed)
+        train_ex = [ds.examples[i] for i in train_idx]
+        val_ex = [ds.examples[i] for i in val_idx]
     if cfg.per_device_train_batch_size > len(train_ex):
         raise MlxLoraError(
             f"--per-device-train-batch-size {cfg.per_device_train_batch_size} is larger than the {len(train_ex)} training examples; lower it"
@@ -364,12 +369,13 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     signal.signal(signal.SIGINT, on_sigint)
     mx.reset_peak_memory()
     window_loss, window_steps, tokens_seen, t0 = 0.0, 0, 0, time.perf_counter()
-    train_time, last_good, stopped_early, last_eval = 0.0, None, False, None
+    train_time, step_time, steps_run, stopped_early, last_eval = 0.0, 0.0, 0, False, None
     last_good = checkpoints(out)[-1] if checkpoints(out) else None
     bar = tqdm(total=total_steps, initial=state.global_step, unit="step", disable=not progress, dynamic_ncols=True, mininterval=0.5, file=sys.stderr)
     try:
         while state.global_step < total_steps and not stop["flag"]:
             step = state.global_step
+            t_step = time.perf_counter()
             ids = step_examples(step, len(train_ex), per_step, steps_per_epoch, cfg.seed)
             micro = [make_batch([train_ex[j] for j in ids[i:i + cfg.per_device_train_batch_size]], cfg.max_seq_length, cfg.packing, pad_id)
                      for i in range(0, len(ids), cfg.per_device_train_batch_size)]
@@ -394,12 +400,13 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
                 raise MlxLoraError(f"loss became {step_loss} at step {step + 1}; training stopped, {where}; lower --learning-rate and --resume")
             optimizer.update(model, grads)
             mx.eval(model.parameters(), optimizer.state)
+            step_time += time.perf_counter() - t_step  # compute only: no eval, no checkpoint writing
+            steps_run += 1
             state.global_step = step + 1
             state.epoch = state.global_step / steps_per_epoch
             window_loss += step_loss
             window_steps += 1
-            elapsed = time.perf_counter() - t0
-            bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_seen / max(elapsed, 1e-9):,.0f}", mem=human_bytes(mx.get_peak_memory()), refresh=False)
+            bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_seen / max(step_time, 1e-9):,.0f}", mem=human_bytes(mx.get_peak_memory()), refresh=False)
             bar.update(1)
 
             if state.global_step % cfg.logging_steps == 0 or state.global_step == total_steps:
@@ -450,16 +457,17 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     losses = [h["loss"] for h in state.log_history if "loss" in h]
     train_loss = float(np.mean(losses)) if losses else float("nan")
     final = {"train_runtime": round(train_time, 4),
-             "train_samples_per_second": round(tokens_seen and (state.global_step * per_step) / max(train_time, 1e-9), 3),
-             "train_steps_per_second": round(state.global_step / max(train_time, 1e-9), 3),
+             "train_samples_per_second": round(steps_run * per_step / max(train_time, 1e-9), 3),
+             "train_steps_per_second": round(steps_run / max(train_time, 1e-9), 3),
              "train_loss": train_loss, "epoch": round(state.epoch, 4)}
     print(str(final))
-    state.log_history.append({**final, "step": state.global_step})
+    tps = tokens_seen / max(step_time, 1e-9)
+    peak = mx.get_peak_memory() / 1e9
+    state.log_history.append({**final, "step": state.global_step, "train_tokens_per_second": round(tps, 2),
+                              "train_tokens": tokens_seen, "peak_memory_gb": round(peak, 4)})
     write_json_atomic(out / STATE_FILE, asdict(state))
     if cfg.plot:
         plot_losses(state.log_history, out / "loss.png")
-    tps = tokens_seen / max(train_time, 1e-9)
-    peak = mx.get_peak_memory() / 1e9
     print(f"adapter saved to {out} ({tps:,.0f} tokens/s, peak memory {human_bytes(peak * 1e9)})")
     return TrainResult(out, state.global_step, train_loss, last_eval, state.best_model_checkpoint, tps, peak, stopped_early)
 

@@ -1,0 +1,238 @@
+"""Benchmark ``mlx_lora.train`` against ``mlx_lm.lora`` on the same examples, in one run.
+
+A Qwen-shaped model with the real 151,936-entry vocabulary (``make_tiny_model.py`` with the Qwen
+tokenizer fixture) is trained by both tools on the same huanhuan examples with the same batch,
+steps, learning rate (constant), LoRA rank/targets/effective scale, optimizer (AdamW, no weight
+decay, no clipping) and prompt masking. Runs alternate A B A B, each in its own process, and the
+script prints ratios from this run only: real (non-pad) tokens/s, peak memory, final validation
+loss difference, and our MFU against a matmul roofline measured here too (4·N·tokens FLOPs for a
+frozen base). ``--blas`` adds our tokens/s with the wheel's bundled BLAS (Linux CPU path figure).
+
+    python scripts/bench_train.py                 # full size (hidden 512, 8 layers, 800 examples, one epoch)
+    python scripts/bench_train.py --reduced       # CI size
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+QWEN_TOKENIZER = SHARED / "fixtures" / "qwen15-tokenizer"
+HUANHUAN = SHARED / "data" / "huanhuan.json"
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+KEYS = [f"self_attn.{t}" for t in TARGETS[:4]] + [f"mlp.{t}" for t in TARGETS[4:]]
+
+
+def messages(rec: dict) -> list[dict]:
+    user = rec["instruction"] + (f"\n{rec['input']}" if rec.get("input") else "")
+    return [{"role": "user", "content": user}, {"role": "assistant", "content": rec["output"]}]
+
+
+# ---------------------------------------------------------------- workers (run in subprocesses)
+
+def worker_ours(a: dict) -> dict:
+    from mlx_lora.config import TrainConfig
+    from mlx_lora.train import train
+
+    res = train(TrainConfig(
+        model=a["model"], data=a["train"], eval_data=a["valid"], output_dir=a["out"], overwrite_output_dir=True,
+        max_steps=a["steps"], per_device_train_batch_size=a["batch"], gradient_accumulation_steps=1,
+        learning_rate=a["lr"], lr_scheduler_type="constant", max_grad_norm=0.0, lora_r=a["rank"],
+        lora_alpha=a["rank"] * a["scale"], lora_dropout=0.0, target_modules=",".join(TARGETS),
+        gradient_checkpointing=a["checkpointing"], packing=True, logging_steps=max(1, a["steps"] // 4),
+        save_steps=10**9, eval_steps=a["steps"], max_seq_length=a["max_len"], seed=a["seed"], plot=False,
+    ), progress=False)
+    state = json.loads((Path(a["out"]) / "trainer_state.json").read_text(encoding="utf-8"))
+    tokens = state["log_history"][-1]["train_tokens"]
+    return {"seconds": tokens / res.tokens_per_second, "tokens": tokens, "peak_memory_gb": res.peak_memory_gb,
+            "val_loss": res.eval_loss}
+
+
+def worker_mlx_lm(a: dict) -> dict:
+    import types
+
+    import mlx.optimizers  # noqa: F401 - imported by mlx_lm.lora anyway
+    from mlx_lm import lora as mlx_lora_cli
+    from mlx_lm.tuner.callbacks import TrainingCallback
+    from mlx_lm.utils import load
+
+    class Collect(TrainingCallback):
+        def __init__(self):
+            self.train, self.val = [], []
+
+        def on_train_loss_report(self, info):
+            self.train.append(info)
+
+        def on_val_loss_report(self, info):
+            self.val.append(info)
+
+    data_dir = Path(a["out"]) / "data"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    for split, src in (("train", a["train"]), ("valid", a["valid"])):
+        recs = json.loads(Path(src).read_text(encoding="utf-8"))
+        (data_dir / f"{split}.jsonl").write_text("".join(json.dumps({"messages": messages(r)}, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
+    args = dict(mlx_lora_cli.CONFIG_DEFAULTS)
+    args.update(model=a["model"], train=True, data=str(data_dir), seed=a["seed"], num_layers=-1, batch_size=a["batch"],
+                iters=a["steps"], val_batches=-1, learning_rate=a["lr"], steps_per_report=max(1, a["steps"] // 4),
+                steps_per_eval=a["steps"], adapter_path=str(Path(a["out"]) / "adapters"), save_every=10**9,
+                max_seq_length=a["max_len"], grad_checkpoint=a["checkpointing"], mask_prompt=True, optimizer="adamw",
+                optimizer_config={"adamw": {"weight_decay": 0.0}},
+                lora_parameters={"rank": a["rank"], "dropout": 0.0, "scale": float(a["scale"]), "keys": KEYS})
+    args = types.SimpleNamespace(**args)
+    import numpy as np
+
+    np.random.seed(args.seed)
+    model, tokenizer = load(args.model)
+    train_set, valid_set, _ = mlx_lora_cli.load_dataset(args, tokenizer)
+    cb = Collect()
+    mlx_lora_cli.train_model(args, model, train_set, valid_set, cb)
+    seconds, prev = 0.0, 0  # compute time of the training steps, from mlx-lm's own per-window rates
+    for r in cb.train:
+        seconds += (r["trained_tokens"] - prev) / r["tokens_per_second"]
+        prev = r["trained_tokens"]
+    return {"seconds": seconds, "peak_memory_gb": max(r["peak_memory"] for r in cb.train),
+            "val_loss": cb.val[-1]["val_loss"]}
+
+
+def worker_roofline(a: dict) -> dict:
+    """Best fp32 GFLOP/s of the model's own GEMM shapes (tokens × hidden × intermediate, both ways)."""
+    import mlx.core as mx
+
+    h, inter, t = a["hidden"], a["intermediate"], 512
+    best = 0.0
+    for m, k, n in ((t, h, inter), (t, inter, h), (t, h, h)):
+        x, w = mx.random.normal((m, k)), mx.random.normal((k, n))
+        mx.eval(x, w)
+        for _ in range(3):
+            mx.eval(x @ w)
+        reps = 20
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            mx.eval(x @ w)
+        best = max(best, 2 * m * k * n * reps / (time.perf_counter() - t0))
+    return {"flops_per_second": best}
+
+
+WORKERS = {"ours": worker_ours, "mlx_lm": worker_mlx_lm, "roofline": worker_roofline}
+
+
+def run_worker(kind: str, a: dict, env: dict | None = None) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--worker", kind, json.dumps(a)], capture_output=True, text=True,
+                         env=env or os.environ.copy(), cwd=REPO)
+    if out.returncode != 0:
+        sys.stderr.write(out.stdout[-2000:] + out.stderr[-4000:])
+        raise SystemExit(f"{kind} worker failed (exit {out.returncode})")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------- driver
+
+def model_params(model_dir: Path) -> tuple[int, dict]:
+    cfg = json.loads((model_dir / "config.json").read_text())
+    h, inter, layers, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+    kv = cfg["num_key_value_heads"] * h // cfg["num_attention_heads"]
+    per_layer = h * h * 2 + h * kv * 2 + 3 * h * inter
+    return layers * per_layer + v * h, cfg
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("payload", nargs="?", help=argparse.SUPPRESS)
+    p.add_argument("--reduced", action="store_true", help="CI size: hidden 256, 4 layers, 64 examples, 1 repeat")
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--layers", type=int, default=8)
+    p.add_argument("--examples", type=int, default=800, help="training examples taken from huanhuan.json")
+    p.add_argument("--valid", type=int, default=100, help="validation examples")
+    p.add_argument("--steps", type=int, default=0, help="optimizer steps (default: one epoch = examples / batch)")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--scale", type=float, default=4.0, help="effective LoRA scale (our alpha / r)")
+    p.add_argument("--repeats", type=int, default=2, help="A B pairs")
+    p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in both tools")
+    p.add_argument("--bf16", action="store_true", help="keep the model in bf16 (mlx_lm.lora then computes in bf16; ours in fp32 on a CPU)")
+    p.add_argument("--blas", action="store_true", help="also time ours with the wheel's bundled BLAS (Linux)")
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(WORKERS[args.worker](json.loads(args.payload))))
+        return
+    if args.reduced:
+        args.hidden, args.layers, args.examples, args.valid, args.repeats = 256, 4, 64, 16, 1
+    args.steps = args.steps or args.examples // args.batch
+    if not (QWEN_TOKENIZER.is_dir() and HUANHUAN.is_file()):
+        print(f"skipped: needs {QWEN_TOKENIZER} and {HUANHUAN}")
+        return
+
+    sys.path.insert(0, str(REPO / "scripts"))
+    from make_tiny_model import make_tiny_model
+
+    from mlx_lora.blas import relaunch_env
+
+    env = relaunch_env() or os.environ.copy()  # both tools with the same (fast) BLAS
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+        tmp = Path(tmp)
+        heads = max(2, args.hidden // 64)
+        model = make_tiny_model(tmp / "model", tokenizer=QWEN_TOKENIZER, hidden_size=args.hidden, layers=args.layers,
+                                heads=heads, kv_heads=max(1, heads // 2), intermediate_size=args.hidden * 11 // 4 // 32 * 32)
+        if not args.bf16:  # an fp32 copy: both tools then compute in fp32 (bf16 matmuls crawl on a CPU)
+            import mlx.core as mx
+
+            weights = mx.load(str(model / "model.safetensors"))
+            mx.save_safetensors(str(model / "model.safetensors"), {k: v.astype(mx.float32) for k, v in weights.items()},
+                                metadata={"format": "pt"})
+            conf = json.loads((model / "config.json").read_text())
+            conf["torch_dtype"] = "float32"
+            (model / "config.json").write_text(json.dumps(conf, indent=2))
+        n_params, cfg = model_params(model)
+        recs = json.loads(HUANHUAN.read_text(encoding="utf-8"))
+        (tmp / "train.json").write_text(json.dumps(recs[: args.examples], ensure_ascii=False), encoding="utf-8")
+        (tmp / "valid.json").write_text(json.dumps(recs[args.examples: args.examples + args.valid], ensure_ascii=False), encoding="utf-8")
+        common = dict(model=str(model), train=str(tmp / "train.json"), valid=str(tmp / "valid.json"), steps=args.steps,
+                      batch=args.batch, lr=args.lr, rank=args.rank, scale=args.scale, checkpointing=args.checkpointing,
+                      max_len=2048, seed=0, hidden=cfg["hidden_size"], intermediate=cfg["intermediate_size"])
+        results: dict[str, list[dict]] = {"ours": [], "mlx_lm": []}
+        for i in range(args.repeats):
+            for kind in ("ours", "mlx_lm"):
+                r = run_worker(kind, {**common, "out": str(tmp / f"{kind}-{i}")}, env)
+                results[kind].append(r)
+                print(f"  run {i + 1} {kind:7s} {r['seconds']:8.2f} s  peak {r['peak_memory_gb']:.3f} GB  val {r['val_loss']:.4f}", flush=True)
+        roof = run_worker("roofline", common, env)["flops_per_second"]
+        slow = None
+        if args.blas and sys.platform == "linux":
+            env_ref = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+            env_ref["MLX_LORA_NO_OPENBLAS"] = "1"
+            slow = run_worker("ours", {**common, "out": str(tmp / "ours-refblas")}, env_ref)
+
+    # One epoch each: both tools see every example once, so the real (non-pad) token count is the
+    # same; ours counts it exactly (mlx-lm's own counter covers only the masked target tokens).
+    tokens = results["ours"][0]["tokens"]
+    ours = tokens / statistics.median(r["seconds"] for r in results["ours"])
+    theirs = tokens / statistics.median(r["seconds"] for r in results["mlx_lm"])
+    mem_o = statistics.median(r["peak_memory_gb"] for r in results["ours"])
+    mem_t = statistics.median(r["peak_memory_gb"] for r in results["mlx_lm"])
+    val_o, val_t = results["ours"][-1]["val_loss"], results["mlx_lm"][-1]["val_loss"]
+    mfu = 4 * n_params * ours / roof
+    print(f"\nmodel: qwen2 hidden {cfg['hidden_size']}, {cfg['num_hidden_layers']} layers, vocab {cfg['vocab_size']}, "
+          f"{n_params / 1e6:.1f}M params; {args.examples} examples, batch {args.batch}, {args.steps} steps, "
+          f"gradient checkpointing {'on' if args.checkpointing else 'off'} (both), weights {'bf16' if args.bf16 else 'fp32'}")
+    print(f"tokens/s        ours {ours:,.0f}   mlx_lm.lora {theirs:,.0f}   ratio {ours / theirs:.2f}x  (target >= 1.5)")
+    print(f"peak memory     ours {mem_o:.3f} GB   mlx_lm.lora {mem_t:.3f} GB   ratio {mem_o / mem_t:.2f}  (target <= 0.6)")
+    print(f"val loss        ours {val_o:.4f}   mlx_lm.lora {val_t:.4f}   diff {val_o - val_t:+.4f}  (target <= +0.02)")
+    print(f"MFU             {100 * mfu:.1f}% of the measured matmul roofline {roof / 1e9:.1f} GFLOP/s  (target >= 50%)")
+    if slow:
+        slow_tps = slow["tokens"] / slow["seconds"]
+        print(f"bundled BLAS    ours {slow_tps:,.0f} tok/s   OpenBLAS speed-up {ours / slow_tps:.1f}x  (target >= 10)")
+
+
+if __name__ == "__main__":
+    main()
