@@ -1,0 +1,355 @@
+"""``python -m mlx_lora.export``: adapter (+ base) → GGUF → Ollama Modelfile, optionally verified.
+
+The seed's last steps (merge.py, llama.cpp's converter with torch, a hand-written Modelfile with
+another model's tokens, ``ollama create``) are one command here, built from the pieces that
+already prove themselves: :func:`mlx_lora.fuse.fuse` (the one merge), :mod:`mlx_lora.gguf`,
+:mod:`mlx_lora.ollama` (the TEMPLATE measured from the model's own chat template) and
+:mod:`mlx_lora.verify`.
+
+Two modes. **full**: fuse into ``OUT/NAME-hf`` → ``OUT/NAME.gguf`` → ``FROM ./NAME.gguf``.
+**adapter**: the base model's GGUF (``OUT/NAME-base.gguf``) + a GGUF LoRA adapter
+(``OUT/NAME-lora.gguf``) → ``FROM`` + ``ADAPTER``; Ollama accepts safetensors adapters only for
+llama/gemma2, so a Qwen adapter has to be a GGUF one. Without ``--adapter`` the model is converted
+as it is. ``OUT/export.json`` records what was written, so ``python -m mlx_lora.verify
+--export-dir OUT`` can check it later.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mlx_lora.config import opt, parse_config
+from mlx_lora.errors import MlxLoraError
+from mlx_lora.gguf import GGUF_TYPES, write_gguf, write_lora_gguf
+from mlx_lora.lora import write_json_atomic
+
+MODES = ("full", "adapter")
+FUSE_DTYPES = ("float32", "float16", "bfloat16")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+@dataclass
+class ExportConfig:
+    model: str | None = opt(None, "base model (id or folder), or a fused folder; default: the base recorded in --adapter")
+    adapter: str | None = opt(None, "adapter folder (a training --output-dir or checkpoint-N); without it the model is converted as it is")
+    output_dir: str = opt("export", "folder for the GGUF file(s), the Modelfile, export.json and (full mode) the fused NAME-hf folder")
+    gguf_type: str = opt("f16", "GGUF weight type (norms and biases stay f32)", choices=list(GGUF_TYPES))
+    name: str | None = opt(None, "model name for the files and for ollama (default: the adapter's or model's folder name)")
+    num_ctx: int = opt(4096, "context length Ollama serves (PARAMETER num_ctx); Dify's context length must not exceed it")
+    mode: str = opt("full", "full: one fused GGUF; adapter: base GGUF + GGUF LoRA adapter (Modelfile ADAPTER)", choices=list(MODES))
+    template: str | None = opt(None, "Go text/template file for the Modelfile TEMPLATE, for chat templates mlx_lora does not recognise")
+    system_prompt: str | None = opt(None, "Modelfile SYSTEM; default: the system prompt used in training, else the chat template's own")
+    dtype: str | None = opt(None, "dtype of the fused folder (default: float32 for --gguf-type f32, else the base's own)", choices=list(FUSE_DTYPES))
+    ollama_create: bool = opt(False, "run `ollama create NAME -f OUT/Modelfile` at the end (needs ollama on PATH)")
+    ollama_quantize: str | None = opt(None, "let ollama quantize while creating (-q), e.g. q4_K_M; implies --ollama-create, needs --gguf-type f16/f32/bf16")
+    verify: bool = opt(False, "check the GGUF against the HF folder and MLX (llama.cpp checks need: pip install \"mlx_lora[verify]\"); exit 1 on mismatch")
+    overwrite: bool = opt(False, "replace the artifacts of an earlier export in --output-dir")
+    model_source: str = opt("auto", "where a model id is fetched from", choices=["auto", "modelscope", "huggingface"])
+
+
+@dataclass
+class ExportResult:
+    """Every artifact an export wrote (paths are absolute), and the verify report if asked for."""
+
+    output_dir: Path
+    name: str
+    mode: str
+    gguf_type: str
+    gguf: Path  # the model GGUF (full) or the base GGUF (adapter mode)
+    modelfile: Path
+    manifest: Path
+    hf_dir: Path  # the folder the GGUF was written from: fused folder, or the base
+    base_dir: Path
+    adapter: Path | None = None
+    fused_dir: Path | None = None
+    lora_gguf: Path | None = None
+    system_prompt: str | None = None
+    stops: list[str] = field(default_factory=list)
+    ollama_created: bool = False
+    report: Any = None  # mlx_lora.verify.Report when --verify
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def artifacts(self) -> list[Path]:
+        return [p for p in (self.fused_dir, self.gguf, self.lora_gguf, self.modelfile, self.manifest) if p is not None]
+
+
+GENERIC_DIRS = {"output", "outputs", "adapter", "adapters", "lora", "out", "checkpoint"}
+
+
+def default_name(model: str, adapter: Path | None) -> str:
+    """An Ollama-friendly name: the adapter's folder (``checkpoint-N`` gets its run's name), or
+    ``<base>-lora`` when that folder has a generic name like ``output``; else the model's name."""
+
+    def slug(raw: str) -> str:
+        return re.sub(r"[^a-z0-9._-]+", "-", raw.lower()).strip("-._")
+
+    base = slug(Path(str(model).rstrip("/")).name) or "model"
+    if adapter is None:
+        return base
+    a = adapter.resolve()
+    raw = f"{a.parent.name}-{a.name}" if a.name.startswith("checkpoint-") else a.name
+    if a.name.startswith("checkpoint-") and a.parent.name.lower() in GENERIC_DIRS:
+        raw = f"{base}-lora-{a.name}"
+    elif a.name.lower() in GENERIC_DIRS:
+        raw = f"{base}-lora"
+    return slug(raw) or f"{base}-lora"
+
+
+def _check(cfg: ExportConfig) -> None:
+    if cfg.gguf_type not in GGUF_TYPES:
+        raise MlxLoraError(f"unknown --gguf-type {cfg.gguf_type!r}; choose {', '.join(GGUF_TYPES)}")
+    if cfg.mode not in MODES:
+        raise MlxLoraError(f"unknown --mode {cfg.mode!r}; choose full or adapter")
+    if cfg.mode == "adapter" and not cfg.adapter:
+        raise MlxLoraError("--mode adapter needs --adapter OUT (the adapter to write as a GGUF LoRA adapter)")
+    if cfg.name is not None and not _NAME.fullmatch(cfg.name):
+        raise MlxLoraError(f"--name {cfg.name!r} must be letters, digits, '.', '_' or '-' (it names files and the Ollama model)")
+    if not isinstance(cfg.num_ctx, int) or cfg.num_ctx <= 0:
+        raise MlxLoraError(f"--num-ctx must be a positive number of tokens, got {cfg.num_ctx}")
+    if cfg.ollama_quantize and cfg.gguf_type == "q8_0":
+        raise MlxLoraError("--ollama-quantize needs an unquantized GGUF: use --gguf-type f16 (Ollama quantizes from it)")
+    if cfg.dtype is not None and cfg.dtype not in FUSE_DTYPES:
+        raise MlxLoraError(f"unknown --dtype {cfg.dtype!r}; choose {', '.join(FUSE_DTYPES)}")
+    if cfg.adapter is not None and not Path(cfg.adapter).is_dir():
+        raise MlxLoraError(f"--adapter {cfg.adapter} is not a folder; pass the --output-dir of a training run (or a checkpoint-N folder)")
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MlxLoraError(f"{path}: not valid JSON ({e}); fix or delete the file") from None
+    return data if isinstance(data, dict) else {}
+
+
+def training_system_prompt(model_dir: Path, adapter: Path | None) -> str | None:
+    """The system prompt of training: the adapter's record, or a fused folder's ``mlx_lora.json``."""
+    if adapter is not None:
+        extra = _read_json(adapter / "adapter_config.json").get("mlx_lora") or {}
+        if extra.get("system_prompt"):
+            return extra["system_prompt"]
+    return _read_json(model_dir / "mlx_lora.json").get("system_prompt") or None
+
+
+def end_strings(tokenizer: Any, model_dir: Path, template_stops: list[str]) -> list[str]:
+    """Every end token as text: the template's stops, the tokenizer's eos, generation_config's eos ids."""
+    from mlx_lora.prompt import hf_tokenizer
+
+    tok = hf_tokenizer(tokenizer)
+    out = list(template_stops)
+    if tok.eos_token:
+        out.append(tok.eos_token)
+    eos = _read_json(model_dir / "generation_config.json").get("eos_token_id")
+    for i in eos if isinstance(eos, list) else [eos]:
+        if isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(tok):
+            text = tok.convert_ids_to_tokens(i)
+            if text:
+                out.append(text)
+    return list(dict.fromkeys(s for s in out if s))
+
+
+def _template(cfg: ExportConfig, tokenizer: Any) -> Any:
+    from mlx_lora.ollama import go_template_for_tokenizer, load_template_file
+
+    if cfg.template is None:
+        return go_template_for_tokenizer(tokenizer)
+    default_system = None
+    try:  # the chat template's own default system prompt, when mlx_lora can read the template
+        default_system = go_template_for_tokenizer(tokenizer).default_system
+    except MlxLoraError:
+        pass
+    return load_template_file(Path(cfg.template), default_system=default_system)
+
+
+def _rel(path: Path | None, out: Path) -> str | None:
+    if path is None:
+        return None
+    try:
+        return str(path.resolve().relative_to(out.resolve()))
+    except ValueError:
+        return str(path.resolve())
+
+
+def _stage(name: str, log: bool) -> float:
+    if log:
+        print(f"→ {name}", flush=True)
+    return time.perf_counter()
+
+
+def export(cfg: ExportConfig, *, progress: bool = True, log: bool = True) -> ExportResult:
+    """Fuse (if needed), write the GGUF(s) and the Modelfile, then verify / ``ollama create`` if asked."""
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from mlx_lora.hub import resolve_model
+    from mlx_lora.lora import read_adapter
+    from mlx_lora.model import adapter_base
+    from mlx_lora.ollama import generation_params, ollama_create, write_modelfile
+
+    _check(cfg)
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    adapter = Path(cfg.adapter) if cfg.adapter else None
+    if adapter is not None:
+        read_adapter(adapter)  # one-line errors for a broken adapter before any work
+    model = cfg.model or (adapter_base(adapter) if adapter is not None else None)
+    if not model:
+        raise MlxLoraError("pass --model ID|DIR (or --adapter OUT of a training run, whose base is recorded)")
+    base_dir = resolve_model(model, cfg.model_source)
+    out = Path(cfg.output_dir)
+    name = cfg.name or default_name(str(model), adapter)
+
+    # The TEMPLATE first: an unrecognised chat template should fail before minutes of converting.
+    hf_logging.set_verbosity_error()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+    except Exception as e:  # noqa: BLE001 - transformers raises many types for a broken tokenizer
+        raise MlxLoraError(f"{base_dir}: cannot load the tokenizer ({type(e).__name__}: {e})") from None
+    template = _template(cfg, tokenizer)
+
+    full = cfg.mode == "full"
+    fused_dir = out / f"{name}-hf" if (full and adapter is not None) else None
+    gguf_path = out / (f"{name}.gguf" if full else f"{name}-base.gguf")
+    lora_path = None if full else out / f"{name}-lora.gguf"
+    modelfile_path = out / "Modelfile"
+    manifest_path = out / "export.json"
+    existing = [p for p in (fused_dir, gguf_path, lora_path, modelfile_path, manifest_path) if p is not None and p.exists()]
+    if existing and not cfg.overwrite:
+        raise MlxLoraError(f"{existing[0]} already exists; pass --overwrite or choose another --output-dir / --name")
+    out.mkdir(parents=True, exist_ok=True)
+
+    hf_dir = base_dir
+    if fused_dir is not None:
+        from mlx_lora.fuse import fuse
+
+        t = _stage(f"fusing {adapter} into {base_dir.name} → {fused_dir}", log)
+        dtype = cfg.dtype or ("float32" if cfg.gguf_type == "f32" else None)
+        hf_dir = fuse(str(base_dir), adapter, fused_dir, dtype=dtype, overwrite=cfg.overwrite)
+        timings["fuse"] = time.perf_counter() - t
+
+    t = _stage(f"writing {gguf_path} ({cfg.gguf_type})", log)
+    write_gguf(hf_dir, gguf_path, cfg.gguf_type, progress=progress, name=name)
+    timings["gguf"] = time.perf_counter() - t
+    if lora_path is not None:
+        t = _stage(f"writing the GGUF LoRA adapter {lora_path}", log)
+        lora_type = "f32" if cfg.gguf_type == "f32" else "f16"
+        write_lora_gguf(adapter, base_dir, lora_path, lora_type, progress=progress, name=f"{name}-lora")
+        timings["lora_gguf"] = time.perf_counter() - t
+
+    system = cfg.system_prompt if cfg.system_prompt is not None else training_system_prompt(hf_dir, adapter)
+    stops = end_strings(tokenizer, hf_dir, list(template.stops))
+    gen = _read_json(hf_dir / "generation_config.json")
+    params = generation_params(gen) if gen else {}
+    write_modelfile(
+        out, from_path=f"./{gguf_path.name}", template=template, system=system, stops=stops,
+        num_ctx=cfg.num_ctx, params=params, adapter_path=f"./{lora_path.name}" if lora_path else None,
+    )
+    result = ExportResult(
+        output_dir=out.resolve(), name=name, mode=cfg.mode, gguf_type=cfg.gguf_type,
+        gguf=gguf_path.resolve(), modelfile=modelfile_path.resolve(), manifest=manifest_path.resolve(),
+        hf_dir=Path(hf_dir).resolve(), base_dir=base_dir.resolve(),
+        adapter=adapter.resolve() if adapter else None,
+        fused_dir=fused_dir.resolve() if fused_dir else None,
+        lora_gguf=lora_path.resolve() if lora_path else None,
+        system_prompt=system or template.default_system, stops=stops, timings=timings,
+    )
+    write_json_atomic(manifest_path, {
+        "name": name, "mode": cfg.mode, "gguf_type": cfg.gguf_type,
+        "gguf": _rel(result.gguf, out), "lora_gguf": _rel(result.lora_gguf, out),
+        "hf_dir": _rel(result.hf_dir, out), "base_dir": str(result.base_dir),
+        "adapter": str(result.adapter) if result.adapter else None,
+        "modelfile": _rel(result.modelfile, out), "num_ctx": cfg.num_ctx,
+        "system_prompt": result.system_prompt, "stops": stops,
+    })
+
+    if cfg.verify:
+        from mlx_lora.verify import verify_gguf
+
+        t = _stage("verifying (GGUF read back, tokenization, logits)", log)
+        result.report = verify_gguf(
+            result.hf_dir, result.gguf, adapter_dir=result.adapter,
+            base_dir=result.base_dir if result.fused_dir else None,
+            gguf_type=cfg.gguf_type, lora_gguf=result.lora_gguf,
+        )
+        timings["verify"] = time.perf_counter() - t
+        if log:
+            print(result.report.table())
+
+    if log:
+        print(summary(result))
+    if (cfg.ollama_create or cfg.ollama_quantize) and result.report is not None and not result.report.ok:
+        if log:
+            print(f"not running ollama create: verification failed (fix the mismatch, then: ollama create {name} -f {result.modelfile})")
+    elif cfg.ollama_create or cfg.ollama_quantize:
+        t = _stage(f"ollama create {name}", log)
+        ollama_create(name, result.modelfile, cfg.ollama_quantize)
+        result.ollama_created = True
+        timings["ollama_create"] = time.perf_counter() - t
+        if log:
+            print(f"created the Ollama model {name}; chat with: ollama run {name}")
+    timings["total"] = time.perf_counter() - t_start
+    return result
+
+
+def summary(r: ExportResult) -> str:
+    """The artifact list and the commands to use them."""
+    lines = ["artifacts:"]
+    labels = [("fused HF folder", r.fused_dir), ("GGUF" if r.mode == "full" else "base GGUF", r.gguf),
+              ("GGUF LoRA adapter", r.lora_gguf), ("Modelfile", r.modelfile), ("manifest", r.manifest)]
+    for label, path in labels:
+        if path is not None:
+            size = _size(path)
+            lines.append(f"  {label:<18} {path}{f'  ({size})' if size else ''}")
+    create = shlex.join(["ollama", "create", r.name, "-f", str(r.modelfile)])
+    lines.append(f"next: {create}" if not r.ollama_created else "ollama model created")
+    lines.append(f"      ollama run {r.name}")
+    return "\n".join(lines)
+
+
+def _size(path: Path) -> str:
+    n = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+DESCRIPTION = """Export a fine-tuned model for llama.cpp and Ollama: fuse the adapter (or keep it as a GGUF
+LoRA adapter), write the GGUF without llama.cpp or torch, and a Modelfile whose TEMPLATE, SYSTEM and
+stop tokens come from the model's own chat template and training run."""
+
+EPILOG = """examples:
+  python -m mlx_lora.export --adapter output/huanhuan --output-dir export/huanhuan --verify
+  python -m mlx_lora.export --adapter output/huanhuan --output-dir export/hh --mode adapter --gguf-type q8_0
+  python -m mlx_lora.export --adapter output/huanhuan --output-dir export/hh --ollama-create --ollama-quantize q4_K_M
+
+files: OUT/NAME.gguf (or NAME-base.gguf + NAME-lora.gguf), OUT/Modelfile, OUT/export.json, OUT/NAME-hf/ (full mode)"""
+
+
+def main(argv: list[str] | None = None) -> ExportResult:
+    cfg: ExportConfig = parse_config(ExportConfig, argv, "python -m mlx_lora.export", DESCRIPTION, EPILOG)
+    result = export(cfg)
+    if result.report is not None and not result.report.ok:
+        print("error: the export does not match the model (see the FAIL lines above)", file=sys.stderr)
+        raise SystemExit(1)
+    return result
+
+
+__all__ = ["ExportConfig", "ExportResult", "default_name", "end_strings", "export", "main", "training_system_prompt"]
+
+if __name__ == "__main__":
+    from mlx_lora.cli import run
+
+    sys.exit(run(main))
+
