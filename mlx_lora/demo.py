@@ -1,0 +1,227 @@
+"""``python -m mlx_lora.demo``: the whole pipeline, offline, on a tiny local model, in about a minute.
+
+It is the README's "does my install work" command: a tiny Qwen2-architecture model is built with
+``scripts/make_tiny_model.py``, trained for a few steps on the repository's ``dataset/huanhuan.json``,
+asked one question, fused, written as a GGUF with a Modelfile, handed to ``ollama create`` when
+Ollama is installed, and verified (GGUF read back; tokenization and logits in llama.cpp when
+llama-cpp-python is installed). The model is random and tiny, so its answer is gibberish: what
+matters is that every stage runs and that the verify figures agree.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlx_lora.config import opt, parse_config
+from mlx_lora.errors import MlxLoraError
+
+MARKER = ".mlx_lora_demo"
+SYSTEM_PROMPT = "现在你要扮演皇帝身边的女人--甄嬛"
+QUESTION = "你是谁？"
+DEMO_NAME = "mlx-lora-demo"
+STAGES = 6
+
+
+@dataclass
+class DemoConfig:
+    output_dir: str = opt("runs/demo", "folder for everything the demo writes (replaced on a rerun)")
+    steps: int = opt(20, "training steps")
+    learning_rate: float = opt(2e-3, "learning rate (high: the tiny model must move in a few steps)")
+    gguf_type: str = opt("f32", "GGUF type of the export (f32 makes the verify figures exact)", choices=["f32", "f16", "bf16", "q8_0"])
+    ollama: bool = opt(True, "run `ollama create` when ollama is on PATH")
+
+
+def repo_root() -> Path:
+    """The checkout the package is installed from (``pip install -e .``)."""
+    import mlx_lora
+
+    return Path(mlx_lora.__file__).resolve().parents[1]
+
+
+def load_make_tiny_model() -> Callable[..., Path]:
+    """``make_tiny_model`` from the checkout's ``scripts/`` (it is not part of the package)."""
+    script = repo_root() / "scripts" / "make_tiny_model.py"
+    if not script.is_file():
+        raise MlxLoraError(
+            f"{script} is missing: the demo needs a repository checkout installed with `pip install -e .` "
+            "(scripts/make_tiny_model.py and dataset/huanhuan.json)"
+        )
+    spec = importlib.util.spec_from_file_location("mlx_lora_make_tiny_model", script)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module.make_tiny_model
+
+
+def demo_dataset() -> Path:
+    path = repo_root() / "dataset" / "huanhuan.json"
+    if not path.is_file():
+        raise MlxLoraError(f"{path} is missing: the demo trains on the repository's dataset sample; restore it (git checkout dataset/)")
+    return path
+
+
+def prepare_dir(out: Path) -> None:
+    """Use ``out`` if it is new, empty or an earlier demo's folder; never wipe anything else."""
+    if out.exists() and not out.is_dir():
+        raise MlxLoraError(f"--output-dir {out} is a file; pass a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if not (out / MARKER).is_file():
+            raise MlxLoraError(f"--output-dir {out} holds files the demo did not write; pass an empty or new folder")
+        for child in out.iterdir():
+            if child.name != MARKER:
+                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text("written by python -m mlx_lora.demo; rerunning the demo replaces this folder\n", encoding="utf-8")
+
+
+class Stages:
+    """Numbered stage headers with wall time, so a human sees where the minute goes."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.t0 = time.perf_counter()
+        self.times: dict[str, float] = {}
+
+    def run(self, title: str, fn: Callable[[], Any]) -> Any:
+        self.n += 1
+        print(f"\n[{self.n}/{STAGES}] {title}", flush=True)
+        t = time.perf_counter()
+        value = fn()
+        dt = time.perf_counter() - t
+        self.times[title] = dt
+        print(f"    ({dt:.1f} s)", flush=True)
+        return value
+
+    @property
+    def total(self) -> float:
+        return time.perf_counter() - self.t0
+
+
+def run_demo(cfg: DemoConfig) -> dict[str, Any]:
+    """Every stage in order; returns the artifacts and figures (tests read them)."""
+    from mlx_lora.config import TrainConfig
+    from mlx_lora.export import ExportConfig, export, summary
+    from mlx_lora.train import train
+    from mlx_lora.verify import have_llama_cpp, verify_export
+
+    if cfg.steps < 1:
+        raise MlxLoraError(f"--steps must be at least 1, got {cfg.steps}")
+    out = Path(cfg.output_dir)
+    make_tiny_model = load_make_tiny_model()
+    data = demo_dataset()
+    prepare_dir(out)
+    stages = Stages()
+    print(f"mlx_lora demo → {out.resolve()}")
+
+    model_dir = stages.run("tiny model (Qwen2 architecture, trained BPE tokenizer, ChatML template)",
+                           lambda: make_tiny_model(out / "tiny-model").resolve())
+    print(f"    {model_dir}")
+
+    adapter = out / "adapter"
+    tcfg = TrainConfig(
+        model=str(model_dir), data=str(data), output_dir=str(adapter), max_steps=cfg.steps,
+        per_device_train_batch_size=4, gradient_accumulation_steps=1, learning_rate=cfg.learning_rate,
+        warmup_steps=0, logging_steps=max(1, cfg.steps // 4), save_steps=max(cfg.steps, 1),
+        max_seq_length=256, lora_r=8, lora_alpha=16, lora_dropout=0.0, system_prompt=SYSTEM_PROMPT,
+        gradient_checkpointing=False, seed=0,
+    )
+    stages.run(f"LoRA training: {cfg.steps} steps on {data.relative_to(repo_root())}", lambda: train(tcfg, progress=False))
+
+    def chat() -> str:
+        from mlx_lora.chat import complete
+        from mlx_lora.model import load_for_inference
+
+        loaded = load_for_inference(str(model_dir), adapter)
+        answer = complete(loaded, [{"role": "user", "content": QUESTION}], max_tokens=32, temperature=0.0)
+        print(f"    system: {SYSTEM_PROMPT}\n    user:   {QUESTION}\n    model:  {answer.text.strip()!r}")
+        print(f"    {answer.stats()}")
+        return answer.text
+
+    answer = stages.run("one chat answer (greedy; a tiny random model after a few steps: expect gibberish)", chat)
+
+    ecfg = ExportConfig(model=str(model_dir), adapter=str(adapter), output_dir=str(out / "export"),
+                        gguf_type=cfg.gguf_type, name=DEMO_NAME)
+
+    def do_export() -> Any:
+        r = export(ecfg, progress=False, log=False)
+        t = r.timings
+        print(f"    fused HF folder  {r.fused_dir}  ({t.get('fuse', 0):.1f} s)")
+        print(f"    GGUF ({r.gguf_type})      {r.gguf}  ({t.get('gguf', 0):.1f} s)")
+        print(f"    Modelfile        {r.modelfile}")
+        keep = ("FROM", "ADAPTER", "SYSTEM", "PARAMETER")
+        for line in r.modelfile.read_text(encoding="utf-8").splitlines():
+            if line.startswith(keep):
+                print(f"      {line}")
+        return r
+
+    result = stages.run("export: fuse → GGUF → Modelfile (TEMPLATE derived from the chat template)", do_export)
+
+    def verify() -> Any:
+        if not have_llama_cpp():
+            print('    llama-cpp-python is not installed: tokenization and logit checks are skipped (pip install "mlx_lora[verify]")')
+        report = verify_export(result)
+        print("\n".join("    " + line for line in report.table().splitlines()))
+        return report
+
+    report = stages.run("verify: GGUF vs HF folder, llama.cpp vs MLX, fused vs base+adapter", verify)
+
+    def ollama() -> bool:
+        from mlx_lora.ollama import ollama_create
+
+        if not cfg.ollama:
+            print("    skipped (--no-ollama)")
+            return False
+        if shutil.which("ollama") is None:
+            print(f"    ollama is not on PATH: skipped (with Ollama installed: ollama create {DEMO_NAME} -f {result.modelfile})")
+            return False
+        if not report.ok:
+            print("    skipped: verification failed")
+            return False
+        try:
+            ollama_create(DEMO_NAME, result.modelfile)
+        except MlxLoraError as e:  # a stopped Ollama server should not fail the install check
+            print(f"    ollama create failed: {e}")
+            return False
+        print(f"    created; try: ollama run {DEMO_NAME}")
+        return True
+
+    created = stages.run("ollama create", ollama)
+    result.ollama_created = created
+
+    print("\nartifacts:")
+    print(f"  tiny model         {model_dir}")
+    print(f"  adapter            {adapter.resolve()}  (PEFT adapter, trainer_state.json, loss.png)")
+    print("\n".join(summary(result).splitlines()[1:]))
+    verdict = "OK: every stage ran and the export matches the model" if report.ok else "FAILED: the export does not match the model"
+    print(f"\n{verdict} (total {stages.total:.1f} s)")
+    return {"model_dir": model_dir, "adapter": adapter, "export": result, "report": report, "answer": answer,
+            "times": stages.times, "total": stages.total}
+
+
+DESCRIPTION = """Run the whole pipeline offline on a tiny local model: build it, train a few LoRA steps on
+dataset/huanhuan.json, chat once, fuse, write a GGUF and a Modelfile, verify, and create the Ollama
+model when Ollama is installed. The "does my install work" command."""
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    cfg: DemoConfig = parse_config(DemoConfig, argv, "python -m mlx_lora.demo", DESCRIPTION)
+    result = run_demo(cfg)
+    if not result["report"].ok:
+        raise SystemExit(1)
+    return result
+
+
+if __name__ == "__main__":
+    from mlx_lora.cli import run
+
+    sys.exit(run(main))

@@ -1,0 +1,70 @@
+"""``python -m mlx_lora.demo``: the README's "does my install work" command, run as a user runs it."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+from mlx_lora.errors import MlxLoraError
+
+BUDGET_SECONDS = 120  # the promise: under 2 minutes on 2 CPU cores
+
+
+@pytest.mark.slow
+def test_demo_runs_offline_and_leaves_every_artifact(tmp_path):
+    out = tmp_path / "demo"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "mlx_lora.demo", "--output-dir", str(out)],
+                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=2 * BUDGET_SECONDS)
+    wall = time.perf_counter() - t0
+    print(f"\ndemo wall time {wall:.1f} s\n{proc.stdout}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert wall < BUDGET_SECONDS
+
+    for rel in ("tiny-model/config.json", "adapter/adapter_model.safetensors", "adapter/adapter_config.json",
+                "adapter/trainer_state.json", "export/mlx-lora-demo-hf/model.safetensors",
+                "export/mlx-lora-demo.gguf", "export/Modelfile", "export/export.json"):
+        assert (out / rel).is_file(), rel
+    for printed in ("tiny-model", "adapter", "export/mlx-lora-demo-hf", "export/mlx-lora-demo.gguf", "export/Modelfile"):
+        assert str((out / printed).resolve()) in proc.stdout, printed
+    state = json.loads((out / "adapter" / "trainer_state.json").read_text())
+    assert state["global_step"] == 20
+    modelfile = (out / "export" / "Modelfile").read_text()
+    assert 'FROM "./mlx-lora-demo.gguf"' in modelfile and "现在你要扮演皇帝身边的女人--甄嬛" in modelfile
+    for header in ("[1/6] tiny model", "[2/6] LoRA training", "[3/6] one chat answer", "[4/6] export",
+                   "[5/6] verify", "[6/6] ollama create", "artifacts:", "OK: every stage ran"):
+        assert header in proc.stdout, header
+    assert "GGUF read back vs HF folder            ok" in proc.stdout
+    if importlib.util.find_spec("llama_cpp") is not None:
+        assert "logits llama.cpp vs MLX (3 prompts)    ok" in proc.stdout
+    else:
+        assert 'pip install "mlx_lora[verify]"' in proc.stdout
+
+    # A rerun replaces its own folder; a folder with foreign files is refused untouched.
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "mine.txt").write_text("keep")
+    from mlx_lora.demo import prepare_dir
+
+    with pytest.raises(MlxLoraError, match="did not write"):
+        prepare_dir(foreign)
+    assert (foreign / "mine.txt").read_text() == "keep"
+    prepare_dir(out)
+    assert [p.name for p in out.iterdir()] == [".mlx_lora_demo"]
+
+
+def test_demo_finds_the_checkout_scripts_and_dataset():
+    from mlx_lora.demo import demo_dataset, load_make_tiny_model, repo_root
+
+    assert repo_root() == Path(REPO).resolve()
+    assert callable(load_make_tiny_model())
+    assert demo_dataset() == (REPO / "dataset" / "huanhuan.json").resolve()
