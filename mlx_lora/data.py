@@ -16,7 +16,14 @@ from typing import Any
 import numpy as np
 
 from mlx_lora.errors import MlxLoraError
-from mlx_lora.prompt import Encoded, Message, encode_conversation, end_of_turn, has_chat_template, hf_tokenizer
+from mlx_lora.prompt import (
+    Encoded,
+    Message,
+    encode_conversation,
+    end_of_turn,
+    has_chat_template,
+    hf_tokenizer,
+)
 
 FORMATS = ("auto", "alpaca", "sharegpt", "messages", "completions", "text")
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",

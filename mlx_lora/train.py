@@ -141,6 +141,16 @@ def prepare_output_dir(out: Path, cfg: TrainConfig) -> Path | None:
     return None
 
 
+def _resume_point(out: Path, cfg: TrainConfig) -> Path | None:
+    """What rank 0's :func:`prepare_output_dir` chose, computed read-only on the other ranks."""
+    if not cfg.resume:
+        return None
+    if cfg.resume != "latest":
+        return Path(cfg.resume)
+    found = checkpoints(out)
+    return found[-1] if found else None
+
+
 def save_checkpoint(out: Path, model: nn.Module, optimizer: optim.Optimizer, state: TrainerState, adapter_cfg: dict) -> Path:
     """``checkpoint-<step>``: adapter + optimizer + trainer state, built aside then renamed in."""
     final = out / f"checkpoint-{state.global_step}"
@@ -211,21 +221,36 @@ def step_examples(step: int, n_train: int, per_step: int, steps_per_epoch: int, 
     return epoch_order(n_train, seed, epoch)[pos * per_step:(pos + 1) * per_step]
 
 
+def rank_share(ids: np.ndarray, rank: int, world: int) -> np.ndarray:
+    """This process's slice of a step's examples (contiguous; may be empty at an epoch's end)."""
+    per_rank = -(-len(ids) // world)
+    return ids[rank * per_rank:(rank + 1) * per_rank]
+
+
 def batch_arrays(b: Batch) -> tuple[mx.array, ...]:
     return (mx.array(b.inputs), mx.array(b.segments), mx.array(b.targets), mx.array(b.labels), mx.array(b.weights))
 
 
-def evaluate(model: nn.Module, examples: list, batch_size: int, max_len: int, packing: bool, pad_id: int) -> float:
-    """Mean token cross-entropy over the validation examples (same packing as training)."""
+def all_sum(x: float, group: mx.distributed.Group | None) -> float:
+    if group is None or group.size() == 1:
+        return x
+    return mx.distributed.all_sum(mx.array(x, dtype=mx.float32), group=group, stream=mx.cpu).item()
+
+
+def evaluate(model: nn.Module, examples: list, batch_size: int, max_len: int, packing: bool, pad_id: int,
+             group: mx.distributed.Group | None = None) -> float:
+    """Mean token cross-entropy over the validation examples (same packing as training, sharded by rank)."""
+    rank, world = (group.rank(), group.size()) if group is not None else (0, 1)
     model.eval()
     total, count = 0.0, 0
-    for i in range(0, len(examples), batch_size):
-        b = make_batch(examples[i:i + batch_size], max_len, packing, pad_id)
+    mine = examples[rank::world]
+    for i in range(0, len(mine), batch_size):
+        b = make_batch(mine[i:i + batch_size], max_len, packing, pad_id)
         loss = loss_sum(model, *batch_arrays(b))
         total += loss.item()
         count += b.n_target_tokens
     model.train()
-    return total / max(count, 1)
+    return all_sum(total, group) / max(all_sum(float(count), group), 1.0)
 
 
 def plot_losses(history: list[dict], path: Path) -> None:
@@ -267,8 +292,9 @@ def _fmt(record: dict) -> str:
 # ---------------------------------------------------------------- the run
 
 def summary(cfg: TrainConfig, ds: Dataset, n_train: int, n_val: int, trainable: int, total: int,
-            steps_per_epoch: int, total_steps: int, dtype: mx.Dtype) -> str:
-    eff = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+            steps_per_epoch: int, total_steps: int, dtype: mx.Dtype, world: int = 1) -> str:
+    eff = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
+    procs = f" × {world} processes" if world > 1 else ""
     skipped = f", {ds.skipped} skipped (missing/empty fields)" if ds.skipped else ""
     trunc = f", {ds.truncated} truncated to {cfg.max_seq_length} tokens" if ds.truncated else ""
     dropped = f", {ds.dropped_no_target} dropped (no answer left after truncation)" if ds.dropped_no_target else ""
@@ -279,7 +305,7 @@ def summary(cfg: TrainConfig, ds: Dataset, n_train: int, n_val: int, trainable: 
         f"model: {trainable:,} trainable LoRA parameters of {total:,} ({100 * trainable / max(total, 1):.3f}%); "
         f"device {device_name()}, dtype {str(dtype).split('.')[-1]}{quant}\n"
         f"schedule: {steps_per_epoch} steps/epoch, {total_steps} steps, effective batch {eff} "
-        f"({cfg.per_device_train_batch_size} × {cfg.gradient_accumulation_steps} accumulation), "
+        f"({cfg.per_device_train_batch_size} × {cfg.gradient_accumulation_steps} accumulation{procs}), "
         f"packing {'on' if cfg.packing else 'off'}, gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}"
     )
 
@@ -289,8 +315,12 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     from tqdm import tqdm
 
     validate(cfg)
+    group = mx.distributed.init()
+    rank, world = group.rank(), group.size()
+    lead = rank == 0  # only rank 0 prints and writes; every rank computes
+    say = print if lead else (lambda *a, **k: None)
     out = Path(cfg.output_dir)
-    resume_from = prepare_output_dir(out, cfg)
+    resume_from = prepare_output_dir(out, cfg) if lead else (_resume_point(out, cfg))
     model_dir = resolve_model(cfg.model, cfg.model_source)
     dtype = compute_dtype(cfg.dtype)
     model, tokenizer, config = load_base(model_dir, dtype=dtype, quantize=cfg.quantize)
@@ -306,9 +336,9 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
         train_idx, val_idx = split(len(ds.examples), cfg.val_split, cfg.seed)
         train_ex = [ds.examples[i] for i in train_idx]
         val_ex = [ds.examples[i] for i in val_idx]
-    if cfg.per_device_train_batch_size > len(train_ex):
+    if cfg.per_device_train_batch_size * world > len(train_ex):
         raise MlxLoraError(
-            f"--per-device-train-batch-size {cfg.per_device_train_batch_size} is larger than the {len(train_ex)} training examples; lower it"
+            f"--per-device-train-batch-size {cfg.per_device_train_batch_size} × {world} process(es) is larger than the {len(train_ex)} training examples; lower it"
         )
 
     mx.random.seed(cfg.seed)
@@ -320,7 +350,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     if getattr(model.model.embed_tokens, "bits", None):  # quantized: count logical weights
         n_params = sum(m.weight.shape[0] * m.weight.shape[1] * 32 // m.bits for _, m in model.named_modules() if isinstance(m, nn.QuantizedLinear | nn.QuantizedEmbedding)) + n_params
 
-    per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+    per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
     steps_per_epoch = math.ceil(len(train_ex) / per_step)
     total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
     eval_steps = cfg.eval_steps or cfg.save_steps
@@ -353,9 +383,9 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
             k, (old, new) = next(iter(changed.items()))
             raise MlxLoraError(f"{resume_from} was trained with {k}={old}, now {new}; resume with the same data and flags")
         state.max_steps = total_steps
-        print(f"resuming from {resume_from} (step {state.global_step})")
+        say(f"resuming from {resume_from} (step {state.global_step})")
 
-    print(summary(cfg, ds, len(train_ex), len(val_ex), trainable, n_params, steps_per_epoch, total_steps, dtype))
+    say(summary(cfg, ds, len(train_ex), len(val_ex), trainable, n_params, steps_per_epoch, total_steps, dtype, world))
 
     loss_and_grad = nn.value_and_grad(model, lambda m, *a: loss_sum(m, *a, checkpoint=cfg.gradient_checkpointing))
 
@@ -371,16 +401,17 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     window_loss, window_steps, tokens_seen, t0 = 0.0, 0, 0, time.perf_counter()
     train_time, step_time, steps_run, stopped_early, last_eval = 0.0, 0.0, 0, False, None
     last_good = checkpoints(out)[-1] if checkpoints(out) else None
-    bar = tqdm(total=total_steps, initial=state.global_step, unit="step", disable=not progress, dynamic_ncols=True, mininterval=0.5, file=sys.stderr)
+    bar = tqdm(total=total_steps, initial=state.global_step, unit="step", disable=not (progress and lead), dynamic_ncols=True, mininterval=0.5, file=sys.stderr)
+    log = bar.write if progress else say
     try:
         while state.global_step < total_steps and not stop["flag"]:
             step = state.global_step
             t_step = time.perf_counter()
-            ids = step_examples(step, len(train_ex), per_step, steps_per_epoch, cfg.seed)
+            ids = rank_share(step_examples(step, len(train_ex), per_step, steps_per_epoch, cfg.seed), rank, world)
             micro = [make_batch([train_ex[j] for j in ids[i:i + cfg.per_device_train_batch_size]], cfg.max_seq_length, cfg.packing, pad_id)
                      for i in range(0, len(ids), cfg.per_device_train_batch_size)]
-            n_targets = sum(b.n_target_tokens for b in micro)
-            mx.random.seed(cfg.seed * 1_000_003 + step)  # dropout masks depend on the step only
+            n_targets = all_sum(float(sum(b.n_target_tokens for b in micro)), group)
+            mx.random.seed((cfg.seed * 1_000_003 + step) * 1_009 + rank)  # dropout masks depend on step and rank only
             grads, loss_total = None, 0.0
             for b in micro:
                 loss, g = loss_and_grad(model, *batch_arrays(b))
@@ -388,6 +419,11 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
                 mx.eval(loss, grads)
                 loss_total += loss.item()
                 tokens_seen += b.n_tokens
+            if grads is None:  # an empty share at an epoch's end still joins the all-reduce
+                grads = tree_map(mx.zeros_like, model.trainable_parameters())
+            if world > 1:  # sum over ranks = the gradient of the whole global batch
+                grads = tree_map(lambda g: g * world, nn.average_gradients(grads, group=group))
+                loss_total = all_sum(loss_total, group)
             inv = 1.0 / max(n_targets, 1)
             grads = tree_map(lambda x: x * inv, grads)  # noqa: B023 - applied right here
             if cfg.max_grad_norm > 0:
@@ -413,14 +449,14 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
                 record = {"loss": window_loss / window_steps, "grad_norm": grad_norm.item(),
                           "learning_rate": float(optimizer.learning_rate.item()) if state.global_step < total_steps else 0.0,
                           "epoch": round(state.epoch, 4)}
-                (bar.write if progress else print)(_fmt(record))
+                log(_fmt(record))
                 state.log_history.append({**record, "step": state.global_step})
                 window_loss, window_steps = 0.0, 0
             evaluate_now = val_ex and (state.global_step % eval_steps == 0 or state.global_step == total_steps)
             if evaluate_now:
-                last_eval = evaluate(model, val_ex, cfg.per_device_train_batch_size, cfg.max_seq_length, cfg.packing, pad_id)
+                last_eval = evaluate(model, val_ex, cfg.per_device_train_batch_size, cfg.max_seq_length, cfg.packing, pad_id, group)
                 record = {"eval_loss": last_eval, "epoch": round(state.epoch, 4)}
-                (bar.write if progress else print)(_fmt(record))
+                log(_fmt(record))
                 state.log_history.append({**record, "step": state.global_step})
             save_now = state.global_step % cfg.save_steps == 0 or (evaluate_now and state.global_step % cfg.save_steps != 0 and cfg.early_stopping_patience)
             improved = evaluate_now and (state.best_metric is None or last_eval < state.best_metric)
@@ -430,13 +466,14 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
                 path = out / f"checkpoint-{state.global_step}"
                 if improved:
                     state.best_metric, state.best_model_checkpoint = last_eval, str(path)
-                last_good = save_checkpoint(out, model, optimizer, state, adapter_cfg)
-                prune_checkpoints(out, cfg.save_total_limit, state.best_model_checkpoint)
+                if lead:
+                    last_good = save_checkpoint(out, model, optimizer, state, adapter_cfg)
+                    prune_checkpoints(out, cfg.save_total_limit, state.best_model_checkpoint)
             elif improved:
                 state.best_metric, state.best_model_checkpoint = last_eval, None
             if cfg.early_stopping_patience and state.evals_without_improvement >= cfg.early_stopping_patience:
                 stopped_early = True
-                (bar.write if progress else print)(f"early stopping: eval_loss has not improved for {cfg.early_stopping_patience} evaluations")
+                log(f"early stopping: eval_loss has not improved for {cfg.early_stopping_patience} evaluations")
                 break
         train_time = time.perf_counter() - t0
     finally:
@@ -444,8 +481,15 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
         signal.signal(signal.SIGINT, previous)
 
     if stop["flag"]:
-        print(f"interrupted: saved {last_good}; continue with --resume", file=sys.stderr)
+        say(f"interrupted: saved {last_good}; continue with --resume", file=sys.stderr)
         raise KeyboardInterrupt
+    tps = tokens_seen / max(step_time, 1e-9)
+    peak = mx.get_peak_memory() / 1e9
+    losses = [h["loss"] for h in state.log_history if "loss" in h]
+    train_loss = float(np.mean(losses)) if losses else float("nan")
+    result = TrainResult(out, state.global_step, train_loss, last_eval, state.best_model_checkpoint, tps, peak, stopped_early)
+    if not lead:
+        return result
     # The final adapter: the best checkpoint when early stopping chose one (HF's load_best_model_at_end).
     best = state.best_model_checkpoint
     if stopped_early and best and Path(best).is_dir():
@@ -454,22 +498,18 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
             (out / f".{name}.tmp").replace(out / name)
     else:
         save_adapter(out, model, adapter_cfg)
-    losses = [h["loss"] for h in state.log_history if "loss" in h]
-    train_loss = float(np.mean(losses)) if losses else float("nan")
     final = {"train_runtime": round(train_time, 4),
              "train_samples_per_second": round(steps_run * per_step / max(train_time, 1e-9), 3),
              "train_steps_per_second": round(steps_run / max(train_time, 1e-9), 3),
              "train_loss": train_loss, "epoch": round(state.epoch, 4)}
     print(str(final))
-    tps = tokens_seen / max(step_time, 1e-9)
-    peak = mx.get_peak_memory() / 1e9
     state.log_history.append({**final, "step": state.global_step, "train_tokens_per_second": round(tps, 2),
                               "train_tokens": tokens_seen, "peak_memory_gb": round(peak, 4)})
     write_json_atomic(out / STATE_FILE, asdict(state))
     if cfg.plot:
         plot_losses(state.log_history, out / "loss.png")
     print(f"adapter saved to {out} ({tps:,.0f} tokens/s, peak memory {human_bytes(peak * 1e9)})")
-    return TrainResult(out, state.global_step, train_loss, last_eval, state.best_model_checkpoint, tps, peak, stopped_early)
+    return result
 
 
 DESCRIPTION = """LoRA fine-tuning of a chat model on Apple MLX (the seed's train.py, without its traps).
