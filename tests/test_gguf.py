@@ -370,7 +370,7 @@ def test_logits_f32_f16_q8_0(key, models, gguf_file, mlx_model):
     if key == "stories":  # trained model: clear winners, so top-1 must survive q8_0
         assert (q8.argmax(-1) == ref.argmax(-1)).all()
     else:  # random weights: near-ties everywhere; bound the error instead
-        assert d8 <= 5e-2
+        assert d8 <= 1e-2 * max(1.0, float(np.abs(ref).max())), d8  # relative to the logit scale
     print(f"\n[{key}] max|Δlogit| f32 {d32:.3g}  f16 {d16:.3g} (vs f16-rounded MLX {d16_same:.3g})  q8_0 {d8:.3g}")
 
 
