@@ -164,9 +164,13 @@ def save_checkpoint(out: Path, model: nn.Module, optimizer: optim.Optimizer, sta
             final.rename(trash)
             shutil.rmtree(trash)
         tmp.rename(final)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # MLX reports a full disk as RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
-        raise MlxLoraError(f"cannot write checkpoint {final} ({e.strerror or e}); free disk space and --resume") from None
+        detail = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise MlxLoraError(f"cannot write checkpoint {final} ({detail}); free disk space and --resume") from None
+    except BaseException:  # a second Ctrl-C or a kill signal turned into an exception
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return final
 
 
@@ -387,7 +391,11 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
 
     say(summary(cfg, ds, len(train_ex), len(val_ex), trainable, n_params, steps_per_epoch, total_steps, dtype, world))
 
-    loss_and_grad = nn.value_and_grad(model, lambda m, *a: loss_sum(m, *a, checkpoint=cfg.gradient_checkpointing))
+    value_and_grad = nn.value_and_grad(model, lambda m, *a: loss_sum(m, *a, checkpoint=cfg.gradient_checkpointing))
+    # Compiled once per batch shape (rows and lengths are padded to multiples of 32, so shapes
+    # repeat); the model and the RNG (dropout) are the state the compiled graph reads and updates.
+    compiled_state = [model.state, mx.random.state]
+    loss_and_grad = mx.compile(lambda *a: value_and_grad(model, *a), inputs=compiled_state, outputs=compiled_state)
 
     stop = {"flag": False}
     previous = signal.getsignal(signal.SIGINT)
@@ -414,7 +422,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
             mx.random.seed((cfg.seed * 1_000_003 + step) * 1_009 + rank)  # dropout masks depend on step and rank only
             grads, loss_total = None, 0.0
             for b in micro:
-                loss, g = loss_and_grad(model, *batch_arrays(b))
+                loss, g = loss_and_grad(*batch_arrays(b))
                 grads = g if grads is None else tree_map(mx.add, grads, g)
                 mx.eval(loss, grads)
                 loss_total += loss.item()
@@ -480,9 +488,8 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
         bar.close()
         signal.signal(signal.SIGINT, previous)
 
-    if stop["flag"]:
-        say(f"interrupted: saved {last_good}; continue with --resume", file=sys.stderr)
-        raise KeyboardInterrupt
+    if stop["flag"]:  # the CLI prints this one line and exits 130
+        raise KeyboardInterrupt(f"interrupted: saved {last_good}; continue with --resume")
     tps = tokens_seen / max(step_time, 1e-9)
     peak = mx.get_peak_memory() / 1e9
     losses = [h["loss"] for h in state.log_history if "loss" in h]
@@ -492,12 +499,20 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
         return result
     # The final adapter: the best checkpoint when early stopping chose one (HF's load_best_model_at_end).
     best = state.best_model_checkpoint
-    if stopped_early and best and Path(best).is_dir():
+    try:
+        if stopped_early and best and Path(best).is_dir():
+            for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
+                shutil.copyfile(Path(best) / name, out / f".{name}.tmp")
+                (out / f".{name}.tmp").replace(out / name)
+        else:
+            save_adapter(out, model, adapter_cfg)
+    except (OSError, RuntimeError) as e:  # MLX reports a full disk as RuntimeError
         for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
-            shutil.copyfile(Path(best) / name, out / f".{name}.tmp")
-            (out / f".{name}.tmp").replace(out / name)
-    else:
-        save_adapter(out, model, adapter_cfg)
+            (out / f".{name}.tmp").unlink(missing_ok=True)
+            (out / name).unlink(missing_ok=True)  # no adapter_config.json without its weights
+        detail = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        then = f"--resume (from {last_good})" if last_good else "run again"
+        raise MlxLoraError(f"cannot write the adapter to {out} ({detail}); free disk space and {then}") from None
     final = {"train_runtime": round(train_time, 4),
              "train_samples_per_second": round(steps_run * per_step / max(train_time, 1e-9), 3),
              "train_steps_per_second": round(steps_run / max(train_time, 1e-9), 3),
@@ -505,9 +520,14 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     print(str(final))
     state.log_history.append({**final, "step": state.global_step, "train_tokens_per_second": round(tps, 2),
                               "train_tokens": tokens_seen, "peak_memory_gb": round(peak, 4)})
-    write_json_atomic(out / STATE_FILE, asdict(state))
-    if cfg.plot:
-        plot_losses(state.log_history, out / "loss.png")
+    try:
+        write_json_atomic(out / STATE_FILE, asdict(state))
+        if cfg.plot:
+            plot_losses(state.log_history, out / "loss.png")
+    except (OSError, RuntimeError) as e:
+        (out / ".loss.png.tmp.png").unlink(missing_ok=True)
+        detail = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise MlxLoraError(f"the adapter is saved in {out}, but {STATE_FILE} or loss.png could not be written ({detail}); free disk space") from None
     print(f"adapter saved to {out} ({tps:,.0f} tokens/s, peak memory {human_bytes(peak * 1e9)})")
     return result
 
