@@ -10,6 +10,7 @@ frozen base). ``--blas`` adds our tokens/s with the wheel's bundled BLAS (Linux 
 
     python scripts/bench_train.py                 # full size (hidden 512, 8 layers, 800 examples, one epoch)
     python scripts/bench_train.py --reduced       # CI size
+    python scripts/bench_train.py --mode generate # chat generation vs mlx_lm.generate
 """
 
 from __future__ import annotations
@@ -147,6 +148,8 @@ def model_params(model_dir: Path) -> tuple[int, dict]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--mode", choices=["train", "generate"], default="train",
+                   help="generate: chat generation tokens/s vs mlx_lm.generate (runs scripts/bench_generate.py)")
     p.add_argument("payload", nargs="?", help=argparse.SUPPRESS)
     p.add_argument("--reduced", action="store_true", help="CI size: hidden 256, 4 layers, 64 examples, 1 repeat")
     p.add_argument("--hidden", type=int, default=512)
@@ -166,6 +169,9 @@ def main() -> None:
     if args.worker:
         print(json.dumps(WORKERS[args.worker](json.loads(args.payload))))
         return
+    if args.mode == "generate":
+        extra = ["--repeats", "2", "--max-tokens", "64"] if args.reduced else []
+        raise SystemExit(subprocess.call([sys.executable, str(REPO / "scripts" / "bench_generate.py"), *extra], cwd=REPO))
     if args.reduced:
         args.hidden, args.layers, args.examples, args.valid, args.repeats = 256, 4, 64, 16, 1
     args.steps = args.steps or args.examples // args.batch
