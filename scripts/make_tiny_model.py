@@ -415,6 +415,7 @@ def make_tiny_model(
     seed: int = 0,
     arch: str = "qwen2",
     force: bool = False,
+    init: str = "small",
 ) -> Path:
     """Write a tiny random model + tokenizer to ``out`` and return ``out``.
 
@@ -423,6 +424,8 @@ def make_tiny_model(
     Raises MlxLoraError for bad arguments or a non-empty ``out`` without ``force``.
     """
     out = Path(out)
+    if init not in ("small", "fan_in"):
+        raise MlxLoraError(f"--init {init!r} is not supported; use small or fan_in")
     if arch not in ("qwen2", "llama"):
         raise MlxLoraError(f"--arch {arch!r} is not supported; use qwen2 or llama")
     if heads <= 0 or kv_heads <= 0 or hidden_size % heads or heads % kv_heads:
@@ -476,7 +479,10 @@ def make_tiny_model(
                 std = 1.0 / np.sqrt(hidden_size)
                 tensors[name] = rng.normal(0.0, std, size=shape).astype(np.float32)
             else:
-                tensors[name] = rng.normal(0.0, 0.02, size=shape).astype(np.float32)
+                # small: N(0, 0.02) like HF's initializer_range. fan_in: N(0, 1/fan_in), so activations
+                # keep their scale and a LoRA can steer the model within seconds (the demo uses it).
+                std = 0.02 if init == "small" else 1.0 / np.sqrt(shape[-1])
+                tensors[name] = rng.normal(0.0, std, size=shape).astype(np.float32)
         _write_bf16_safetensors(tmp / "model.safetensors", tensors)
 
         # Swap into place: the old folder (if any) is only removed once the new one is complete.
@@ -515,6 +521,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--arch", choices=("qwen2", "llama"), default="qwen2")
     ap.add_argument("--force", action="store_true", help="replace a non-empty --out")
+    ap.add_argument("--init", choices=("small", "fan_in"), default="small",
+                    help="weight init: small = N(0, 0.02); fan_in = N(0, 1/fan_in), learns visibly in seconds")
     args = ap.parse_args(argv)
     try:
         out = make_tiny_model(
@@ -526,6 +534,7 @@ def main(argv: list[str] | None = None) -> int:
             kv_heads=args.kv_heads,
             intermediate_size=args.intermediate_size,
             seed=args.seed,
+            init=args.init,
             arch=args.arch,
             force=args.force,
         )

@@ -37,7 +37,9 @@ def test_demo_runs_offline_and_leaves_every_artifact(tmp_path):
     for printed in ("tiny-model", "adapter", "export/mlx-lora-demo-hf", "export/mlx-lora-demo.gguf", "export/Modelfile"):
         assert str((out / printed).resolve()) in proc.stdout, printed
     state = json.loads((out / "adapter" / "trainer_state.json").read_text())
-    assert state["global_step"] == 20
+    assert state["global_step"] == 150
+    # the fine-tune visibly worked: the tiny model answers with the identity it was trained on
+    assert "model:  '我是甄嬛，家父是大理寺少卿甄远道。'" in proc.stdout
     modelfile = (out / "export" / "Modelfile").read_text()
     assert 'FROM "./mlx-lora-demo.gguf"' in modelfile and "现在你要扮演皇帝身边的女人--甄嬛" in modelfile
     for header in ("[1/6] tiny model", "[2/6] LoRA training", "[3/6] one chat answer", "[4/6] export",
@@ -62,9 +64,10 @@ def test_demo_runs_offline_and_leaves_every_artifact(tmp_path):
     assert [p.name for p in out.iterdir()] == [".mlx_lora_demo"]
 
 
-def test_demo_finds_the_checkout_scripts_and_dataset():
+def test_demo_finds_the_checkout_scripts_and_dataset(tmp_path):
     from mlx_lora.demo import demo_dataset, load_make_tiny_model, repo_root
 
     assert repo_root() == Path(REPO).resolve()
     assert callable(load_make_tiny_model())
-    assert demo_dataset() == (REPO / "dataset" / "huanhuan.json").resolve()
+    subset = json.loads(demo_dataset(tmp_path).read_text(encoding="utf-8"))
+    assert subset and all(r["instruction"] == "你是谁？" and "甄嬛" in r["output"] for r in subset)

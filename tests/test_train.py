@@ -54,7 +54,7 @@ def test_loss_falls_and_contract_files(tiny_model, tmp_path):
 def test_accumulation_equals_the_larger_batch(tiny_model, tmp_path):
     big = train(cfg(tiny_model, tmp_path / "b4", per_device_train_batch_size=4, gradient_accumulation_steps=1), progress=False)
     acc = train(cfg(tiny_model, tmp_path / "b2x2", per_device_train_batch_size=2, gradient_accumulation_steps=2), progress=False)
-    assert max_diff(adapter(big.output_dir), adapter(acc.output_dir)) <= 1e-5
+    assert max_diff(adapter(big.output_dir), adapter(acc.output_dir)) <= 2e-5  # fp32 summation order only
     # not trivially equal: a different batch gives a different adapter
     other = train(cfg(tiny_model, tmp_path / "b2", per_device_train_batch_size=2, gradient_accumulation_steps=1), progress=False)
     assert max_diff(adapter(big.output_dir), adapter(other.output_dir)) > 1e-4
