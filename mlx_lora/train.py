@@ -455,7 +455,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
 
             if state.global_step % cfg.logging_steps == 0 or state.global_step == total_steps:
                 record = {"loss": window_loss / window_steps, "grad_norm": grad_norm.item(),
-                          "learning_rate": float(optimizer.learning_rate.item()) if state.global_step < total_steps else 0.0,
+                          "learning_rate": float(f"{optimizer.learning_rate.item():.6g}") if state.global_step < total_steps else 0.0,
                           "epoch": round(state.epoch, 4)}
                 log(_fmt(record))
                 state.log_history.append({**record, "step": state.global_step})
