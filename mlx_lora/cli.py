@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 
@@ -18,12 +19,15 @@ def run(main: Callable[[list[str] | None], object], argv: list[str] | None = Non
         from mlx_lora.blas import maybe_relaunch
 
         maybe_relaunch()
+    # transformers' "PyTorch was not found" advice would be a second stderr line (mlx-lm sets this
+    # too, but export imports transformers first)
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     try:
         main(argv)
     except MlxLoraError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:  # a command may say what it saved: KeyboardInterrupt("interrupted: …")
+        print(str(e) or "interrupted", file=sys.stderr)
         return 130
     return 0

@@ -11,7 +11,7 @@ import dataclasses
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any, NoReturn, get_args, get_origin, get_type_hints
 
 from mlx_lora.errors import MlxLoraError
 from mlx_lora.hub import DEFAULT_MODEL
@@ -85,9 +85,16 @@ def _base_type(tp: Any) -> Any:
     return args[0] if get_origin(tp) is not None and args else tp
 
 
+class _Parser(argparse.ArgumentParser):
+    """A bad flag is a user error like any other: one line and exit 2, not the usage block."""
+
+    def error(self, message: str) -> NoReturn:
+        raise MlxLoraError(f"{message}; see {self.prog} --help")
+
+
 def build_parser(cls: type, prog: str, description: str, epilog: str | None = None) -> argparse.ArgumentParser:
     """argparse parser whose flags are the dataclass fields; defaults are suppressed so we know what was given."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=prog, description=description, epilog=epilog,
         formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=argparse.SUPPRESS,
     )

@@ -45,26 +45,37 @@ def read_records(path: Path) -> list[Any]:
         raise MlxLoraError(f"{path}: the file is empty; it needs a JSON array of records or one JSON object per line")
     if path.suffix.lower() == ".jsonl" or (not text.lstrip().startswith("[") and path.suffix.lower() != ".json"):
         records = []
-        for n, line in enumerate(text.splitlines(), 1):
+        # only "\n" ends a JSONL line: str.splitlines() would also split at U+2028, U+0085, ... which
+        # json.dumps(ensure_ascii=False) leaves raw inside strings
+        for n, line in enumerate(text.split("\n"), 1):
             if not line.strip():
                 continue
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as e:
                 raise MlxLoraError(f"{path}:{n}:{e.colno}: invalid JSON ({e.msg}); fix that line") from None
+            except RecursionError:
+                raise MlxLoraError(f"{path}:{n}: JSON nested too deeply; records are flat objects") from None
         return records
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
         raise MlxLoraError(f"{path}:{e.lineno}:{e.colno}: invalid JSON ({e.msg}); fix the file or use .jsonl") from None
+    except RecursionError:
+        raise MlxLoraError(f"{path}: JSON nested too deeply; records are flat objects") from None
     if isinstance(data, dict):  # {"data": [...]} / {"train": [...]} wrappers are common
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) != 1:
-            raise MlxLoraError(f"{path}: expected a JSON array of records, got an object with keys {', '.join(list(data)[:8])}")
+            raise MlxLoraError(f"{path}: expected a JSON array of records, got an object with keys {', '.join(map(_key, list(data)[:8]))}")
         data = lists[0]
     if not isinstance(data, list):
         raise MlxLoraError(f"{path}: expected a JSON array of records, got {type(data).__name__}")
     return data
+
+
+def _key(k: str) -> str:
+    """A key as it appears in the file (line breaks and control characters escaped): errors stay one line."""
+    return json.dumps(k, ensure_ascii=False)[1:-1]
 
 
 def detect_format(records: list[Any], path: Path | str = "data") -> str:
@@ -87,7 +98,7 @@ def detect_format(records: list[Any], path: Path | str = "data") -> str:
     if not seen:
         raise MlxLoraError(f"{path}: no JSON objects found; each record must be an object")
     raise MlxLoraError(
-        f"{path}: unknown record format (keys seen: {', '.join(k for k, _ in seen.most_common(10))}); "
+        f"{path}: unknown record format (keys seen: {', '.join(_key(k) for k, _ in seen.most_common(10))}); "
         "expected alpaca (instruction/input/output), sharegpt (conversations), messages, completions (prompt/completion) or text"
     )
 
@@ -109,7 +120,10 @@ def to_messages(record: Any, fmt: str) -> list[Message] | str | None:
         msgs: list[Message] = []
         if _text(record.get("system")):
             msgs.append({"role": "system", "content": record["system"]})
-        for pair in record.get("history") or []:
+        history = record.get("history") or []
+        if not isinstance(history, list):
+            return None
+        for pair in history:
             if not (isinstance(pair, list | tuple) and len(pair) == 2 and all(_text(p) for p in pair)):
                 return None
             msgs += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
@@ -216,10 +230,10 @@ def load_dataset(
             continue
         ds.examples.append(enc)
     if not ds.examples:
-        why = f"all {ds.records} records were skipped (missing or empty fields for format {fmt})"
+        why = f"all {ds.records} records were skipped (missing or empty fields for format {fmt}); fix the data or pass --format"
         if ds.dropped_no_target:
-            why = f"no record keeps an answer token within --max-seq-length {max_seq_length}"
-        raise MlxLoraError(f"{path}: {why}; fix the data or pass --format")
+            why = f"no record keeps an answer token within --max-seq-length {max_seq_length}; raise --max-seq-length or shorten the prompts"
+        raise MlxLoraError(f"{path}: {why}")
     return ds
 
 

@@ -19,8 +19,11 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import shutil
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -180,6 +183,25 @@ def _rel(path: Path | None, out: Path) -> str | None:
         return str(path.resolve())
 
 
+@contextmanager
+def _no_partial_export(out: Path, artifacts: list[Path]) -> Iterator[None]:
+    """Remove the artifacts this export created when a later stage fails: half a set (a base GGUF
+    without its adapter, a GGUF without a Modelfile) must not look like a finished export."""
+    new = [p for p in artifacts if not p.exists()]
+    try:
+        yield
+    except BaseException as e:
+        for p in new:
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+        if isinstance(e, OSError | RuntimeError):  # MLX reports a full disk as RuntimeError
+            detail = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise MlxLoraError(f"cannot write the export to {out} ({detail}); free disk space or choose another --output-dir") from None
+        raise
+
+
 def _stage(name: str, log: bool) -> float:
     if log:
         print(f"→ {name}", flush=True)
@@ -223,54 +245,59 @@ def export(cfg: ExportConfig, *, progress: bool = True, log: bool = True) -> Exp
     lora_path = None if full else out / f"{name}-lora.gguf"
     modelfile_path = out / "Modelfile"
     manifest_path = out / "export.json"
-    existing = [p for p in (fused_dir, gguf_path, lora_path, modelfile_path, manifest_path) if p is not None and p.exists()]
+    artifacts = [p for p in (fused_dir, gguf_path, lora_path, modelfile_path, manifest_path) if p is not None]
+    existing = [p for p in artifacts if p.exists()]
     if existing and not cfg.overwrite:
         raise MlxLoraError(f"{existing[0]} already exists; pass --overwrite or choose another --output-dir / --name")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MlxLoraError(f"cannot write to --output-dir {out} ({e.strerror or e}); choose a writable folder") from None
 
-    hf_dir = base_dir
-    if fused_dir is not None:
-        from mlx_lora.fuse import fuse
+    with _no_partial_export(out, artifacts):  # a failed export leaves none of its files
+        hf_dir = base_dir
+        if fused_dir is not None:
+            from mlx_lora.fuse import fuse
 
-        t = _stage(f"fusing {adapter} into {base_dir.name} → {fused_dir}", log)
-        dtype = cfg.dtype or ("float32" if cfg.gguf_type == "f32" else None)
-        hf_dir = fuse(str(base_dir), adapter, fused_dir, dtype=dtype, overwrite=cfg.overwrite)
-        timings["fuse"] = time.perf_counter() - t
+            t = _stage(f"fusing {adapter} into {base_dir.name} → {fused_dir}", log)
+            dtype = cfg.dtype or ("float32" if cfg.gguf_type == "f32" else None)
+            hf_dir = fuse(str(base_dir), adapter, fused_dir, dtype=dtype, overwrite=cfg.overwrite)
+            timings["fuse"] = time.perf_counter() - t
 
-    t = _stage(f"writing {gguf_path} ({cfg.gguf_type})", log)
-    write_gguf(hf_dir, gguf_path, cfg.gguf_type, progress=progress, name=name)
-    timings["gguf"] = time.perf_counter() - t
-    if lora_path is not None:
-        t = _stage(f"writing the GGUF LoRA adapter {lora_path}", log)
-        lora_type = "f32" if cfg.gguf_type == "f32" else "f16"
-        write_lora_gguf(adapter, base_dir, lora_path, lora_type, progress=progress, name=f"{name}-lora")
-        timings["lora_gguf"] = time.perf_counter() - t
+        if lora_path is not None:  # first: it checks the adapter against the base in seconds
+            t = _stage(f"writing the GGUF LoRA adapter {lora_path}", log)
+            lora_type = "f32" if cfg.gguf_type == "f32" else "f16"
+            write_lora_gguf(adapter, base_dir, lora_path, lora_type, progress=progress, name=f"{name}-lora")
+            timings["lora_gguf"] = time.perf_counter() - t
+        t = _stage(f"writing {gguf_path} ({cfg.gguf_type})", log)
+        write_gguf(hf_dir, gguf_path, cfg.gguf_type, progress=progress, name=name)
+        timings["gguf"] = time.perf_counter() - t
 
-    system = cfg.system_prompt if cfg.system_prompt is not None else training_system_prompt(hf_dir, adapter)
-    stops = end_strings(tokenizer, hf_dir, list(template.stops))
-    gen = _read_json(hf_dir / "generation_config.json")
-    params = generation_params(gen) if gen else {}
-    write_modelfile(
-        out, from_path=f"./{gguf_path.name}", template=template, system=system, stops=stops,
-        num_ctx=cfg.num_ctx, params=params, adapter_path=f"./{lora_path.name}" if lora_path else None,
-    )
-    result = ExportResult(
-        output_dir=out.resolve(), name=name, mode=cfg.mode, gguf_type=cfg.gguf_type,
-        gguf=gguf_path.resolve(), modelfile=modelfile_path.resolve(), manifest=manifest_path.resolve(),
-        hf_dir=Path(hf_dir).resolve(), base_dir=base_dir.resolve(),
-        adapter=adapter.resolve() if adapter else None,
-        fused_dir=fused_dir.resolve() if fused_dir else None,
-        lora_gguf=lora_path.resolve() if lora_path else None,
-        system_prompt=system or template.default_system, stops=stops, timings=timings,
-    )
-    write_json_atomic(manifest_path, {
-        "name": name, "mode": cfg.mode, "gguf_type": cfg.gguf_type,
-        "gguf": _rel(result.gguf, out), "lora_gguf": _rel(result.lora_gguf, out),
-        "hf_dir": _rel(result.hf_dir, out), "base_dir": str(result.base_dir),
-        "adapter": str(result.adapter) if result.adapter else None,
-        "modelfile": _rel(result.modelfile, out), "num_ctx": cfg.num_ctx,
-        "system_prompt": result.system_prompt, "stops": stops,
-    })
+        system = cfg.system_prompt if cfg.system_prompt is not None else training_system_prompt(hf_dir, adapter)
+        stops = end_strings(tokenizer, hf_dir, list(template.stops))
+        gen = _read_json(hf_dir / "generation_config.json")
+        params = generation_params(gen) if gen else {}
+        write_modelfile(
+            out, from_path=f"./{gguf_path.name}", template=template, system=system, stops=stops,
+            num_ctx=cfg.num_ctx, params=params, adapter_path=f"./{lora_path.name}" if lora_path else None,
+        )
+        result = ExportResult(
+            output_dir=out.resolve(), name=name, mode=cfg.mode, gguf_type=cfg.gguf_type,
+            gguf=gguf_path.resolve(), modelfile=modelfile_path.resolve(), manifest=manifest_path.resolve(),
+            hf_dir=Path(hf_dir).resolve(), base_dir=base_dir.resolve(),
+            adapter=adapter.resolve() if adapter else None,
+            fused_dir=fused_dir.resolve() if fused_dir else None,
+            lora_gguf=lora_path.resolve() if lora_path else None,
+            system_prompt=system or template.default_system, stops=stops, timings=timings,
+        )
+        write_json_atomic(manifest_path, {
+            "name": name, "mode": cfg.mode, "gguf_type": cfg.gguf_type,
+            "gguf": _rel(result.gguf, out), "lora_gguf": _rel(result.lora_gguf, out),
+            "hf_dir": _rel(result.hf_dir, out), "base_dir": str(result.base_dir),
+            "adapter": str(result.adapter) if result.adapter else None,
+            "modelfile": _rel(result.modelfile, out), "num_ctx": cfg.num_ctx,
+            "system_prompt": result.system_prompt, "stops": stops,
+        })
 
     if cfg.verify:
         from mlx_lora.verify import verify_gguf

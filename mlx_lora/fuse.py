@@ -77,12 +77,17 @@ def fuse(
     if any(k in config for k in QUANT_KEYS):
         raise MlxLoraError(f"{base} holds quantized weights; fuse needs the original full-precision base (QLoRA adapters are fused into the unquantized model)")
     out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise MlxLoraError(f"--output-dir {out} is a file; choose a folder path")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise MlxLoraError(f"{out} already exists; pass --overwrite or choose another --output-dir")
     if dtype is not None and dtype not in OUT_DTYPES:
         raise MlxLoraError(f"unknown --dtype {dtype!r}; choose {', '.join(OUT_DTYPES)}")
 
-    tmp = safe_tmpdir(out.parent if str(out.parent) else Path("."), f".{out.name}.tmp-")
+    try:
+        tmp = safe_tmpdir(out.parent if str(out.parent) else Path("."), f".{out.name}.tmp-")
+    except OSError as e:
+        raise MlxLoraError(f"cannot write to --output-dir {out} ({e.strerror or e}); choose a writable folder") from None
     try:
         used: set[str] = set()
         out_dtype = OUT_DTYPES[dtype] if dtype else None
@@ -124,6 +129,10 @@ def fuse(
             out.rename(trash)
             shutil.rmtree(trash)
         tmp.rename(out)
+    except (OSError, RuntimeError) as e:  # MLX reports a full disk as RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        detail = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise MlxLoraError(f"cannot write the fused model to {out} ({detail}); free disk space or choose another --output-dir") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -135,8 +135,12 @@ def adapter_config(
 
 def write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:  # a full disk must not leave the temp file behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def save_adapter(directory: Path, model: nn.Module, config: dict) -> None:
@@ -144,8 +148,12 @@ def save_adapter(directory: Path, model: nn.Module, config: dict) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     tensors = lora_state(model)
     tmp = directory / f".{ADAPTER_WEIGHTS}.tmp-{os.getpid()}.safetensors"
-    mx.save_safetensors(str(tmp), tensors, metadata={"format": "pt"})
-    os.replace(tmp, directory / ADAPTER_WEIGHTS)
+    try:
+        mx.save_safetensors(str(tmp), tensors, metadata={"format": "pt"})
+        os.replace(tmp, directory / ADAPTER_WEIGHTS)
+    except BaseException:  # MLX raises RuntimeError on a full disk; never leave half a file
+        tmp.unlink(missing_ok=True)
+        raise
     write_json_atomic(directory / ADAPTER_CONFIG, config)
 
 

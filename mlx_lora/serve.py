@@ -382,6 +382,9 @@ class APIServer(ThreadingHTTPServer):
     """The HTTP server plus the model's worker thread; ``server_close`` stops both."""
 
     daemon_threads = True
+    # socketserver's default listen backlog of 5 drops (and then resets) connections when a front
+    # end opens dozens at once; queued requests cost nothing, so let the kernel queue them
+    request_queue_size = 128
 
     def __init__(self, loaded: Any, address: tuple[str, int], model_name: str, default_max_tokens: int, quiet: bool):
         self.model_name, self.default_max_tokens, self.quiet = model_name, default_max_tokens, quiet
@@ -390,6 +393,14 @@ class APIServer(ThreadingHTTPServer):
         super().__init__(address, Handler)  # binds; a failure closes the socket and raises
         self.worker = Worker(loaded)
         self.worker.start()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client that resets its connection is not a server error: a log line, not a traceback."""
+        if isinstance(sys.exc_info()[1], ConnectionError | TimeoutError):
+            if not self.quiet:
+                sys.stderr.write(f"{client_address[0]} closed the connection ({type(sys.exc_info()[1]).__name__})\n")
+            return
+        super().handle_error(request, client_address)
 
     def server_close(self) -> None:
         super().server_close()
@@ -449,6 +460,8 @@ def main(argv: list[str] | None = None) -> None:
     check_adapter_dir(cfg.adapter)
     if cfg.max_tokens < 1:
         raise MlxLoraError(f"--max-tokens must be at least 1, got {cfg.max_tokens}")
+    if not 0 <= cfg.port <= 65535:
+        raise MlxLoraError(f"--port must be between 0 and 65535 (0 = any free port), got {cfg.port}")
     check_port(cfg.host, cfg.port)
 
     from mlx_lora.model import load_for_inference
