@@ -672,6 +672,36 @@ def _add_hparams(w: gguf.GGUFWriter, cfg: dict, arch: str, ftype: gguf.LlamaFile
     w.add_file_type(int(ftype))
 
 
+def _add_sampling(w: gguf.GGUFWriter, hf_dir: Path) -> None:
+    """generation_config.json's sampling advice as ``general.sampling.*``.
+
+    llama-server and llama-cli use these keys as their defaults, and llama.cpp's converter writes
+    them, so without them llama.cpp would sample a fused model differently from our chat. As in
+    transformers (and our chat), ``do_sample: false`` means greedy, i.e. temperature 0.
+    """
+    path = hf_dir / "generation_config.json"
+    try:
+        gen = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except (OSError, ValueError):
+        return  # an unreadable generation_config is not worth refusing the export for
+    if not isinstance(gen, dict):
+        return
+
+    def num(key: str) -> float | None:
+        v = gen.get(key)
+        return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else None
+
+    if isinstance(gen.get("top_k"), int) and not isinstance(gen["top_k"], bool):
+        w.add_sampling_top_k(gen["top_k"])
+    for key, setter in (("top_p", w.add_sampling_top_p), ("min_p", w.add_sampling_min_p),
+                        ("repetition_penalty", w.add_sampling_penalty_repeat)):
+        if (v := num(key)) is not None:
+            setter(v)
+    temp = 0.0 if gen.get("do_sample") is False else num("temperature")
+    if temp is not None:
+        w.add_sampling_temp(temp)
+
+
 # --------------------------------------------------------------------------------------------
 # writing
 # --------------------------------------------------------------------------------------------
@@ -741,6 +771,7 @@ def write_gguf(
         w.add_type(gguf.GGUFType.MODEL)
         w.add_name(name or hf_dir.resolve().name)
         _add_hparams(w, cfg, arch, ftype, n_vocab)
+        _add_sampling(w, hf_dir)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         _add_vocab(w, vocab)
 
