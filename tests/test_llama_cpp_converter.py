@@ -1,0 +1,256 @@
+"""llama.cpp's own converters accept our folders unmodified and agree with our GGUF writer.
+
+``python -m mlx_lora.fuse`` promises a folder that llama.cpp's ``convert_hf_to_gguf.py`` converts
+as is, and ``mlx_lora.gguf`` promises the GGUF that converter would write, without torch. Both
+promises are checked here against the real converters (``scripts/setup_converter.sh`` puts them,
+from the llama-cpp-python sdist, and CPU torch into a venv of their own; this test venv stays
+torch-free). Compared with ``gguf.GGUFReader``: tensor names, types, shapes and bytes (f32, and
+q8_0 for the llama model: identical), the hyper-parameters and the whole tokenizer; for adapters
+``convert_lora_to_gguf.py`` against :func:`mlx_lora.gguf.write_lora_gguf`.
+
+Models: a tiny Qwen2 with the real Qwen1.5 tokenizer, and the really trained stories260K llama
+(SentencePiece), each with a random nonzero adapter fused in fp32.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import QWEN_TOKENIZER, REPO, STORIES, make_tiny_model, need
+from test_fuse import random_adapter
+
+from mlx_lora.fuse import fuse
+from mlx_lora.gguf import write_gguf, write_lora_gguf
+
+pytestmark = pytest.mark.slow
+
+CONVERTER_DIR = Path(os.environ.get("MLX_LORA_CONVERTER_DIR") or REPO / ".converter")
+CONVERTER_PY = CONVERTER_DIR / "venv" / "bin" / "python"
+LLAMA_CPP = CONVERTER_DIR / "llama.cpp"
+CONVERT_HF = LLAMA_CPP / "convert_hf_to_gguf.py"
+CONVERT_LORA = LLAMA_CPP / "convert_lora_to_gguf.py"
+
+# Keys only one writer may set, with the value llama.cpp assumes when the key is absent: when only
+# our GGUF has one, it must equal that default (so llama.cpp loads both files the same way).
+# Callables get the other fields of our file (for defaults derived from hyper-parameters).
+IMPLIED_DEFAULTS = {
+    "qwen2.rope.dimension_count": lambda f: f["qwen2.embedding_length"] // f["qwen2.attention.head_count"],
+    "llama.rope.dimension_count": lambda f: f["llama.embedding_length"] // f["llama.attention.head_count"],
+    "tokenizer.ggml.add_bos_token": lambda f: f["tokenizer.ggml.model"] == "llama",  # SPM: yes; qwen2 BPE: no
+    "tokenizer.ggml.add_eos_token": lambda f: False,
+    "tokenizer.ggml.add_sep_token": lambda f: False,
+    "tokenizer.ggml.add_space_prefix": lambda f: f["tokenizer.ggml.model"] == "llama",
+}
+# Naming and bookkeeping: free to differ or to be written by one side only.
+COSMETIC = {"general.name", "general.size_label", "general.basename", "general.finetune",
+            "general.quantization_version", "general.file_type"}
+
+
+def _need_converter() -> None:
+    for path in (CONVERTER_PY, CONVERT_HF, CONVERT_LORA, LLAMA_CPP / "gguf-py" / "gguf"):
+        if not path.exists():
+            pytest.skip(f"{path} is absent: run `bash scripts/setup_converter.sh` "
+                        "(or point MLX_LORA_CONVERTER_DIR at its folder)")
+
+
+def _converter_env() -> dict[str, str]:
+    """The converter's own gguf-py, no hub access, no OpenBLAS preload meant for MLX."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "NO_LOCAL_GGUF", "VIRTUAL_ENV")}
+    env["PYTHONPATH"] = str(LLAMA_CPP / "gguf-py")
+    env["HF_HUB_OFFLINE"] = env["TRANSFORMERS_OFFLINE"] = "1"
+    preload = [p for p in env.get("LD_PRELOAD", "").split(":") if p and "openblas" not in p]
+    if preload:
+        env["LD_PRELOAD"] = ":".join(preload)
+    else:
+        env.pop("LD_PRELOAD", None)
+    return env
+
+
+def _run_converter(script: Path, *args: str | Path) -> None:
+    cmd = [str(CONVERTER_PY), str(script), *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_converter_env(), timeout=600)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stderr or proc.stdout).splitlines()[-30:])
+        pytest.fail(f"{script.name} refused the folder (exit {proc.returncode}):\n$ {' '.join(cmd)}\n{tail}")
+
+
+def _fields(reader) -> dict:
+    out = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        out[key] = field.contents()
+    return out
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def compare_gguf(theirs: Path, ours: Path, *, required: list[str], spm_scores: bool = False) -> tuple[list[str], dict]:
+    """Assert the two files hold the same tensors and metadata.
+
+    Returns the tolerated differences (to print) and our file's metadata.
+    """
+    from gguf import GGUFReader
+
+    a, b = GGUFReader(str(theirs)), GGUFReader(str(ours))
+    # Tensors: same set, same type and shape, byte-identical data.
+    ta, tb = {t.name: t for t in a.tensors}, {t.name: t for t in b.tensors}
+    assert sorted(ta) == sorted(tb), (sorted(set(ta) - set(tb)), sorted(set(tb) - set(ta)))
+    for name, x in ta.items():
+        y = tb[name]
+        assert x.tensor_type == y.tensor_type, (name, x.tensor_type.name, y.tensor_type.name)
+        assert list(x.shape) == list(y.shape), (name, list(x.shape), list(y.shape))
+        if not np.array_equal(np.asarray(x.data), np.asarray(y.data)):
+            dx = np.abs(np.asarray(x.data, np.float64) - np.asarray(y.data, np.float64)).max()
+            pytest.fail(f"tensor {name} differs from llama.cpp's (max |Δ| {dx:.3g} in stored units)")
+
+    fa, fb = _fields(a), _fields(b)
+    missing = [k for k in required if k not in fa or k not in fb]
+    assert not missing, f"required keys absent: {[(k, k in fa, k in fb) for k in missing]}"
+    notes: list[str] = []
+    for key in sorted(set(fa) | set(fb)):
+        if key in fa and key in fb:
+            if fa[key] == fb[key]:
+                continue
+            if key in COSMETIC:
+                notes.append(f"{key}: llama.cpp {_short(fa[key])} vs ours {_short(fb[key])}")
+            elif key == "tokenizer.ggml.scores" and spm_scores:
+                notes.append(_check_spm_scores(fa, fb))
+            else:
+                pytest.fail(f"{key}: llama.cpp writes {_short(fa[key])}, ours {_short(fb[key])}")
+        elif key in fb and key in IMPLIED_DEFAULTS:
+            default = IMPLIED_DEFAULTS[key](fb)
+            assert fb[key] == default, f"{key}={fb[key]!r} only in ours, but llama.cpp assumes {default!r}"
+            notes.append(f"{key}: only ours ({_short(fb[key])} = llama.cpp's default)")
+        else:
+            side = "llama.cpp" if key in fa else "ours"
+            notes.append(f"{key}: only {side} ({_short((fa if key in fa else fb)[key])})")
+    return notes, fb
+
+
+def _check_spm_scores(fa: dict, fb: dict) -> str:
+    """SentencePiece scores: llama.cpp copies tokenizer.model's; ours are -merge rank.
+
+    llama.cpp's SPM tokenizer only compares the scores of tokens a merge can produce (it merges the
+    adjacent pair whose joined text scores highest), so the two must rank those tokens the same way;
+    single characters, bytes and control tokens are never a merge result.
+    """
+    tokens, types = fa["tokenizer.ggml.tokens"], np.asarray(fa["tokenizer.ggml.token_type"])
+    sa, sb = np.asarray(fa["tokenizer.ggml.scores"]), np.asarray(fb["tokenizer.ggml.scores"])
+    merged = np.array([i for i, t in enumerate(tokens) if types[i] == 1 and len(t) > 1 and sb[i] > -1e8])
+    assert len(merged) > 100
+    order = merged[np.argsort(-sa[merged], kind="stable")]
+    assert np.all(np.diff(sa[order]) < 0), "llama.cpp's scores tie; the ranking check assumes none"
+    assert np.all(np.diff(sb[order]) < 0), "our SentencePiece scores rank mergeable tokens differently"
+    differ = int((sa != sb).sum())
+    return (f"tokenizer.ggml.scores: {differ} of {len(sa)} values differ, same ranking of the "
+            f"{len(merged)} mergeable tokens (tokenization identical)")
+
+
+def _report(title: str, notes: list[str]) -> None:
+    print(f"\n== {title}: {len(notes)} tolerated difference(s)")
+    for n in notes:
+        print("  -", n)
+
+
+def _model_keys(arch: str) -> list[str]:
+    per_arch = ["block_count", "embedding_length", "feed_forward_length", "attention.head_count",
+                "attention.head_count_kv", "rope.freq_base", "attention.layer_norm_rms_epsilon",
+                "context_length"]
+    return ["general.architecture", "general.type", *(f"{arch}.{k}" for k in per_arch),
+            "tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens",
+            "tokenizer.ggml.token_type", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"]
+
+
+LORA_KEYS = ["general.architecture", "general.type", "adapter.type", "adapter.lora.alpha"]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    _need_converter()
+    return tmp_path_factory.mktemp("llama-cpp-converter")
+
+
+@pytest.fixture(scope="module")
+def qwen(work) -> dict[str, Path]:
+    need(QWEN_TOKENIZER)
+    base = make_tiny_model(work / "qwen-base", tokenizer=QWEN_TOKENIZER)
+    adapter = random_adapter(base, work / "qwen-adapter")
+    fused = fuse(str(base), adapter, work / "qwen-fused", dtype="float32")
+    return {"base": base, "adapter": adapter, "fused": fused}
+
+
+@pytest.fixture(scope="module")
+def stories(work) -> dict[str, Path]:
+    base = need(STORIES)
+    adapter = random_adapter(base, work / "stories-adapter", targets=("q_proj", "k_proj", "v_proj", "o_proj"))
+    fused = fuse(str(base), adapter, work / "stories-fused", dtype="float32")
+    return {"base": base, "adapter": adapter, "fused": fused}
+
+
+def test_qwen_fused_folder_converts_and_matches(qwen, work):
+    """f32 only: reading a 151,936-token vocabulary with GGUFReader takes ~6 s per file
+    (q8_0's block layout is covered by the stories260K model, whose rows of 172 also hit the f16 fallback)."""
+    gguf_type = "f32"
+    theirs, ours = work / f"qwen-llama-cpp-{gguf_type}.gguf", work / f"qwen-ours-{gguf_type}.gguf"
+    _run_converter(CONVERT_HF, qwen["fused"], "--outtype", gguf_type, "--outfile", theirs)
+    write_gguf(qwen["fused"], ours, gguf_type, progress=False)
+    required = [*_model_keys("qwen2"), "tokenizer.ggml.merges", "tokenizer.chat_template",
+                "general.sampling.temp", "general.sampling.top_p", "general.sampling.top_k",
+                "general.sampling.penalty_repeat"]
+    notes, f = compare_gguf(theirs, ours, required=required)
+    _report(f"qwen2 fused {gguf_type}: llama.cpp vs mlx_lora", notes)
+
+    from transformers import AutoTokenizer
+
+    assert f["tokenizer.ggml.pre"] == "qwen2"
+    assert len(f["tokenizer.ggml.tokens"]) == 151936
+    tok = AutoTokenizer.from_pretrained(str(qwen["fused"]))
+    assert f["tokenizer.ggml.eos_token_id"] == tok.eos_token_id == 151645
+    # llama.cpp leaves the pad id out here: without tokenizer.json its converter cannot resolve
+    # tokenizer_config's pad_token to an id. Ours carries the tokenizer's own.
+    assert f.get("tokenizer.ggml.padding_token_id") == tok.pad_token_id == 151643
+    assert f["tokenizer.chat_template"] == tok.chat_template
+
+
+@pytest.mark.parametrize("gguf_type", ["f32", "q8_0"])
+def test_stories_fused_folder_converts_and_matches(stories, work, gguf_type):
+    theirs, ours = work / f"stories-llama-cpp-{gguf_type}.gguf", work / f"stories-ours-{gguf_type}.gguf"
+    _run_converter(CONVERT_HF, stories["fused"], "--outtype", gguf_type, "--outfile", theirs)
+    write_gguf(stories["fused"], ours, gguf_type, progress=False)
+    notes, _ = compare_gguf(theirs, ours, required=[*_model_keys("llama"), "tokenizer.ggml.scores"],
+                            spm_scores=True)
+    _report(f"llama (stories260K) fused {gguf_type}: llama.cpp vs mlx_lora", notes)
+
+
+def test_qwen_lora_adapter_matches(qwen, work):
+    theirs, ours = work / "qwen-lora-llama-cpp.gguf", work / "qwen-lora-ours.gguf"
+    _run_converter(CONVERT_LORA, qwen["adapter"], "--base", qwen["base"], "--outtype", "f32", "--outfile", theirs)
+    write_lora_gguf(qwen["adapter"], qwen["base"], ours, "f32")
+    notes, _ = compare_gguf(theirs, ours, required=LORA_KEYS)
+    _report("qwen2 LoRA adapter: llama.cpp vs mlx_lora", notes)
+
+
+def test_stories_lora_adapter_matches(stories, work):
+    """llama q/k LoRA B rows are permuted to GGUF's RoPE layout by both writers, identically."""
+    theirs, ours = work / "stories-lora-llama-cpp.gguf", work / "stories-lora-ours.gguf"
+    _run_converter(CONVERT_LORA, stories["adapter"], "--base", stories["base"], "--outtype", "f32", "--outfile", theirs)
+    write_lora_gguf(stories["adapter"], stories["base"], ours, "f32")
+    notes, _ = compare_gguf(theirs, ours, required=LORA_KEYS)
+    _report("llama (stories260K) LoRA adapter: llama.cpp vs mlx_lora", notes)
+
+
+def test_converter_venv_is_separate():
+    """torch lives in the converter venv only: the package and its tests never import it."""
+    _need_converter()
+    assert importlib.util.find_spec("torch") is None, "torch is importable in the test venv"
+    assert Path(sys.prefix).resolve() != (CONVERTER_PY.parent.parent).resolve()
