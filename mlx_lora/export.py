@@ -30,8 +30,8 @@ from typing import Any
 
 from mlx_lora.config import opt, parse_config
 from mlx_lora.errors import MlxLoraError
+from mlx_lora.files import write_json_atomic
 from mlx_lora.gguf import GGUF_TYPES, write_gguf, write_lora_gguf
-from mlx_lora.lora import write_json_atomic
 
 MODES = ("full", "adapter")
 FUSE_DTYPES = ("float32", "float16", "bfloat16")
@@ -214,7 +214,7 @@ def export(cfg: ExportConfig, *, progress: bool = True, log: bool = True) -> Exp
     from transformers.utils import logging as hf_logging
 
     from mlx_lora.hub import resolve_model
-    from mlx_lora.lora import read_adapter
+    from mlx_lora.lora import check_base, read_adapter
     from mlx_lora.model import adapter_base
     from mlx_lora.ollama import generation_params, ollama_create, write_modelfile
 
@@ -222,12 +222,13 @@ def export(cfg: ExportConfig, *, progress: bool = True, log: bool = True) -> Exp
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     adapter = Path(cfg.adapter) if cfg.adapter else None
-    if adapter is not None:
-        read_adapter(adapter)  # one-line errors for a broken adapter before any work
+    adapter_cfg = read_adapter(adapter)[0] if adapter is not None else None  # broken adapter: fail before any work
     model = cfg.model or (adapter_base(adapter) if adapter is not None else None)
     if not model:
         raise MlxLoraError("pass --model ID|DIR (or --adapter OUT of a training run, whose base is recorded)")
     base_dir = resolve_model(model, cfg.model_source)
+    if adapter_cfg is not None:
+        check_base(adapter_cfg, _read_json(base_dir / "config.json"), adapter)
     out = Path(cfg.output_dir)
     name = cfg.name or default_name(str(model), adapter)
 

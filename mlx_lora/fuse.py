@@ -21,8 +21,9 @@ import numpy as np
 
 from mlx_lora.config import opt, parse_config
 from mlx_lora.errors import MlxLoraError
+from mlx_lora.files import atomic_dir, write_error_detail, write_json_atomic
 from mlx_lora.hub import resolve_model
-from mlx_lora.lora import merge_weights, read_adapter, safe_tmpdir, write_json_atomic
+from mlx_lora.lora import check_base, merge_weights, read_adapter
 from mlx_lora.model import adapter_base
 
 TOKENIZER_FILES = (
@@ -74,6 +75,7 @@ def fuse(
         raise MlxLoraError("pass --model: the adapter does not record its base model")
     base = resolve_model(model, source)
     config = json.loads((base / "config.json").read_text(encoding="utf-8"))
+    check_base(cfg, config, adapter)
     if any(k in config for k in QUANT_KEYS):
         raise MlxLoraError(f"{base} holds quantized weights; fuse needs the original full-precision base (QLoRA adapters are fused into the unquantized model)")
     out = Path(output_dir)
@@ -85,58 +87,54 @@ def fuse(
         raise MlxLoraError(f"unknown --dtype {dtype!r}; choose {', '.join(OUT_DTYPES)}")
 
     try:
-        tmp = safe_tmpdir(out.parent if str(out.parent) else Path("."), f".{out.name}.tmp-")
+        out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise MlxLoraError(f"cannot write to --output-dir {out} ({e.strerror or e}); choose a writable folder") from None
+        raise MlxLoraError(f"cannot write to --output-dir {out} ({write_error_detail(e)}); choose a writable folder") from None
     try:
-        used: set[str] = set()
-        out_dtype = OUT_DTYPES[dtype] if dtype else None
-        for name in _weight_files(base):
-            weights = mx.load(str(base / name))
-            if out_dtype is None:
-                out_dtype = _base_dtype(config, next(iter(weights.values())))
-            present = {k: v for k, v in tensors.items() if k.endswith(".lora_A.weight") and
-                       k[len("base_model.model."):-len(".lora_A.weight")] + ".weight" in weights}
-            lora = {**present, **{k.replace(".lora_A.", ".lora_B."): tensors[k.replace(".lora_A.", ".lora_B.")] for k in present}}
-            used.update(lora)
-            merged = merge_weights(weights, cfg, lora)
-            out_tensors = {}
-            for k, v in merged.items():  # merged weights come back as fp32 numpy, the rest untouched
-                v = mx.array(v) if isinstance(v, np.ndarray) else v
-                out_tensors[k] = v.astype(out_dtype) if mx.issubdtype(v.dtype, mx.floating) else v
-            mx.save_safetensors(str(tmp / name), out_tensors, metadata={"format": "pt"})
-            del weights, merged, out_tensors
-        unused = sorted(set(tensors) - used)
-        if unused:
-            raise MlxLoraError(f"adapter tensor {unused[0]} has no base weight in {base}: the adapter was trained on another model; pass its base with --model")
-        if (base / "model.safetensors.index.json").is_file():
-            shutil.copyfile(base / "model.safetensors.index.json", tmp / "model.safetensors.index.json")
-        for key in QUANT_KEYS:
-            config.pop(key, None)
-        config["torch_dtype"] = {mx.float16: "float16", mx.bfloat16: "bfloat16", mx.float32: "float32"}[out_dtype]
-        write_json_atomic(tmp / "config.json", config)
-        for name in (*TOKENIZER_FILES, "generation_config.json"):
-            if (base / name).is_file():
-                shutil.copyfile(base / name, tmp / name)
-        _template_in_tokenizer_config(tmp)
-        extra = cfg.get("mlx_lora") or {}
-        write_json_atomic(tmp / INFO_FILE, {
-            "base_model": model, "adapter": str(adapter.resolve()), "r": cfg["r"], "lora_alpha": cfg["lora_alpha"],
-            "system_prompt": extra.get("system_prompt"), "dtype": config["torch_dtype"],
-        })
-        if out.exists():
-            trash = out.with_name(f".{out.name}.old")
-            out.rename(trash)
-            shutil.rmtree(trash)
-        tmp.rename(out)
-    except (OSError, RuntimeError) as e:  # MLX reports a full disk as RuntimeError
-        shutil.rmtree(tmp, ignore_errors=True)
-        detail = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        raise MlxLoraError(f"cannot write the fused model to {out} ({detail}); free disk space or choose another --output-dir") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_dir(out) as tmp:
+            _write_fused(tmp, base, config, model, adapter, cfg, tensors, dtype)
+    except (OSError, RuntimeError) as e:
+        raise MlxLoraError(f"cannot write the fused model to {out} ({write_error_detail(e)}); free disk space or choose another --output-dir") from None
     return out
+
+
+def _write_fused(tmp: Path, base: Path, config: dict, model: str, adapter: Path, cfg: dict, tensors: dict, dtype: str | None) -> None:
+    """Merged shards, config without quantization keys, byte-copied tokenizer, provenance."""
+    used: set[str] = set()
+    out_dtype = OUT_DTYPES[dtype] if dtype else None
+    for name in _weight_files(base):
+        weights = mx.load(str(base / name))
+        if out_dtype is None:
+            out_dtype = _base_dtype(config, next(iter(weights.values())))
+        present = {k: v for k, v in tensors.items() if k.endswith(".lora_A.weight") and
+                   k[len("base_model.model."):-len(".lora_A.weight")] + ".weight" in weights}
+        lora = {**present, **{k.replace(".lora_A.", ".lora_B."): tensors[k.replace(".lora_A.", ".lora_B.")] for k in present}}
+        used.update(lora)
+        merged = merge_weights(weights, cfg, lora)
+        out_tensors = {}
+        for k, v in merged.items():  # merged weights come back as fp32 numpy, the rest untouched
+            v = mx.array(v) if isinstance(v, np.ndarray) else v
+            out_tensors[k] = v.astype(out_dtype) if mx.issubdtype(v.dtype, mx.floating) else v
+        mx.save_safetensors(str(tmp / name), out_tensors, metadata={"format": "pt"})
+        del weights, merged, out_tensors
+    unused = sorted(set(tensors) - used)
+    if unused:
+        raise MlxLoraError(f"adapter tensor {unused[0]} has no base weight in {base}: the adapter was trained on another model; pass its base with --model")
+    if (base / "model.safetensors.index.json").is_file():
+        shutil.copyfile(base / "model.safetensors.index.json", tmp / "model.safetensors.index.json")
+    for key in QUANT_KEYS:
+        config.pop(key, None)
+    config["torch_dtype"] = {mx.float16: "float16", mx.bfloat16: "bfloat16", mx.float32: "float32"}[out_dtype]
+    write_json_atomic(tmp / "config.json", config)
+    for name in (*TOKENIZER_FILES, "generation_config.json"):
+        if (base / name).is_file():
+            shutil.copyfile(base / name, tmp / name)
+    _template_in_tokenizer_config(tmp)
+    extra = cfg.get("mlx_lora") or {}
+    write_json_atomic(tmp / INFO_FILE, {
+        "base_model": model, "adapter": str(adapter.resolve()), "r": cfg["r"], "lora_alpha": cfg["lora_alpha"],
+        "system_prompt": extra.get("system_prompt"), "dtype": config["torch_dtype"],
+    })
 
 
 def _template_in_tokenizer_config(folder: Path) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from mlx_lora.errors import MlxLoraError
+from mlx_lora.files import write_json_atomic
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -133,16 +133,6 @@ def adapter_config(
     }
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:  # a full disk must not leave the temp file behind
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def save_adapter(directory: Path, model: nn.Module, config: dict) -> None:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (each atomically)."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -178,9 +168,28 @@ def read_adapter(directory: Path) -> tuple[dict, dict[str, mx.array]]:
     return cfg, tensors
 
 
-def load_adapter(model: nn.Module, directory: Path) -> dict:
+_FINGERPRINT = (("base_model_type", "model_type"), ("base_vocab_size", "vocab_size"),
+                ("base_hidden_size", "hidden_size"), ("base_num_hidden_layers", "num_hidden_layers"))
+
+
+def check_base(adapter_cfg: dict, base_config: dict, directory: Path) -> None:
+    """Refuse a base that differs from the one the adapter was trained on (architecture, vocabulary,
+    width, depth), even where the LoRA shapes would happen to fit."""
+    recorded = adapter_cfg.get("mlx_lora") or {}
+    for key, field_name in _FINGERPRINT:
+        want, have = recorded.get(key), base_config.get(field_name)
+        if want is not None and have is not None and want != have:
+            raise MlxLoraError(
+                f"adapter {directory} was trained on another base ({adapter_cfg.get('base_model_name_or_path')!r}: "
+                f"{field_name} {want}, this model {have}); pass that model with --model"
+            )
+
+
+def load_adapter(model: nn.Module, directory: Path, base_config: dict | None = None) -> dict:
     """Wrap ``model`` as the adapter describes and load its weights; returns the adapter config."""
     cfg, tensors = read_adapter(directory)
+    if base_config is not None:
+        check_base(cfg, base_config, Path(directory))
     targets = normalize_targets(cfg["target_modules"])
     apply_lora(model, targets, int(cfg["r"]), float(cfg["lora_alpha"]), 0.0)
     expected = {k: v.shape for k, v in lora_state(model).items()}
@@ -234,9 +243,3 @@ def merge_weights(
             raise MlxLoraError(f"adapter tensor {name} does not fit base weight {key} {w.shape}: the adapter was trained on another model")
         merged[key] = w + scale * (b @ a)
     return merged
-
-
-def safe_tmpdir(parent: Path, prefix: str) -> Path:
-    """A temporary folder next to its final place, so the final ``rename`` is atomic."""
-    parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=prefix, dir=parent))

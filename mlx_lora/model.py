@@ -134,6 +134,6 @@ def load_for_inference(
         extra = json.loads(fused_info.read_text(encoding="utf-8"))
     adapter_cfg = None
     if adapter is not None:
-        adapter_cfg = load_adapter(m, Path(adapter))
+        adapter_cfg = load_adapter(m, Path(adapter), config)
     m.eval()
     return Loaded(m, tok, model_dir, config, adapter_cfg, extra)

@@ -25,6 +25,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten
 from mlx_lora.config import TrainConfig, parse_config
 from mlx_lora.data import Batch, Dataset, epoch_order, load_dataset, make_batch, split
 from mlx_lora.errors import MlxLoraError
+from mlx_lora.files import atomic_dir, write_error_detail, write_json_atomic
 from mlx_lora.hub import resolve_model
 from mlx_lora.lora import (
     ADAPTER_CONFIG,
@@ -33,9 +34,7 @@ from mlx_lora.lora import (
     apply_lora,
     lora_state,
     normalize_targets,
-    safe_tmpdir,
     save_adapter,
-    write_json_atomic,
 )
 from mlx_lora.loss import loss_sum
 from mlx_lora.model import TRAINABLE_TYPES, compute_dtype, device_name, load_base
@@ -154,23 +153,13 @@ def _resume_point(out: Path, cfg: TrainConfig) -> Path | None:
 def save_checkpoint(out: Path, model: nn.Module, optimizer: optim.Optimizer, state: TrainerState, adapter_cfg: dict) -> Path:
     """``checkpoint-<step>``: adapter + optimizer + trainer state, built aside then renamed in."""
     final = out / f"checkpoint-{state.global_step}"
-    tmp = safe_tmpdir(out, f".checkpoint-{state.global_step}.tmp-")
     try:
-        save_adapter(tmp, model, adapter_cfg)
-        mx.save_safetensors(str(tmp / OPTIMIZER_FILE), dict(tree_flatten(optimizer.state)))
-        write_json_atomic(tmp / STATE_FILE, asdict(state))
-        if final.exists():
-            trash = out / f".checkpoint-{state.global_step}.old"
-            final.rename(trash)
-            shutil.rmtree(trash)
-        tmp.rename(final)
-    except (OSError, RuntimeError) as e:  # MLX reports a full disk as RuntimeError
-        shutil.rmtree(tmp, ignore_errors=True)
-        detail = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        raise MlxLoraError(f"cannot write checkpoint {final} ({detail}); free disk space and --resume") from None
-    except BaseException:  # a second Ctrl-C or a kill signal turned into an exception
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with atomic_dir(final) as tmp:
+            save_adapter(tmp, model, adapter_cfg)
+            mx.save_safetensors(str(tmp / OPTIMIZER_FILE), dict(tree_flatten(optimizer.state)))
+            write_json_atomic(tmp / STATE_FILE, asdict(state))
+    except (OSError, RuntimeError) as e:
+        raise MlxLoraError(f"cannot write checkpoint {final} ({write_error_detail(e)}); free disk space and --resume") from None
     return final
 
 

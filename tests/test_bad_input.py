@@ -247,7 +247,7 @@ CASES = {
                                             ("--resume: no complete checkpoint", "start without --resume")),
     # ---- chat
     "chat-adapter-from-another-base": Case("chat", lambda p, o: ["--model", p.other, "--adapter", p.run, "--prompt", "hi"],
-                                           ("was trained on another base", "shape (8, 64)", "needs (8, 96)", "with --model")),
+                                           ("was trained on another base", "hidden_size 64, this model 96", "with --model")),
     "chat-adapter-without-weights": Case("chat", lambda p, o: ["--model", p.model, "--adapter", p.adapter_no_weights, "--prompt", "hi"],
                                          ("has no adapter_model.safetensors", "--resume")),
     "chat-adapter-missing": Case("chat", lambda p, o: ["--model", p.model, "--adapter", o.parent / "nope", "--prompt", "hi"],
@@ -258,7 +258,7 @@ CASES = {
                                  ("--max-tokens must be at least 1",)),
     # ---- fuse
     "fuse-adapter-from-another-base": Case("fuse", lambda p, o: ["--model", p.other, "--adapter", p.run, "--output-dir", o],
-                                           ("does not fit base weight", "trained on another model")),
+                                           ("hidden_size 64, this model 96", "trained on another base")),
     "fuse-adapter-without-weights": Case("fuse", lambda p, o: ["--model", p.model, "--adapter", p.adapter_no_weights, "--output-dir", o],
                                          ("has no adapter_model.safetensors",)),
     "fuse-output-dir-not-writable": Case("fuse", lambda p, o: ["--model", p.model, "--adapter", p.run, "--output-dir", o],
@@ -269,10 +269,10 @@ CASES = {
                                        ("has no *.safetensors weights",)),
     # ---- export
     "export-adapter-from-another-base": Case("export", lambda p, o: ["--model", p.other, "--adapter", p.run, "--output-dir", o],
-                                             ("does not fit base weight", "trained on another model")),
+                                             ("hidden_size 64, this model 96", "trained on another base")),
     "export-adapter-mode-from-another-base": Case("export", lambda p, o: ["--model", p.other, "--adapter", p.run, "--output-dir", o,
                                                                           "--mode", "adapter"],
-                                                  ("64x128 in the adapter but (96, 128)", "different base model")),
+                                                  ("hidden_size 64, this model 96", "trained on another base")),
     "export-adapter-without-weights": Case("export", lambda p, o: ["--model", p.model, "--adapter", p.adapter_no_weights, "--output-dir", o],
                                            ("has no adapter_model.safetensors",)),
     "export-output-dir-not-writable": Case("export", lambda p, o: ["--model", p.model, "--adapter", p.run, "--output-dir", o],

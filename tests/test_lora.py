@@ -177,3 +177,23 @@ def test_packed_chunked_loss_and_grads_equal_the_plain_loss(tiny_model):
     worst = max(mx.abs(gp[k] - gr[k]).max().item() for k in gr)
     assert worst <= 1e-4, worst
     assert max(mx.abs(g).max().item() for g in gr.values()) > 1e-3  # gradients are not trivially zero
+
+
+def test_adapter_on_a_same_shaped_but_different_base_is_refused(tiny_model, tiny_qwen, tmp_path):
+    """Same width and depth (the LoRA shapes fit) but another vocabulary: still the wrong base."""
+    from conftest import SAMPLE_DATA
+
+    from mlx_lora.config import TrainConfig
+    from mlx_lora.fuse import fuse
+    from mlx_lora.model import load_for_inference
+    from mlx_lora.train import train
+
+    out = tmp_path / "a"
+    train(TrainConfig(model=str(tiny_model), data=str(SAMPLE_DATA), output_dir=str(out), max_steps=1,
+                      per_device_train_batch_size=2, gradient_accumulation_steps=1, plot=False), progress=False)
+    with pytest.raises(MlxLoraError, match="trained on another base.*vocab_size 1536, this model 151936"):
+        load_for_inference(str(tiny_qwen), out)
+    with pytest.raises(MlxLoraError, match="trained on another base"):
+        fuse(str(tiny_qwen), out, tmp_path / "f")
+    assert not (tmp_path / "f").exists()
+    load_for_inference(str(tiny_model), out)  # the right base loads
