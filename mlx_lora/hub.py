@@ -63,8 +63,12 @@ def check_model_dir(path: Path) -> Path:
 
 
 def _from_modelscope(model_id: str, local_only: bool) -> Path:
+    import logging
+
     from modelscope import snapshot_download
 
+    for name in ("modelscope", "modelscope_hub"):  # its retry warnings would bury our one-line error
+        logging.getLogger(name).setLevel(logging.ERROR)
     return Path(snapshot_download(model_id, allow_patterns=ALLOW_PATTERNS, local_files_only=local_only))
 
 
