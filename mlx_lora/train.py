@@ -396,6 +396,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     signal.signal(signal.SIGINT, on_sigint)
     mx.reset_peak_memory()
     window_loss, window_steps, tokens_seen, t0 = 0.0, 0, 0, time.perf_counter()
+    targets_seen = 0
     train_time, step_time, steps_run, stopped_early, last_eval = 0.0, 0.0, 0, False, None
     last_good = checkpoints(out)[-1] if checkpoints(out) else None
     bar = tqdm(total=total_steps, initial=state.global_step, unit="step", disable=not (progress and lead), dynamic_ncols=True, mininterval=0.5, file=sys.stderr)
@@ -416,6 +417,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
                 mx.eval(loss, grads)
                 loss_total += loss.item()
                 tokens_seen += b.n_tokens
+                targets_seen += b.n_target_tokens
             if grads is None:  # an empty share at an epoch's end still joins the all-reduce
                 grads = tree_map(mx.zeros_like, model.trainable_parameters())
             if world > 1:  # sum over ranks = the gradient of the whole global batch
@@ -508,7 +510,8 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
              "train_loss": train_loss, "epoch": round(state.epoch, 4)}
     print(str(final))
     state.log_history.append({**final, "step": state.global_step, "train_tokens_per_second": round(tps, 2),
-                              "train_tokens": tokens_seen, "peak_memory_gb": round(peak, 4)})
+                              "train_tokens": tokens_seen, "train_target_tokens": targets_seen,
+                              "peak_memory_gb": round(peak, 4)})
     try:
         write_json_atomic(out / STATE_FILE, asdict(state))
         if cfg.plot:
