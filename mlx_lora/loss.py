@@ -3,8 +3,8 @@
 A Qwen vocabulary has 151,936 entries; a ``[batch, seq, vocab]`` logits tensor is most of the
 memory of a small-model step, and most positions are prompt or padding. So the blocks run once
 over the packed rows (attention confined to each example by a block-diagonal mask), the hidden
-states of target positions are gathered, and the cross-entropy is computed chunk by chunk, each
-chunk recomputed in the backward pass instead of kept.
+states of target positions are gathered, and the cross-entropy is computed chunk by chunk (with
+gradient checkpointing, each chunk is recomputed in the backward pass instead of kept).
 """
 
 from __future__ import annotations
@@ -73,7 +73,9 @@ def loss_sum(
             logits = project(model, hc).astype(mx.float32)
             return (nn.losses.cross_entropy(logits, yc) * wc).sum()
 
-        return mx.checkpoint(ce)
+        # With gradient checkpointing each chunk's logits are recomputed in the backward pass
+        # (memory stays at one chunk); without it they are kept (about 10% faster).
+        return mx.checkpoint(ce) if checkpoint else ce
 
     total = mx.array(0.0, dtype=mx.float32)
     for s in range(0, h.shape[0], chunk):
