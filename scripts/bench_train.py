@@ -62,6 +62,7 @@ def worker_mlx_lm(a: dict) -> dict:
     import types
 
     import mlx.optimizers  # noqa: F401 - imported by mlx_lm.lora anyway
+    from mlx.utils import tree_flatten
     from mlx_lm import lora as mlx_lora_cli
     from mlx_lm.tuner.callbacks import TrainingCallback
     from mlx_lm.utils import load
@@ -96,12 +97,35 @@ def worker_mlx_lm(a: dict) -> dict:
     train_set, valid_set, _ = mlx_lora_cli.load_dataset(args, tokenizer)
     cb = Collect()
     mlx_lora_cli.train_model(args, model, train_set, valid_set, cb)
+    same_metric = our_val_loss(a, {k: v for k, v in tree_flatten(model.trainable_parameters())})
     seconds, prev = 0.0, 0  # compute time of the training steps, from mlx-lm's own per-window rates
     for r in cb.train:
         seconds += (r["trained_tokens"] - prev) / r["tokens_per_second"]
         prev = r["trained_tokens"]
     return {"seconds": seconds, "peak_memory_gb": max(r["peak_memory"] for r in cb.train),
-            "val_loss": cb.val[-1]["val_loss"]}
+            "val_loss": same_metric, "val_loss_own": cb.val[-1]["val_loss"]}
+
+
+def our_val_loss(a: dict, mlx_lm_lora: dict) -> float:
+    """mlx-lm's trained adapter scored with our validation loss (its own leaves out the answer's
+    end-of-turn token), so both tools' final losses are measured the same way.
+
+    mlx-lm stores ``lora_a`` [in, r] and ``lora_b`` [r, out] with a plain scale; PEFT's A and B are
+    their transposes, with alpha = scale · r.
+    """
+    import mlx.core as mx
+
+    from mlx_lora.data import load_dataset
+    from mlx_lora.lora import apply_lora
+    from mlx_lora.model import load_base
+    from mlx_lora.train import evaluate
+
+    model, tok, _ = load_base(Path(a["model"]), dtype=mx.float32)
+    apply_lora(model, TARGETS, a["rank"], a["rank"] * a["scale"], 0.0)
+    model.load_weights([(k.replace("lora_a", "lora_A"), v.T) if k.endswith("lora_a") else (k.replace("lora_b", "lora_B"), v.T)
+                        for k, v in mlx_lm_lora.items()], strict=False)
+    valid = load_dataset(Path(a["valid"]), tok, max_seq_length=a["max_len"]).examples
+    return evaluate(model, valid, a["batch"], a["max_len"], True, tok.pad_token_id or 0)
 
 
 def worker_roofline(a: dict) -> dict:
@@ -123,11 +147,61 @@ def worker_roofline(a: dict) -> dict:
     return {"flops_per_second": best}
 
 
-WORKERS = {"ours": worker_ours, "mlx_lm": worker_mlx_lm, "roofline": worker_roofline}
+def worker_seed(a: dict) -> dict:
+    """The seed's own stack: transformers Trainer + PEFT on the CPU (runs only where torch and peft exist)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        DataCollatorForSeq2Seq,
+        Trainer,
+        TrainingArguments,
+    )
+
+    tok = AutoTokenizer.from_pretrained(a["model"])
+    model = AutoModelForCausalLM.from_pretrained(a["model"], torch_dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=a["rank"], lora_alpha=a["rank"] * a["scale"],
+                                             lora_dropout=0.0, target_modules=TARGETS))
+
+    def encode(rec: dict) -> dict:  # the seed's process_func: prompt masked, answer + end of turn trained
+        msgs = messages(rec)
+        prompt = tok(tok.apply_chat_template(msgs[:1], tokenize=False, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+        answer = tok(msgs[1]["content"] + "<|im_end|>", add_special_tokens=False)["input_ids"]
+        return {"input_ids": prompt + answer, "attention_mask": [1] * (len(prompt) + len(answer)),
+                "labels": [-100] * len(prompt) + answer}
+
+    train = [encode(r) for r in json.loads(Path(a["train"]).read_text(encoding="utf-8"))]
+    valid = [encode(r) for r in json.loads(Path(a["valid"]).read_text(encoding="utf-8"))]
+    args = TrainingArguments(output_dir=str(Path(a["out"]) / "hf"), per_device_train_batch_size=a["batch"],
+                             per_device_eval_batch_size=a["batch"], max_steps=a["steps"], learning_rate=a["lr"],
+                             lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0, logging_steps=10**9,
+                             save_strategy="no", report_to=[], use_cpu=True, seed=a["seed"],
+                             gradient_checkpointing=a["checkpointing"], dataloader_num_workers=0)
+    trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=valid,
+                      data_collator=DataCollatorForSeq2Seq(tok, padding=True))
+    metrics = trainer.train().metrics
+    return {"seconds": metrics["train_runtime"], "peak_memory_gb": float("nan"),
+            "val_loss": trainer.evaluate()["eval_loss"]}
 
 
-def run_worker(kind: str, a: dict, env: dict | None = None) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--worker", kind, json.dumps(a)], capture_output=True, text=True,
+WORKERS = {"ours": worker_ours, "mlx_lm": worker_mlx_lm, "roofline": worker_roofline, "seed": worker_seed}
+
+
+def seed_stack_python(explicit: str | None) -> str | None:
+    """An interpreter with torch + peft + transformers: --seed-python, else this one if it has them."""
+    candidates = [explicit] if explicit else [sys.executable]
+    for py in candidates:
+        probe = subprocess.run([py, "-c", "import torch, peft, transformers"], capture_output=True)
+        if probe.returncode == 0:
+            return py
+    if explicit:
+        raise SystemExit(f"--seed-python {explicit} cannot import torch, peft and transformers")
+    return None
+
+
+def run_worker(kind: str, a: dict, env: dict | None = None, python: str | None = None) -> dict:
+    out = subprocess.run([python or sys.executable, __file__, "--worker", kind, json.dumps(a)], capture_output=True, text=True,
                          env=env or os.environ.copy(), cwd=REPO)
     if out.returncode != 0:
         sys.stderr.write(out.stdout[-2000:] + out.stderr[-4000:])
@@ -165,6 +239,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2, help="A B pairs")
     p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in both tools")
     p.add_argument("--bf16", action="store_true", help="keep the model in bf16 (mlx_lm.lora then computes in bf16; ours in fp32 on a CPU)")
+    p.add_argument("--seed-python", help="python with torch + peft + transformers to also time the seed's own stack")
     p.add_argument("--blas", action="store_true", help="also time ours with the wheel's bundled BLAS (Linux)")
     args = p.parse_args()
     if args.worker:
@@ -215,6 +290,12 @@ def main() -> None:
                 results[kind].append(r)
                 print(f"  run {i + 1} {kind:7s} {r['seconds']:8.2f} s  peak {r['peak_memory_gb']:.3f} GB  val {r['val_loss']:.4f}", flush=True)
         roof = run_worker("roofline", common, env)["flops_per_second"]
+        seed_py = seed_stack_python(args.seed_python)
+        seed_run = None
+        if seed_py:
+            env_seed = {k: v for k, v in env.items() if k != "LD_PRELOAD"}  # torch brings its own BLAS
+            seed_run = run_worker("seed", {**common, "out": str(tmp / "seed")}, env_seed, seed_py)
+            print(f"  seed    {seed_run['seconds']:8.2f} s  val {seed_run['val_loss']:.4f}", flush=True)
         slow = None
         if args.blas and sys.platform == "linux":
             env_ref = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
@@ -239,9 +320,16 @@ def main() -> None:
           f"gradient checkpointing {'on' if args.checkpointing else 'off'} (both), weights {'bf16' if args.bf16 else 'fp32'}")
     print(f"tokens/s        ours {ours:,.0f}   mlx_lm.lora {theirs:,.0f}   ratio {ours / theirs:.2f}x  (target >= 1.5)")
     print(f"peak memory     ours {mem_o:.3f} GB   mlx_lm.lora {mem_t:.3f} GB   ratio {mem_o / mem_t:.2f}  (target <= 0.6)")
-    print(f"val loss        ours {val_o:.4f}   mlx_lm.lora {val_t:.4f}   diff {val_o - val_t:+.4f}  (target <= +0.02)")
+    print(f"val loss        ours {val_o:.4f}   mlx_lm.lora {val_t:.4f}   diff {val_o - val_t:+.4f}  (target <= +0.02; "
+          f"both adapters scored with our loss; mlx-lm's own figure {results['mlx_lm'][-1]['val_loss_own']:.4f})")
     print(f"MFU             {100 * mfu:.1f}% of the measured matmul roofline {roof / 1e9:.1f} GFLOP/s  (target >= 50%; 4·N·tokens)")
     print(f"                {100 * real_mfu:.1f}% counting only the FLOPs ours performs (head on target tokens only)")
+    if seed_run:
+        seed_tps = tokens / seed_run["seconds"]
+        print(f"seed stack      transformers Trainer + PEFT {seed_tps:,.0f} tok/s   ours/seed {ours / seed_tps:.2f}x   "
+              f"val {seed_run['val_loss']:.4f}")
+    else:
+        print("seed stack      skipped: torch + peft not importable (pass --seed-python PY for an interpreter that has them)")
     if slow:
         slow_tps = slow["tokens"] / slow["seconds"]
         print(f"bundled BLAS    ours {slow_tps:,.0f} tok/s   OpenBLAS speed-up {ours / slow_tps:.1f}x  (target >= 10)")
