@@ -207,9 +207,14 @@ def load_adapter(model: nn.Module, directory: Path, base_config: dict | None = N
                 f"adapter {directory} was trained on another base: {k} has shape {tuple(tensors[k].shape)}, "
                 f"this model needs {tuple(shape)}; pass {cfg.get('base_model_name_or_path')!r} with --model"
             )
+    set_lora_tensors(model, tensors)
+    return cfg
+
+
+def set_lora_tensors(model: nn.Module, tensors: dict[str, mx.array]) -> None:
+    """Load PEFT-named tensors into a model already wrapped by :func:`apply_lora`."""
     model.load_weights([(k[len(PEFT_PREFIX):-len(".weight")], v) for k, v in tensors.items()], strict=False)
     mx.eval(model.parameters())
-    return cfg
 
 
 def to_f32(x: Any) -> np.ndarray:

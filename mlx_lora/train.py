@@ -174,7 +174,7 @@ def prune_checkpoints(out: Path, limit: int | None, keep: str | None) -> None:
 
 def restore(ckpt: Path, model: nn.Module, optimizer: optim.Optimizer) -> TrainerState:
     """Adapter weights, optimizer moments and counters of a checkpoint."""
-    from mlx_lora.lora import PEFT_PREFIX
+    from mlx_lora.lora import set_lora_tensors
 
     try:
         tensors = mx.load(str(ckpt / ADAPTER_WEIGHTS))
@@ -185,9 +185,9 @@ def restore(ckpt: Path, model: nn.Module, optimizer: optim.Optimizer) -> Trainer
     expected = lora_state(model)
     if set(tensors) != set(expected) or any(tensors[k].shape != expected[k].shape for k in expected):
         raise MlxLoraError(f"checkpoint {ckpt} was made with other LoRA settings (rank/targets); resume with the same flags")
-    model.load_weights([(k[len(PEFT_PREFIX):-len(".weight")], v) for k, v in tensors.items()], strict=False)
+    set_lora_tensors(model, tensors)
     optimizer.state = tree_unflatten(list(opt_state.items()))
-    mx.eval(model.parameters(), optimizer.state)
+    mx.eval(optimizer.state)
     return TrainerState(**raw)
 
 
@@ -398,7 +398,8 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     window_loss, window_steps, tokens_seen, t0 = 0.0, 0, 0, time.perf_counter()
     targets_seen = 0
     train_time, step_time, steps_run, stopped_early, last_eval = 0.0, 0.0, 0, False, None
-    last_good = checkpoints(out)[-1] if checkpoints(out) else None
+    existing = checkpoints(out)
+    last_good = existing[-1] if existing else None
     bar = tqdm(total=total_steps, initial=state.global_step, unit="step", disable=not (progress and lead), dynamic_ncols=True, mininterval=0.5, file=sys.stderr)
     log = bar.write if progress else say
     try:
