@@ -55,8 +55,11 @@ def advice() -> str | None:
     """One line for Linux users without OpenBLAS (printed by the commands, once)."""
     if sys.platform != "linux" or os.environ.get(OPT_OUT) or preloaded() or find_openblas():
         return None
-    return ("tip: CPU matmuls use the slow reference BLAS of the mlx[cpu] wheel; "
-            "`sudo apt-get install libopenblas0-pthread` makes training 10-20x faster (used automatically)")
+    return (
+        "tip: CPU matmuls use the slow reference BLAS of the mlx[cpu] wheel; "
+        "`sudo apt-get install libopenblas0-pthread` makes training 10-20x faster (used "
+        "automatically)"
+    )
 
 
 def maybe_relaunch() -> None:

@@ -95,13 +95,19 @@ class Sampling:
     def check(self) -> None:
         """Raise :class:`BadParameter` for values mlx-lm would reject or misread."""
         if not 0 <= self.temperature <= 100:
-            raise BadParameter("temperature", f"temperature must be between 0 and 100 (0 = greedy), got {self.temperature}")
+            raise BadParameter(
+                "temperature",
+                f"temperature must be between 0 and 100 (0 = greedy), got {self.temperature}",
+            )
         if not 0 <= self.top_p <= 1:
             raise BadParameter("top_p", f"top_p must be between 0 and 1, got {self.top_p}")
         if self.top_k < 0:
             raise BadParameter("top_k", f"top_k must be 0 (off) or positive, got {self.top_k}")
         if self.repetition_penalty is not None and self.repetition_penalty <= 0:
-            raise BadParameter("repetition_penalty", f"repetition_penalty must be positive (1 = off), got {self.repetition_penalty}")
+            raise BadParameter(
+                "repetition_penalty",
+                f"repetition_penalty must be positive (1 = off), got {self.repetition_penalty}",
+            )
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if value is not None and not -2 <= value <= 2:
@@ -135,7 +141,9 @@ def resolve_sampling(
         temperature=float(temperature),
         top_p=float(top_p if top_p is not None else default("top_p", 1.0)),
         top_k=int(top_k if top_k is not None else default("top_k", 0)),
-        repetition_penalty=repetition_penalty if repetition_penalty is not None else default("repetition_penalty", None),
+        repetition_penalty=repetition_penalty
+        if repetition_penalty is not None
+        else default("repetition_penalty", None),
         presence_penalty=presence_penalty,
         frequency_penalty=frequency_penalty,
         seed=seed,
@@ -166,7 +174,9 @@ def _sampler_and_processors(s: Sampling, history: Sequence[int]) -> tuple[Any, l
         prefix = mx.array(list(history))
 
         def with_prefix(proc: Any) -> Any:
-            return lambda tokens, logits: proc(mx.concatenate([prefix, tokens.astype(prefix.dtype)]), logits)
+            return lambda tokens, logits: proc(
+                mx.concatenate([prefix, tokens.astype(prefix.dtype)]), logits
+            )
 
         procs = [with_prefix(p) for p in procs]
     return sampler, procs
@@ -231,7 +241,8 @@ class Answer:
     def stats(self) -> str:
         return (
             f"[{self.completion_tokens} tokens, {self.generation_tps:.1f} tokens/s; "
-            f"prompt {self.prompt_tokens} tokens ({self.cached_tokens} cached), {self.prompt_tps:.1f} tokens/s]"
+            f"prompt {self.prompt_tokens} tokens ({self.cached_tokens} cached), "
+            f"{self.prompt_tps:.1f} tokens/s]"
         )
 
 
@@ -264,7 +275,7 @@ class StopStrings:
             self.pending = ""
             return buf[:cut], True
         keep = 0 if final else self._held_back(buf)
-        self.pending = buf[len(buf) - keep:] if keep else ""
+        self.pending = buf[len(buf) - keep :] if keep else ""
         return buf[: len(buf) - keep], False
 
 
@@ -276,8 +287,15 @@ class AnswerStream:
     the cache usable. Stop strings are cut off and never shown, even split across tokens.
     """
 
-    def __init__(self, loaded: Any, ids: list[int], sampling: Sampling, max_tokens: int,
-                 stop: Sequence[str], cache: PromptCache | None):
+    def __init__(
+        self,
+        loaded: Any,
+        ids: list[int],
+        sampling: Sampling,
+        max_tokens: int,
+        stop: Sequence[str],
+        cache: PromptCache | None,
+    ):
         self.prompt_ids = ids
         self.answer = Answer(prompt_tokens=len(ids))
         self._gen = self._run(loaded, ids, sampling, max_tokens, [s for s in stop if s], cache)
@@ -291,8 +309,15 @@ class AnswerStream:
     def close(self) -> None:
         self._gen.close()
 
-    def _run(self, loaded: Any, ids: list[int], s: Sampling, max_tokens: int,
-             stops: list[str], cache: PromptCache | None) -> Iterator[str]:
+    def _run(
+        self,
+        loaded: Any,
+        ids: list[int],
+        s: Sampling,
+        max_tokens: int,
+        stops: list[str],
+        cache: PromptCache | None,
+    ) -> Iterator[str]:
         import mlx.core as mx
         from mlx_lm.generate import stream_generate
 
@@ -307,8 +332,13 @@ class AnswerStream:
         parts: list[str] = []
         cutter = StopStrings(stops)
         steps = stream_generate(
-            loaded.model, loaded.tokenizer, mx.array(ids[reused:]), max_tokens=max_tokens,
-            sampler=sampler, logits_processors=procs, prompt_cache=cache.cache,
+            loaded.model,
+            loaded.tokenizer,
+            mx.array(ids[reused:]),
+            max_tokens=max_tokens,
+            sampler=sampler,
+            logits_processors=procs,
+            prompt_cache=cache.cache,
         )
         a = self.answer
         try:
@@ -340,7 +370,8 @@ def require_chat_template(loaded: Any) -> None:
     """Conversations are rendered only with the model's own template; without one, say so."""
     if not has_chat_template(loaded.tokenizer):
         raise MlxLoraError(
-            f"the tokenizer of {loaded.model_dir} has no chat template, so a conversation cannot be "
+            f"the tokenizer of {loaded.model_dir} has no chat template, so a conversation cannot "
+            "be "
             "rendered; chat with a chat model, or a fine-tune whose base has a template"
         )
 
@@ -370,9 +401,14 @@ def generate_answer(
     if max_tokens < 1:
         raise BadParameter("max_tokens", f"max_tokens must be at least 1, got {max_tokens}")
     sampling = resolve_sampling(
-        loaded.model_dir, temperature=temperature, top_p=top_p, top_k=top_k,
-        repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
-        frequency_penalty=frequency_penalty, seed=seed,
+        loaded.model_dir,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        repetition_penalty=repetition_penalty,
+        presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty,
+        seed=seed,
     )
     require_chat_template(loaded)
     system = system_prompt if system_prompt is not None else loaded.system_prompt
@@ -401,7 +437,10 @@ interactive commands:
 def check_adapter_dir(adapter: str | None) -> None:
     """Fail fast, before a model is loaded, on an adapter path that cannot be one."""
     if adapter is not None and not Path(adapter).is_dir():
-        raise MlxLoraError(f"--adapter {adapter} is not a folder; pass the --output-dir of a training run (or one of its checkpoint-N folders)")
+        raise MlxLoraError(
+            f"--adapter {adapter} is not a folder; pass the --output-dir of a training run (or "
+            "one of its checkpoint-N folders)"
+        )
 
 
 class Conversation:
@@ -417,9 +456,16 @@ class Conversation:
         self.messages.append({"role": "user", "content": text})
         c = self.cfg
         return generate_answer(
-            self.loaded, self.messages, system_prompt=self.system_prompt, max_tokens=c.max_tokens,
-            temperature=c.temperature, top_p=c.top_p, top_k=c.top_k,
-            repetition_penalty=c.repetition_penalty, seed=c.seed, cache=self.cache,
+            self.loaded,
+            self.messages,
+            system_prompt=self.system_prompt,
+            max_tokens=c.max_tokens,
+            temperature=c.temperature,
+            top_p=c.top_p,
+            top_k=c.top_k,
+            repetition_penalty=c.repetition_penalty,
+            seed=c.seed,
+            cache=self.cache,
         )
 
 
@@ -437,7 +483,10 @@ def interactive(conv: Conversation, name: str) -> None:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
-    print(f"chatting with {name}. /reset, /system TEXT, /quit, /help; Ctrl-C stops an answer.", file=sys.stderr)
+    print(
+        f"chatting with {name}. /reset, /system TEXT, /quit, /help; Ctrl-C stops an answer.",
+        file=sys.stderr,
+    )
     while True:
         try:
             line = input(">>> ")
@@ -460,9 +509,12 @@ def interactive(conv: Conversation, name: str) -> None:
             print("(conversation cleared)", file=sys.stderr)
             continue
         if text == "/system" or text.startswith("/system "):
-            conv.system_prompt = text[len("/system"):].strip() or conv.cfg.system_prompt
+            conv.system_prompt = text[len("/system") :].strip() or conv.cfg.system_prompt
             conv.messages.clear()
-            print(f"(system prompt: {conv.system_prompt or 'default'}; conversation cleared)", file=sys.stderr)
+            print(
+                f"(system prompt: {conv.system_prompt or 'default'}; conversation cleared)",
+                file=sys.stderr,
+            )
             continue
         if text.startswith("/") and " " not in text:
             print(f"(unknown command {text}; /help lists them)", file=sys.stderr)
@@ -479,7 +531,9 @@ def interactive(conv: Conversation, name: str) -> None:
             if stream is not None:
                 stream.close()
             print("\n(stopped)", file=sys.stderr)
-        if stream is None or not stream.answer.text:  # nothing said: as if the question was not asked
+        if (
+            stream is None or not stream.answer.text
+        ):  # nothing said: as if the question was not asked
             conv.messages.pop()
         else:
             conv.messages.append({"role": "assistant", "content": stream.answer.text})
@@ -489,16 +543,23 @@ def interactive(conv: Conversation, name: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     cfg: ChatConfig = parse_config(
-        ChatConfig, argv, prog="python -m mlx_lora.chat",
-        description="Chat with a model and LoRA adapter (or a fused folder): one answer with --prompt, a conversation without.",
-        epilog=HELP + "\nexample:\n  python -m mlx_lora.chat --adapter output --prompt '你是谁？' --temperature 0\n",
+        ChatConfig,
+        argv,
+        prog="python -m mlx_lora.chat",
+        description="Chat with a model and LoRA adapter (or a fused folder): one answer with "
+        "--prompt, a conversation without.",
+        epilog=HELP
+        + "\nexample:\n  python -m mlx_lora.chat --adapter output --prompt '你是谁？' --temperature "
+        "0\n",
     )
     check_adapter_dir(cfg.adapter)
     if cfg.max_tokens < 1:
         raise MlxLoraError(f"--max-tokens must be at least 1, got {cfg.max_tokens}")
     Sampling(
-        temperature=cfg.temperature or 0.0, top_p=1.0 if cfg.top_p is None else cfg.top_p,
-        top_k=cfg.top_k or 0, repetition_penalty=cfg.repetition_penalty,
+        temperature=cfg.temperature or 0.0,
+        top_p=1.0 if cfg.top_p is None else cfg.top_p,
+        top_k=cfg.top_k or 0,
+        repetition_penalty=cfg.repetition_penalty,
     ).check()  # bad flags fail before a model is loaded
 
     from mlx_lora.model import load_for_inference

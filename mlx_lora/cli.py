@@ -27,7 +27,9 @@ def run(main: Callable[[list[str] | None], object], argv: list[str] | None = Non
     except MlxLoraError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as e:  # a command may say what it saved: KeyboardInterrupt("interrupted: …")
+    except (
+        KeyboardInterrupt
+    ) as e:  # a command may say what it saved: KeyboardInterrupt("interrupted: …")
         print(str(e) or "interrupted", file=sys.stderr)
         return 130
     return 0

@@ -24,56 +24,126 @@ def opt(default: Any, help: str, **kw: Any) -> Any:
 
 @dataclass
 class TrainConfig:
-    model: str = opt(DEFAULT_MODEL, "base model: a local Hugging Face folder, or a ModelScope/Hugging Face id")
-    data: str = opt("dataset/huanhuan.json", "training data: .json array or .jsonl (alpaca, sharegpt, messages, completions or text records)")
-    output_dir: str = opt("output", "where the adapter, checkpoints, trainer_state.json and loss.png go")
-    model_source: str = opt("auto", "where a model id is fetched from (auto = cache, then ModelScope, then Hugging Face)", choices=["auto", "modelscope", "huggingface"])
-    format: str = opt("auto", "record format; auto detects it from the keys", choices=["auto", "alpaca", "sharegpt", "messages", "completions", "text"])
-    system_prompt: str | None = opt(None, "system prompt for every example without one (recorded in the adapter; chat/serve/export reuse it). Default: the chat template's own")
-    max_seq_length: int = opt(2048, "longest example in tokens; longer ones are truncated and counted")
+    model: str = opt(
+        DEFAULT_MODEL, "base model: a local Hugging Face folder, or a ModelScope/Hugging Face id"
+    )
+    data: str = opt(
+        "dataset/huanhuan.json",
+        "training data: .json array or .jsonl (alpaca, sharegpt, messages, completions or text "
+        "records)",
+    )
+    output_dir: str = opt(
+        "output", "where the adapter, checkpoints, trainer_state.json and loss.png go"
+    )
+    model_source: str = opt(
+        "auto",
+        "where a model id is fetched from (auto = cache, then ModelScope, then Hugging Face)",
+        choices=["auto", "modelscope", "huggingface"],
+    )
+    format: str = opt(
+        "auto",
+        "record format; auto detects it from the keys",
+        choices=["auto", "alpaca", "sharegpt", "messages", "completions", "text"],
+    )
+    system_prompt: str | None = opt(
+        None,
+        "system prompt for every example without one (recorded in the adapter; chat/serve/export "
+        "reuse it). Default: the chat template's own",
+    )
+    max_seq_length: int = opt(
+        2048, "longest example in tokens; longer ones are truncated and counted"
+    )
     val_split: float = opt(0.0, "fraction of examples held out for eval_loss (seeded split)")
-    eval_data: str | None = opt(None, "separate validation file (same formats); replaces --val-split")
-    num_train_epochs: float = opt(3.0, "epochs to train (fractions allowed); ignored when --max-steps is set")
+    eval_data: str | None = opt(
+        None, "separate validation file (same formats); replaces --val-split"
+    )
+    num_train_epochs: float = opt(
+        3.0, "epochs to train (fractions allowed); ignored when --max-steps is set"
+    )
     max_steps: int = opt(-1, "optimizer steps to train; overrides --num-train-epochs when > 0")
     per_device_train_batch_size: int = opt(4, "examples per micro-batch")
-    gradient_accumulation_steps: int = opt(4, "micro-batches per optimizer step (same update as one batch of batch×accumulation examples)")
+    gradient_accumulation_steps: int = opt(
+        4,
+        "micro-batches per optimizer step (same update as one batch of batch×accumulation "
+        "examples)",
+    )
     learning_rate: float = opt(1e-4, "peak AdamW learning rate")
     weight_decay: float = opt(0.0, "AdamW decoupled weight decay")
-    lr_scheduler_type: str = opt("linear", "learning-rate schedule after warmup", choices=["linear", "cosine", "constant"])
+    lr_scheduler_type: str = opt(
+        "linear", "learning-rate schedule after warmup", choices=["linear", "cosine", "constant"]
+    )
     warmup_steps: int = opt(0, "steps of linear warmup from 0 to --learning-rate")
     max_grad_norm: float = opt(1.0, "clip the global gradient norm to this value (0 disables)")
     logging_steps: int = opt(10, "print a log line every N steps")
     save_steps: int = opt(100, "write checkpoint-N every N steps")
-    save_total_limit: int | None = opt(None, "keep at most this many checkpoints (the best is never deleted)")
-    eval_steps: int | None = opt(None, "evaluate every N steps (default: --save-steps); needs --val-split")
-    early_stopping_patience: int | None = opt(None, "stop after this many evaluations without a lower eval_loss; the best adapter is kept")
-    gradient_checkpointing: bool = opt(True, "recompute activations in the backward pass to save memory")
-    packing: bool = opt(True, "pack a batch's examples into shared rows (block-diagonal attention: same loss, less padding)")
+    save_total_limit: int | None = opt(
+        None, "keep at most this many checkpoints (the best is never deleted)"
+    )
+    eval_steps: int | None = opt(
+        None, "evaluate every N steps (default: --save-steps); needs --val-split"
+    )
+    early_stopping_patience: int | None = opt(
+        None, "stop after this many evaluations without a lower eval_loss; the best adapter is kept"
+    )
+    gradient_checkpointing: bool = opt(
+        True, "recompute activations in the backward pass to save memory"
+    )
+    packing: bool = opt(
+        True,
+        "pack a batch's examples into shared rows (block-diagonal attention: same loss, less "
+        "padding)",
+    )
     lora_r: int = opt(8, "LoRA rank")
     lora_alpha: float = opt(32.0, "LoRA alpha; the update is scaled by alpha / r")
     lora_dropout: float = opt(0.1, "dropout on the LoRA input during training")
-    target_modules: str = opt("q,k,v,o,gate,up,down", "comma-separated modules to adapt in every layer (q,k,v,o,gate,up,down or full names like q_proj)")
-    quantize: int | None = opt(None, "quantize the frozen base to 4 or 8 bits at load (QLoRA)", choices=[4, 8])
-    dtype: str = opt("auto", "compute dtype; auto = bfloat16 on the GPU, float32 on the CPU", choices=["auto", "float32", "bfloat16", "float16"])
+    target_modules: str = opt(
+        "q,k,v,o,gate,up,down",
+        "comma-separated modules to adapt in every layer (q,k,v,o,gate,up,down or full names like "
+        "q_proj)",
+    )
+    quantize: int | None = opt(
+        None, "quantize the frozen base to 4 or 8 bits at load (QLoRA)", choices=[4, 8]
+    )
+    dtype: str = opt(
+        "auto",
+        "compute dtype; auto = bfloat16 on the GPU, float32 on the CPU",
+        choices=["auto", "float32", "bfloat16", "float16"],
+    )
     seed: int = opt(42, "seed for the split, shuffling, LoRA init and dropout")
-    resume: str | None = opt(None, "continue from the latest complete checkpoint in --output-dir, or from the checkpoint folder given", nargs="?", const="latest")
+    resume: str | None = opt(
+        None,
+        "continue from the latest complete checkpoint in --output-dir, or from the checkpoint "
+        "folder given",
+        nargs="?",
+        const="latest",
+    )
     overwrite_output_dir: bool = opt(False, "start over even if --output-dir holds a run")
     plot: bool = opt(True, "write loss.png")
 
 
 @dataclass
 class ChatConfig:
-    model: str | None = opt(None, "base model (id or folder) or a fused folder; default: the adapter's recorded base")
+    model: str | None = opt(
+        None, "base model (id or folder) or a fused folder; default: the adapter's recorded base"
+    )
     adapter: str | None = opt(None, "adapter folder (a training --output-dir or checkpoint-N)")
     prompt: str | None = opt(None, "answer this one prompt and exit (otherwise: interactive)")
-    system_prompt: str | None = opt(None, "system prompt; default: the one the adapter was trained with, else the template's")
+    system_prompt: str | None = opt(
+        None, "system prompt; default: the one the adapter was trained with, else the template's"
+    )
     max_tokens: int = opt(512, "most tokens to generate per answer")
-    temperature: float | None = opt(None, "sampling temperature (0 = greedy); default from generation_config.json")
+    temperature: float | None = opt(
+        None, "sampling temperature (0 = greedy); default from generation_config.json"
+    )
     top_p: float | None = opt(None, "nucleus sampling; default from generation_config.json")
     top_k: int | None = opt(None, "top-k sampling; default from generation_config.json")
-    repetition_penalty: float | None = opt(None, "penalty for repeated tokens; default from generation_config.json")
+    repetition_penalty: float | None = opt(
+        None, "penalty for repeated tokens; default from generation_config.json"
+    )
     seed: int | None = opt(None, "sampling seed")
-    model_source: str = opt("auto", "where a model id is fetched from", choices=["auto", "modelscope", "huggingface"])
+    model_source: str = opt(
+        "auto", "where a model id is fetched from", choices=["auto", "modelscope", "huggingface"]
+    )
 
 
 def _flag(name: str) -> str:
@@ -92,22 +162,41 @@ class _Parser(argparse.ArgumentParser):
         raise MlxLoraError(f"{message}; see {self.prog} --help")
 
 
-def build_parser(cls: type, prog: str, description: str, epilog: str | None = None) -> argparse.ArgumentParser:
+def build_parser(
+    cls: type, prog: str, description: str, epilog: str | None = None
+) -> argparse.ArgumentParser:
     """argparse parser whose flags are the dataclass fields; defaults are suppressed so we know what was given."""
     parser = _Parser(
-        prog=prog, description=description, epilog=epilog,
-        formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=argparse.SUPPRESS,
+        prog=prog,
+        description=description,
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=argparse.SUPPRESS,
     )
-    parser.add_argument("--config", metavar="FILE.yaml", help="read options from a YAML file (keys = flag names); flags given here win")
+    parser.add_argument(
+        "--config",
+        metavar="FILE.yaml",
+        help="read options from a YAML file (keys = flag names); flags given here win",
+    )
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
         meta = dict(f.metadata)
-        help_text = meta.pop("help", "") + (f" (default: {f.default})" if f.default not in (None, "") else "")
+        help_text = meta.pop("help", "") + (
+            f" (default: {f.default})" if f.default not in (None, "") else ""
+        )
         tp = _base_type(hints[f.name])
         if tp is bool:
-            parser.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, help=help_text)
+            parser.add_argument(
+                _flag(f.name), action=argparse.BooleanOptionalAction, help=help_text
+            )
         else:
-            parser.add_argument(_flag(f.name), type=tp, metavar=f.name.upper() if "choices" not in meta else None, help=help_text, **meta)
+            parser.add_argument(
+                _flag(f.name),
+                type=tp,
+                metavar=f.name.upper() if "choices" not in meta else None,
+                help=help_text,
+                **meta,
+            )
     return parser
 
 
@@ -123,10 +212,14 @@ def _coerce(cls: type, key: str, value: Any, source: str) -> Any:
             raise ValueError("expected true or false")
         return value if isinstance(value, tp) else tp(value)
     except (TypeError, ValueError) as e:
-        raise MlxLoraError(f"{source}: {key}: {value!r} is not a valid {tp.__name__} ({e})") from None
+        raise MlxLoraError(
+            f"{source}: {key}: {value!r} is not a valid {tp.__name__} ({e})"
+        ) from None
 
 
-def parse_config(cls: type, argv: list[str] | None, prog: str, description: str, epilog: str | None = None) -> Any:
+def parse_config(
+    cls: type, argv: list[str] | None, prog: str, description: str, epilog: str | None = None
+) -> Any:
     """Defaults < YAML file < command-line flags."""
     parser = build_parser(cls, prog, description, epilog)
     args = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))

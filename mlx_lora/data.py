@@ -26,24 +26,41 @@ from mlx_lora.prompt import (
 )
 
 FORMATS = ("auto", "alpaca", "sharegpt", "messages", "completions", "text")
-_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                   "model": "assistant", "bot": "assistant", "chatgpt": "assistant", "system": "system"}
+_SHAREGPT_ROLES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "bot": "assistant",
+    "chatgpt": "assistant",
+    "system": "system",
+}
 
 
 def read_records(path: Path) -> list[Any]:
     """Records of a ``.json`` array or a ``.jsonl`` file (one object per line)."""
     path = Path(path)
     if not path.is_file():
-        raise MlxLoraError(f"data file {path} not found; pass --data FILE (a .json array or .jsonl file)")
+        raise MlxLoraError(
+            f"data file {path} not found; pass --data FILE (a .json array or .jsonl file)"
+        )
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
-        raise MlxLoraError(f"{path}: not UTF-8 (byte {e.start}, line {line}); save the file as UTF-8") from None
+        raise MlxLoraError(
+            f"{path}: not UTF-8 (byte {e.start}, line {line}); save the file as UTF-8"
+        ) from None
     if not text.strip():
-        raise MlxLoraError(f"{path}: the file is empty; it needs a JSON array of records or one JSON object per line")
-    if path.suffix.lower() == ".jsonl" or (not text.lstrip().startswith("[") and path.suffix.lower() != ".json"):
+        raise MlxLoraError(
+            f"{path}: the file is empty; it needs a JSON array of records or one JSON object per "
+            "line"
+        )
+    if path.suffix.lower() == ".jsonl" or (
+        not text.lstrip().startswith("[") and path.suffix.lower() != ".json"
+    ):
         records = []
         # only "\n" ends a JSONL line: str.splitlines() would also split at U+2028, U+0085, ... which
         # json.dumps(ensure_ascii=False) leaves raw inside strings
@@ -53,20 +70,29 @@ def read_records(path: Path) -> list[Any]:
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise MlxLoraError(f"{path}:{n}:{e.colno}: invalid JSON ({e.msg}); fix that line") from None
+                raise MlxLoraError(
+                    f"{path}:{n}:{e.colno}: invalid JSON ({e.msg}); fix that line"
+                ) from None
             except RecursionError:
-                raise MlxLoraError(f"{path}:{n}: JSON nested too deeply; records are flat objects") from None
+                raise MlxLoraError(
+                    f"{path}:{n}: JSON nested too deeply; records are flat objects"
+                ) from None
         return records
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise MlxLoraError(f"{path}:{e.lineno}:{e.colno}: invalid JSON ({e.msg}); fix the file or use .jsonl") from None
+        raise MlxLoraError(
+            f"{path}:{e.lineno}:{e.colno}: invalid JSON ({e.msg}); fix the file or use .jsonl"
+        ) from None
     except RecursionError:
         raise MlxLoraError(f"{path}: JSON nested too deeply; records are flat objects") from None
     if isinstance(data, dict):  # {"data": [...]} / {"train": [...]} wrappers are common
         lists = [v for v in data.values() if isinstance(v, list)]
         if len(lists) != 1:
-            raise MlxLoraError(f"{path}: expected a JSON array of records, got an object with keys {', '.join(map(_key, list(data)[:8]))}")
+            raise MlxLoraError(
+                f"{path}: expected a JSON array of records, got an object with keys "
+                f"{', '.join(map(_key, list(data)[:8]))}"
+            )
         data = lists[0]
     if not isinstance(data, list):
         raise MlxLoraError(f"{path}: expected a JSON array of records, got {type(data).__name__}")
@@ -98,8 +124,10 @@ def detect_format(records: list[Any], path: Path | str = "data") -> str:
     if not seen:
         raise MlxLoraError(f"{path}: no JSON objects found; each record must be an object")
     raise MlxLoraError(
-        f"{path}: unknown record format (keys seen: {', '.join(_key(k) for k, _ in seen.most_common(10))}); "
-        "expected alpaca (instruction/input/output), sharegpt (conversations), messages, completions (prompt/completion) or text"
+        f"{path}: unknown record format (keys seen: "
+        f"{', '.join(_key(k) for k, _ in seen.most_common(10))}); "
+        "expected alpaca (instruction/input/output), sharegpt (conversations), messages, "
+        "completions (prompt/completion) or text"
     )
 
 
@@ -124,9 +152,14 @@ def to_messages(record: Any, fmt: str) -> list[Message] | str | None:
         if not isinstance(history, list):
             return None
         for pair in history:
-            if not (isinstance(pair, list | tuple) and len(pair) == 2 and all(_text(p) for p in pair)):
+            if not (
+                isinstance(pair, list | tuple) and len(pair) == 2 and all(_text(p) for p in pair)
+            ):
                 return None
-            msgs += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+            msgs += [
+                {"role": "user", "content": pair[0]},
+                {"role": "assistant", "content": pair[1]},
+            ]
         return [*msgs, {"role": "user", "content": user}, {"role": "assistant", "content": output}]
     if fmt in ("sharegpt", "messages"):
         turns = record.get("conversations" if fmt == "sharegpt" else "messages")
@@ -230,9 +263,15 @@ def load_dataset(
             continue
         ds.examples.append(enc)
     if not ds.examples:
-        why = f"all {ds.records} records were skipped (missing or empty fields for format {fmt}); fix the data or pass --format"
+        why = (
+            f"all {ds.records} records were skipped (missing or empty fields for format {fmt}); "
+            "fix the data or pass --format"
+        )
         if ds.dropped_no_target:
-            why = f"no record keeps an answer token within --max-seq-length {max_seq_length}; raise --max-seq-length or shorten the prompts"
+            why = (
+                f"no record keeps an answer token within --max-seq-length {max_seq_length}; "
+                "raise --max-seq-length or shorten the prompts"
+            )
         raise MlxLoraError(f"{path}: {why}")
     return ds
 
@@ -281,7 +320,9 @@ def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
-def make_batch(examples: list[Encoded], max_len: int, packing: bool = True, pad_id: int = 0) -> Batch:
+def make_batch(
+    examples: list[Encoded], max_len: int, packing: bool = True, pad_id: int = 0
+) -> Batch:
     """Lay ``examples`` out in rows: packed first-fit-decreasing into rows of ``max_len``, or one per row.
 
     Packing changes only the layout: attention stays within each example (segment ids) and the
@@ -308,8 +349,8 @@ def make_batch(examples: list[Encoded], max_len: int, packing: bool = True, pad_
         for seg, i in enumerate(members):
             ex = examples[i]
             n = len(ex.ids)
-            inputs[r, pos:pos + n] = ex.ids
-            segments[r, pos:pos + n] = seg
+            inputs[r, pos : pos + n] = ex.ids
+            segments[r, pos : pos + n] = seg
             for t in range(1, n):
                 if ex.mask[t]:
                     targets.append(r * length + pos + t - 1)

@@ -33,10 +33,16 @@ STAGES = 6
 
 @dataclass
 class DemoConfig:
-    output_dir: str = opt("runs/demo", "folder for everything the demo writes (replaced on a rerun)")
+    output_dir: str = opt(
+        "runs/demo", "folder for everything the demo writes (replaced on a rerun)"
+    )
     steps: int = opt(150, "training steps")
     learning_rate: float = opt(3e-3, "learning rate (high: the tiny model must learn in seconds)")
-    gguf_type: str = opt("f32", "GGUF type of the export (f32 makes the verify figures exact)", choices=["f32", "f16", "bf16", "q8_0"])
+    gguf_type: str = opt(
+        "f32",
+        "GGUF type of the export (f32 makes the verify figures exact)",
+        choices=["f32", "f16", "bf16", "q8_0"],
+    )
     ollama: bool = opt(True, "run `ollama create` when ollama is on PATH")
 
 
@@ -52,7 +58,8 @@ def load_make_tiny_model() -> Callable[..., Path]:
     script = repo_root() / "scripts" / "make_tiny_model.py"
     if not script.is_file():
         raise MlxLoraError(
-            f"{script} is missing: the demo needs a repository checkout installed with `pip install -e .` "
+            f"{script} is missing: the demo needs a repository checkout installed with `pip "
+            "install -e .` "
             "(scripts/make_tiny_model.py and dataset/huanhuan.json)"
         )
     spec = importlib.util.spec_from_file_location("mlx_lora_make_tiny_model", script)
@@ -71,12 +78,20 @@ def demo_dataset(out: Path) -> Path:
     them in seconds, so the chat stage shows a fine-tune that visibly worked."""
     path = repo_root() / "dataset" / "huanhuan.json"
     if not path.is_file():
-        raise MlxLoraError(f"{path} is missing: the demo trains on the repository's dataset sample; restore it (git checkout dataset/)")
+        raise MlxLoraError(
+            f"{path} is missing: the demo trains on the repository's dataset sample; restore it "
+            "(git checkout dataset/)"
+        )
     from mlx_lora.data import read_records
 
-    records = [r for r in read_records(path) if isinstance(r, dict) and r.get("instruction") in IDENTITY]
+    records = [
+        r for r in read_records(path) if isinstance(r, dict) and r.get("instruction") in IDENTITY
+    ]
     if not records:
-        raise MlxLoraError(f"{path} has no identity records ({', '.join(IDENTITY)}); restore it (git checkout dataset/)")
+        raise MlxLoraError(
+            f"{path} has no identity records ({', '.join(IDENTITY)}); restore it (git checkout "
+            "dataset/)"
+        )
     subset = out / "identity.json"
     subset.write_text(json.dumps(records, ensure_ascii=False, indent=1), encoding="utf-8")
     return subset
@@ -88,12 +103,20 @@ def prepare_dir(out: Path) -> None:
         raise MlxLoraError(f"--output-dir {out} is a file; pass a folder")
     if out.is_dir() and any(out.iterdir()):
         if not (out / MARKER).is_file():
-            raise MlxLoraError(f"--output-dir {out} holds files the demo did not write; pass an empty or new folder")
+            raise MlxLoraError(
+                f"--output-dir {out} holds files the demo did not write; pass an empty or new "
+                "folder"
+            )
         for child in out.iterdir():
             if child.name != MARKER:
-                shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+                shutil.rmtree(
+                    child
+                ) if child.is_dir() and not child.is_symlink() else child.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).write_text("written by python -m mlx_lora.demo; rerunning the demo replaces this folder\n", encoding="utf-8")
+    (out / MARKER).write_text(
+        "written by python -m mlx_lora.demo; rerunning the demo replaces this folder\n",
+        encoding="utf-8",
+    )
 
 
 class Stages:
@@ -135,34 +158,61 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     stages = Stages()
     print(f"mlx_lora demo → {out.resolve()}")
 
-    model_dir = stages.run("tiny model (Qwen2 architecture, trained BPE tokenizer, ChatML template)",
-                           lambda: make_tiny_model(out / "tiny-model", init="fan_in").resolve())
+    model_dir = stages.run(
+        "tiny model (Qwen2 architecture, trained BPE tokenizer, ChatML template)",
+        lambda: make_tiny_model(out / "tiny-model", init="fan_in").resolve(),
+    )
     print(f"    {model_dir}")
 
     adapter = out / "adapter"
     tcfg = TrainConfig(
-        model=str(model_dir), data=str(data), output_dir=str(adapter), max_steps=cfg.steps,
-        per_device_train_batch_size=4, gradient_accumulation_steps=1, learning_rate=cfg.learning_rate,
-        warmup_steps=0, logging_steps=max(1, cfg.steps // 4), save_steps=max(cfg.steps, 1),
-        max_seq_length=256, lora_r=16, lora_alpha=32, lora_dropout=0.0, system_prompt=SYSTEM_PROMPT,
-        gradient_checkpointing=False, seed=0,
+        model=str(model_dir),
+        data=str(data),
+        output_dir=str(adapter),
+        max_steps=cfg.steps,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=1,
+        learning_rate=cfg.learning_rate,
+        warmup_steps=0,
+        logging_steps=max(1, cfg.steps // 4),
+        save_steps=max(cfg.steps, 1),
+        max_seq_length=256,
+        lora_r=16,
+        lora_alpha=32,
+        lora_dropout=0.0,
+        system_prompt=SYSTEM_PROMPT,
+        gradient_checkpointing=False,
+        seed=0,
     )
-    stages.run(f"LoRA training: {cfg.steps} steps on the identity lines of dataset/huanhuan.json", lambda: train(tcfg, progress=False))
+    stages.run(
+        f"LoRA training: {cfg.steps} steps on the identity lines of dataset/huanhuan.json",
+        lambda: train(tcfg, progress=False),
+    )
 
     def chat() -> str:
         from mlx_lora.chat import complete
         from mlx_lora.model import load_for_inference
 
         loaded = load_for_inference(str(model_dir), adapter)
-        answer = complete(loaded, [{"role": "user", "content": QUESTION}], max_tokens=32, temperature=0.0)
-        print(f"    system: {SYSTEM_PROMPT}\n    user:   {QUESTION}\n    model:  {answer.text.strip()!r}")
+        answer = complete(
+            loaded, [{"role": "user", "content": QUESTION}], max_tokens=32, temperature=0.0
+        )
+        print(
+            f"    system: {SYSTEM_PROMPT}\n    user:   {QUESTION}\n    model:  "
+            f"{answer.text.strip()!r}"
+        )
         print(f"    {answer.stats()}")
         return answer.text
 
     answer = stages.run("one chat answer (greedy): the tiny model has learned who it is", chat)
 
-    ecfg = ExportConfig(model=str(model_dir), adapter=str(adapter), output_dir=str(out / "export"),
-                        gguf_type=cfg.gguf_type, name=DEMO_NAME)
+    ecfg = ExportConfig(
+        model=str(model_dir),
+        adapter=str(adapter),
+        output_dir=str(out / "export"),
+        gguf_type=cfg.gguf_type,
+        name=DEMO_NAME,
+    )
 
     def do_export() -> Any:
         r = export(ecfg, progress=False, log=False)
@@ -176,16 +226,23 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
                 print(f"      {line}")
         return r
 
-    result = stages.run("export: fuse → GGUF → Modelfile (TEMPLATE derived from the chat template)", do_export)
+    result = stages.run(
+        "export: fuse → GGUF → Modelfile (TEMPLATE derived from the chat template)", do_export
+    )
 
     def verify() -> Any:
         if not have_llama_cpp():
-            print('    llama-cpp-python is not installed: tokenization and logit checks are skipped (pip install "mlx_lora[verify]")')
+            print(
+                "    llama-cpp-python is not installed: tokenization and logit checks are skipped "
+                '(pip install "mlx_lora[verify]")'
+            )
         report = verify_export(result)
         print("\n".join("    " + line for line in report.table().splitlines()))
         return report
 
-    report = stages.run("verify: GGUF vs HF folder, llama.cpp vs MLX, fused vs base+adapter", verify)
+    report = stages.run(
+        "verify: GGUF vs HF folder, llama.cpp vs MLX, fused vs base+adapter", verify
+    )
 
     def ollama() -> bool:
         from mlx_lora.ollama import ollama_create
@@ -194,7 +251,10 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
             print("    skipped (--no-ollama)")
             return False
         if shutil.which("ollama") is None:
-            print(f"    ollama is not on PATH: skipped (with Ollama installed: ollama create {DEMO_NAME} -f {result.modelfile})")
+            print(
+                "    ollama is not on PATH: skipped (with Ollama installed: ollama create "
+                f"{DEMO_NAME} -f {result.modelfile})"
+            )
             return False
         if not report.ok:
             print("    skipped: verification failed")
@@ -214,10 +274,21 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     print(f"  tiny model         {model_dir}")
     print(f"  adapter            {adapter.resolve()}  (PEFT adapter, trainer_state.json, loss.png)")
     print("\n".join(summary(result).splitlines()[1:]))
-    verdict = "OK: every stage ran and the export matches the model" if report.ok else "FAILED: the export does not match the model"
+    verdict = (
+        "OK: every stage ran and the export matches the model"
+        if report.ok
+        else "FAILED: the export does not match the model"
+    )
     print(f"\n{verdict} (total {stages.total:.1f} s)")
-    return {"model_dir": model_dir, "adapter": adapter, "export": result, "report": report, "answer": answer,
-            "times": stages.times, "total": stages.total}
+    return {
+        "model_dir": model_dir,
+        "adapter": adapter,
+        "export": result,
+        "report": report,
+        "answer": answer,
+        "times": stages.times,
+        "total": stages.total,
+    }
 
 
 DESCRIPTION = """Run the whole pipeline offline on a tiny local model: build it, train a few LoRA steps on

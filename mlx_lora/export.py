@@ -40,21 +40,69 @@ _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 @dataclass
 class ExportConfig:
-    model: str | None = opt(None, "base model (id or folder), or a fused folder; default: the base recorded in --adapter")
-    adapter: str | None = opt(None, "adapter folder (a training --output-dir or checkpoint-N); without it the model is converted as it is")
-    output_dir: str = opt("export", "folder for the GGUF file(s), the Modelfile, export.json and (full mode) the fused NAME-hf folder")
-    gguf_type: str = opt("f16", "GGUF weight type (norms and biases stay f32)", choices=list(GGUF_TYPES))
-    name: str | None = opt(None, "model name for the files and for ollama (default: the adapter's or model's folder name)")
-    num_ctx: int = opt(4096, "context length Ollama serves (PARAMETER num_ctx); Dify's context length must not exceed it")
-    mode: str = opt("full", "full: one fused GGUF; adapter: base GGUF + GGUF LoRA adapter (Modelfile ADAPTER)", choices=list(MODES))
-    template: str | None = opt(None, "Go text/template file for the Modelfile TEMPLATE, for chat templates mlx_lora does not recognise")
-    system_prompt: str | None = opt(None, "Modelfile SYSTEM; default: the system prompt used in training, else the chat template's own")
-    dtype: str | None = opt(None, "dtype of the fused folder (default: float32 for --gguf-type f32, else the base's own)", choices=list(FUSE_DTYPES))
-    ollama_create: bool = opt(False, "run `ollama create NAME -f OUT/Modelfile` at the end (needs ollama on PATH)")
-    ollama_quantize: str | None = opt(None, "let ollama quantize while creating (-q), e.g. q4_K_M; implies --ollama-create, needs --gguf-type f16/f32/bf16")
-    verify: bool = opt(False, "check the GGUF against the HF folder and MLX (llama.cpp checks need: pip install \"mlx_lora[verify]\"); exit 1 on mismatch")
+    model: str | None = opt(
+        None,
+        "base model (id or folder), or a fused folder; default: the base recorded in --adapter",
+    )
+    adapter: str | None = opt(
+        None,
+        "adapter folder (a training --output-dir or checkpoint-N); without it the model is "
+        "converted as it is",
+    )
+    output_dir: str = opt(
+        "export",
+        "folder for the GGUF file(s), the Modelfile, export.json and (full mode) the fused "
+        "NAME-hf folder",
+    )
+    gguf_type: str = opt(
+        "f16", "GGUF weight type (norms and biases stay f32)", choices=list(GGUF_TYPES)
+    )
+    name: str | None = opt(
+        None,
+        "model name for the files and for ollama (default: the adapter's or model's folder name)",
+    )
+    num_ctx: int = opt(
+        4096,
+        "context length Ollama serves (PARAMETER num_ctx); Dify's context length must not exceed "
+        "it",
+    )
+    mode: str = opt(
+        "full",
+        "full: one fused GGUF; adapter: base GGUF + GGUF LoRA adapter (Modelfile ADAPTER)",
+        choices=list(MODES),
+    )
+    template: str | None = opt(
+        None,
+        "Go text/template file for the Modelfile TEMPLATE, for chat templates mlx_lora does not "
+        "recognise",
+    )
+    system_prompt: str | None = opt(
+        None,
+        "Modelfile SYSTEM; default: the system prompt used in training, else the chat template's "
+        "own",
+    )
+    dtype: str | None = opt(
+        None,
+        "dtype of the fused folder (default: float32 for --gguf-type f32, else the base's own)",
+        choices=list(FUSE_DTYPES),
+    )
+    ollama_create: bool = opt(
+        False, "run `ollama create NAME -f OUT/Modelfile` at the end (needs ollama on PATH)"
+    )
+    ollama_quantize: str | None = opt(
+        None,
+        "let ollama quantize while creating (-q), e.g. q4_K_M; implies --ollama-create, needs "
+        "--gguf-type f16/f32/bf16",
+    )
+    verify: bool = opt(
+        False,
+        "check the GGUF against the HF folder and MLX (llama.cpp checks need: pip install "
+        '"mlx_lora[verify]"); exit 1 on mismatch',
+    )
     overwrite: bool = opt(False, "replace the artifacts of an earlier export in --output-dir")
-    model_source: str = opt("auto", "where a model id is fetched from", choices=["auto", "modelscope", "huggingface"])
+    model_source: str = opt(
+        "auto", "where a model id is fetched from", choices=["auto", "modelscope", "huggingface"]
+    )
 
 
 @dataclass
@@ -81,7 +129,11 @@ class ExportResult:
 
     @property
     def artifacts(self) -> list[Path]:
-        return [p for p in (self.fused_dir, self.gguf, self.lora_gguf, self.modelfile, self.manifest) if p is not None]
+        return [
+            p
+            for p in (self.fused_dir, self.gguf, self.lora_gguf, self.modelfile, self.manifest)
+            if p is not None
+        ]
 
 
 GENERIC_DIRS = {"output", "outputs", "adapter", "adapters", "lora", "out", "checkpoint"}
@@ -112,17 +164,28 @@ def _check(cfg: ExportConfig) -> None:
     if cfg.mode not in MODES:
         raise MlxLoraError(f"unknown --mode {cfg.mode!r}; choose full or adapter")
     if cfg.mode == "adapter" and not cfg.adapter:
-        raise MlxLoraError("--mode adapter needs --adapter OUT (the adapter to write as a GGUF LoRA adapter)")
+        raise MlxLoraError(
+            "--mode adapter needs --adapter OUT (the adapter to write as a GGUF LoRA adapter)"
+        )
     if cfg.name is not None and not _NAME.fullmatch(cfg.name):
-        raise MlxLoraError(f"--name {cfg.name!r} must be letters, digits, '.', '_' or '-' (it names files and the Ollama model)")
+        raise MlxLoraError(
+            f"--name {cfg.name!r} must be letters, digits, '.', '_' or '-' (it names files and "
+            "the Ollama model)"
+        )
     if not isinstance(cfg.num_ctx, int) or cfg.num_ctx <= 0:
         raise MlxLoraError(f"--num-ctx must be a positive number of tokens, got {cfg.num_ctx}")
     if cfg.ollama_quantize and cfg.gguf_type == "q8_0":
-        raise MlxLoraError("--ollama-quantize needs an unquantized GGUF: use --gguf-type f16 (Ollama quantizes from it)")
+        raise MlxLoraError(
+            "--ollama-quantize needs an unquantized GGUF: use --gguf-type f16 (Ollama quantizes "
+            "from it)"
+        )
     if cfg.dtype is not None and cfg.dtype not in FUSE_DTYPES:
         raise MlxLoraError(f"unknown --dtype {cfg.dtype!r}; choose {', '.join(FUSE_DTYPES)}")
     if cfg.adapter is not None and not Path(cfg.adapter).is_dir():
-        raise MlxLoraError(f"--adapter {cfg.adapter} is not a folder; pass the --output-dir of a training run (or a checkpoint-N folder)")
+        raise MlxLoraError(
+            f"--adapter {cfg.adapter} is not a folder; pass the --output-dir of a training run "
+            "(or a checkpoint-N folder)"
+        )
 
 
 def _read_json(path: Path) -> dict:
@@ -198,7 +261,10 @@ def _no_partial_export(out: Path, artifacts: list[Path]) -> Iterator[None]:
                 p.unlink(missing_ok=True)
         if isinstance(e, OSError | RuntimeError):  # MLX reports a full disk as RuntimeError
             detail = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-            raise MlxLoraError(f"cannot write the export to {out} ({detail}); free disk space or choose another --output-dir") from None
+            raise MlxLoraError(
+                f"cannot write the export to {out} ({detail}); free disk space or choose another "
+                "--output-dir"
+            ) from None
         raise
 
 
@@ -222,10 +288,14 @@ def export(cfg: ExportConfig, *, progress: bool = True, log: bool = True) -> Exp
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     adapter = Path(cfg.adapter) if cfg.adapter else None
-    adapter_cfg = read_adapter(adapter)[0] if adapter is not None else None  # broken adapter: fail before any work
+    adapter_cfg = (
+        read_adapter(adapter)[0] if adapter is not None else None
+    )  # broken adapter: fail before any work
     model = cfg.model or (adapter_base(adapter) if adapter is not None else None)
     if not model:
-        raise MlxLoraError("pass --model ID|DIR (or --adapter OUT of a training run, whose base is recorded)")
+        raise MlxLoraError(
+            "pass --model ID|DIR (or --adapter OUT of a training run, whose base is recorded)"
+        )
     base_dir = resolve_model(model, cfg.model_source)
     if adapter_cfg is not None:
         check_base(adapter_cfg, _read_json(base_dir / "config.json"), adapter)
@@ -237,7 +307,9 @@ def export(cfg: ExportConfig, *, progress: bool = True, log: bool = True) -> Exp
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
     except Exception as e:  # noqa: BLE001 - transformers raises many types for a broken tokenizer
-        raise MlxLoraError(f"{base_dir}: cannot load the tokenizer ({type(e).__name__}: {e})") from None
+        raise MlxLoraError(
+            f"{base_dir}: cannot load the tokenizer ({type(e).__name__}: {e})"
+        ) from None
     template = _template(cfg, tokenizer)
 
     full = cfg.mode == "full"
@@ -246,14 +318,21 @@ def export(cfg: ExportConfig, *, progress: bool = True, log: bool = True) -> Exp
     lora_path = None if full else out / f"{name}-lora.gguf"
     modelfile_path = out / "Modelfile"
     manifest_path = out / "export.json"
-    artifacts = [p for p in (fused_dir, gguf_path, lora_path, modelfile_path, manifest_path) if p is not None]
+    artifacts = [
+        p for p in (fused_dir, gguf_path, lora_path, modelfile_path, manifest_path) if p is not None
+    ]
     existing = [p for p in artifacts if p.exists()]
     if existing and not cfg.overwrite:
-        raise MlxLoraError(f"{existing[0]} already exists; pass --overwrite or choose another --output-dir / --name")
+        raise MlxLoraError(
+            f"{existing[0]} already exists; pass --overwrite or choose another --output-dir / "
+            "--name"
+        )
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise MlxLoraError(f"cannot write to --output-dir {out} ({e.strerror or e}); choose a writable folder") from None
+        raise MlxLoraError(
+            f"cannot write to --output-dir {out} ({e.strerror or e}); choose a writable folder"
+        ) from None
 
     with _no_partial_export(out, artifacts):  # a failed export leaves none of its files
         hf_dir = base_dir
@@ -268,46 +347,78 @@ def export(cfg: ExportConfig, *, progress: bool = True, log: bool = True) -> Exp
         if lora_path is not None:  # first: it checks the adapter against the base in seconds
             t = _stage(f"writing the GGUF LoRA adapter {lora_path}", log)
             lora_type = "f32" if cfg.gguf_type == "f32" else "f16"
-            write_lora_gguf(adapter, base_dir, lora_path, lora_type, progress=progress, name=f"{name}-lora")
+            write_lora_gguf(
+                adapter, base_dir, lora_path, lora_type, progress=progress, name=f"{name}-lora"
+            )
             timings["lora_gguf"] = time.perf_counter() - t
         t = _stage(f"writing {gguf_path} ({cfg.gguf_type})", log)
         write_gguf(hf_dir, gguf_path, cfg.gguf_type, progress=progress, name=name)
         timings["gguf"] = time.perf_counter() - t
 
-        system = cfg.system_prompt if cfg.system_prompt is not None else training_system_prompt(hf_dir, adapter)
+        system = (
+            cfg.system_prompt
+            if cfg.system_prompt is not None
+            else training_system_prompt(hf_dir, adapter)
+        )
         stops = end_strings(tokenizer, hf_dir, list(template.stops))
         gen = _read_json(hf_dir / "generation_config.json")
         params = generation_params(gen) if gen else {}
         write_modelfile(
-            out, from_path=f"./{gguf_path.name}", template=template, system=system, stops=stops,
-            num_ctx=cfg.num_ctx, params=params, adapter_path=f"./{lora_path.name}" if lora_path else None,
+            out,
+            from_path=f"./{gguf_path.name}",
+            template=template,
+            system=system,
+            stops=stops,
+            num_ctx=cfg.num_ctx,
+            params=params,
+            adapter_path=f"./{lora_path.name}" if lora_path else None,
         )
         result = ExportResult(
-            output_dir=out.resolve(), name=name, mode=cfg.mode, gguf_type=cfg.gguf_type,
-            gguf=gguf_path.resolve(), modelfile=modelfile_path.resolve(), manifest=manifest_path.resolve(),
-            hf_dir=Path(hf_dir).resolve(), base_dir=base_dir.resolve(),
+            output_dir=out.resolve(),
+            name=name,
+            mode=cfg.mode,
+            gguf_type=cfg.gguf_type,
+            gguf=gguf_path.resolve(),
+            modelfile=modelfile_path.resolve(),
+            manifest=manifest_path.resolve(),
+            hf_dir=Path(hf_dir).resolve(),
+            base_dir=base_dir.resolve(),
             adapter=adapter.resolve() if adapter else None,
             fused_dir=fused_dir.resolve() if fused_dir else None,
             lora_gguf=lora_path.resolve() if lora_path else None,
-            system_prompt=system or template.default_system, stops=stops, timings=timings,
+            system_prompt=system or template.default_system,
+            stops=stops,
+            timings=timings,
         )
-        write_json_atomic(manifest_path, {
-            "name": name, "mode": cfg.mode, "gguf_type": cfg.gguf_type,
-            "gguf": _rel(result.gguf, out), "lora_gguf": _rel(result.lora_gguf, out),
-            "hf_dir": _rel(result.hf_dir, out), "base_dir": str(result.base_dir),
-            "adapter": str(result.adapter) if result.adapter else None,
-            "modelfile": _rel(result.modelfile, out), "num_ctx": cfg.num_ctx,
-            "system_prompt": result.system_prompt, "stops": stops,
-        })
+        write_json_atomic(
+            manifest_path,
+            {
+                "name": name,
+                "mode": cfg.mode,
+                "gguf_type": cfg.gguf_type,
+                "gguf": _rel(result.gguf, out),
+                "lora_gguf": _rel(result.lora_gguf, out),
+                "hf_dir": _rel(result.hf_dir, out),
+                "base_dir": str(result.base_dir),
+                "adapter": str(result.adapter) if result.adapter else None,
+                "modelfile": _rel(result.modelfile, out),
+                "num_ctx": cfg.num_ctx,
+                "system_prompt": result.system_prompt,
+                "stops": stops,
+            },
+        )
 
     if cfg.verify:
         from mlx_lora.verify import verify_gguf
 
         t = _stage("verifying (GGUF read back, tokenization, logits)", log)
         result.report = verify_gguf(
-            result.hf_dir, result.gguf, adapter_dir=result.adapter,
+            result.hf_dir,
+            result.gguf,
+            adapter_dir=result.adapter,
             base_dir=result.base_dir if result.fused_dir else None,
-            gguf_type=cfg.gguf_type, lora_gguf=result.lora_gguf,
+            gguf_type=cfg.gguf_type,
+            lora_gguf=result.lora_gguf,
         )
         timings["verify"] = time.perf_counter() - t
         if log:
@@ -315,9 +426,16 @@ def export(cfg: ExportConfig, *, progress: bool = True, log: bool = True) -> Exp
 
     if log:
         print(summary(result))
-    if (cfg.ollama_create or cfg.ollama_quantize) and result.report is not None and not result.report.ok:
+    if (
+        (cfg.ollama_create or cfg.ollama_quantize)
+        and result.report is not None
+        and not result.report.ok
+    ):
         if log:
-            print(f"not running ollama create: verification failed (fix the mismatch, then: ollama create {name} -f {result.modelfile})")
+            print(
+                "not running ollama create: verification failed (fix the mismatch, then: ollama "
+                f"create {name} -f {result.modelfile})"
+            )
     elif cfg.ollama_create or cfg.ollama_quantize:
         t = _stage(f"ollama create {name}", log)
         ollama_create(name, result.modelfile, cfg.ollama_quantize)
@@ -332,8 +450,13 @@ def export(cfg: ExportConfig, *, progress: bool = True, log: bool = True) -> Exp
 def summary(r: ExportResult) -> str:
     """The artifact list and the commands to use them."""
     lines = ["artifacts:"]
-    labels = [("fused HF folder", r.fused_dir), ("GGUF" if r.mode == "full" else "base GGUF", r.gguf),
-              ("GGUF LoRA adapter", r.lora_gguf), ("Modelfile", r.modelfile), ("manifest", r.manifest)]
+    labels = [
+        ("fused HF folder", r.fused_dir),
+        ("GGUF" if r.mode == "full" else "base GGUF", r.gguf),
+        ("GGUF LoRA adapter", r.lora_gguf),
+        ("Modelfile", r.modelfile),
+        ("manifest", r.manifest),
+    ]
     for label, path in labels:
         if path is not None:
             size = _size(path)
@@ -345,7 +468,11 @@ def summary(r: ExportResult) -> str:
 
 
 def _size(path: Path) -> str:
-    n = sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+    n = (
+        sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        if path.is_dir()
+        else path.stat().st_size
+    )
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -366,18 +493,29 @@ files: OUT/NAME.gguf (or NAME-base.gguf + NAME-lora.gguf), OUT/Modelfile, OUT/ex
 
 
 def main(argv: list[str] | None = None) -> ExportResult:
-    cfg: ExportConfig = parse_config(ExportConfig, argv, "python -m mlx_lora.export", DESCRIPTION, EPILOG)
+    cfg: ExportConfig = parse_config(
+        ExportConfig, argv, "python -m mlx_lora.export", DESCRIPTION, EPILOG
+    )
     result = export(cfg)
     if result.report is not None and not result.report.ok:
-        print("error: the export does not match the model (see the FAIL lines above)", file=sys.stderr)
+        print(
+            "error: the export does not match the model (see the FAIL lines above)", file=sys.stderr
+        )
         raise SystemExit(1)
     return result
 
 
-__all__ = ["ExportConfig", "ExportResult", "default_name", "end_strings", "export", "main", "training_system_prompt"]
+__all__ = [
+    "ExportConfig",
+    "ExportResult",
+    "default_name",
+    "end_strings",
+    "export",
+    "main",
+    "training_system_prompt",
+]
 
 if __name__ == "__main__":
     from mlx_lora.cli import run
 
     sys.exit(run(main))
-

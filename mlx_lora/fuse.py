@@ -27,9 +27,17 @@ from mlx_lora.lora import check_base, merge_weights, read_adapter
 from mlx_lora.model import adapter_base
 
 TOKENIZER_FILES = (
-    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "tokenizer.model",
-    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json",
-    "vocab.txt", "qwen.tiktoken",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "vocab.txt",
+    "qwen.tiktoken",
 )
 QUANT_KEYS = ("quantization", "quantization_config")
 OUT_DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
@@ -38,11 +46,17 @@ INFO_FILE = "mlx_lora.json"
 
 @dataclass
 class FuseConfig:
-    model: str | None = opt(None, "base model (id or folder); default: the base recorded in the adapter")
+    model: str | None = opt(
+        None, "base model (id or folder); default: the base recorded in the adapter"
+    )
     adapter: str = opt("output", "adapter folder (a training --output-dir or checkpoint-N)")
     output_dir: str = opt("output-fused", "where the fused Hugging Face folder goes")
-    dtype: str | None = opt(None, "weight dtype of the fused model (default: the base's own)", choices=list(OUT_DTYPES))
-    model_source: str = opt("auto", "where a model id is fetched from", choices=["auto", "modelscope", "huggingface"])
+    dtype: str | None = opt(
+        None, "weight dtype of the fused model (default: the base's own)", choices=list(OUT_DTYPES)
+    )
+    model_source: str = opt(
+        "auto", "where a model id is fetched from", choices=["auto", "modelscope", "huggingface"]
+    )
     overwrite: bool = opt(False, "replace an existing --output-dir")
 
 
@@ -55,7 +69,9 @@ def _weight_files(base: Path) -> list[str]:
 
 def _base_dtype(config: dict, sample: mx.array) -> mx.Dtype:
     name = config.get("torch_dtype") or config.get("dtype")
-    return OUT_DTYPES.get(str(name), sample.dtype if mx.issubdtype(sample.dtype, mx.floating) else mx.float32)
+    return OUT_DTYPES.get(
+        str(name), sample.dtype if mx.issubdtype(sample.dtype, mx.floating) else mx.float32
+    )
 
 
 def fuse(
@@ -77,7 +93,10 @@ def fuse(
     config = json.loads((base / "config.json").read_text(encoding="utf-8"))
     check_base(cfg, config, adapter)
     if any(k in config for k in QUANT_KEYS):
-        raise MlxLoraError(f"{base} holds quantized weights; fuse needs the original full-precision base (QLoRA adapters are fused into the unquantized model)")
+        raise MlxLoraError(
+            f"{base} holds quantized weights; fuse needs the original full-precision base (QLoRA "
+            "adapters are fused into the unquantized model)"
+        )
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise MlxLoraError(f"--output-dir {out} is a file; choose a folder path")
@@ -89,16 +108,31 @@ def fuse(
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise MlxLoraError(f"cannot write to --output-dir {out} ({write_error_detail(e)}); choose a writable folder") from None
+        raise MlxLoraError(
+            f"cannot write to --output-dir {out} ({write_error_detail(e)}); choose a writable "
+            "folder"
+        ) from None
     try:
         with atomic_dir(out) as tmp:
             _write_fused(tmp, base, config, model, adapter, cfg, tensors, dtype)
     except (OSError, RuntimeError) as e:
-        raise MlxLoraError(f"cannot write the fused model to {out} ({write_error_detail(e)}); free disk space or choose another --output-dir") from None
+        raise MlxLoraError(
+            f"cannot write the fused model to {out} ({write_error_detail(e)}); free disk space or "
+            "choose another --output-dir"
+        ) from None
     return out
 
 
-def _write_fused(tmp: Path, base: Path, config: dict, model: str, adapter: Path, cfg: dict, tensors: dict, dtype: str | None) -> None:
+def _write_fused(
+    tmp: Path,
+    base: Path,
+    config: dict,
+    model: str,
+    adapter: Path,
+    cfg: dict,
+    tensors: dict,
+    dtype: str | None,
+) -> None:
     """Merged shards, config without quantization keys, byte-copied tokenizer, provenance."""
     used: set[str] = set()
     out_dtype = OUT_DTYPES[dtype] if dtype else None
@@ -106,9 +140,19 @@ def _write_fused(tmp: Path, base: Path, config: dict, model: str, adapter: Path,
         weights = mx.load(str(base / name))
         if out_dtype is None:
             out_dtype = _base_dtype(config, next(iter(weights.values())))
-        present = {k: v for k, v in tensors.items() if k.endswith(".lora_A.weight") and
-                   k[len("base_model.model."):-len(".lora_A.weight")] + ".weight" in weights}
-        lora = {**present, **{k.replace(".lora_A.", ".lora_B."): tensors[k.replace(".lora_A.", ".lora_B.")] for k in present}}
+        present = {
+            k: v
+            for k, v in tensors.items()
+            if k.endswith(".lora_A.weight")
+            and k[len("base_model.model.") : -len(".lora_A.weight")] + ".weight" in weights
+        }
+        lora = {
+            **present,
+            **{
+                k.replace(".lora_A.", ".lora_B."): tensors[k.replace(".lora_A.", ".lora_B.")]
+                for k in present
+            },
+        }
         used.update(lora)
         merged = merge_weights(weights, cfg, lora)
         out_tensors = {}
@@ -119,22 +163,34 @@ def _write_fused(tmp: Path, base: Path, config: dict, model: str, adapter: Path,
         del weights, merged, out_tensors
     unused = sorted(set(tensors) - used)
     if unused:
-        raise MlxLoraError(f"adapter tensor {unused[0]} has no base weight in {base}: the adapter was trained on another model; pass its base with --model")
+        raise MlxLoraError(
+            f"adapter tensor {unused[0]} has no base weight in {base}: the adapter was trained on "
+            "another model; pass its base with --model"
+        )
     if (base / "model.safetensors.index.json").is_file():
         shutil.copyfile(base / "model.safetensors.index.json", tmp / "model.safetensors.index.json")
     for key in QUANT_KEYS:
         config.pop(key, None)
-    config["torch_dtype"] = {mx.float16: "float16", mx.bfloat16: "bfloat16", mx.float32: "float32"}[out_dtype]
+    config["torch_dtype"] = {mx.float16: "float16", mx.bfloat16: "bfloat16", mx.float32: "float32"}[
+        out_dtype
+    ]
     write_json_atomic(tmp / "config.json", config)
     for name in (*TOKENIZER_FILES, "generation_config.json"):
         if (base / name).is_file():
             shutil.copyfile(base / name, tmp / name)
     _template_in_tokenizer_config(tmp)
     extra = cfg.get("mlx_lora") or {}
-    write_json_atomic(tmp / INFO_FILE, {
-        "base_model": model, "adapter": str(adapter.resolve()), "r": cfg["r"], "lora_alpha": cfg["lora_alpha"],
-        "system_prompt": extra.get("system_prompt"), "dtype": config["torch_dtype"],
-    })
+    write_json_atomic(
+        tmp / INFO_FILE,
+        {
+            "base_model": model,
+            "adapter": str(adapter.resolve()),
+            "r": cfg["r"],
+            "lora_alpha": cfg["lora_alpha"],
+            "system_prompt": extra.get("system_prompt"),
+            "dtype": config["torch_dtype"],
+        },
+    )
 
 
 def _template_in_tokenizer_config(folder: Path) -> None:
@@ -157,7 +213,14 @@ EPILOG = """example:
 
 def main(argv: list[str] | None = None) -> Path:
     c = parse_config(FuseConfig, argv, "python -m mlx_lora.fuse", DESCRIPTION, EPILOG)
-    out = fuse(c.model, c.adapter, c.output_dir, dtype=c.dtype, source=c.model_source, overwrite=c.overwrite)
+    out = fuse(
+        c.model,
+        c.adapter,
+        c.output_dir,
+        dtype=c.dtype,
+        source=c.model_source,
+        overwrite=c.overwrite,
+    )
     print(f"fused model written to {out}")
     return out
 

@@ -93,8 +93,12 @@ _CHUNK_ELEMENTS = 1 << 24  # convert big matrices ~64 MB (f32) at a time
 # safetensors without torch (numpy has no bfloat16, so safetensors.numpy cannot read bf16 files)
 # --------------------------------------------------------------------------------------------
 
-_ST_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2"),
-              "F64": np.dtype("<f8")}
+_ST_DTYPES = {
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype("<u2"),
+    "F64": np.dtype("<f8"),
+}
 
 
 @dataclass(frozen=True)
@@ -116,7 +120,9 @@ class _StTensor:
             )
         if self.nbytes == 0:
             return np.zeros(self.shape, dtype=_ST_DTYPES[self.dtype])
-        raw = np.memmap(self.file, dtype=np.uint8, mode="r", offset=self.start, shape=(self.nbytes,))
+        raw = np.memmap(
+            self.file, dtype=np.uint8, mode="r", offset=self.start, shape=(self.nbytes,)
+        )
         return raw.view(_ST_DTYPES[self.dtype]).reshape(self.shape)
 
     def rows_f32(self, rows: np.ndarray | slice | None = None) -> np.ndarray:
@@ -135,7 +141,9 @@ def _read_st_header(path: Path) -> dict[str, _StTensor]:
             (n,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(n))
     except (OSError, ValueError, struct.error) as e:
-        raise MlxLoraError(f"{path}: not a readable safetensors file ({e}); re-download or re-fuse it") from None
+        raise MlxLoraError(
+            f"{path}: not a readable safetensors file ({e}); re-download or re-fuse it"
+        ) from None
     base = 8 + n
     out = {}
     for name, info in header.items():
@@ -157,11 +165,17 @@ def _index_weights(folder: Path) -> dict[str, _StTensor]:
         files = sorted({folder / f for f in weight_map.values()})
         missing = [f.name for f in files if not f.is_file()]
         if missing:
-            raise MlxLoraError(f"{folder}: shard(s) {', '.join(missing)} listed in {index.name} are missing; re-download the model")
+            raise MlxLoraError(
+                f"{folder}: shard(s) {', '.join(missing)} listed in {index.name} are missing; "
+                "re-download the model"
+            )
     else:
         files = sorted(folder.glob("model*.safetensors")) or sorted(folder.glob("*.safetensors"))
     if not files:
-        raise MlxLoraError(f"{folder}: no *.safetensors weights found; pass a Hugging Face model folder (fuse an adapter first)")
+        raise MlxLoraError(
+            f"{folder}: no *.safetensors weights found; pass a Hugging Face model folder (fuse an "
+            "adapter first)"
+        )
     tensors: dict[str, _StTensor] = {}
     for f in files:
         tensors.update(_read_st_header(f))
@@ -171,6 +185,7 @@ def _index_weights(folder: Path) -> dict[str, _StTensor]:
 # --------------------------------------------------------------------------------------------
 # config
 # --------------------------------------------------------------------------------------------
+
 
 def _read_json(path: Path) -> dict:
     try:
@@ -206,7 +221,9 @@ def _load_config(hf_dir: Path) -> tuple[dict, str]:
             )
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
         if not isinstance(cfg.get(key), int):
-            raise MlxLoraError(f"{hf_dir / 'config.json'}: {key} is missing; the config is incomplete")
+            raise MlxLoraError(
+                f"{hf_dir / 'config.json'}: {key} is missing; the config is incomplete"
+            )
     return cfg, SUPPORTED_ARCHITECTURES[hf_arch]
 
 
@@ -243,6 +260,7 @@ def _llama_rope_rows(n_rows: int, n_head: int) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 # tokenizer
 # --------------------------------------------------------------------------------------------
+
 
 @dataclass
 class GgufVocab:
@@ -286,7 +304,8 @@ def identify_pre_tokenizer(definition: dict | None, tokenizer_class: str = "") -
         name = _PRE_TOKENIZER_BY_CLASS.get(tokenizer_class)
         if name is None:
             raise MlxLoraError(
-                f"tokenizer class {tokenizer_class!r} has no tokenizer.json and no known pre-tokenizer; "
+                f"tokenizer class {tokenizer_class!r} has no tokenizer.json and no known "
+                "pre-tokenizer; "
                 "save the tokenizer with tokenizer.json (AutoTokenizer.save_pretrained)"
             )
         return name
@@ -296,19 +315,31 @@ def identify_pre_tokenizer(definition: dict | None, tokenizer_class: str = "") -
         if kind == "Split":
             pattern = step.get("pattern", {})
             if "Regex" not in pattern or step.get("behavior") != "Isolated" or step.get("invert"):
-                raise MlxLoraError(f"tokenizer pre-tokenizer Split {json.dumps(step)} is not one llama.cpp implements; export is not possible")
+                raise MlxLoraError(
+                    f"tokenizer pre-tokenizer Split {json.dumps(step)} is not one llama.cpp "
+                    "implements; export is not possible"
+                )
             steps.append(pattern["Regex"])
         elif kind == "ByteLevel":
             if step.get("add_prefix_space"):
-                raise MlxLoraError("tokenizer pre-tokenizer ByteLevel(add_prefix_space=true) is not supported by llama.cpp")
+                raise MlxLoraError(
+                    "tokenizer pre-tokenizer ByteLevel(add_prefix_space=true) is not supported by "
+                    "llama.cpp"
+                )
             if step.get("use_regex", True):
                 steps.append(_GPT2_REGEX)
         elif kind == "Digits":
             if not step.get("individual_digits"):
-                raise MlxLoraError("tokenizer pre-tokenizer Digits(individual_digits=false) is not supported by llama.cpp")
+                raise MlxLoraError(
+                    "tokenizer pre-tokenizer Digits(individual_digits=false) is not supported by "
+                    "llama.cpp"
+                )
             steps.append(_DIGITS)
         else:
-            raise MlxLoraError(f"tokenizer pre-tokenizer step {kind!r} is not supported by llama.cpp's BPE tokenizer")
+            raise MlxLoraError(
+                f"tokenizer pre-tokenizer step {kind!r} is not supported by llama.cpp's BPE "
+                "tokenizer"
+            )
     ignore_merges = bool(definition.get("model", {}).get("ignore_merges", False))
     for known_steps, known_ignore, name in _KNOWN_PRE_TOKENIZERS:
         if tuple(steps) == known_steps and known_ignore in (None, ignore_merges):
@@ -326,9 +357,14 @@ def _is_sentencepiece(definition: dict | None, hf_dir: Path) -> bool:
         return (hf_dir / "tokenizer.model").is_file()
     model = definition.get("model", {})
     if model.get("type") == "Unigram":
-        raise MlxLoraError(f"{hf_dir}: SentencePiece unigram vocabularies are not supported; use a BPE-based model")
+        raise MlxLoraError(
+            f"{hf_dir}: SentencePiece unigram vocabularies are not supported; use a BPE-based model"
+        )
     if model.get("type") != "BPE":
-        raise MlxLoraError(f"{hf_dir}: tokenizer model {model.get('type')!r} is not supported; only BPE vocabularies are")
+        raise MlxLoraError(
+            f"{hf_dir}: tokenizer model {model.get('type')!r} is not supported; only BPE "
+            "vocabularies are"
+        )
     pre = _flatten(definition.get("pre_tokenizer"), "pretokenizers")
     norm = _flatten(definition.get("normalizer"), "normalizers")
     metaspace = any(s.get("type") == "Metaspace" for s in pre)
@@ -374,7 +410,10 @@ def _tokenizer_definition(hf_dir: Path, tok: Any) -> tuple[dict | None, dict]:
     elif file_def is not None:
         full = file_def
     else:
-        raise MlxLoraError(f"{hf_dir}: the tokenizer has no fast (tokenizers) definition; save it with tokenizer.json")
+        raise MlxLoraError(
+            f"{hf_dir}: the tokenizer has no fast (tokenizers) definition; save it with "
+            "tokenizer.json"
+        )
     return file_def, full
 
 
@@ -388,7 +427,10 @@ def read_vocab(hf_dir: Path, n_vocab: int | None = None) -> GgufVocab:
     try:
         tok = AutoTokenizer.from_pretrained(str(hf_dir))
     except Exception as e:  # transformers raises many types for a broken/missing tokenizer
-        raise MlxLoraError(f"{hf_dir}: cannot load the tokenizer ({type(e).__name__}: {e}); the folder needs tokenizer files") from None
+        raise MlxLoraError(
+            f"{hf_dir}: cannot load the tokenizer ({type(e).__name__}: {e}); the folder needs "
+            "tokenizer files"
+        ) from None
     file_def, full_def = _tokenizer_definition(hf_dir, tok)
     vocab: dict[str, int] = tok.get_vocab()
     size = max(vocab.values()) + 1
@@ -466,7 +508,11 @@ def read_vocab(hf_dir: Path, n_vocab: int | None = None) -> GgufVocab:
 
     if spm:
         result = GgufVocab(
-            model="llama", pre="default", tokens=tokens, token_types=types, scores=scores,
+            model="llama",
+            pre="default",
+            tokens=tokens,
+            token_types=types,
+            scores=scores,
             add_space_prefix=_spm_add_space_prefix(full_def),
         )
     else:
@@ -475,8 +521,11 @@ def read_vocab(hf_dir: Path, n_vocab: int | None = None) -> GgufVocab:
         else:
             pre = identify_pre_tokenizer(file_def, cls_name)
         result = GgufVocab(
-            model="gpt2", pre=pre, tokens=tokens,
-            token_types=types, merges=merges,
+            model="gpt2",
+            pre=pre,
+            tokens=tokens,
+            token_types=types,
+            merges=merges,
         )
     result.bos_id, result.eos_id = bos, eos
     result.unk_id, result.pad_id = unk_id, tok.pad_token_id
@@ -495,8 +544,10 @@ def _add_vocab(w: gguf.GGUFWriter, v: GgufVocab) -> None:
     if v.merges:
         w.add_token_merges(v.merges)
     for setter, value in (
-        (w.add_bos_token_id, v.bos_id), (w.add_eos_token_id, v.eos_id),
-        (w.add_unk_token_id, v.unk_id), (w.add_pad_token_id, v.pad_id),
+        (w.add_bos_token_id, v.bos_id),
+        (w.add_eos_token_id, v.eos_id),
+        (w.add_unk_token_id, v.unk_id),
+        (w.add_pad_token_id, v.pad_id),
     ):
         if value is not None:
             setter(value)
@@ -511,6 +562,7 @@ def _add_vocab(w: gguf.GGUFWriter, v: GgufVocab) -> None:
 # --------------------------------------------------------------------------------------------
 # tensors
 # --------------------------------------------------------------------------------------------
+
 
 @dataclass
 class _Planned:
@@ -527,9 +579,15 @@ class _Planned:
         return n // block * type_size
 
 
-def _tensor_qtype(name: str, shape: tuple[int, ...], wanted: gguf.GGMLQuantizationType) -> gguf.GGMLQuantizationType:
+def _tensor_qtype(
+    name: str, shape: tuple[int, ...], wanted: gguf.GGMLQuantizationType
+) -> gguf.GGMLQuantizationType:
     """llama.cpp's rules: 1-D, norms and non-weight tensors stay f32; unblockable rows → f16."""
-    if len(shape) <= 1 or name.endswith("_norm.weight") or not name.endswith((".weight", ".lora_a", ".lora_b")):
+    if (
+        len(shape) <= 1
+        or name.endswith("_norm.weight")
+        or not name.endswith((".weight", ".lora_a", ".lora_b"))
+    ):
         return gguf.GGMLQuantizationType.F32
     block, _ = gguf.GGML_QUANT_SIZES[wanted]
     if shape[-1] % block:
@@ -553,7 +611,7 @@ def _encode(plan: _Planned) -> np.ndarray:
             if step >= n_rows:
                 return enc
             out = np.empty((n_rows, *enc.shape[1:]), dtype=enc.dtype)
-        out[start:start + enc.shape[0]] = enc
+        out[start : start + enc.shape[0]] = enc
     assert out is not None
     return out
 
@@ -565,6 +623,7 @@ def _row_loader(src: _StTensor, perm: np.ndarray | None, scale: float = 1.0):
             idx = perm if rows is None else perm[rows]
         x = src.rows_f32(idx)
         return x * np.float32(scale) if scale != 1.0 else x
+
     return load
 
 
@@ -596,7 +655,9 @@ def _block_id(name: str) -> int:
     return -1
 
 
-def _plan_model_tensors(hf_dir: Path, cfg: dict, arch: str, wanted: gguf.GGMLQuantizationType) -> list[_Planned]:
+def _plan_model_tensors(
+    hf_dir: Path, cfg: dict, arch: str, wanted: gguf.GGMLQuantizationType
+) -> list[_Planned]:
     weights = _index_weights(hf_dir)
     n_layers = cfg["num_hidden_layers"]
     n_head, n_kv, _ = _head_counts(cfg)
@@ -607,17 +668,32 @@ def _plan_model_tensors(hf_dir: Path, cfg: dict, arch: str, wanted: gguf.GGMLQua
             continue
         gname = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gname is None:
-            raise MlxLoraError(f"{hf_dir}: tensor {hf_name!r} has no GGUF counterpart for {arch}; the checkpoint has layers llama.cpp cannot load")
+            raise MlxLoraError(
+                f"{hf_dir}: tensor {hf_name!r} has no GGUF counterpart for {arch}; the checkpoint "
+                "has layers llama.cpp cannot load"
+            )
         src = weights[hf_name]
         perm = None
         if arch == "llama" and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
             perm = _llama_rope_rows(src.shape[0], n_head)
         elif arch == "llama" and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
             perm = _llama_rope_rows(src.shape[0], n_kv)
-        planned[gname] = _Planned(gname, src.shape, _tensor_qtype(gname, src.shape, wanted), _row_loader(src, perm))
+        planned[gname] = _Planned(
+            gname, src.shape, _tensor_qtype(gname, src.shape, wanted), _row_loader(src, perm)
+        )
 
     required = ["token_embd.weight", "output_norm.weight"]
-    per_block = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "ffn_norm", "ffn_gate", "ffn_up", "ffn_down"]
+    per_block = [
+        "attn_norm",
+        "attn_q",
+        "attn_k",
+        "attn_v",
+        "attn_output",
+        "ffn_norm",
+        "ffn_gate",
+        "ffn_up",
+        "ffn_down",
+    ]
     for b in range(n_layers):
         required += [f"blk.{b}.{t}.weight" for t in per_block]
         if arch == "qwen2":
@@ -626,21 +702,29 @@ def _plan_model_tensors(hf_dir: Path, cfg: dict, arch: str, wanted: gguf.GGMLQua
         required.append("output.weight")
     missing = [n for n in required if n not in planned]
     if missing:
-        raise MlxLoraError(f"{hf_dir}: weights missing for {', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}; the checkpoint is incomplete, re-download or re-fuse it")
+        raise MlxLoraError(
+            f"{hf_dir}: weights missing for "
+            f"{', '.join(missing[:5])}{' …' if len(missing) > 5 else ''}; the checkpoint is "
+            "incomplete, re-download or re-fuse it"
+        )
 
     order = ["token_embd.weight"]
     rope = _rope(cfg)
     if rope["rope_type"] == "llama3":
         _, _, head_dim = _head_counts(cfg)
         factors = _llama3_rope_factors(rope, head_dim)
-        planned["rope_freqs.weight"] = _Planned("rope_freqs.weight", factors.shape, gguf.GGMLQuantizationType.F32, None, factors)
+        planned["rope_freqs.weight"] = _Planned(
+            "rope_freqs.weight", factors.shape, gguf.GGMLQuantizationType.F32, None, factors
+        )
         order.append("rope_freqs.weight")
     rest = [n for n in planned if n not in order]
     rest.sort(key=lambda n: (n.startswith("output"), _block_id(n), n))
     return [planned[n] for n in order + rest]
 
 
-def _add_hparams(w: gguf.GGUFWriter, cfg: dict, arch: str, ftype: gguf.LlamaFileType, n_vocab: int) -> None:
+def _add_hparams(
+    w: gguf.GGUFWriter, cfg: dict, arch: str, ftype: gguf.LlamaFileType, n_vocab: int
+) -> None:
     n_head, n_kv, head_dim = _head_counts(cfg)
     w.add_context_length(int(cfg.get("max_position_embeddings") or 4096))
     w.add_embedding_length(cfg["hidden_size"])
@@ -664,11 +748,16 @@ def _add_hparams(w: gguf.GGUFWriter, cfg: dict, arch: str, ftype: gguf.LlamaFile
     elif kind == "yarn":
         w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         w.add_rope_scaling_factor(float(rope["factor"]))
-        w.add_rope_scaling_orig_ctx_len(int(rope.get("original_max_position_embeddings") or cfg.get("max_position_embeddings")))
+        w.add_rope_scaling_orig_ctx_len(
+            int(rope.get("original_max_position_embeddings") or cfg.get("max_position_embeddings"))
+        )
     elif kind == "llama3" and arch == "llama":
         pass  # carried by the rope_freqs tensor
     elif kind != "default":
-        raise MlxLoraError(f"rope scaling type {kind!r} in config.json is not supported for GGUF export (supported: linear, yarn, llama3)")
+        raise MlxLoraError(
+            f"rope scaling type {kind!r} in config.json is not supported for GGUF export "
+            "(supported: linear, yarn, llama3)"
+        )
     w.add_file_type(int(ftype))
 
 
@@ -693,8 +782,11 @@ def _add_sampling(w: gguf.GGUFWriter, hf_dir: Path) -> None:
 
     if isinstance(gen.get("top_k"), int) and not isinstance(gen["top_k"], bool):
         w.add_sampling_top_k(gen["top_k"])
-    for key, setter in (("top_p", w.add_sampling_top_p), ("min_p", w.add_sampling_min_p),
-                        ("repetition_penalty", w.add_sampling_penalty_repeat)):
+    for key, setter in (
+        ("top_p", w.add_sampling_top_p),
+        ("min_p", w.add_sampling_min_p),
+        ("repetition_penalty", w.add_sampling_penalty_repeat),
+    ):
         if (v := num(key)) is not None:
             setter(v)
     temp = 0.0 if gen.get("do_sample") is False else num("temperature")
@@ -706,6 +798,7 @@ def _add_sampling(w: gguf.GGUFWriter, hf_dir: Path) -> None:
 # writing
 # --------------------------------------------------------------------------------------------
 
+
 def _gguf_type(gguf_type: str) -> tuple[gguf.GGMLQuantizationType, gguf.LlamaFileType]:
     key = str(gguf_type).lower()
     if key not in GGUF_TYPES:
@@ -713,7 +806,9 @@ def _gguf_type(gguf_type: str) -> tuple[gguf.GGMLQuantizationType, gguf.LlamaFil
     return GGUF_TYPES[key]
 
 
-def _write_file(out_path: Path, writer_setup, plans: list[_Planned], progress: bool, arch: str) -> Path:
+def _write_file(
+    out_path: Path, writer_setup, plans: list[_Planned], progress: bool, arch: str
+) -> Path:
     """Write header, metadata and tensors to a temp file beside ``out_path``, then rename."""
     from tqdm import tqdm
 
@@ -726,12 +821,20 @@ def _write_file(out_path: Path, writer_setup, plans: list[_Planned], progress: b
     try:
         writer_setup(writer)
         for p in plans:
-            writer.add_tensor_info(p.name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.qtype)
+            writer.add_tensor_info(
+                p.name, p.shape, np.dtype(np.float32), p.nbytes, raw_dtype=p.qtype
+            )
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         total = sum(p.nbytes for p in plans)
-        with tqdm(total=total, unit="B", unit_scale=True, desc=f"GGUF {out_path.name}", disable=not progress) as bar:
+        with tqdm(
+            total=total,
+            unit="B",
+            unit_scale=True,
+            desc=f"GGUF {out_path.name}",
+            disable=not progress,
+        ) as bar:
             for p in plans:
                 data = _encode(p)
                 writer.write_tensor_data(data)
@@ -798,15 +901,22 @@ def write_lora_gguf(
     cfg, arch = _load_config(base_hf_dir)
     acfg = _read_json(adapter_dir / "adapter_config.json")
     if str(acfg.get("peft_type", "LORA")).upper() != "LORA":
-        raise MlxLoraError(f"{adapter_dir / 'adapter_config.json'}: peft_type {acfg.get('peft_type')!r} is not LORA")
+        raise MlxLoraError(
+            f"{adapter_dir / 'adapter_config.json'}: peft_type {acfg.get('peft_type')!r} is not "
+            "LORA"
+        )
     try:
         r = int(acfg["r"])
         alpha = float(acfg["lora_alpha"])
     except (KeyError, TypeError, ValueError):
-        raise MlxLoraError(f"{adapter_dir / 'adapter_config.json'}: r and lora_alpha are required") from None
+        raise MlxLoraError(
+            f"{adapter_dir / 'adapter_config.json'}: r and lora_alpha are required"
+        ) from None
     weights_path = adapter_dir / "adapter_model.safetensors"
     if not weights_path.is_file():
-        raise MlxLoraError(f"{weights_path} is missing; pass an adapter folder written by mlx_lora.train")
+        raise MlxLoraError(
+            f"{weights_path} is missing; pass an adapter folder written by mlx_lora.train"
+        )
     tensors = _read_st_header(weights_path)
     alpha_pattern: dict = acfg.get("alpha_pattern") or {}
     rank_pattern: dict = acfg.get("rank_pattern") or {}
@@ -823,8 +933,11 @@ def write_lora_gguf(
     for key, t in tensors.items():
         m = re.fullmatch(r"(.*)\.lora_([AB])\.weight", key)
         if m is None:
-            raise MlxLoraError(f"{weights_path}: unexpected tensor {key!r}; only lora_A/lora_B weights can go into a GGUF adapter")
-        module = m.group(1)[len(prefix):] if m.group(1).startswith(prefix) else m.group(1)
+            raise MlxLoraError(
+                f"{weights_path}: unexpected tensor {key!r}; only lora_A/lora_B weights can go "
+                "into a GGUF adapter"
+            )
+        module = m.group(1)[len(prefix) :] if m.group(1).startswith(prefix) else m.group(1)
         modules.setdefault(module, {})[m.group(2)] = t
     if not modules:
         raise MlxLoraError(f"{weights_path} holds no LoRA tensors; train an adapter first")
@@ -833,29 +946,52 @@ def write_lora_gguf(
     for module in sorted(modules, key=lambda n: (_block_id(n), n)):
         pair = modules[module]
         if set(pair) != {"A", "B"}:
-            raise MlxLoraError(f"{weights_path}: {module} has lora_{''.join(pair)} without its partner; the adapter is damaged")
+            raise MlxLoraError(
+                f"{weights_path}: {module} has lora_{''.join(pair)} without its partner; the "
+                "adapter is damaged"
+            )
         a, b = pair["A"], pair["B"]
         base_name = module + ".weight"
         if module.endswith("embed_tokens"):
-            raise MlxLoraError(f"{weights_path}: LoRA on embed_tokens cannot be exported to a GGUF adapter; retrain without it")
+            raise MlxLoraError(
+                f"{weights_path}: LoRA on embed_tokens cannot be exported to a GGUF adapter; "
+                "retrain without it"
+            )
         gname = tmap.get_name(base_name, try_suffixes=(".weight",))
         if gname is None:
-            raise MlxLoraError(f"{weights_path}: module {module!r} has no GGUF counterpart for {arch}")
-        if gname == "output.weight" and cfg.get("tie_word_embeddings", False) and "lm_head.weight" not in base_shapes:
-            raise MlxLoraError(f"{weights_path}: LoRA on lm_head cannot apply to a model with tied embeddings; retrain without lm_head")
+            raise MlxLoraError(
+                f"{weights_path}: module {module!r} has no GGUF counterpart for {arch}"
+            )
+        if (
+            gname == "output.weight"
+            and cfg.get("tie_word_embeddings", False)
+            and "lm_head.weight" not in base_shapes
+        ):
+            raise MlxLoraError(
+                f"{weights_path}: LoRA on lm_head cannot apply to a model with tied embeddings; "
+                "retrain without lm_head"
+            )
         if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != b.shape[1]:
-            raise MlxLoraError(f"{weights_path}: {module} lora_A {a.shape} / lora_B {b.shape} do not form [r, in] / [out, r]")
+            raise MlxLoraError(
+                f"{weights_path}: {module} lora_A {a.shape} / lora_B {b.shape} do not form [r, "
+                "in] / [out, r]"
+            )
         rank = a.shape[0]
         if base_name in base_shapes and tuple(base_shapes[base_name]) != (b.shape[0], a.shape[1]):
             raise MlxLoraError(
-                f"{weights_path}: {module} is {b.shape[0]}x{a.shape[1]} in the adapter but {base_shapes[base_name]} "
+                f"{weights_path}: {module} is {b.shape[0]}x{a.shape[1]} in the adapter but "
+                f"{base_shapes[base_name]} "
                 f"in {base_hf_dir}; the adapter was trained on a different base model"
             )
         short = module.rsplit(".", 1)[-1]
         mod_rank = next((v for k, v in rank_pattern.items() if module.endswith(k) or short == k), r)
-        mod_alpha = next((v for k, v in alpha_pattern.items() if module.endswith(k) or short == k), alpha)
+        mod_alpha = next(
+            (v for k, v in alpha_pattern.items() if module.endswith(k) or short == k), alpha
+        )
         if mod_rank != rank:
-            raise MlxLoraError(f"{weights_path}: {module} has rank {rank} but adapter_config.json says {mod_rank}")
+            raise MlxLoraError(
+                f"{weights_path}: {module} has rank {rank} but adapter_config.json says {mod_rank}"
+            )
         peft_scale = mod_alpha / (math.sqrt(rank) if rslora else rank)
         fold = peft_scale * rank / alpha  # llama.cpp applies alpha / rank
         perm = None
@@ -863,8 +999,22 @@ def write_lora_gguf(
             perm = _llama_rope_rows(b.shape[0], n_head)
         elif arch == "llama" and short == "k_proj":
             perm = _llama_rope_rows(b.shape[0], n_kv)
-        plans.append(_Planned(gname + ".lora_a", a.shape, _tensor_qtype(gname + ".lora_a", a.shape, wanted), _row_loader(a, None)))
-        plans.append(_Planned(gname + ".lora_b", b.shape, _tensor_qtype(gname + ".lora_b", b.shape, wanted), _row_loader(b, perm, fold)))
+        plans.append(
+            _Planned(
+                gname + ".lora_a",
+                a.shape,
+                _tensor_qtype(gname + ".lora_a", a.shape, wanted),
+                _row_loader(a, None),
+            )
+        )
+        plans.append(
+            _Planned(
+                gname + ".lora_b",
+                b.shape,
+                _tensor_qtype(gname + ".lora_b", b.shape, wanted),
+                _row_loader(b, perm, fold),
+            )
+        )
 
     def setup(w: gguf.GGUFWriter) -> None:
         w.add_type(gguf.GGUFType.ADAPTER)

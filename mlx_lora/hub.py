@@ -39,10 +39,15 @@ def looks_like_path(model: str) -> bool:
 def check_model_dir(path: Path) -> Path:
     """Fail early, in one line, on a folder that mlx-lm could not load."""
     if not path.is_dir():
-        raise MlxLoraError(f"model folder {path} does not exist; pass --model DIR or a hub id like {DEFAULT_MODEL}")
+        raise MlxLoraError(
+            f"model folder {path} does not exist; pass --model DIR or a hub id like {DEFAULT_MODEL}"
+        )
     config = path / "config.json"
     if not config.is_file():
-        raise MlxLoraError(f"{path} has no config.json: it is not a Hugging Face model folder; pass the folder that holds config.json and *.safetensors")
+        raise MlxLoraError(
+            f"{path} has no config.json: it is not a Hugging Face model folder; pass the folder "
+            "that holds config.json and *.safetensors"
+        )
     try:
         json.loads(config.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -52,13 +57,24 @@ def check_model_dir(path: Path) -> Path:
         try:
             shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
         except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
-            raise MlxLoraError(f"{index}: unreadable shard index ({e}); re-download the model") from None
+            raise MlxLoraError(
+                f"{index}: unreadable shard index ({e}); re-download the model"
+            ) from None
         missing = sorted(s for s in shards if not (path / s).is_file())
         if missing:
-            raise MlxLoraError(f"{path} is missing weight shard(s) {', '.join(missing)} listed in model.safetensors.index.json; finish or redo the download")
+            raise MlxLoraError(
+                f"{path} is missing weight shard(s) {', '.join(missing)} listed in "
+                "model.safetensors.index.json; finish or redo the download"
+            )
     if not any(path.glob("*.safetensors")):
-        hint = " (only PyTorch .bin weights found: convert them to safetensors)" if any(path.glob("*.bin")) else ""
-        raise MlxLoraError(f"{path} has no *.safetensors weights{hint}; pass a complete model folder")
+        hint = (
+            " (only PyTorch .bin weights found: convert them to safetensors)"
+            if any(path.glob("*.bin"))
+            else ""
+        )
+        raise MlxLoraError(
+            f"{path} has no *.safetensors weights{hint}; pass a complete model folder"
+        )
     return path
 
 
@@ -67,15 +83,22 @@ def _from_modelscope(model_id: str, local_only: bool) -> Path:
 
     from modelscope import snapshot_download
 
-    for name in ("modelscope", "modelscope_hub"):  # its retry warnings would bury our one-line error
+    for name in (
+        "modelscope",
+        "modelscope_hub",
+    ):  # its retry warnings would bury our one-line error
         logging.getLogger(name).setLevel(logging.ERROR)
-    return Path(snapshot_download(model_id, allow_patterns=ALLOW_PATTERNS, local_files_only=local_only))
+    return Path(
+        snapshot_download(model_id, allow_patterns=ALLOW_PATTERNS, local_files_only=local_only)
+    )
 
 
 def _from_huggingface(model_id: str, local_only: bool) -> Path:
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(model_id, allow_patterns=ALLOW_PATTERNS, local_files_only=local_only))
+    return Path(
+        snapshot_download(model_id, allow_patterns=ALLOW_PATTERNS, local_files_only=local_only)
+    )
 
 
 _FETCHERS = {"modelscope": _from_modelscope, "huggingface": _from_huggingface}
@@ -106,7 +129,10 @@ def resolve_model(model: str, source: str = "auto") -> Path:
         except MlxLoraError:
             raise
         except Exception as e:  # noqa: BLE001 - network, auth, unknown id: all reported below
-            reasons.append(f"{_NAMES[name]}: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
+            reasons.append(
+                f"{_NAMES[name]}: {type(e).__name__}: "
+                f"{str(e).splitlines()[0][:160] if str(e) else ''}"
+            )
     raise MlxLoraError(
         f"cannot fetch model '{model}' ({'; '.join(reasons)}); check the id and your network, "
         f"or download it elsewhere and pass --model DIR"

@@ -27,8 +27,13 @@ PEFT_PREFIX = "base_model.model."
 
 # Short names the seed's users type (q,k,v,...) → the module names PEFT and HF use.
 SHORT_NAMES = {
-    "q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
-    "gate": "gate_proj", "up": "up_proj", "down": "down_proj",
+    "q": "q_proj",
+    "k": "k_proj",
+    "v": "v_proj",
+    "o": "o_proj",
+    "gate": "gate_proj",
+    "up": "up_proj",
+    "down": "down_proj",
 }
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -152,24 +157,39 @@ def read_adapter(directory: Path) -> tuple[dict, dict[str, mx.array]]:
     directory = Path(directory)
     cfg_path, w_path = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
     if not cfg_path.is_file():
-        raise MlxLoraError(f"{directory} has no {ADAPTER_CONFIG}: pass the --output-dir of a finished training run (or one of its checkpoint-N folders)")
+        raise MlxLoraError(
+            f"{directory} has no {ADAPTER_CONFIG}: pass the --output-dir of a finished training "
+            "run (or one of its checkpoint-N folders)"
+        )
     if not w_path.is_file():
-        raise MlxLoraError(f"{directory} has no {ADAPTER_WEIGHTS}: the run did not finish; resume it with --resume or use a checkpoint-N folder")
+        raise MlxLoraError(
+            f"{directory} has no {ADAPTER_WEIGHTS}: the run did not finish; resume it with "
+            "--resume or use a checkpoint-N folder"
+        )
     try:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise MlxLoraError(f"{cfg_path}: not valid JSON ({e})") from None
     if cfg.get("peft_type", "LORA") != "LORA" or "r" not in cfg:
-        raise MlxLoraError(f"{cfg_path}: not a LoRA adapter config (peft_type LORA with r is required)")
+        raise MlxLoraError(
+            f"{cfg_path}: not a LoRA adapter config (peft_type LORA with r is required)"
+        )
     try:
         tensors = mx.load(str(w_path))
     except Exception as e:  # noqa: BLE001 - truncated or foreign files
-        raise MlxLoraError(f"{w_path}: unreadable safetensors ({e}); the file is damaged, use a checkpoint-N folder") from None
+        raise MlxLoraError(
+            f"{w_path}: unreadable safetensors ({e}); the file is damaged, use a checkpoint-N "
+            "folder"
+        ) from None
     return cfg, tensors
 
 
-_FINGERPRINT = (("base_model_type", "model_type"), ("base_vocab_size", "vocab_size"),
-                ("base_hidden_size", "hidden_size"), ("base_num_hidden_layers", "num_hidden_layers"))
+_FINGERPRINT = (
+    ("base_model_type", "model_type"),
+    ("base_vocab_size", "vocab_size"),
+    ("base_hidden_size", "hidden_size"),
+    ("base_num_hidden_layers", "num_hidden_layers"),
+)
 
 
 def check_base(adapter_cfg: dict, base_config: dict, directory: Path) -> None:
@@ -180,7 +200,8 @@ def check_base(adapter_cfg: dict, base_config: dict, directory: Path) -> None:
         want, have = recorded.get(key), base_config.get(field_name)
         if want is not None and have is not None and want != have:
             raise MlxLoraError(
-                f"adapter {directory} was trained on another base ({adapter_cfg.get('base_model_name_or_path')!r}: "
+                f"adapter {directory} was trained on another base "
+                f"({adapter_cfg.get('base_model_name_or_path')!r}: "
                 f"{field_name} {want}, this model {have}); pass that model with --model"
             )
 
@@ -198,14 +219,18 @@ def load_adapter(model: nn.Module, directory: Path, base_config: dict | None = N
     if missing or extra:
         name = (missing or extra)[0]
         raise MlxLoraError(
-            f"adapter {directory} does not fit this model ({len(missing)} tensors missing, {len(extra)} unexpected, e.g. {name}); "
-            f"it was trained on {cfg.get('base_model_name_or_path')!r}: pass that model with --model"
+            f"adapter {directory} does not fit this model ({len(missing)} tensors missing, "
+            f"{len(extra)} unexpected, e.g. {name}); "
+            f"it was trained on {cfg.get('base_model_name_or_path')!r}: pass that model with "
+            "--model"
         )
     for k, shape in expected.items():
         if tuple(tensors[k].shape) != tuple(shape):
             raise MlxLoraError(
-                f"adapter {directory} was trained on another base: {k} has shape {tuple(tensors[k].shape)}, "
-                f"this model needs {tuple(shape)}; pass {cfg.get('base_model_name_or_path')!r} with --model"
+                f"adapter {directory} was trained on another base: {k} has shape "
+                f"{tuple(tensors[k].shape)}, "
+                f"this model needs {tuple(shape)}; pass {cfg.get('base_model_name_or_path')!r} "
+                "with --model"
             )
     set_lora_tensors(model, tensors)
     return cfg
@@ -213,7 +238,9 @@ def load_adapter(model: nn.Module, directory: Path, base_config: dict | None = N
 
 def set_lora_tensors(model: nn.Module, tensors: dict[str, mx.array]) -> None:
     """Load PEFT-named tensors into a model already wrapped by :func:`apply_lora`."""
-    model.load_weights([(k[len(PEFT_PREFIX):-len(".weight")], v) for k, v in tensors.items()], strict=False)
+    model.load_weights(
+        [(k[len(PEFT_PREFIX) : -len(".weight")], v) for k, v in tensors.items()], strict=False
+    )
     mx.eval(model.parameters())
 
 
@@ -237,14 +264,20 @@ def merge_weights(
     for name in adapter:
         if not name.endswith(".lora_A.weight"):
             continue
-        module = name[len(PEFT_PREFIX):-len(".lora_A.weight")]
+        module = name[len(PEFT_PREFIX) : -len(".lora_A.weight")]
         key = f"{module}.weight"
         if key not in base:
-            raise MlxLoraError(f"adapter tensor {name} has no base weight {key}: the adapter was trained on another model")
+            raise MlxLoraError(
+                f"adapter tensor {name} has no base weight {key}: the adapter was trained on "
+                "another model"
+            )
         a = to_f32(adapter[name])
         b = to_f32(adapter[name.replace(".lora_A.", ".lora_B.")])
         w = to_f32(base[key])
         if w.shape != (b.shape[0], a.shape[1]):
-            raise MlxLoraError(f"adapter tensor {name} does not fit base weight {key} {w.shape}: the adapter was trained on another model")
+            raise MlxLoraError(
+                f"adapter tensor {name} does not fit base weight {key} {w.shape}: the adapter was "
+                "trained on another model"
+            )
         merged[key] = w + scale * (b @ a)
     return merged

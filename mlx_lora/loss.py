@@ -38,7 +38,9 @@ def _checkpointed(layer: nn.Module):
     return call
 
 
-def hidden_states(model: nn.Module, inputs: mx.array, mask: mx.array, checkpoint: bool = False) -> mx.array:
+def hidden_states(
+    model: nn.Module, inputs: mx.array, mask: mx.array, checkpoint: bool = False
+) -> mx.array:
     """Final-norm hidden states of a standard decoder (embed → blocks → norm) under ``mask``."""
     inner = model.model
     h = inner.embed_tokens(inputs)
@@ -79,7 +81,7 @@ def loss_sum(
 
     total = mx.array(0.0, dtype=mx.float32)
     for s in range(0, h.shape[0], chunk):
-        total = total + chunk_ce(labels[s:s + chunk], weights[s:s + chunk])(h[s:s + chunk])
+        total = total + chunk_ce(labels[s : s + chunk], weights[s : s + chunk])(h[s : s + chunk])
     return total
 
 

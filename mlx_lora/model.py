@@ -53,8 +53,13 @@ def load_base(
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise MlxLoraError(f"cannot load the model in {model_dir}: {msg}") from None
     except TypeError as e:  # config.json lacks what its model_type's ModelArgs require
-        kind = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8")).get("model_type")
-        raise MlxLoraError(f"cannot load the model in {model_dir}: its config.json does not fit model_type {kind!r} ({e}); re-download the model") from None
+        kind = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8")).get(
+            "model_type"
+        )
+        raise MlxLoraError(
+            f"cannot load the model in {model_dir}: its config.json does not fit model_type "
+            f"{kind!r} ({e}); re-download the model"
+        ) from None
     if dtype is not None:
         # quantized tensors keep their storage; only float weights are cast
         model.update(_cast_floats(model.parameters(), dtype))
@@ -125,7 +130,9 @@ def load_for_inference(
     if model is None:
         model = adapter_base(Path(adapter)) if adapter else None
         if model is None:
-            raise MlxLoraError("pass --model ID|DIR (or --adapter OUT of a training run, whose base is recorded)")
+            raise MlxLoraError(
+                "pass --model ID|DIR (or --adapter OUT of a training run, whose base is recorded)"
+            )
     model_dir = resolve_model(model, source)
     m, tok, config = load_base(model_dir, dtype=compute_dtype(dtype))
     extra = {}

@@ -690,7 +690,8 @@ def render_modelfile(
     ]
     if template.leading_bos:
         lines.append(
-            f"# The prompt's leading {template.leading_bos} is added by Ollama (GGUF add_bos_token)."
+            f"# The prompt's leading {template.leading_bos} is added by Ollama (GGUF "
+            "add_bos_token)."
         )
     lines.append(f"FROM {quote_value(from_path, 'FROM path')}")
     if adapter_path:

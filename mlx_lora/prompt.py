@@ -87,13 +87,16 @@ def end_of_turn(tokenizer: Any) -> str:
     text = render(tok, probe, add_generation_prompt=False)
     start = text.find(mark) + len(mark)
     stop = text.find(after, start)
-    tail = text[start:stop if stop >= 0 else None]
+    tail = text[start : stop if stop >= 0 else None]
     found = [(tail.find(s), s) for s in _special_strings(tok) if s in tail]
     if found:
         return min(found)[1]
     eos = getattr(tok, "eos_token", None)
     if not eos:
-        raise MlxLoraError("cannot tell how the chat template ends an assistant turn and the tokenizer has no eos token")
+        raise MlxLoraError(
+            "cannot tell how the chat template ends an assistant turn and the tokenizer has no "
+            "eos token"
+        )
     return eos
 
 
@@ -106,7 +109,10 @@ class Encoded:
 
 
 def encode_conversation(
-    tokenizer: Any, messages: list[Message], system_prompt: str | None = None, eot: str | None = None
+    tokenizer: Any,
+    messages: list[Message],
+    system_prompt: str | None = None,
+    eot: str | None = None,
 ) -> Encoded:
     """Ids of a whole conversation and a mask over every assistant turn plus its end-of-turn token.
 
@@ -133,7 +139,9 @@ def encode_conversation(
             content = content.strip()
             start = text.find(content, cursor)
         if start < 0:
-            raise MlxLoraError("the chat template does not reproduce an assistant turn verbatim; use --format text")
+            raise MlxLoraError(
+                "the chat template does not reproduce an assistant turn verbatim; use --format text"
+            )
         end = start + len(content)
         gap = text[end:]
         eot_at = gap.find(eot)
@@ -143,7 +151,9 @@ def encode_conversation(
             text += eot
             end = len(text)
         else:
-            raise MlxLoraError(f"the chat template does not close assistant turns with {eot!r}; use --format text")
+            raise MlxLoraError(
+                f"the chat template does not close assistant turns with {eot!r}; use --format text"
+            )
         spans.append((start, end))
         cursor = end
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)

@@ -41,25 +41,56 @@ ROLES = {"system", "user", "assistant", "developer"}
 
 @dataclass
 class ServeConfig:
-    model: str | None = opt(None, "base model (id or folder) or a fused folder; default: the adapter's recorded base")
+    model: str | None = opt(
+        None, "base model (id or folder) or a fused folder; default: the adapter's recorded base"
+    )
     adapter: str | None = opt(None, "adapter folder (a training --output-dir or checkpoint-N)")
-    host: str = opt("127.0.0.1", "address to listen on; 0.0.0.0 exposes the API (no authentication) to the network, e.g. for Dify in Docker")
+    host: str = opt(
+        "127.0.0.1",
+        "address to listen on; 0.0.0.0 exposes the API (no authentication) to the network, e.g. "
+        "for Dify in Docker",
+    )
     port: int = opt(8000, "TCP port")
-    model_name: str | None = opt(None, "model id clients send and /v1/models lists; default: the adapter folder's name, else the model folder's")
+    model_name: str | None = opt(
+        None,
+        "model id clients send and /v1/models lists; default: the adapter folder's name, else the "
+        "model folder's",
+    )
     max_tokens: int = opt(512, "answer length limit when a request gives no max_tokens")
-    model_source: str = opt("auto", "where a model id is fetched from", choices=["auto", "modelscope", "huggingface"])
+    model_source: str = opt(
+        "auto", "where a model id is fetched from", choices=["auto", "modelscope", "huggingface"]
+    )
 
 
 class APIError(Exception):
     """An OpenAI-style error response: ``{"error": {"message", "type", "param", "code"}}``."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error"):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        code: str | None = None,
+        type: str = "invalid_request_error",
+    ):
         super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+        self.status, self.message, self.param, self.code, self.type = (
+            status,
+            message,
+            param,
+            code,
+            type,
+        )
 
     def body(self) -> dict:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
 
 
 # ---------------------------------------------------------------------------- request parsing
@@ -71,9 +102,16 @@ def _number(body: dict, key: str, lo: float, hi: float, *, integer: bool = False
         return None
     kind = int if integer else (int, float)
     if isinstance(value, bool) or not isinstance(value, kind):
-        raise APIError(400, f"'{key}' must be {'an integer' if integer else 'a number'}, got {value!r}", key, "invalid_type")
+        raise APIError(
+            400,
+            f"'{key}' must be {'an integer' if integer else 'a number'}, got {value!r}",
+            key,
+            "invalid_type",
+        )
     if not lo <= value <= hi:
-        raise APIError(400, f"'{key}' must be between {lo} and {hi}, got {value!r}", key, "invalid_value")
+        raise APIError(
+            400, f"'{key}' must be between {lo} and {hi}, got {value!r}", key, "invalid_value"
+        )
     return value
 
 
@@ -86,11 +124,25 @@ def _content(m: dict, i: int) -> str:
     if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
         parts = []
         for part in content:
-            if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                raise APIError(400, f"messages[{i}].content: only text parts are supported", f"messages.[{i}].content", "invalid_value")
+            if not (
+                isinstance(part, dict)
+                and part.get("type") == "text"
+                and isinstance(part.get("text"), str)
+            ):
+                raise APIError(
+                    400,
+                    f"messages[{i}].content: only text parts are supported",
+                    f"messages.[{i}].content",
+                    "invalid_value",
+                )
             parts.append(part["text"])
         return "".join(parts)
-    raise APIError(400, f"messages[{i}].content must be a string or a list of text parts", f"messages.[{i}].content", "invalid_type")
+    raise APIError(
+        400,
+        f"messages[{i}].content must be a string or a list of text parts",
+        f"messages.[{i}].content",
+        "invalid_type",
+    )
 
 
 def parse_messages(value: Any) -> list[dict[str, str]]:
@@ -102,10 +154,20 @@ def parse_messages(value: Any) -> list[dict[str, str]]:
     out = []
     for i, m in enumerate(value):
         if not isinstance(m, dict):
-            raise APIError(400, f"messages[{i}] must be an object with role and content", f"messages.[{i}]", "invalid_type")
+            raise APIError(
+                400,
+                f"messages[{i}] must be an object with role and content",
+                f"messages.[{i}]",
+                "invalid_type",
+            )
         role = m.get("role")
         if role not in ROLES:
-            raise APIError(400, f"messages[{i}].role must be one of system, user, assistant; got {role!r}", f"messages.[{i}].role", "invalid_value")
+            raise APIError(
+                400,
+                f"messages[{i}].role must be one of system, user, assistant; got {role!r}",
+                f"messages.[{i}].role",
+                "invalid_value",
+            )
         out.append({"role": "system" if role == "developer" else role, "content": _content(m, i)})
     return out
 
@@ -116,15 +178,27 @@ def parse_request(body: Any, model_name: str, default_max_tokens: int) -> dict:
         raise APIError(400, "the request body must be a JSON object")
     model = body.get("model")
     if model is not None and model != model_name:
-        raise APIError(400, f"the model {model!r} does not exist; this server serves {model_name!r}", "model", "model_not_found")
+        raise APIError(
+            400,
+            f"the model {model!r} does not exist; this server serves {model_name!r}",
+            "model",
+            "model_not_found",
+        )
     n = body.get("n")
     if n not in (None, 1):
         raise APIError(400, "only n=1 is supported", "n", "invalid_value")
     stop = body.get("stop")
     if isinstance(stop, str):
         stop = [stop]
-    if stop is not None and not (isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) and s for s in stop)):
-        raise APIError(400, "'stop' must be a string or an array of up to 4 non-empty strings", "stop", "invalid_value")
+    if stop is not None and not (
+        isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) and s for s in stop)
+    ):
+        raise APIError(
+            400,
+            "'stop' must be a string or an array of up to 4 non-empty strings",
+            "stop",
+            "invalid_value",
+        )
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise APIError(400, "'stream' must be true or false", "stream", "invalid_type")
@@ -198,7 +272,9 @@ class Worker(threading.Thread):
     def _loop(self) -> None:
         while (job := self.jobs.get()) is not None:
             if self.closing:
-                job.events.put(("error", APIError(503, "the server is shutting down", type="server_error")))
+                job.events.put(
+                    ("error", APIError(503, "the server is shutting down", type="server_error"))
+                )
                 continue
             if job.cancelled.is_set():
                 continue
@@ -212,7 +288,14 @@ class Worker(threading.Thread):
             except MlxLoraError as e:  # e.g. the chat template rejects the conversation
                 job.events.put(("error", APIError(400, str(e), "messages", "invalid_value")))
             except Exception as e:  # noqa: BLE001 - a bug must not kill the worker
-                job.events.put(("error", APIError(500, f"generation failed: {type(e).__name__}: {e}", type="server_error")))
+                job.events.put(
+                    (
+                        "error",
+                        APIError(
+                            500, f"generation failed: {type(e).__name__}: {e}", type="server_error"
+                        ),
+                    )
+                )
             finally:
                 self.current = None
 
@@ -263,7 +346,10 @@ class Handler(BaseHTTPRequestHandler):
 
     def _read_body(self) -> bytes:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            raise APIError(411, "send the body with a Content-Length (chunked request bodies are not supported)")
+            raise APIError(
+                411,
+                "send the body with a Content-Length (chunked request bodies are not supported)",
+            )
         try:
             length = int(self.headers.get("Content-Length", "0"))
         except ValueError:
@@ -276,7 +362,12 @@ class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0].rstrip("/")
         name = self.server.model_name
-        model = {"id": name, "object": "model", "created": self.server.created, "owned_by": "mlx_lora"}
+        model = {
+            "id": name,
+            "object": "model",
+            "created": self.server.created,
+            "owned_by": "mlx_lora",
+        }
         if path in ("/health", "/v1/health"):
             self._send_json(200, {"status": "ok"})
         elif path == "/v1/models":
@@ -284,9 +375,23 @@ class Handler(BaseHTTPRequestHandler):
         elif path == f"/v1/models/{name}":
             self._send_json(200, model)
         elif path.startswith("/v1/models/"):
-            self._send_error(APIError(404, f"the model {path[len('/v1/models/'):]!r} does not exist; this server serves {name!r}", "model", "model_not_found"))
+            self._send_error(
+                APIError(
+                    404,
+                    f"the model {path[len('/v1/models/') :]!r} does not exist; this server serves "
+                    f"{name!r}",
+                    "model",
+                    "model_not_found",
+                )
+            )
         else:
-            self._send_error(APIError(404, f"unknown path {self.path}; try /v1/chat/completions, /v1/models or /health", code="unknown_url"))
+            self._send_error(
+                APIError(
+                    404,
+                    f"unknown path {self.path}; try /v1/chat/completions, /v1/models or /health",
+                    code="unknown_url",
+                )
+            )
 
     def do_POST(self) -> None:
         try:
@@ -296,7 +401,13 @@ class Handler(BaseHTTPRequestHandler):
             return
         path = self.path.split("?", 1)[0].rstrip("/")
         if path != "/v1/chat/completions":
-            self._send_error(APIError(404, f"unknown path {self.path}; this server answers POST /v1/chat/completions", code="unknown_url"))
+            self._send_error(
+                APIError(
+                    404,
+                    f"unknown path {self.path}; this server answers POST /v1/chat/completions",
+                    code="unknown_url",
+                )
+            )
             return
         try:
             try:
@@ -318,7 +429,11 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def _meta(self) -> dict:
-        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": self.server.model_name}
+        return {
+            "id": f"chatcmpl-{uuid.uuid4().hex}",
+            "created": int(time.time()),
+            "model": self.server.model_name,
+        }
 
     @staticmethod
     def _usage(answer: Any) -> dict:
@@ -336,12 +451,22 @@ class Handler(BaseHTTPRequestHandler):
                 return
             if kind == "done":
                 break
-        self._send_json(200, {
-            **self._meta(), "object": "chat.completion",
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": value.text},
-                         "logprobs": None, "finish_reason": value.finish_reason}],
-            "usage": self._usage(value),
-        })
+        self._send_json(
+            200,
+            {
+                **self._meta(),
+                "object": "chat.completion",
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": value.text},
+                        "logprobs": None,
+                        "finish_reason": value.finish_reason,
+                    }
+                ],
+                "usage": self._usage(value),
+            },
+        )
 
     def _stream(self, job: Job, include_usage: bool) -> None:
         kind, value = job.events.get()
@@ -359,7 +484,15 @@ class Handler(BaseHTTPRequestHandler):
             self._chunk(b"data: " + json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\n\n")
 
         def chunk(delta: dict, finish: str | None = None, **extra: Any) -> None:
-            event({**meta, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}], **extra})
+            event(
+                {
+                    **meta,
+                    "choices": [
+                        {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+                    ],
+                    **extra,
+                }
+            )
 
         chunk({"role": "assistant", "content": ""})
         while True:
@@ -386,7 +519,14 @@ class APIServer(ThreadingHTTPServer):
     # end opens dozens at once; queued requests cost nothing, so let the kernel queue them
     request_queue_size = 128
 
-    def __init__(self, loaded: Any, address: tuple[str, int], model_name: str, default_max_tokens: int, quiet: bool):
+    def __init__(
+        self,
+        loaded: Any,
+        address: tuple[str, int],
+        model_name: str,
+        default_max_tokens: int,
+        quiet: bool,
+    ):
         self.model_name, self.default_max_tokens, self.quiet = model_name, default_max_tokens, quiet
         self.created = int(time.time())
         self.worker: Worker | None = None
@@ -398,7 +538,10 @@ class APIServer(ThreadingHTTPServer):
         """A client that resets its connection is not a server error: a log line, not a traceback."""
         if isinstance(sys.exc_info()[1], ConnectionError | TimeoutError):
             if not self.quiet:
-                sys.stderr.write(f"{client_address[0]} closed the connection ({type(sys.exc_info()[1]).__name__})\n")
+                sys.stderr.write(
+                    f"{client_address[0]} closed the connection "
+                    f"({type(sys.exc_info()[1]).__name__})\n"
+                )
             return
         super().handle_error(request, client_address)
 
@@ -418,16 +561,26 @@ def default_model_name(loaded: Any, adapter: str | Path | None = None) -> str:
 def _bind_error(host: str, port: int, e: OSError) -> MlxLoraError:
     if e.errno == errno.EADDRINUSE:
         return MlxLoraError(f"port {port} is in use; pass --port")
-    return MlxLoraError(f"cannot listen on {host}:{port} ({e.strerror or e}); pass another --host or --port")
+    return MlxLoraError(
+        f"cannot listen on {host}:{port} ({e.strerror or e}); pass another --host or --port"
+    )
 
 
-def make_server(loaded: Any, host: str = "127.0.0.1", port: int = 8000, model_name: str | None = None,
-                max_tokens: int = 512, quiet: bool = False) -> APIServer:
+def make_server(
+    loaded: Any,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    model_name: str | None = None,
+    max_tokens: int = 512,
+    quiet: bool = False,
+) -> APIServer:
     """A bound, not yet serving, API server (call ``serve_forever``; port 0 picks a free port)."""
     if max_tokens < 1:
         raise MlxLoraError(f"--max-tokens must be at least 1, got {max_tokens}")
     try:
-        return APIServer(loaded, (host, port), model_name or default_model_name(loaded), max_tokens, quiet)
+        return APIServer(
+            loaded, (host, port), model_name or default_model_name(loaded), max_tokens, quiet
+        )
     except OSError as e:
         raise _bind_error(host, port, e) from None
 
@@ -437,7 +590,9 @@ def check_port(host: str, port: int) -> None:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as e:
-        raise MlxLoraError(f"cannot resolve --host {host} ({e.strerror}); pass an address like 127.0.0.1") from None
+        raise MlxLoraError(
+            f"cannot resolve --host {host} ({e.strerror}); pass an address like 127.0.0.1"
+        ) from None
     family, _, _, _, addr = infos[0]
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -449,10 +604,14 @@ def check_port(host: str, port: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     cfg: ServeConfig = parse_config(
-        ServeConfig, argv, prog="python -m mlx_lora.serve",
-        description="OpenAI-compatible chat API (/v1/chat/completions, /v1/models, /health) for a model + LoRA adapter.",
+        ServeConfig,
+        argv,
+        prog="python -m mlx_lora.serve",
+        description="OpenAI-compatible chat API (/v1/chat/completions, /v1/models, /health) for a "
+        "model + LoRA adapter.",
         epilog=(
-            "Dify: Settings > Model Provider > OpenAI-API-compatible; model name = the name printed at start,\n"
+            "Dify: Settings > Model Provider > OpenAI-API-compatible; model name = the name "
+            "printed at start,\n"
             "API endpoint URL = http://127.0.0.1:8000/v1 (Dify in Docker: --host 0.0.0.0 and\n"
             "http://host.docker.internal:8000/v1); any API key.\n"
         ),
@@ -461,7 +620,9 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.max_tokens < 1:
         raise MlxLoraError(f"--max-tokens must be at least 1, got {cfg.max_tokens}")
     if not 0 <= cfg.port <= 65535:
-        raise MlxLoraError(f"--port must be between 0 and 65535 (0 = any free port), got {cfg.port}")
+        raise MlxLoraError(
+            f"--port must be between 0 and 65535 (0 = any free port), got {cfg.port}"
+        )
     check_port(cfg.host, cfg.port)
 
     from mlx_lora.model import load_for_inference
@@ -471,7 +632,11 @@ def main(argv: list[str] | None = None) -> None:
     name = cfg.model_name or default_model_name(loaded, cfg.adapter)
     server = make_server(loaded, cfg.host, cfg.port, name, cfg.max_tokens)
     host, port = server.server_address[:2]
-    print(f"serving model {name!r} at http://{host}:{port}/v1 (Ctrl-C stops)", file=sys.stderr, flush=True)
+    print(
+        f"serving model {name!r} at http://{host}:{port}/v1 (Ctrl-C stops)",
+        file=sys.stderr,
+        flush=True,
+    )
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -74,20 +74,39 @@ def validate(cfg: TrainConfig) -> None:
     """Reject impossible numbers before anything is loaded."""
     checks = [
         (cfg.learning_rate > 0, f"--learning-rate must be > 0, got {cfg.learning_rate}"),
-        (cfg.per_device_train_batch_size > 0, f"--per-device-train-batch-size must be > 0, got {cfg.per_device_train_batch_size}"),
-        (cfg.gradient_accumulation_steps > 0, f"--gradient-accumulation-steps must be > 0, got {cfg.gradient_accumulation_steps}"),
-        (cfg.max_steps > 0 or cfg.num_train_epochs > 0, f"--num-train-epochs must be > 0 (or set --max-steps), got {cfg.num_train_epochs}"),
+        (
+            cfg.per_device_train_batch_size > 0,
+            f"--per-device-train-batch-size must be > 0, got {cfg.per_device_train_batch_size}",
+        ),
+        (
+            cfg.gradient_accumulation_steps > 0,
+            f"--gradient-accumulation-steps must be > 0, got {cfg.gradient_accumulation_steps}",
+        ),
+        (
+            cfg.max_steps > 0 or cfg.num_train_epochs > 0,
+            f"--num-train-epochs must be > 0 (or set --max-steps), got {cfg.num_train_epochs}",
+        ),
         (cfg.max_seq_length >= 2, f"--max-seq-length must be at least 2, got {cfg.max_seq_length}"),
         (cfg.logging_steps > 0, f"--logging-steps must be > 0, got {cfg.logging_steps}"),
         (cfg.save_steps > 0, f"--save-steps must be > 0, got {cfg.save_steps}"),
-        (cfg.eval_steps is None or cfg.eval_steps > 0, f"--eval-steps must be > 0, got {cfg.eval_steps}"),
+        (
+            cfg.eval_steps is None or cfg.eval_steps > 0,
+            f"--eval-steps must be > 0, got {cfg.eval_steps}",
+        ),
         (cfg.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {cfg.warmup_steps}"),
         (cfg.lora_r > 0, f"--lora-r must be > 0, got {cfg.lora_r}"),
         (cfg.lora_alpha > 0, f"--lora-alpha must be > 0, got {cfg.lora_alpha}"),
         (0 <= cfg.lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {cfg.lora_dropout}"),
         (cfg.max_grad_norm >= 0, f"--max-grad-norm must be >= 0, got {cfg.max_grad_norm}"),
-        (cfg.save_total_limit is None or cfg.save_total_limit > 0, f"--save-total-limit must be > 0, got {cfg.save_total_limit}"),
-        (cfg.early_stopping_patience is None or cfg.val_split > 0 or cfg.eval_data, "--early-stopping-patience needs validation data: set --val-split (e.g. 0.05) or --eval-data"),
+        (
+            cfg.save_total_limit is None or cfg.save_total_limit > 0,
+            f"--save-total-limit must be > 0, got {cfg.save_total_limit}",
+        ),
+        (
+            cfg.early_stopping_patience is None or cfg.val_split > 0 or cfg.eval_data,
+            "--early-stopping-patience needs validation data: set --val-split (e.g. 0.05) or "
+            "--eval-data",
+        ),
     ]
     for ok, msg in checks:
         if not ok:
@@ -96,12 +115,20 @@ def validate(cfg: TrainConfig) -> None:
 
 # ---------------------------------------------------------------- output folder and checkpoints
 
+
 def checkpoints(out: Path) -> list[Path]:
     """Complete checkpoints (renamed into place, so never partial), oldest first."""
     found = []
     for p in out.glob("checkpoint-*"):
         step = p.name.removeprefix("checkpoint-")
-        if p.is_dir() and step.isdigit() and all((p / f).is_file() for f in (ADAPTER_WEIGHTS, ADAPTER_CONFIG, OPTIMIZER_FILE, STATE_FILE)):
+        if (
+            p.is_dir()
+            and step.isdigit()
+            and all(
+                (p / f).is_file()
+                for f in (ADAPTER_WEIGHTS, ADAPTER_CONFIG, OPTIMIZER_FILE, STATE_FILE)
+            )
+        ):
             found.append((int(step), p))
     return [p for _, p in sorted(found)]
 
@@ -114,7 +141,9 @@ def prepare_output_dir(out: Path, cfg: TrainConfig) -> Path | None:
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise MlxLoraError(f"cannot write to --output-dir {out} ({e.strerror}); choose a writable folder") from None
+        raise MlxLoraError(
+            f"cannot write to --output-dir {out} ({e.strerror}); choose a writable folder"
+        ) from None
     for stale in out.glob(".checkpoint-*"):  # temp folders of a killed run
         shutil.rmtree(stale, ignore_errors=True)
     existing = checkpoints(out)
@@ -122,8 +151,15 @@ def prepare_output_dir(out: Path, cfg: TrainConfig) -> Path | None:
     if cfg.resume:
         if cfg.resume != "latest":
             ckpt = Path(cfg.resume)
-            if not (ckpt.is_dir() and ckpt in {c.resolve() for c in existing} | {ckpt} and (ckpt / OPTIMIZER_FILE).is_file()):
-                raise MlxLoraError(f"--resume {ckpt}: not a complete checkpoint folder (needs {OPTIMIZER_FILE} and {STATE_FILE})")
+            if not (
+                ckpt.is_dir()
+                and ckpt in {c.resolve() for c in existing} | {ckpt}
+                and (ckpt / OPTIMIZER_FILE).is_file()
+            ):
+                raise MlxLoraError(
+                    f"--resume {ckpt}: not a complete checkpoint folder (needs {OPTIMIZER_FILE} "
+                    f"and {STATE_FILE})"
+                )
             return ckpt
         if not existing:
             raise MlxLoraError(f"--resume: no complete checkpoint in {out}; start without --resume")
@@ -132,7 +168,10 @@ def prepare_output_dir(out: Path, cfg: TrainConfig) -> Path | None:
         if not cfg.overwrite_output_dir:
             what = "a finished run" if finished else f"an unfinished run ({existing[-1].name})"
             hint = "" if finished else "--resume to continue it, or "
-            raise MlxLoraError(f"{out} holds {what}; pass {hint}--overwrite-output-dir to start over, or choose another --output-dir")
+            raise MlxLoraError(
+                f"{out} holds {what}; pass {hint}--overwrite-output-dir to start over, or choose "
+                "another --output-dir"
+            )
         for p in existing:
             shutil.rmtree(p)
         for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG, STATE_FILE, "loss.png"):
@@ -150,7 +189,9 @@ def _resume_point(out: Path, cfg: TrainConfig) -> Path | None:
     return found[-1] if found else None
 
 
-def save_checkpoint(out: Path, model: nn.Module, optimizer: optim.Optimizer, state: TrainerState, adapter_cfg: dict) -> Path:
+def save_checkpoint(
+    out: Path, model: nn.Module, optimizer: optim.Optimizer, state: TrainerState, adapter_cfg: dict
+) -> Path:
     """``checkpoint-<step>``: adapter + optimizer + trainer state, built aside then renamed in."""
     final = out / f"checkpoint-{state.global_step}"
     try:
@@ -159,7 +200,10 @@ def save_checkpoint(out: Path, model: nn.Module, optimizer: optim.Optimizer, sta
             mx.save_safetensors(str(tmp / OPTIMIZER_FILE), dict(tree_flatten(optimizer.state)))
             write_json_atomic(tmp / STATE_FILE, asdict(state))
     except (OSError, RuntimeError) as e:
-        raise MlxLoraError(f"cannot write checkpoint {final} ({write_error_detail(e)}); free disk space and --resume") from None
+        raise MlxLoraError(
+            f"cannot write checkpoint {final} ({write_error_detail(e)}); free disk space and "
+            "--resume"
+        ) from None
     return final
 
 
@@ -181,10 +225,17 @@ def restore(ckpt: Path, model: nn.Module, optimizer: optim.Optimizer) -> Trainer
         opt_state = mx.load(str(ckpt / OPTIMIZER_FILE))
         raw = json.loads((ckpt / STATE_FILE).read_text(encoding="utf-8"))
     except Exception as e:  # noqa: BLE001 - damaged files are a user-level problem
-        raise MlxLoraError(f"checkpoint {ckpt} is damaged ({e}); delete it to resume from an older one") from None
+        raise MlxLoraError(
+            f"checkpoint {ckpt} is damaged ({e}); delete it to resume from an older one"
+        ) from None
     expected = lora_state(model)
-    if set(tensors) != set(expected) or any(tensors[k].shape != expected[k].shape for k in expected):
-        raise MlxLoraError(f"checkpoint {ckpt} was made with other LoRA settings (rank/targets); resume with the same flags")
+    if set(tensors) != set(expected) or any(
+        tensors[k].shape != expected[k].shape for k in expected
+    ):
+        raise MlxLoraError(
+            f"checkpoint {ckpt} was made with other LoRA settings (rank/targets); resume with the "
+            "same flags"
+        )
     set_lora_tensors(model, tensors)
     optimizer.state = tree_unflatten(list(opt_state.items()))
     mx.eval(optimizer.state)
@@ -192,6 +243,7 @@ def restore(ckpt: Path, model: nn.Module, optimizer: optim.Optimizer) -> Trainer
 
 
 # ---------------------------------------------------------------- schedule, batches, steps
+
 
 def make_schedule(cfg: TrainConfig, total_steps: int):
     """HF semantics: linear warmup from 0, then linear/cosine decay to 0 at the last step, or constant."""
@@ -208,20 +260,28 @@ def make_schedule(cfg: TrainConfig, total_steps: int):
     return optim.join_schedules([optim.linear_schedule(0.0, lr, warm), after], [warm])
 
 
-def step_examples(step: int, n_train: int, per_step: int, steps_per_epoch: int, seed: int) -> np.ndarray:
+def step_examples(
+    step: int, n_train: int, per_step: int, steps_per_epoch: int, seed: int
+) -> np.ndarray:
     """Example indices of optimizer step ``step``: a pure function, so resume sees the same data."""
     epoch, pos = divmod(step, steps_per_epoch)
-    return epoch_order(n_train, seed, epoch)[pos * per_step:(pos + 1) * per_step]
+    return epoch_order(n_train, seed, epoch)[pos * per_step : (pos + 1) * per_step]
 
 
 def rank_share(ids: np.ndarray, rank: int, world: int) -> np.ndarray:
     """This process's slice of a step's examples (contiguous; may be empty at an epoch's end)."""
     per_rank = -(-len(ids) // world)
-    return ids[rank * per_rank:(rank + 1) * per_rank]
+    return ids[rank * per_rank : (rank + 1) * per_rank]
 
 
 def batch_arrays(b: Batch) -> tuple[mx.array, ...]:
-    return (mx.array(b.inputs), mx.array(b.segments), mx.array(b.targets), mx.array(b.labels), mx.array(b.weights))
+    return (
+        mx.array(b.inputs),
+        mx.array(b.segments),
+        mx.array(b.targets),
+        mx.array(b.labels),
+        mx.array(b.weights),
+    )
 
 
 def all_sum(x: float, group: mx.distributed.Group | None) -> float:
@@ -230,15 +290,22 @@ def all_sum(x: float, group: mx.distributed.Group | None) -> float:
     return mx.distributed.all_sum(mx.array(x, dtype=mx.float32), group=group, stream=mx.cpu).item()
 
 
-def evaluate(model: nn.Module, examples: list, batch_size: int, max_len: int, packing: bool, pad_id: int,
-             group: mx.distributed.Group | None = None) -> float:
+def evaluate(
+    model: nn.Module,
+    examples: list,
+    batch_size: int,
+    max_len: int,
+    packing: bool,
+    pad_id: int,
+    group: mx.distributed.Group | None = None,
+) -> float:
     """Mean token cross-entropy over the validation examples (same packing as training, sharded by rank)."""
     rank, world = (group.rank(), group.size()) if group is not None else (0, 1)
     model.eval()
     total, count = 0.0, 0
     mine = examples[rank::world]
     for i in range(0, len(mine), batch_size):
-        b = make_batch(mine[i:i + batch_size], max_len, packing, pad_id)
+        b = make_batch(mine[i : i + batch_size], max_len, packing, pad_id)
         loss = loss_sum(model, *batch_arrays(b))
         total += loss.item()
         count += b.n_target_tokens
@@ -284,22 +351,42 @@ def _fmt(record: dict) -> str:
 
 # ---------------------------------------------------------------- the run
 
-def summary(cfg: TrainConfig, ds: Dataset, n_train: int, n_val: int, trainable: int, total: int,
-            steps_per_epoch: int, total_steps: int, dtype: mx.Dtype, world: int = 1) -> str:
+
+def summary(
+    cfg: TrainConfig,
+    ds: Dataset,
+    n_train: int,
+    n_val: int,
+    trainable: int,
+    total: int,
+    steps_per_epoch: int,
+    total_steps: int,
+    dtype: mx.Dtype,
+    world: int = 1,
+) -> str:
     eff = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
     procs = f" × {world} processes" if world > 1 else ""
     skipped = f", {ds.skipped} skipped (missing/empty fields)" if ds.skipped else ""
     trunc = f", {ds.truncated} truncated to {cfg.max_seq_length} tokens" if ds.truncated else ""
-    dropped = f", {ds.dropped_no_target} dropped (no answer left after truncation)" if ds.dropped_no_target else ""
+    dropped = (
+        f", {ds.dropped_no_target} dropped (no answer left after truncation)"
+        if ds.dropped_no_target
+        else ""
+    )
     quant = f", base quantized to {cfg.quantize} bits" if cfg.quantize else ""
     return (
-        f"data: {ds.records} records ({ds.format}) → {len(ds.examples)} examples kept{skipped}{trunc}{dropped}; "
-        f"{n_train} train / {n_val} validation; {ds.tokens:,} tokens, {ds.target_tokens:,} trained on\n"
-        f"model: {trainable:,} trainable LoRA parameters of {total:,} ({100 * trainable / max(total, 1):.3f}%); "
+        f"data: {ds.records} records ({ds.format}) → {len(ds.examples)} examples "
+        f"kept{skipped}{trunc}{dropped}; "
+        f"{n_train} train / {n_val} validation; {ds.tokens:,} tokens, {ds.target_tokens:,} "
+        "trained on\n"
+        f"model: {trainable:,} trainable LoRA parameters of {total:,} "
+        f"({100 * trainable / max(total, 1):.3f}%); "
         f"device {device_name()}, dtype {str(dtype).split('.')[-1]}{quant}\n"
         f"schedule: {steps_per_epoch} steps/epoch, {total_steps} steps, effective batch {eff} "
-        f"({cfg.per_device_train_batch_size} × {cfg.gradient_accumulation_steps} accumulation{procs}), "
-        f"packing {'on' if cfg.packing else 'off'}, gradient checkpointing {'on' if cfg.gradient_checkpointing else 'off'}"
+        f"({cfg.per_device_train_batch_size} × {cfg.gradient_accumulation_steps} "
+        f"accumulation{procs}), "
+        f"packing {'on' if cfg.packing else 'off'}, gradient checkpointing "
+        f"{'on' if cfg.gradient_checkpointing else 'off'}"
     )
 
 
@@ -318,20 +405,35 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     dtype = compute_dtype(cfg.dtype)
     model, tokenizer, config = load_base(model_dir, dtype=dtype, quantize=cfg.quantize)
     if config.get("model_type") not in TRAINABLE_TYPES:
-        raise MlxLoraError(f"training {config.get('model_type')!r} models is not supported; supported: {', '.join(TRAINABLE_TYPES)}")
+        raise MlxLoraError(
+            f"training {config.get('model_type')!r} models is not supported; supported: "
+            f"{', '.join(TRAINABLE_TYPES)}"
+        )
 
-    ds = load_dataset(Path(cfg.data), tokenizer, fmt=cfg.format, system_prompt=cfg.system_prompt, max_seq_length=cfg.max_seq_length)
+    ds = load_dataset(
+        Path(cfg.data),
+        tokenizer,
+        fmt=cfg.format,
+        system_prompt=cfg.system_prompt,
+        max_seq_length=cfg.max_seq_length,
+    )
     if cfg.eval_data:
         train_ex = ds.examples
-        val_ex = load_dataset(Path(cfg.eval_data), tokenizer, fmt=cfg.format, system_prompt=cfg.system_prompt,
-                              max_seq_length=cfg.max_seq_length).examples
+        val_ex = load_dataset(
+            Path(cfg.eval_data),
+            tokenizer,
+            fmt=cfg.format,
+            system_prompt=cfg.system_prompt,
+            max_seq_length=cfg.max_seq_length,
+        ).examples
     else:
         train_idx, val_idx = split(len(ds.examples), cfg.val_split, cfg.seed)
         train_ex = [ds.examples[i] for i in train_idx]
         val_ex = [ds.examples[i] for i in val_idx]
     if cfg.per_device_train_batch_size * world > len(train_ex):
         raise MlxLoraError(
-            f"--per-device-train-batch-size {cfg.per_device_train_batch_size} × {world} process(es) is larger than the {len(train_ex)} training examples; lower it"
+            f"--per-device-train-batch-size {cfg.per_device_train_batch_size} × {world} "
+            f"process(es) is larger than the {len(train_ex)} training examples; lower it"
         )
 
     mx.random.seed(cfg.seed)
@@ -339,18 +441,35 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     apply_lora(model, targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
     model.train()
     trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
-    n_params = sum(v.size for k, v in tree_flatten(model.parameters()) if not k.endswith(("lora_A", "lora_B")))
+    n_params = sum(
+        v.size for k, v in tree_flatten(model.parameters()) if not k.endswith(("lora_A", "lora_B"))
+    )
     if getattr(model.model.embed_tokens, "bits", None):  # quantized: count logical weights
-        n_params = sum(m.weight.shape[0] * m.weight.shape[1] * 32 // m.bits for _, m in model.named_modules() if isinstance(m, nn.QuantizedLinear | nn.QuantizedEmbedding)) + n_params
+        n_params = (
+            sum(
+                m.weight.shape[0] * m.weight.shape[1] * 32 // m.bits
+                for _, m in model.named_modules()
+                if isinstance(m, nn.QuantizedLinear | nn.QuantizedEmbedding)
+            )
+            + n_params
+        )
 
     per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
     steps_per_epoch = math.ceil(len(train_ex) / per_step)
-    total_steps = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
+    total_steps = (
+        cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
+    )
     eval_steps = cfg.eval_steps or cfg.save_steps
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
-    run = {"train_examples": len(train_ex), "per_step": per_step, "batch": cfg.per_device_train_batch_size,
-           "seed": cfg.seed, "packing": cfg.packing, "max_seq_length": cfg.max_seq_length}
+    run = {
+        "train_examples": len(train_ex),
+        "per_step": per_step,
+        "batch": cfg.per_device_train_batch_size,
+        "seed": cfg.seed,
+        "packing": cfg.packing,
+        "max_seq_length": cfg.max_seq_length,
+    }
     extra = {
         "version": __import__("mlx_lora").__version__,
         "system_prompt": cfg.system_prompt,
@@ -364,27 +483,58 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
         "base_vocab_size": config.get("vocab_size"),
     }
     base_name = cfg.model if not Path(cfg.model).expanduser().exists() else str(model_dir)
-    adapter_cfg = adapter_config(r=cfg.lora_r, alpha=cfg.lora_alpha, dropout=cfg.lora_dropout, targets=targets, base_model=base_name, extra=extra)
+    adapter_cfg = adapter_config(
+        r=cfg.lora_r,
+        alpha=cfg.lora_alpha,
+        dropout=cfg.lora_dropout,
+        targets=targets,
+        base_model=base_name,
+        extra=extra,
+    )
 
-    optimizer = optim.AdamW(learning_rate=make_schedule(cfg, total_steps), weight_decay=cfg.weight_decay)
+    optimizer = optim.AdamW(
+        learning_rate=make_schedule(cfg, total_steps), weight_decay=cfg.weight_decay
+    )
     optimizer.init(model.trainable_parameters())
-    state = TrainerState(max_steps=total_steps, num_train_epochs=total_steps / steps_per_epoch, run=run)
+    state = TrainerState(
+        max_steps=total_steps, num_train_epochs=total_steps / steps_per_epoch, run=run
+    )
     if resume_from is not None:
         state = restore(resume_from, model, optimizer)
         changed = {k: (state.run.get(k), v) for k, v in run.items() if state.run.get(k) != v}
         if changed:
             k, (old, new) = next(iter(changed.items()))
-            raise MlxLoraError(f"{resume_from} was trained with {k}={old}, now {new}; resume with the same data and flags")
+            raise MlxLoraError(
+                f"{resume_from} was trained with {k}={old}, now {new}; resume with the same data "
+                "and flags"
+            )
         state.max_steps = total_steps
         say(f"resuming from {resume_from} (step {state.global_step})")
 
-    say(summary(cfg, ds, len(train_ex), len(val_ex), trainable, n_params, steps_per_epoch, total_steps, dtype, world))
+    say(
+        summary(
+            cfg,
+            ds,
+            len(train_ex),
+            len(val_ex),
+            trainable,
+            n_params,
+            steps_per_epoch,
+            total_steps,
+            dtype,
+            world,
+        )
+    )
 
-    value_and_grad = nn.value_and_grad(model, lambda m, *a: loss_sum(m, *a, checkpoint=cfg.gradient_checkpointing))
+    value_and_grad = nn.value_and_grad(
+        model, lambda m, *a: loss_sum(m, *a, checkpoint=cfg.gradient_checkpointing)
+    )
     # Compiled once per batch shape (rows and lengths are padded to multiples of 32, so shapes
     # repeat); the model and the RNG (dropout) are the state the compiled graph reads and updates.
     compiled_state = [model.state, mx.random.state]
-    loss_and_grad = mx.compile(lambda *a: value_and_grad(model, *a), inputs=compiled_state, outputs=compiled_state)
+    loss_and_grad = mx.compile(
+        lambda *a: value_and_grad(model, *a), inputs=compiled_state, outputs=compiled_state
+    )
 
     stop = {"flag": False}
     previous = signal.getsignal(signal.SIGINT)
@@ -400,17 +550,36 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     train_time, step_time, steps_run, stopped_early, last_eval = 0.0, 0.0, 0, False, None
     existing = checkpoints(out)
     last_good = existing[-1] if existing else None
-    bar = tqdm(total=total_steps, initial=state.global_step, unit="step", disable=not (progress and lead), dynamic_ncols=True, mininterval=0.5, file=sys.stderr)
+    bar = tqdm(
+        total=total_steps,
+        initial=state.global_step,
+        unit="step",
+        disable=not (progress and lead),
+        dynamic_ncols=True,
+        mininterval=0.5,
+        file=sys.stderr,
+    )
     log = bar.write if progress else say
     try:
         while state.global_step < total_steps and not stop["flag"]:
             step = state.global_step
             t_step = time.perf_counter()
-            ids = rank_share(step_examples(step, len(train_ex), per_step, steps_per_epoch, cfg.seed), rank, world)
-            micro = [make_batch([train_ex[j] for j in ids[i:i + cfg.per_device_train_batch_size]], cfg.max_seq_length, cfg.packing, pad_id)
-                     for i in range(0, len(ids), cfg.per_device_train_batch_size)]
+            ids = rank_share(
+                step_examples(step, len(train_ex), per_step, steps_per_epoch, cfg.seed), rank, world
+            )
+            micro = [
+                make_batch(
+                    [train_ex[j] for j in ids[i : i + cfg.per_device_train_batch_size]],
+                    cfg.max_seq_length,
+                    cfg.packing,
+                    pad_id,
+                )
+                for i in range(0, len(ids), cfg.per_device_train_batch_size)
+            ]
             n_targets = all_sum(float(sum(b.n_target_tokens for b in micro)), group)
-            mx.random.seed((cfg.seed * 1_000_003 + step) * 1_009 + rank)  # dropout masks depend on step and rank only
+            mx.random.seed(
+                (cfg.seed * 1_000_003 + step) * 1_009 + rank
+            )  # dropout masks depend on step and rank only
             grads, loss_total = None, 0.0
             for b in micro:
                 loss, g = loss_and_grad(*batch_arrays(b))
@@ -432,36 +601,71 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
                 grad_norm = mx.sqrt(sum((g * g).sum() for _, g in tree_flatten(grads)))
             step_loss = loss_total / max(n_targets, 1)
             if not math.isfinite(step_loss) or not math.isfinite(grad_norm.item()):
-                where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was saved yet"
-                raise MlxLoraError(f"loss became {step_loss} at step {step + 1}; training stopped, {where}; lower --learning-rate and --resume")
+                where = (
+                    f"the last good checkpoint is {last_good}"
+                    if last_good
+                    else "no checkpoint was saved yet"
+                )
+                raise MlxLoraError(
+                    f"loss became {step_loss} at step {step + 1}; training stopped, {where}; "
+                    "lower --learning-rate and --resume"
+                )
             optimizer.update(model, grads)
             mx.eval(model.parameters(), optimizer.state)
-            step_time += time.perf_counter() - t_step  # compute only: no eval, no checkpoint writing
+            step_time += (
+                time.perf_counter() - t_step
+            )  # compute only: no eval, no checkpoint writing
             steps_run += 1
             state.global_step = step + 1
             state.epoch = state.global_step / steps_per_epoch
             window_loss += step_loss
             window_steps += 1
-            bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_seen / max(step_time, 1e-9):,.0f}", mem=human_bytes(mx.get_peak_memory()), refresh=False)
+            bar.set_postfix(
+                loss=f"{step_loss:.4f}",
+                tok_s=f"{tokens_seen / max(step_time, 1e-9):,.0f}",
+                mem=human_bytes(mx.get_peak_memory()),
+                refresh=False,
+            )
             bar.update(1)
 
             if state.global_step % cfg.logging_steps == 0 or state.global_step == total_steps:
-                record = {"loss": window_loss / window_steps, "grad_norm": grad_norm.item(),
-                          "learning_rate": float(f"{optimizer.learning_rate.item():.6g}") if state.global_step < total_steps else 0.0,
-                          "epoch": round(state.epoch, 4)}
+                record = {
+                    "loss": window_loss / window_steps,
+                    "grad_norm": grad_norm.item(),
+                    "learning_rate": float(f"{optimizer.learning_rate.item():.6g}")
+                    if state.global_step < total_steps
+                    else 0.0,
+                    "epoch": round(state.epoch, 4),
+                }
                 log(_fmt(record))
                 state.log_history.append({**record, "step": state.global_step})
                 window_loss, window_steps = 0.0, 0
-            evaluate_now = val_ex and (state.global_step % eval_steps == 0 or state.global_step == total_steps)
+            evaluate_now = val_ex and (
+                state.global_step % eval_steps == 0 or state.global_step == total_steps
+            )
             if evaluate_now:
-                last_eval = evaluate(model, val_ex, cfg.per_device_train_batch_size, cfg.max_seq_length, cfg.packing, pad_id, group)
+                last_eval = evaluate(
+                    model,
+                    val_ex,
+                    cfg.per_device_train_batch_size,
+                    cfg.max_seq_length,
+                    cfg.packing,
+                    pad_id,
+                    group,
+                )
                 record = {"eval_loss": last_eval, "epoch": round(state.epoch, 4)}
                 log(_fmt(record))
                 state.log_history.append({**record, "step": state.global_step})
-            save_now = state.global_step % cfg.save_steps == 0 or (evaluate_now and state.global_step % cfg.save_steps != 0 and cfg.early_stopping_patience)
+            save_now = state.global_step % cfg.save_steps == 0 or (
+                evaluate_now
+                and state.global_step % cfg.save_steps != 0
+                and cfg.early_stopping_patience
+            )
             improved = evaluate_now and (state.best_metric is None or last_eval < state.best_metric)
             if evaluate_now:
-                state.evals_without_improvement = 0 if improved else state.evals_without_improvement + 1
+                state.evals_without_improvement = (
+                    0 if improved else state.evals_without_improvement + 1
+                )
             if save_now or stop["flag"] or (improved and cfg.early_stopping_patience):
                 path = out / f"checkpoint-{state.global_step}"
                 if improved:
@@ -471,9 +675,15 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
                     prune_checkpoints(out, cfg.save_total_limit, state.best_model_checkpoint)
             elif improved:
                 state.best_metric, state.best_model_checkpoint = last_eval, None
-            if cfg.early_stopping_patience and state.evals_without_improvement >= cfg.early_stopping_patience:
+            if (
+                cfg.early_stopping_patience
+                and state.evals_without_improvement >= cfg.early_stopping_patience
+            ):
                 stopped_early = True
-                log(f"early stopping: eval_loss has not improved for {cfg.early_stopping_patience} evaluations")
+                log(
+                    "early stopping: eval_loss has not improved for "
+                    f"{cfg.early_stopping_patience} evaluations"
+                )
                 break
         train_time = time.perf_counter() - t0
     finally:
@@ -486,7 +696,16 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     peak = mx.get_peak_memory() / 1e9
     losses = [h["loss"] for h in state.log_history if "loss" in h]
     train_loss = float(np.mean(losses)) if losses else float("nan")
-    result = TrainResult(out, state.global_step, train_loss, last_eval, state.best_model_checkpoint, tps, peak, stopped_early)
+    result = TrainResult(
+        out,
+        state.global_step,
+        train_loss,
+        last_eval,
+        state.best_model_checkpoint,
+        tps,
+        peak,
+        stopped_early,
+    )
     if not lead:
         return result
     # The final adapter: the best checkpoint when early stopping chose one (HF's load_best_model_at_end).
@@ -504,15 +723,27 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
             (out / name).unlink(missing_ok=True)  # no adapter_config.json without its weights
         detail = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         then = f"--resume (from {last_good})" if last_good else "run again"
-        raise MlxLoraError(f"cannot write the adapter to {out} ({detail}); free disk space and {then}") from None
-    final = {"train_runtime": round(train_time, 4),
-             "train_samples_per_second": round(steps_run * per_step / max(train_time, 1e-9), 3),
-             "train_steps_per_second": round(steps_run / max(train_time, 1e-9), 3),
-             "train_loss": train_loss, "epoch": round(state.epoch, 4)}
+        raise MlxLoraError(
+            f"cannot write the adapter to {out} ({detail}); free disk space and {then}"
+        ) from None
+    final = {
+        "train_runtime": round(train_time, 4),
+        "train_samples_per_second": round(steps_run * per_step / max(train_time, 1e-9), 3),
+        "train_steps_per_second": round(steps_run / max(train_time, 1e-9), 3),
+        "train_loss": train_loss,
+        "epoch": round(state.epoch, 4),
+    }
     print(str(final))
-    state.log_history.append({**final, "step": state.global_step, "train_tokens_per_second": round(tps, 2),
-                              "train_tokens": tokens_seen, "train_target_tokens": targets_seen,
-                              "peak_memory_gb": round(peak, 4)})
+    state.log_history.append(
+        {
+            **final,
+            "step": state.global_step,
+            "train_tokens_per_second": round(tps, 2),
+            "train_tokens": tokens_seen,
+            "train_target_tokens": targets_seen,
+            "peak_memory_gb": round(peak, 4),
+        }
+    )
     try:
         write_json_atomic(out / STATE_FILE, asdict(state))
         if cfg.plot:
@@ -520,7 +751,10 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     except (OSError, RuntimeError) as e:
         (out / ".loss.png.tmp.png").unlink(missing_ok=True)
         detail = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        raise MlxLoraError(f"the adapter is saved in {out}, but {STATE_FILE} or loss.png could not be written ({detail}); free disk space") from None
+        raise MlxLoraError(
+            f"the adapter is saved in {out}, but {STATE_FILE} or loss.png could not be written "
+            f"({detail}); free disk space"
+        ) from None
     print(f"adapter saved to {out} ({tps:,.0f} tokens/s, peak memory {human_bytes(peak * 1e9)})")
     return result
 

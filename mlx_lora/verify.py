@@ -133,7 +133,9 @@ class Report:
         for c in self.checks:
             lines.append(f"  {c.name:<{width}}  {c.status:<7}  {c.figures}")
         lines += [f"  note: {n}" for n in self.notes]
-        lines.append("  result: " + ("all checks passed" if self.ok else "MISMATCH (see FAIL lines)"))
+        lines.append(
+            "  result: " + ("all checks passed" if self.ok else "MISMATCH (see FAIL lines)")
+        )
         return "\n".join(lines)
 
 
@@ -157,8 +159,13 @@ class Comparison:
         return f"max|Δlogit| {self.max_abs:.2e}{bound}, top-1 {self.top1_equal}/{self.positions}"
 
     def values(self) -> dict[str, Any]:
-        return {"max_abs": self.max_abs, "top1_equal": self.top1_equal, "positions": self.positions,
-                "top1_wrong": self.top1_wrong, "tolerance": self.tolerance}
+        return {
+            "max_abs": self.max_abs,
+            "top1_equal": self.top1_equal,
+            "positions": self.positions,
+            "top1_wrong": self.top1_wrong,
+            "tolerance": self.tolerance,
+        }
 
 
 def compare_logits(ref: Sequence[np.ndarray], got: Sequence[np.ndarray], kind: str) -> Comparison:
@@ -177,7 +184,10 @@ def compare_logits(ref: Sequence[np.ndarray], got: Sequence[np.ndarray], kind: s
         r = np.asarray(r, dtype=np.float32)
         g = np.asarray(g, dtype=np.float32)
         if r.shape != g.shape:
-            raise MlxLoraError(f"logit shapes differ: {r.shape} vs {g.shape}; the GGUF's vocabulary does not match the model")
+            raise MlxLoraError(
+                f"logit shapes differ: {r.shape} vs {g.shape}; the GGUF's vocabulary does not "
+                "match the model"
+            )
         max_abs = max(max_abs, float(np.abs(r - g).max()))
         top_r, top_g = r.argmax(-1), g.argmax(-1)
         same = top_r == top_g
@@ -242,7 +252,9 @@ def check_metadata(hf_dir: Path, reader: Any, tokenizer: Any) -> Check:
     arch = _field(reader, "general.architecture")
     want_arch = _expected_arch(config)
     if arch != want_arch:
-        problems.append(f"architecture {arch!r}, HF {config.get('architectures')} means {want_arch!r}")
+        problems.append(
+            f"architecture {arch!r}, HF {config.get('architectures')} means {want_arch!r}"
+        )
     n_layers = config.get("num_hidden_layers")
     blocks = _field(reader, f"{arch}.block_count")
     if blocks != n_layers:
@@ -267,7 +279,9 @@ def check_metadata(hf_dir: Path, reader: Any, tokenizer: Any) -> Check:
     bad_shapes = [k for k in expected if k in got and _squeeze(got[k]) != _squeeze(expected[k])]
     if bad_shapes:
         k = bad_shapes[0]
-        problems.append(f"{len(bad_shapes)} tensor shape(s) differ, e.g. {k} {got[k]} vs HF {expected[k]}")
+        problems.append(
+            f"{len(bad_shapes)} tensor shape(s) differ, e.g. {k} {got[k]} vs HF {expected[k]}"
+        )
 
     from mlx_lora.prompt import hf_tokenizer
 
@@ -276,7 +290,9 @@ def check_metadata(hf_dir: Path, reader: Any, tokenizer: Any) -> Check:
     n_tokens = len(tokens_field.data) if tokens_field is not None else 0
     n_vocab = expected.get("token_embd.weight", (len(tok),))[0]
     if n_tokens != n_vocab or len(tok) > n_tokens:
-        problems.append(f"{n_tokens} GGUF tokens, embedding rows {n_vocab}, HF tokenizer {len(tok)}")
+        problems.append(
+            f"{n_tokens} GGUF tokens, embedding rows {n_vocab}, HF tokenizer {len(tok)}"
+        )
     for key, hf_id in (("bos", tok.bos_token_id), ("eos", tok.eos_token_id)):
         gid = _field(reader, f"tokenizer.ggml.{key}_token_id")
         if hf_id is not None and gid != hf_id:
@@ -284,13 +300,24 @@ def check_metadata(hf_dir: Path, reader: Any, tokenizer: Any) -> Check:
     template = getattr(tok, "chat_template", None)
     g_template = _field(reader, "tokenizer.chat_template")
     if isinstance(template, str) and template != g_template:
-        problems.append("chat template missing" if g_template is None else "chat template differs from tokenizer_config.json's")
+        problems.append(
+            "chat template missing"
+            if g_template is None
+            else "chat template differs from tokenizer_config.json's"
+        )
     template_note = "chat template equal" if isinstance(template, str) else "no chat template"
 
-    figures = (f"{arch}, {blocks} blocks, {len(got)} tensors, {n_tokens} tokens, {template_note}"
-               if not problems else "; ".join(problems))
-    return Check("GGUF read back vs HF folder", "FAIL" if problems else "ok", figures,
-                 {"architecture": arch, "blocks": blocks, "tensors": len(got), "tokens": n_tokens})
+    figures = (
+        f"{arch}, {blocks} blocks, {len(got)} tensors, {n_tokens} tokens, {template_note}"
+        if not problems
+        else "; ".join(problems)
+    )
+    return Check(
+        "GGUF read back vs HF folder",
+        "FAIL" if problems else "ok",
+        figures,
+        {"architecture": arch, "blocks": blocks, "tensors": len(got), "tokens": n_tokens},
+    )
 
 
 def _squeeze(shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -305,12 +332,19 @@ def check_lora_metadata(adapter_dir: Path, lora_gguf: Path, base_config: dict) -
     acfg = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
     problems: list[str] = []
     if _field(reader, "general.type") != "adapter" or _field(reader, "adapter.type") != "lora":
-        problems.append(f"general.type {_field(reader, 'general.type')!r}, adapter.type {_field(reader, 'adapter.type')!r}")
+        problems.append(
+            f"general.type {_field(reader, 'general.type')!r}, adapter.type "
+            f"{_field(reader, 'adapter.type')!r}"
+        )
     alpha = _field(reader, "adapter.lora.alpha")
     if alpha is None or abs(float(alpha) - float(acfg["lora_alpha"])) > 1e-6:
         problems.append(f"adapter.lora.alpha {alpha}, adapter_config.json {acfg['lora_alpha']}")
     arch = _expected_arch(base_config)
-    tmap = gguf.get_tensor_name_map(_arch_enum(arch), base_config["num_hidden_layers"]) if arch else None
+    tmap = (
+        gguf.get_tensor_name_map(_arch_enum(arch), base_config["num_hidden_layers"])
+        if arch
+        else None
+    )
     expected: dict[str, tuple[int, ...]] = {}
     for name, shape in _st_shapes_file(adapter_dir / "adapter_model.safetensors").items():
         module, _, part = name.rpartition(".lora_")
@@ -319,12 +353,26 @@ def check_lora_metadata(adapter_dir: Path, lora_gguf: Path, base_config: dict) -
         expected[f"{gname or module}.lora_{part[0].lower()}"] = shape
     got = {t.name: tuple(int(x) for x in reversed(list(t.shape))) for t in reader.tensors}
     if set(got) != set(expected):
-        problems.append(f"tensors differ: missing {sorted(set(expected) - set(got))[:3]}, unexpected {sorted(set(got) - set(expected))[:3]}")
+        problems.append(
+            f"tensors differ: missing {sorted(set(expected) - set(got))[:3]}, unexpected "
+            f"{sorted(set(got) - set(expected))[:3]}"
+        )
     bad = [k for k in expected if k in got and got[k] != expected[k]]
     if bad:
-        problems.append(f"{len(bad)} shape(s) differ, e.g. {bad[0]} {got[bad[0]]} vs {expected[bad[0]]}")
-    figures = f"{len(got)} tensors (A/B of {len(got) // 2} modules), alpha {alpha:g}" if not problems else "; ".join(problems)
-    return Check("GGUF LoRA adapter vs PEFT adapter", "FAIL" if problems else "ok", figures, {"tensors": len(got)})
+        problems.append(
+            f"{len(bad)} shape(s) differ, e.g. {bad[0]} {got[bad[0]]} vs {expected[bad[0]]}"
+        )
+    figures = (
+        f"{len(got)} tensors (A/B of {len(got) // 2} modules), alpha {alpha:g}"
+        if not problems
+        else "; ".join(problems)
+    )
+    return Check(
+        "GGUF LoRA adapter vs PEFT adapter",
+        "FAIL" if problems else "ok",
+        figures,
+        {"tensors": len(got)},
+    )
 
 
 def _st_shapes_file(path: Path) -> dict[str, tuple[int, ...]]:
@@ -383,7 +431,9 @@ def mlx_greedy(model: Any, ids: list[int], n: int) -> list[int]:
     import mlx.core as mx
     from mlx_lm.generate import generate_step
 
-    steps = generate_step(mx.array(ids), model, max_tokens=n, sampler=lambda lp: mx.argmax(lp, axis=-1))
+    steps = generate_step(
+        mx.array(ids), model, max_tokens=n, sampler=lambda lp: mx.argmax(lp, axis=-1)
+    )
     return [int(t) for t, _ in steps][:n]
 
 
@@ -424,11 +474,17 @@ def _quiet_stderr() -> Iterator[None]:
         os.close(devnull)
 
 
-def open_llama(gguf_path: Path, *, n_ctx: int = 512, lora_path: Path | None = None, vocab_only: bool = False) -> Any:
+def open_llama(
+    gguf_path: Path, *, n_ctx: int = 512, lora_path: Path | None = None, vocab_only: bool = False
+) -> Any:
     """A llama-cpp-python model: f32 KV cache when the binding allows it, logits for every position."""
     import llama_cpp
 
-    kw: dict[str, Any] = {"model_path": str(gguf_path), "verbose": False, "n_threads": os.cpu_count() or 1}
+    kw: dict[str, Any] = {
+        "model_path": str(gguf_path),
+        "verbose": False,
+        "n_threads": os.cpu_count() or 1,
+    }
     if vocab_only:
         kw["vocab_only"] = True
     else:
@@ -445,7 +501,10 @@ def open_llama(gguf_path: Path, *, n_ctx: int = 512, lora_path: Path | None = No
             kw.pop("type_v", None)
             return llama_cpp.Llama(**kw)
         except ValueError as e:
-            raise MlxLoraError(f"llama.cpp cannot load {gguf_path}{' with ' + str(lora_path) if lora_path else ''}: {e}") from None
+            raise MlxLoraError(
+                "llama.cpp cannot load "
+                f"{gguf_path}{' with ' + str(lora_path) if lora_path else ''}: {e}"
+            ) from None
 
 
 def llama_logits(llm: Any, ids: list[int]) -> np.ndarray:
@@ -486,8 +545,12 @@ def check_tokenization(gguf_path: Path, tokenizer: Any, texts: Sequence[str] = T
     if bad:
         text, ours, theirs = bad[0]
         figures += f"; e.g. {text[:30]!r}: HF {ours[:8]}… llama.cpp {theirs[:8]}…"
-    return Check(f"tokenization ({len(texts)} texts)", "FAIL" if bad else "ok", figures,
-                 {"identical": same, "total": len(texts)})
+    return Check(
+        f"tokenization ({len(texts)} texts)",
+        "FAIL" if bad else "ok",
+        figures,
+        {"identical": same, "total": len(texts)},
+    )
 
 
 # --------------------------------------------------------------------------------- verify
@@ -532,9 +595,14 @@ def verify_gguf(
     adapter_dir = Path(adapter_dir) if adapter_dir is not None else None
     for p in (hf_dir, gguf_path, adapter_dir, lora_gguf):
         if p is not None and not Path(p).exists():
-            raise MlxLoraError(f"{p} does not exist; pass the files an export wrote (or run python -m mlx_lora.export first)")
+            raise MlxLoraError(
+                f"{p} does not exist; pass the files an export wrote (or run python -m "
+                "mlx_lora.export first)"
+            )
     if lora_gguf is not None and adapter_dir is None:
-        raise MlxLoraError("verifying a GGUF LoRA adapter needs the PEFT adapter it came from (--adapter)")
+        raise MlxLoraError(
+            "verifying a GGUF LoRA adapter needs the PEFT adapter it came from (--adapter)"
+        )
     reader = gguf.GGUFReader(gguf_path)
     kind = gguf_type or _gguf_type_of(reader)
     report = Report(gguf_path, kind)
@@ -563,7 +631,13 @@ def verify_gguf(
             recorded = adapter_base(adapter_dir)
             base_dir = resolve_model(recorded) if recorded else None
         if base_dir is None:
-            report.checks.append(Check("fused vs base+adapter (MLX)", "skipped", "the adapter records no base model; pass --base"))
+            report.checks.append(
+                Check(
+                    "fused vs base+adapter (MLX)",
+                    "skipped",
+                    "the adapter records no base model; pass --base",
+                )
+            )
         else:
             fused_dtype = str(config.get("torch_dtype") or "float32")
             base_model, _ = load_mlx(Path(base_dir), adapter_dir)
@@ -571,14 +645,24 @@ def verify_gguf(
             del base_model
             _free()
             cmp = compare_logits(base_logits, ref.logits, _DTYPE_TYPES.get(fused_dtype, "f32"))
-            report.checks.append(Check(f"fused ({fused_dtype}) vs base+adapter (MLX)", "ok" if cmp.ok else "FAIL",
-                                       cmp.figures(), cmp.values()))
+            report.checks.append(
+                Check(
+                    f"fused ({fused_dtype}) vs base+adapter (MLX)",
+                    "ok" if cmp.ok else "FAIL",
+                    cmp.figures(),
+                    cmp.values(),
+                )
+            )
     elif fused_dir is not None and lora_gguf is None:
-        report.notes.append("fused vs base+adapter not checked: pass the adapter (--adapter) to compare")
+        report.notes.append(
+            "fused vs base+adapter not checked: pass the adapter (--adapter) to compare"
+        )
 
     if not have_llama_cpp():
         for name in ("tokenization", "logits llama.cpp vs MLX"):
-            report.checks.append(Check(name, "skipped", f"llama-cpp-python is not installed: {INSTALL_HINT}"))
+            report.checks.append(
+                Check(name, "skipped", f"llama-cpp-python is not installed: {INSTALL_HINT}")
+            )
         report.notes.append(f"llama.cpp checks skipped; get them with {INSTALL_HINT}")
         return report
 
@@ -589,16 +673,36 @@ def verify_gguf(
     got = [llama_logits(llm, p) for p in prompts]
     cmp = compare_logits(ref.logits, got, kind)
     what = "llama.cpp base+LoRA vs MLX base+adapter" if lora_gguf else "logits llama.cpp vs MLX"
-    report.checks.append(Check(f"{what} ({len(prompts)} prompts)", "ok" if cmp.ok else "FAIL", cmp.figures(), cmp.values()))
+    report.checks.append(
+        Check(
+            f"{what} ({len(prompts)} prompts)",
+            "ok" if cmp.ok else "FAIL",
+            cmp.figures(),
+            cmp.values(),
+        )
+    )
     if greedy_tokens:
         theirs = llama_greedy(llm, prompts[0], greedy_tokens)
-        same = next((i for i, (a, b) in enumerate(zip(ref.greedy, theirs, strict=True)) if a != b), len(theirs))
+        same = next(
+            (i for i, (a, b) in enumerate(zip(ref.greedy, theirs, strict=True)) if a != b),
+            len(theirs),
+        )
         identical = theirs == ref.greedy
         # Only f32 must reproduce the continuation; rounded weights may flip a near-tie and diverge.
         status = "ok" if identical else ("FAIL" if kind == "f32" else "info")
-        figures = f"{greedy_tokens} tokens identical" if identical else f"first {same} of {greedy_tokens} tokens identical"
-        report.checks.append(Check(f"greedy {greedy_tokens} tokens", status, figures,
-                                   {"mlx": ref.greedy, "llama_cpp": theirs, "identical_prefix": same}))
+        figures = (
+            f"{greedy_tokens} tokens identical"
+            if identical
+            else f"first {same} of {greedy_tokens} tokens identical"
+        )
+        report.checks.append(
+            Check(
+                f"greedy {greedy_tokens} tokens",
+                status,
+                figures,
+                {"mlx": ref.greedy, "llama_cpp": theirs, "identical_prefix": same},
+            )
+        )
     del llm
     return report
 
@@ -608,7 +712,9 @@ def verify_export(export: Any) -> Report:
     out = Path(getattr(export, "output_dir", export))
     manifest = out / EXPORT_MANIFEST
     if not manifest.is_file():
-        raise MlxLoraError(f"{out} has no {EXPORT_MANIFEST}: pass a folder written by python -m mlx_lora.export")
+        raise MlxLoraError(
+            f"{out} has no {EXPORT_MANIFEST}: pass a folder written by python -m mlx_lora.export"
+        )
     m = json.loads(manifest.read_text(encoding="utf-8"))
 
     def path(key: str) -> Path | None:
@@ -616,8 +722,12 @@ def verify_export(export: Any) -> Report:
         return None if v is None else (out / v if not Path(v).is_absolute() else Path(v))
 
     return verify_gguf(
-        path("hf_dir"), path("gguf"), adapter_dir=path("adapter"), base_dir=path("base_dir"),
-        gguf_type=m.get("gguf_type"), lora_gguf=path("lora_gguf"),
+        path("hf_dir"),
+        path("gguf"),
+        adapter_dir=path("adapter"),
+        base_dir=path("base_dir"),
+        gguf_type=m.get("gguf_type"),
+        lora_gguf=path("lora_gguf"),
     )
 
 
@@ -626,13 +736,30 @@ def verify_export(export: Any) -> Report:
 
 @dataclass
 class VerifyConfig:
-    export_dir: str | None = opt(None, "an export folder (python -m mlx_lora.export --output-dir): verify everything it lists")
+    export_dir: str | None = opt(
+        None,
+        "an export folder (python -m mlx_lora.export --output-dir): verify everything it lists",
+    )
     gguf: str | None = opt(None, "the GGUF to check (instead of --export-dir)")
-    hf_dir: str | None = opt(None, "the Hugging Face folder the GGUF was written from (fused folder, or the base in adapter mode)")
-    adapter: str | None = opt(None, "the PEFT adapter: fused folder vs base+adapter, or the source of --lora-gguf")
-    base: str | None = opt(None, "base model folder for the fused vs base+adapter check (default: the adapter's recorded base)")
-    lora_gguf: str | None = opt(None, "a GGUF LoRA adapter to apply on top of --gguf (adapter mode)")
-    gguf_type: str | None = opt(None, "threshold set to use (default: the GGUF's own file type)", choices=list(TOLERANCES))
+    hf_dir: str | None = opt(
+        None,
+        "the Hugging Face folder the GGUF was written from (fused folder, or the base in adapter "
+        "mode)",
+    )
+    adapter: str | None = opt(
+        None, "the PEFT adapter: fused folder vs base+adapter, or the source of --lora-gguf"
+    )
+    base: str | None = opt(
+        None,
+        "base model folder for the fused vs base+adapter check (default: the adapter's recorded "
+        "base)",
+    )
+    lora_gguf: str | None = opt(
+        None, "a GGUF LoRA adapter to apply on top of --gguf (adapter mode)"
+    )
+    gguf_type: str | None = opt(
+        None, "threshold set to use (default: the GGUF's own file type)", choices=list(TOLERANCES)
+    )
 
 
 DESCRIPTION = """Check that a GGUF export is the model you trained: GGUF metadata vs the HF folder,
@@ -647,13 +774,18 @@ llama.cpp checks need: {INSTALL_HINT}"""
 
 
 def main(argv: list[str] | None = None) -> Report:
-    c: VerifyConfig = parse_config(VerifyConfig, argv, "python -m mlx_lora.verify", DESCRIPTION, EPILOG)
+    c: VerifyConfig = parse_config(
+        VerifyConfig, argv, "python -m mlx_lora.verify", DESCRIPTION, EPILOG
+    )
     if c.export_dir:
         report = verify_export(Path(c.export_dir))
     elif c.gguf and c.hf_dir:
         report = verify_gguf(
-            Path(c.hf_dir), Path(c.gguf), adapter_dir=Path(c.adapter) if c.adapter else None,
-            base_dir=Path(c.base) if c.base else None, gguf_type=c.gguf_type,
+            Path(c.hf_dir),
+            Path(c.gguf),
+            adapter_dir=Path(c.adapter) if c.adapter else None,
+            base_dir=Path(c.base) if c.base else None,
+            gguf_type=c.gguf_type,
             lora_gguf=Path(c.lora_gguf) if c.lora_gguf else None,
         )
     else:

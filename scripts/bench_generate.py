@@ -36,15 +36,28 @@ QUESTION = "你是谁？家里还有什么人？请详细说说你进宫以后�
 
 
 def _tiny_model(out: Path, hidden: int, layers: int) -> Path:
-    spec = importlib.util.spec_from_file_location("make_tiny_model", REPO / "scripts" / "make_tiny_model.py")
+    spec = importlib.util.spec_from_file_location(
+        "make_tiny_model", REPO / "scripts" / "make_tiny_model.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     tok = QWEN_TOKENIZER if (QWEN_TOKENIZER / "vocab.json").is_file() else None
     if tok is None:
-        print("note: ../shared/fixtures/qwen15-tokenizer absent; using the small trained tokenizer", file=sys.stderr)
+        print(
+            "note: ../shared/fixtures/qwen15-tokenizer absent; using the small trained tokenizer",
+            file=sys.stderr,
+        )
     heads = max(1, hidden // 64)  # Qwen1.5: head_dim 64, as many kv heads as heads
-    return mod.make_tiny_model(out, tokenizer=tok, hidden_size=hidden, layers=layers, heads=heads,
-                               kv_heads=heads, intermediate_size=hidden * 11 // 4, seed=0)
+    return mod.make_tiny_model(
+        out,
+        tokenizer=tok,
+        hidden_size=hidden,
+        layers=layers,
+        heads=heads,
+        kv_heads=heads,
+        intermediate_size=hidden * 11 // 4,
+        seed=0,
+    )
 
 
 def _history(data: Path, turns: int) -> list[dict]:
@@ -54,7 +67,9 @@ def _history(data: Path, turns: int) -> list[dict]:
     records = json.loads(data.read_text(encoding="utf-8"))[10:]
     out: list[dict] = []
     for rec in records[:turns]:
-        out.append({"role": "user", "content": (rec["instruction"] + "\n" + rec.get("input", "")).strip()})
+        out.append(
+            {"role": "user", "content": (rec["instruction"] + "\n" + rec.get("input", "")).strip()}
+        )
         out.append({"role": "assistant", "content": rec["output"]})
     out.append({"role": "user", "content": records[turns]["instruction"]})
     return out
@@ -62,7 +77,9 @@ def _history(data: Path, turns: int) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", type=Path, help="model folder (default: build a Qwen-shaped tiny model)")
+    ap.add_argument(
+        "--model", type=Path, help="model folder (default: build a Qwen-shaped tiny model)"
+    )
     ap.add_argument("--adapter", type=Path, help="adapter folder to load on top of --model")
     ap.add_argument("--hidden-size", type=int, default=256, help="tiny model width (default 256)")
     ap.add_argument("--layers", type=int, default=4, help="tiny model depth (default 4)")
@@ -84,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     from mlx_lora.prompt import build_prompt
 
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = args.model or _tiny_model(Path(tmp) / "tiny-qwen", args.hidden_size, args.layers)
+        model_dir = args.model or _tiny_model(
+            Path(tmp) / "tiny-qwen", args.hidden_size, args.layers
+        )
         loaded = load_for_inference(str(model_dir), args.adapter)
     model, tok = loaded.model, loaded.tokenizer
     n = args.max_tokens
@@ -94,7 +113,14 @@ def main(argv: list[str] | None = None) -> int:
 
     def run_chat() -> tuple[float, int]:
         t = time.perf_counter()
-        a = complete(loaded, messages, system_prompt=SYSTEM, temperature=0.0, repetition_penalty=1.0, max_tokens=n)
+        a = complete(
+            loaded,
+            messages,
+            system_prompt=SYSTEM,
+            temperature=0.0,
+            repetition_penalty=1.0,
+            max_tokens=n,
+        )
         return time.perf_counter() - t, a.completion_tokens
 
     def run_mlx_lm() -> float:
@@ -103,9 +129,14 @@ def main(argv: list[str] | None = None) -> int:
         return time.perf_counter() - t
 
     params = sum(v.size for _, v in tree_flatten(model.parameters()))
-    print(f"model {model_dir} ({loaded.config.get('model_type')}, {params / 1e6:.1f}M parameters) "
-          f"on {device_name()}, mlx {mx.__version__}")
-    print(f"prompt {len(ids)} tokens, {n} new tokens, greedy; {args.repeats} A/B pairs after a warm-up pair")
+    print(
+        f"model {model_dir} ({loaded.config.get('model_type')}, {params / 1e6:.1f}M parameters) "
+        f"on {device_name()}, mlx {mx.__version__}"
+    )
+    print(
+        f"prompt {len(ids)} tokens, {n} new tokens, greedy; {args.repeats} A/B pairs after a "
+        "warm-up pair"
+    )
 
     run_chat(), run_mlx_lm()  # warm-up (compilation, allocator)
     chat_tps, ref_tps, counts = [], [], set()
@@ -117,10 +148,18 @@ def main(argv: list[str] | None = None) -> int:
     ratios = [a / b for a, b in zip(chat_tps, ref_tps, strict=True)]
     a, b = statistics.median(chat_tps), statistics.median(ref_tps)
     print(f"tokens generated per run: {sorted(counts)}")
-    print(f"mlx_lora.chat      {a:8.1f} tok/s (median; runs: {', '.join(f'{x:.0f}' for x in chat_tps)})")
-    print(f"mlx_lm.generate    {b:8.1f} tok/s (median; runs: {', '.join(f'{x:.0f}' for x in ref_tps)})")
-    print(f"ratio chat / mlx_lm: {statistics.median(ratios):.3f} (median of the A/B pairs; "
-          f"ratio of medians {a / b:.3f}; target >= 0.95)")
+    print(
+        f"mlx_lora.chat      {a:8.1f} tok/s (median; runs: "
+        f"{', '.join(f'{x:.0f}' for x in chat_tps)})"
+    )
+    print(
+        f"mlx_lm.generate    {b:8.1f} tok/s (median; runs: "
+        f"{', '.join(f'{x:.0f}' for x in ref_tps)})"
+    )
+    print(
+        f"ratio chat / mlx_lm: {statistics.median(ratios):.3f} (median of the A/B pairs; "
+        f"ratio of medians {a / b:.3f}; target >= 0.95)"
+    )
 
     # A later turn of a conversation: with reuse only the new turn is computed before the first token.
     history = _history(REPO / "dataset" / "huanhuan.json", turns=6)
@@ -128,16 +167,24 @@ def main(argv: list[str] | None = None) -> int:
     complete(loaded, history[:-2], system_prompt=SYSTEM, temperature=0.0, max_tokens=1, cache=cache)
     reuse_t, fresh_t = [], []
     for _ in range(args.repeats):
-        cache.reuse(build_prompt(tok, history[:-2], SYSTEM))  # back to "the previous turn is cached"
+        cache.reuse(
+            build_prompt(tok, history[:-2], SYSTEM)
+        )  # back to "the previous turn is cached"
         t = time.perf_counter()
-        r = complete(loaded, history, system_prompt=SYSTEM, temperature=0.0, max_tokens=1, cache=cache)
+        r = complete(
+            loaded, history, system_prompt=SYSTEM, temperature=0.0, max_tokens=1, cache=cache
+        )
         reuse_t.append(time.perf_counter() - t)
         t = time.perf_counter()
         f = complete(loaded, history, system_prompt=SYSTEM, temperature=0.0, max_tokens=1)
         fresh_t.append(time.perf_counter() - t)
         assert r.tokens == f.tokens, "cache reuse changed the answer"
-    print(f"time to first token, turn {len(history) // 2 + 1} ({r.prompt_tokens} prompt tokens, {r.cached_tokens} cached): "
-          f"{statistics.median(reuse_t) * 1e3:.0f} ms with reuse vs {statistics.median(fresh_t) * 1e3:.0f} ms recomputed")
+    print(
+        f"time to first token, turn {len(history) // 2 + 1} ({r.prompt_tokens} prompt tokens, "
+        f"{r.cached_tokens} cached): "
+        f"{statistics.median(reuse_t) * 1e3:.0f} ms with reuse vs "
+        f"{statistics.median(fresh_t) * 1e3:.0f} ms recomputed"
+    )
     return 0
 
 

@@ -40,22 +40,48 @@ def messages(rec: dict) -> list[dict]:
 
 # ---------------------------------------------------------------- workers (run in subprocesses)
 
+
 def worker_ours(a: dict) -> dict:
     from mlx_lora.config import TrainConfig
     from mlx_lora.train import train
 
-    res = train(TrainConfig(
-        model=a["model"], data=a["train"], eval_data=a["valid"], output_dir=a["out"], overwrite_output_dir=True,
-        max_steps=a["steps"], per_device_train_batch_size=a["batch"], gradient_accumulation_steps=1,
-        learning_rate=a["lr"], lr_scheduler_type="constant", max_grad_norm=0.0, lora_r=a["rank"],
-        lora_alpha=a["rank"] * a["scale"], lora_dropout=0.0, target_modules=",".join(TARGETS),
-        gradient_checkpointing=a["checkpointing"], packing=True, logging_steps=max(1, a["steps"] // 4),
-        save_steps=10**9, eval_steps=a["steps"], max_seq_length=a["max_len"], seed=a["seed"], plot=False,
-    ), progress=False)
+    res = train(
+        TrainConfig(
+            model=a["model"],
+            data=a["train"],
+            eval_data=a["valid"],
+            output_dir=a["out"],
+            overwrite_output_dir=True,
+            max_steps=a["steps"],
+            per_device_train_batch_size=a["batch"],
+            gradient_accumulation_steps=1,
+            learning_rate=a["lr"],
+            lr_scheduler_type="constant",
+            max_grad_norm=0.0,
+            lora_r=a["rank"],
+            lora_alpha=a["rank"] * a["scale"],
+            lora_dropout=0.0,
+            target_modules=",".join(TARGETS),
+            gradient_checkpointing=a["checkpointing"],
+            packing=True,
+            logging_steps=max(1, a["steps"] // 4),
+            save_steps=10**9,
+            eval_steps=a["steps"],
+            max_seq_length=a["max_len"],
+            seed=a["seed"],
+            plot=False,
+        ),
+        progress=False,
+    )
     state = json.loads((Path(a["out"]) / "trainer_state.json").read_text(encoding="utf-8"))
     tokens = state["log_history"][-1]["train_tokens"]
-    return {"seconds": tokens / res.tokens_per_second, "tokens": tokens, "peak_memory_gb": res.peak_memory_gb,
-            "val_loss": res.eval_loss, "targets": state["log_history"][-1]["train_target_tokens"]}
+    return {
+        "seconds": tokens / res.tokens_per_second,
+        "tokens": tokens,
+        "peak_memory_gb": res.peak_memory_gb,
+        "val_loss": res.eval_loss,
+        "targets": state["log_history"][-1]["train_target_tokens"],
+    }
 
 
 def worker_mlx_lm(a: dict) -> dict:
@@ -81,14 +107,37 @@ def worker_mlx_lm(a: dict) -> dict:
     data_dir.mkdir(parents=True, exist_ok=True)
     for split, src in (("train", a["train"]), ("valid", a["valid"])):
         recs = json.loads(Path(src).read_text(encoding="utf-8"))
-        (data_dir / f"{split}.jsonl").write_text("".join(json.dumps({"messages": messages(r)}, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
+        (data_dir / f"{split}.jsonl").write_text(
+            "".join(json.dumps({"messages": messages(r)}, ensure_ascii=False) + "\n" for r in recs),
+            encoding="utf-8",
+        )
     args = dict(mlx_lora_cli.CONFIG_DEFAULTS)
-    args.update(model=a["model"], train=True, data=str(data_dir), seed=a["seed"], num_layers=-1, batch_size=a["batch"],
-                iters=a["steps"], val_batches=-1, learning_rate=a["lr"], steps_per_report=max(1, a["steps"] // 4),
-                steps_per_eval=a["steps"], adapter_path=str(Path(a["out"]) / "adapters"), save_every=10**9,
-                max_seq_length=a["max_len"], grad_checkpoint=a["checkpointing"], mask_prompt=True, optimizer="adamw",
-                optimizer_config={"adamw": {"weight_decay": 0.0}},
-                lora_parameters={"rank": a["rank"], "dropout": 0.0, "scale": float(a["scale"]), "keys": KEYS})
+    args.update(
+        model=a["model"],
+        train=True,
+        data=str(data_dir),
+        seed=a["seed"],
+        num_layers=-1,
+        batch_size=a["batch"],
+        iters=a["steps"],
+        val_batches=-1,
+        learning_rate=a["lr"],
+        steps_per_report=max(1, a["steps"] // 4),
+        steps_per_eval=a["steps"],
+        adapter_path=str(Path(a["out"]) / "adapters"),
+        save_every=10**9,
+        max_seq_length=a["max_len"],
+        grad_checkpoint=a["checkpointing"],
+        mask_prompt=True,
+        optimizer="adamw",
+        optimizer_config={"adamw": {"weight_decay": 0.0}},
+        lora_parameters={
+            "rank": a["rank"],
+            "dropout": 0.0,
+            "scale": float(a["scale"]),
+            "keys": KEYS,
+        },
+    )
     args = types.SimpleNamespace(**args)
     import numpy as np
 
@@ -102,8 +151,12 @@ def worker_mlx_lm(a: dict) -> dict:
     for r in cb.train:
         seconds += (r["trained_tokens"] - prev) / r["tokens_per_second"]
         prev = r["trained_tokens"]
-    return {"seconds": seconds, "peak_memory_gb": max(r["peak_memory"] for r in cb.train),
-            "val_loss": same_metric, "val_loss_own": cb.val[-1]["val_loss"]}
+    return {
+        "seconds": seconds,
+        "peak_memory_gb": max(r["peak_memory"] for r in cb.train),
+        "val_loss": same_metric,
+        "val_loss_own": cb.val[-1]["val_loss"],
+    }
 
 
 def our_val_loss(a: dict, mlx_lm_lora: dict) -> float:
@@ -122,8 +175,15 @@ def our_val_loss(a: dict, mlx_lm_lora: dict) -> float:
 
     model, tok, _ = load_base(Path(a["model"]), dtype=mx.float32)
     apply_lora(model, TARGETS, a["rank"], a["rank"] * a["scale"], 0.0)
-    model.load_weights([(k.replace("lora_a", "lora_A"), v.T) if k.endswith("lora_a") else (k.replace("lora_b", "lora_B"), v.T)
-                        for k, v in mlx_lm_lora.items()], strict=False)
+    model.load_weights(
+        [
+            (k.replace("lora_a", "lora_A"), v.T)
+            if k.endswith("lora_a")
+            else (k.replace("lora_b", "lora_B"), v.T)
+            for k, v in mlx_lm_lora.items()
+        ],
+        strict=False,
+    )
     valid = load_dataset(Path(a["valid"]), tok, max_seq_length=a["max_len"]).examples
     return evaluate(model, valid, a["batch"], a["max_len"], True, tok.pad_token_id or 0)
 
@@ -161,31 +221,72 @@ def worker_seed(a: dict) -> dict:
 
     tok = AutoTokenizer.from_pretrained(a["model"])
     model = AutoModelForCausalLM.from_pretrained(a["model"], torch_dtype=torch.float32)
-    model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=a["rank"], lora_alpha=a["rank"] * a["scale"],
-                                             lora_dropout=0.0, target_modules=TARGETS))
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            task_type="CAUSAL_LM",
+            r=a["rank"],
+            lora_alpha=a["rank"] * a["scale"],
+            lora_dropout=0.0,
+            target_modules=TARGETS,
+        ),
+    )
 
-    def encode(rec: dict) -> dict:  # the seed's process_func: prompt masked, answer + end of turn trained
+    def encode(
+        rec: dict,
+    ) -> dict:  # the seed's process_func: prompt masked, answer + end of turn trained
         msgs = messages(rec)
-        prompt = tok(tok.apply_chat_template(msgs[:1], tokenize=False, add_generation_prompt=True), add_special_tokens=False)["input_ids"]
+        prompt = tok(
+            tok.apply_chat_template(msgs[:1], tokenize=False, add_generation_prompt=True),
+            add_special_tokens=False,
+        )["input_ids"]
         answer = tok(msgs[1]["content"] + "<|im_end|>", add_special_tokens=False)["input_ids"]
-        return {"input_ids": prompt + answer, "attention_mask": [1] * (len(prompt) + len(answer)),
-                "labels": [-100] * len(prompt) + answer}
+        return {
+            "input_ids": prompt + answer,
+            "attention_mask": [1] * (len(prompt) + len(answer)),
+            "labels": [-100] * len(prompt) + answer,
+        }
 
     train = [encode(r) for r in json.loads(Path(a["train"]).read_text(encoding="utf-8"))]
     valid = [encode(r) for r in json.loads(Path(a["valid"]).read_text(encoding="utf-8"))]
-    args = TrainingArguments(output_dir=str(Path(a["out"]) / "hf"), per_device_train_batch_size=a["batch"],
-                             per_device_eval_batch_size=a["batch"], max_steps=a["steps"], learning_rate=a["lr"],
-                             lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0, logging_steps=10**9,
-                             save_strategy="no", report_to=[], use_cpu=True, seed=a["seed"],
-                             gradient_checkpointing=a["checkpointing"], dataloader_num_workers=0)
-    trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=valid,
-                      data_collator=DataCollatorForSeq2Seq(tok, padding=True))
+    args = TrainingArguments(
+        output_dir=str(Path(a["out"]) / "hf"),
+        per_device_train_batch_size=a["batch"],
+        per_device_eval_batch_size=a["batch"],
+        max_steps=a["steps"],
+        learning_rate=a["lr"],
+        lr_scheduler_type="constant",
+        weight_decay=0.0,
+        max_grad_norm=0.0,
+        logging_steps=10**9,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=a["seed"],
+        gradient_checkpointing=a["checkpointing"],
+        dataloader_num_workers=0,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=valid,
+        data_collator=DataCollatorForSeq2Seq(tok, padding=True),
+    )
     metrics = trainer.train().metrics
-    return {"seconds": metrics["train_runtime"], "peak_memory_gb": float("nan"),
-            "val_loss": trainer.evaluate()["eval_loss"]}
+    return {
+        "seconds": metrics["train_runtime"],
+        "peak_memory_gb": float("nan"),
+        "val_loss": trainer.evaluate()["eval_loss"],
+    }
 
 
-WORKERS = {"ours": worker_ours, "mlx_lm": worker_mlx_lm, "roofline": worker_roofline, "seed": worker_seed}
+WORKERS = {
+    "ours": worker_ours,
+    "mlx_lm": worker_mlx_lm,
+    "roofline": worker_roofline,
+    "seed": worker_seed,
+}
 
 
 def seed_stack_python(explicit: str | None) -> str | None:
@@ -201,8 +302,13 @@ def seed_stack_python(explicit: str | None) -> str | None:
 
 
 def run_worker(kind: str, a: dict, env: dict | None = None, python: str | None = None) -> dict:
-    out = subprocess.run([python or sys.executable, __file__, "--worker", kind, json.dumps(a)], capture_output=True, text=True,
-                         env=env or os.environ.copy(), cwd=REPO)
+    out = subprocess.run(
+        [python or sys.executable, __file__, "--worker", kind, json.dumps(a)],
+        capture_output=True,
+        text=True,
+        env=env or os.environ.copy(),
+        cwd=REPO,
+    )
     if out.returncode != 0:
         sys.stderr.write(out.stdout[-2000:] + out.stderr[-4000:])
         raise SystemExit(f"{kind} worker failed (exit {out.returncode})")
@@ -211,43 +317,82 @@ def run_worker(kind: str, a: dict, env: dict | None = None, python: str | None =
 
 # ---------------------------------------------------------------- driver
 
+
 def model_params(model_dir: Path) -> tuple[int, int, dict]:
     """(block parameters, output-head parameters, config)."""
     cfg = json.loads((model_dir / "config.json").read_text())
-    h, inter, layers, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+    h, inter, layers, v = (
+        cfg["hidden_size"],
+        cfg["intermediate_size"],
+        cfg["num_hidden_layers"],
+        cfg["vocab_size"],
+    )
     kv = cfg["num_key_value_heads"] * h // cfg["num_attention_heads"]
     per_layer = h * h * 2 + h * kv * 2 + 3 * h * inter
     return layers * per_layer, v * h, cfg
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--worker", help=argparse.SUPPRESS)
-    p.add_argument("--mode", choices=["train", "generate"], default="train",
-                   help="generate: chat generation tokens/s vs mlx_lm.generate (runs scripts/bench_generate.py)")
+    p.add_argument(
+        "--mode",
+        choices=["train", "generate"],
+        default="train",
+        help="generate: chat generation tokens/s vs mlx_lm.generate (runs "
+        "scripts/bench_generate.py)",
+    )
     p.add_argument("payload", nargs="?", help=argparse.SUPPRESS)
-    p.add_argument("--reduced", action="store_true", help="CI size: hidden 256, 4 layers, 64 examples, 1 repeat")
+    p.add_argument(
+        "--reduced",
+        action="store_true",
+        help="CI size: hidden 256, 4 layers, 64 examples, 1 repeat",
+    )
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--examples", type=int, default=800, help="training examples taken from huanhuan.json")
+    p.add_argument(
+        "--examples", type=int, default=800, help="training examples taken from huanhuan.json"
+    )
     p.add_argument("--valid", type=int, default=100, help="validation examples")
-    p.add_argument("--steps", type=int, default=0, help="optimizer steps (default: one epoch = examples / batch)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=0,
+        help="optimizer steps (default: one epoch = examples / batch)",
+    )
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--scale", type=float, default=4.0, help="effective LoRA scale (our alpha / r)")
     p.add_argument("--repeats", type=int, default=2, help="A B pairs")
-    p.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in both tools")
-    p.add_argument("--bf16", action="store_true", help="keep the model in bf16 (mlx_lm.lora then computes in bf16; ours in fp32 on a CPU)")
-    p.add_argument("--seed-python", help="python with torch + peft + transformers to also time the seed's own stack")
-    p.add_argument("--blas", action="store_true", help="also time ours with the wheel's bundled BLAS (Linux)")
+    p.add_argument(
+        "--checkpointing", action="store_true", help="gradient checkpointing in both tools"
+    )
+    p.add_argument(
+        "--bf16",
+        action="store_true",
+        help="keep the model in bf16 (mlx_lm.lora then computes in bf16; ours in fp32 on a CPU)",
+    )
+    p.add_argument(
+        "--seed-python",
+        help="python with torch + peft + transformers to also time the seed's own stack",
+    )
+    p.add_argument(
+        "--blas", action="store_true", help="also time ours with the wheel's bundled BLAS (Linux)"
+    )
     args = p.parse_args()
     if args.worker:
         print(json.dumps(WORKERS[args.worker](json.loads(args.payload))))
         return
     if args.mode == "generate":
         extra = ["--repeats", "2", "--max-tokens", "64"] if args.reduced else []
-        raise SystemExit(subprocess.call([sys.executable, str(REPO / "scripts" / "bench_generate.py"), *extra], cwd=REPO))
+        raise SystemExit(
+            subprocess.call(
+                [sys.executable, str(REPO / "scripts" / "bench_generate.py"), *extra], cwd=REPO
+            )
+        )
     if args.reduced:
         args.hidden, args.layers, args.examples, args.valid, args.repeats = 256, 4, 64, 16, 1
     args.steps = args.steps or args.examples // args.batch
@@ -264,38 +409,76 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         tmp = Path(tmp)
         heads = max(2, args.hidden // 64)
-        model = make_tiny_model(tmp / "model", tokenizer=QWEN_TOKENIZER, hidden_size=args.hidden, layers=args.layers,
-                                heads=heads, kv_heads=max(1, heads // 2), intermediate_size=args.hidden * 11 // 4 // 32 * 32)
-        if not args.bf16:  # an fp32 copy: both tools then compute in fp32 (bf16 matmuls crawl on a CPU)
+        model = make_tiny_model(
+            tmp / "model",
+            tokenizer=QWEN_TOKENIZER,
+            hidden_size=args.hidden,
+            layers=args.layers,
+            heads=heads,
+            kv_heads=max(1, heads // 2),
+            intermediate_size=args.hidden * 11 // 4 // 32 * 32,
+        )
+        if (
+            not args.bf16
+        ):  # an fp32 copy: both tools then compute in fp32 (bf16 matmuls crawl on a CPU)
             import mlx.core as mx
 
             weights = mx.load(str(model / "model.safetensors"))
-            mx.save_safetensors(str(model / "model.safetensors"), {k: v.astype(mx.float32) for k, v in weights.items()},
-                                metadata={"format": "pt"})
+            mx.save_safetensors(
+                str(model / "model.safetensors"),
+                {k: v.astype(mx.float32) for k, v in weights.items()},
+                metadata={"format": "pt"},
+            )
             conf = json.loads((model / "config.json").read_text())
             conf["torch_dtype"] = "float32"
             (model / "config.json").write_text(json.dumps(conf, indent=2))
         n_blocks, n_head, cfg = model_params(model)
         n_params = n_blocks + n_head
         recs = json.loads(HUANHUAN.read_text(encoding="utf-8"))
-        (tmp / "train.json").write_text(json.dumps(recs[: args.examples], ensure_ascii=False), encoding="utf-8")
-        (tmp / "valid.json").write_text(json.dumps(recs[args.examples: args.examples + args.valid], ensure_ascii=False), encoding="utf-8")
-        common = dict(model=str(model), train=str(tmp / "train.json"), valid=str(tmp / "valid.json"), steps=args.steps,
-                      batch=args.batch, lr=args.lr, rank=args.rank, scale=args.scale, checkpointing=args.checkpointing,
-                      max_len=2048, seed=0, hidden=cfg["hidden_size"], intermediate=cfg["intermediate_size"])
+        (tmp / "train.json").write_text(
+            json.dumps(recs[: args.examples], ensure_ascii=False), encoding="utf-8"
+        )
+        (tmp / "valid.json").write_text(
+            json.dumps(recs[args.examples : args.examples + args.valid], ensure_ascii=False),
+            encoding="utf-8",
+        )
+        common = dict(
+            model=str(model),
+            train=str(tmp / "train.json"),
+            valid=str(tmp / "valid.json"),
+            steps=args.steps,
+            batch=args.batch,
+            lr=args.lr,
+            rank=args.rank,
+            scale=args.scale,
+            checkpointing=args.checkpointing,
+            max_len=2048,
+            seed=0,
+            hidden=cfg["hidden_size"],
+            intermediate=cfg["intermediate_size"],
+        )
         results: dict[str, list[dict]] = {"ours": [], "mlx_lm": []}
         for i in range(args.repeats):
             for kind in ("ours", "mlx_lm"):
                 r = run_worker(kind, {**common, "out": str(tmp / f"{kind}-{i}")}, env)
                 results[kind].append(r)
-                print(f"  run {i + 1} {kind:7s} {r['seconds']:8.2f} s  peak {r['peak_memory_gb']:.3f} GB  val {r['val_loss']:.4f}", flush=True)
+                print(
+                    f"  run {i + 1} {kind:7s} {r['seconds']:8.2f} s  peak "
+                    f"{r['peak_memory_gb']:.3f} GB  val {r['val_loss']:.4f}",
+                    flush=True,
+                )
         roof = run_worker("roofline", common, env)["flops_per_second"]
         seed_py = seed_stack_python(args.seed_python)
         seed_run = None
         if seed_py:
-            env_seed = {k: v for k, v in env.items() if k != "LD_PRELOAD"}  # torch brings its own BLAS
+            env_seed = {
+                k: v for k, v in env.items() if k != "LD_PRELOAD"
+            }  # torch brings its own BLAS
             seed_run = run_worker("seed", {**common, "out": str(tmp / "seed")}, env_seed, seed_py)
-            print(f"  seed    {seed_run['seconds']:8.2f} s  val {seed_run['val_loss']:.4f}", flush=True)
+            print(
+                f"  seed    {seed_run['seconds']:8.2f} s  val {seed_run['val_loss']:.4f}",
+                flush=True,
+            )
         slow = None
         if args.blas and sys.platform == "linux":
             env_ref = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
@@ -315,24 +498,54 @@ def main() -> None:
     secs = statistics.median(r["seconds"] for r in results["ours"])
     real_flops = 4 * n_blocks * tokens + 4 * n_head * results["ours"][0]["targets"]
     real_mfu = real_flops / secs / roof
-    print(f"\nmodel: qwen2 hidden {cfg['hidden_size']}, {cfg['num_hidden_layers']} layers, vocab {cfg['vocab_size']}, "
-          f"{n_params / 1e6:.1f}M params; {args.examples} examples, batch {args.batch}, {args.steps} steps, "
-          f"gradient checkpointing {'on' if args.checkpointing else 'off'} (both), weights {'bf16' if args.bf16 else 'fp32'}")
-    print(f"tokens/s        ours {ours:,.0f}   mlx_lm.lora {theirs:,.0f}   ratio {ours / theirs:.2f}x  (target >= 1.5)")
-    print(f"peak memory     ours {mem_o:.3f} GB   mlx_lm.lora {mem_t:.3f} GB   ratio {mem_o / mem_t:.2f}  (target <= 0.6)")
-    print(f"val loss        ours {val_o:.4f}   mlx_lm.lora {val_t:.4f}   diff {val_o - val_t:+.4f}  (target <= +0.02; "
-          f"both adapters scored with our loss; mlx-lm's own figure {results['mlx_lm'][-1]['val_loss_own']:.4f})")
-    print(f"MFU             {100 * mfu:.1f}% of the measured matmul roofline {roof / 1e9:.1f} GFLOP/s  (target >= 50%; 4·N·tokens)")
-    print(f"                {100 * real_mfu:.1f}% counting only the FLOPs ours performs (head on target tokens only)")
+    print(
+        f"\nmodel: qwen2 hidden {cfg['hidden_size']}, {cfg['num_hidden_layers']} layers, vocab "
+        f"{cfg['vocab_size']}, "
+        f"{n_params / 1e6:.1f}M params; {args.examples} examples, batch {args.batch}, "
+        f"{args.steps} steps, "
+        f"gradient checkpointing {'on' if args.checkpointing else 'off'} (both), weights "
+        f"{'bf16' if args.bf16 else 'fp32'}"
+    )
+    print(
+        f"tokens/s        ours {ours:,.0f}   mlx_lm.lora {theirs:,.0f}   ratio "
+        f"{ours / theirs:.2f}x  (target >= 1.5)"
+    )
+    print(
+        f"peak memory     ours {mem_o:.3f} GB   mlx_lm.lora {mem_t:.3f} GB   ratio "
+        f"{mem_o / mem_t:.2f}  (target <= 0.6)"
+    )
+    print(
+        f"val loss        ours {val_o:.4f}   mlx_lm.lora {val_t:.4f}   diff {val_o - val_t:+.4f}  "
+        "(target <= +0.02; "
+        "both adapters scored with our loss; mlx-lm's own figure "
+        f"{results['mlx_lm'][-1]['val_loss_own']:.4f})"
+    )
+    print(
+        f"MFU             {100 * mfu:.1f}% of the measured matmul roofline {roof / 1e9:.1f} "
+        "GFLOP/s  (target >= 50%; 4·N·tokens)"
+    )
+    print(
+        f"                {100 * real_mfu:.1f}% counting only the FLOPs ours performs (head on "
+        "target tokens only)"
+    )
     if seed_run:
         seed_tps = tokens / seed_run["seconds"]
-        print(f"seed stack      transformers Trainer + PEFT {seed_tps:,.0f} tok/s   ours/seed {ours / seed_tps:.2f}x   "
-              f"val {seed_run['val_loss']:.4f}")
+        print(
+            f"seed stack      transformers Trainer + PEFT {seed_tps:,.0f} tok/s   ours/seed "
+            f"{ours / seed_tps:.2f}x   "
+            f"val {seed_run['val_loss']:.4f}"
+        )
     else:
-        print("seed stack      skipped: torch + peft not importable (pass --seed-python PY for an interpreter that has them)")
+        print(
+            "seed stack      skipped: torch + peft not importable (pass --seed-python PY for an "
+            "interpreter that has them)"
+        )
     if slow:
         slow_tps = slow["tokens"] / slow["seconds"]
-        print(f"bundled BLAS    ours {slow_tps:,.0f} tok/s   OpenBLAS speed-up {ours / slow_tps:.1f}x  (target >= 10)")
+        print(
+            f"bundled BLAS    ours {slow_tps:,.0f} tok/s   OpenBLAS speed-up "
+            f"{ours / slow_tps:.1f}x  (target >= 10)"
+        )
 
 
 if __name__ == "__main__":

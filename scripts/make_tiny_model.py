@@ -521,8 +521,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--arch", choices=("qwen2", "llama"), default="qwen2")
     ap.add_argument("--force", action="store_true", help="replace a non-empty --out")
-    ap.add_argument("--init", choices=("small", "fan_in"), default="small",
-                    help="weight init: small = N(0, 0.02); fan_in = N(0, 1/fan_in), learns visibly in seconds")
+    ap.add_argument(
+        "--init",
+        choices=("small", "fan_in"),
+        default="small",
+        help="weight init: small = N(0, 0.02); fan_in = N(0, 1/fan_in), learns visibly in seconds",
+    )
     args = ap.parse_args(argv)
     try:
         out = make_tiny_model(

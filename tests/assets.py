@@ -47,7 +47,18 @@ def _locked(name: str) -> Iterator[None]:
 
 
 def _pip_download(spec: str, dest: Path, *extra: str) -> Path:
-    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", spec, "-d", str(dest), *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "-q",
+        "--no-deps",
+        spec,
+        "-d",
+        str(dest),
+        *extra,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     files = [p for p in dest.iterdir() if p.is_file()]
     if proc.returncode != 0 or not files:

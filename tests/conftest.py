@@ -15,9 +15,12 @@ def pytest_configure(config):
     """Training tests are matmul-bound: on Linux, run the whole session with the system OpenBLAS."""
     if relaunch_env() is not None:
         capman = config.pluginmanager.getplugin("capturemanager")
-        if capman is not None:  # give the new process the real stdout/stderr, not pytest's capture files
+        if (
+            capman is not None
+        ):  # give the new process the real stdout/stderr, not pytest's capture files
             capman.stop_global_capturing()
         maybe_relaunch()
+
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -55,7 +58,9 @@ def tiny_model(tmp_path_factory) -> Path:
 def tiny_qwen(tmp_path_factory) -> Path:
     """Qwen2-architecture model with the real Qwen1.5 tokenizer (vocab 151,936)."""
     need(QWEN_TOKENIZER)
-    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-qwen", tokenizer=QWEN_TOKENIZER)
+    return make_tiny_model(
+        tmp_path_factory.mktemp("models") / "tiny-qwen", tokenizer=QWEN_TOKENIZER
+    )
 
 
 @pytest.fixture(scope="session")

@@ -69,9 +69,21 @@ def p(tiny_model, tmp_path_factory) -> Paths:
     other = make_tiny_model(root / "tiny96", hidden_size=96, heads=4, kv_heads=2)
 
     run = root / "run"
-    train(TrainConfig(model=str(tiny_model), data=str(SAMPLE_DATA), output_dir=str(run), max_steps=2, save_steps=2,
-                      per_device_train_batch_size=2, gradient_accumulation_steps=1, learning_rate=1e-3,
-                      max_seq_length=128, plot=False), progress=False)
+    train(
+        TrainConfig(
+            model=str(tiny_model),
+            data=str(SAMPLE_DATA),
+            output_dir=str(run),
+            max_steps=2,
+            save_steps=2,
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=1,
+            learning_rate=1e-3,
+            max_seq_length=128,
+            plot=False,
+        ),
+        progress=False,
+    )
 
     no_weights = root / "no-weights"
     no_weights.mkdir()
@@ -82,10 +94,20 @@ def p(tiny_model, tmp_path_factory) -> Paths:
     shard = _model_copy(tiny_model, root / "missing-shard")
     (shard / "model.safetensors").rename(shard / "model-00001-of-00002.safetensors")
     names = list(mx.load(str(shard / "model-00001-of-00002.safetensors")))
-    index = {"metadata": {}, "weight_map": {n: f"model-0000{1 + i % 2}-of-00002.safetensors" for i, n in enumerate(names)}}
+    index = {
+        "metadata": {},
+        "weight_map": {
+            n: f"model-0000{1 + i % 2}-of-00002.safetensors" for i, n in enumerate(names)
+        },
+    }
     (shard / "model.safetensors.index.json").write_text(json.dumps(index))
 
-    bigcode = _model_copy(tiny_model, root / "bigcode", model_type="gpt_bigcode", architectures=["GPTBigCodeForCausalLM"])
+    bigcode = _model_copy(
+        tiny_model,
+        root / "bigcode",
+        model_type="gpt_bigcode",
+        architectures=["GPTBigCodeForCausalLM"],
+    )
     unknown = _model_copy(tiny_model, root / "unknown-arch", model_type="frobnicator")
 
     adapter_no_weights = root / "adapter-no-weights"
@@ -97,20 +119,37 @@ def p(tiny_model, tmp_path_factory) -> Paths:
     rec = {"instruction": "你是谁？", "input": "", "output": "我是甄嬛。"}
     line = json.dumps(rec, ensure_ascii=False)
     data = {
-        "malformed.json": _write(d / "malformed.json", f"[\n  {line},\n  {{\"instruction\": \"a\" \"output\": \"b\"}}\n]\n"),
-        "bad_line.jsonl": _write(d / "bad_line.jsonl", f"{line}\n{line}\n{line}\n{{\"instruction\": 'x'}}\n{line}\n"),
+        "malformed.json": _write(
+            d / "malformed.json", f'[\n  {line},\n  {{"instruction": "a" "output": "b"}}\n]\n'
+        ),
+        "bad_line.jsonl": _write(
+            d / "bad_line.jsonl", f"{line}\n{line}\n{line}\n{{\"instruction\": 'x'}}\n{line}\n"
+        ),
         "gbk.json": _write(d / "gbk.json", json.dumps([rec], ensure_ascii=False).encode("gbk")),
         "empty.json": _write(d / "empty.json", ""),
         "blank.jsonl": _write(d / "blank.jsonl", "\n  \n\n"),
-        "no_fields.json": _write(d / "no_fields.json", json.dumps([{"instruction": "", "output": "x"},
-                                                                   {"instruction": "q", "input": "i"},
-                                                                   {"instruction": "q", "output": None}])),
+        "no_fields.json": _write(
+            d / "no_fields.json",
+            json.dumps(
+                [
+                    {"instruction": "", "output": "x"},
+                    {"instruction": "q", "input": "i"},
+                    {"instruction": "q", "output": None},
+                ]
+            ),
+        ),
         "unknown.json": _write(d / "unknown.json", json.dumps([{"question": "q", "answer": "a"}])),
         "scalar.json": _write(d / "scalar.json", "42"),
-        "long_prompt.json": _write(d / "long_prompt.json", json.dumps([{"instruction": "很长的问题" * 200, "output": "好。"}] * 4,
-                                                                      ensure_ascii=False)),
+        "long_prompt.json": _write(
+            d / "long_prompt.json",
+            json.dumps(
+                [{"instruction": "很长的问题" * 200, "output": "好。"}] * 4, ensure_ascii=False
+            ),
+        ),
     }
-    return Paths(tiny_model, other, run, no_weights, shard, bigcode, unknown, adapter_no_weights, data)
+    return Paths(
+        tiny_model, other, run, no_weights, shard, bigcode, unknown, adapter_no_weights, data
+    )
 
 
 # ------------------------------------------------------------------------------- helpers
@@ -123,8 +162,14 @@ def cli(cmd: str, *args: object, timeout: float = 180) -> subprocess.CompletedPr
     does not have it, so it is removed to see what the user sees.
     """
     env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_NO_ADVISORY_WARNINGS"}
-    return subprocess.run([sys.executable, "-m", f"mlx_lora.{cmd}", *map(str, args)],
-                          capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", f"mlx_lora.{cmd}", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env=env,
+    )
 
 
 def assert_user_error(r: subprocess.CompletedProcess, *needles: str) -> str:
@@ -160,9 +205,25 @@ class Case:
     setup: Callable[[Paths, Path], None] | None = None  # prepares the output folder
 
 
-def _train(p: Paths, out: Path, *extra: object, data: str | None = None, model: Path | None = None) -> list:
-    return ["--model", model or p.model, "--data", p.data[data] if data else SAMPLE_DATA, "--output-dir", out,
-            "--max-steps", 2, "--per-device-train-batch-size", 2, "--gradient-accumulation-steps", 1, "--no-plot", *extra]
+def _train(
+    p: Paths, out: Path, *extra: object, data: str | None = None, model: Path | None = None
+) -> list:
+    return [
+        "--model",
+        model or p.model,
+        "--data",
+        p.data[data] if data else SAMPLE_DATA,
+        "--output-dir",
+        out,
+        "--max-steps",
+        2,
+        "--per-device-train-batch-size",
+        2,
+        "--gradient-accumulation-steps",
+        1,
+        "--no-plot",
+        *extra,
+    ]
 
 
 def _finished_run(p: Paths, out: Path) -> None:
@@ -192,105 +253,298 @@ def _export_exists(p: Paths, out: Path) -> None:
 
 CASES = {
     # ---- train: data
-    "train-malformed-json": Case("train", lambda p, o: _train(p, o, data="malformed.json"),
-                                 ("malformed.json:3:23: invalid JSON", "Expecting ',' delimiter", "fix")),
-    "train-jsonl-bad-line": Case("train", lambda p, o: _train(p, o, data="bad_line.jsonl"),
-                                 ("bad_line.jsonl:4:", "invalid JSON", "fix that line")),
-    "train-gbk-encoding": Case("train", lambda p, o: _train(p, o, data="gbk.json"),
-                               ("gbk.json: not UTF-8", "line 1", "save the file as UTF-8")),
-    "train-empty-file": Case("train", lambda p, o: _train(p, o, data="empty.json"), ("empty.json: the file is empty", "JSON array")),
-    "train-blank-jsonl": Case("train", lambda p, o: _train(p, o, data="blank.jsonl"), ("blank.jsonl: the file is empty",)),
-    "train-missing-fields": Case("train", lambda p, o: _train(p, o, data="no_fields.json"),
-                                 ("no_fields.json: all 3 records were skipped", "missing or empty fields", "alpaca", "fix the data")),
-    "train-unknown-format": Case("train", lambda p, o: _train(p, o, data="unknown.json"),
-                                 ("unknown record format", "keys seen: question, answer", "expected alpaca")),
-    "train-not-an-array": Case("train", lambda p, o: _train(p, o, data="scalar.json"), ("scalar.json: expected a JSON array", "int")),
-    "train-data-missing": Case("train", lambda p, o: _train(p, o) + ["--data", o.parent / "nope.json"],
-                               ("data file", "nope.json not found", "--data FILE")),
-    "train-truncation-leaves-no-answer": Case("train", lambda p, o: _train(p, o, "--max-seq-length", 16, data="long_prompt.json"),
-                                              ("no record keeps an answer token within --max-seq-length 16", "raise --max-seq-length")),
+    "train-malformed-json": Case(
+        "train",
+        lambda p, o: _train(p, o, data="malformed.json"),
+        ("malformed.json:3:23: invalid JSON", "Expecting ',' delimiter", "fix"),
+    ),
+    "train-jsonl-bad-line": Case(
+        "train",
+        lambda p, o: _train(p, o, data="bad_line.jsonl"),
+        ("bad_line.jsonl:4:", "invalid JSON", "fix that line"),
+    ),
+    "train-gbk-encoding": Case(
+        "train",
+        lambda p, o: _train(p, o, data="gbk.json"),
+        ("gbk.json: not UTF-8", "line 1", "save the file as UTF-8"),
+    ),
+    "train-empty-file": Case(
+        "train",
+        lambda p, o: _train(p, o, data="empty.json"),
+        ("empty.json: the file is empty", "JSON array"),
+    ),
+    "train-blank-jsonl": Case(
+        "train", lambda p, o: _train(p, o, data="blank.jsonl"), ("blank.jsonl: the file is empty",)
+    ),
+    "train-missing-fields": Case(
+        "train",
+        lambda p, o: _train(p, o, data="no_fields.json"),
+        (
+            "no_fields.json: all 3 records were skipped",
+            "missing or empty fields",
+            "alpaca",
+            "fix the data",
+        ),
+    ),
+    "train-unknown-format": Case(
+        "train",
+        lambda p, o: _train(p, o, data="unknown.json"),
+        ("unknown record format", "keys seen: question, answer", "expected alpaca"),
+    ),
+    "train-not-an-array": Case(
+        "train",
+        lambda p, o: _train(p, o, data="scalar.json"),
+        ("scalar.json: expected a JSON array", "int"),
+    ),
+    "train-data-missing": Case(
+        "train",
+        lambda p, o: _train(p, o) + ["--data", o.parent / "nope.json"],
+        ("data file", "nope.json not found", "--data FILE"),
+    ),
+    "train-truncation-leaves-no-answer": Case(
+        "train",
+        lambda p, o: _train(p, o, "--max-seq-length", 16, data="long_prompt.json"),
+        ("no record keeps an answer token within --max-seq-length 16", "raise --max-seq-length"),
+    ),
     # ---- train: numbers and names
-    "train-max-seq-length-0": Case("train", lambda p, o: _train(p, o, "--max-seq-length", 0), ("--max-seq-length must be at least 2, got 0",)),
-    "train-negative-lr": Case("train", lambda p, o: _train(p, o, "--learning-rate=-1e-4"), ("--learning-rate must be > 0, got -0.0001",)),
-    "train-zero-lr": Case("train", lambda p, o: _train(p, o, "--learning-rate", 0), ("--learning-rate must be > 0, got 0.0",)),
-    "train-zero-batch": Case("train", lambda p, o: _train(p, o, "--per-device-train-batch-size", 0),
-                             ("--per-device-train-batch-size must be > 0, got 0",)),
-    "train-zero-accumulation": Case("train", lambda p, o: _train(p, o, "--gradient-accumulation-steps", 0),
-                                    ("--gradient-accumulation-steps must be > 0",)),
-    "train-batch-larger-than-data": Case("train", lambda p, o: _train(p, o, "--per-device-train-batch-size", 1000),
-                                         ("larger than the 135 training examples", "lower it")),
-    "train-unknown-target-modules": Case("train", lambda p, o: _train(p, o, "--target-modules", "q,qkv,c_attn"),
-                                         ("unknown target module(s) qkv, c_attn", "this model has: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj")),
-    "train-flag-not-a-number": Case("train", lambda p, o: _train(p, o, "--max-steps", "ten"),
-                                    ("argument --max-steps: invalid int value: 'ten'", "--help")),
-    "train-unknown-flag": Case("train", lambda p, o: _train(p, o, "--lerning-rate", "1e-4"),
-                               ("unrecognized arguments: --lerning-rate", "--help")),
+    "train-max-seq-length-0": Case(
+        "train",
+        lambda p, o: _train(p, o, "--max-seq-length", 0),
+        ("--max-seq-length must be at least 2, got 0",),
+    ),
+    "train-negative-lr": Case(
+        "train",
+        lambda p, o: _train(p, o, "--learning-rate=-1e-4"),
+        ("--learning-rate must be > 0, got -0.0001",),
+    ),
+    "train-zero-lr": Case(
+        "train",
+        lambda p, o: _train(p, o, "--learning-rate", 0),
+        ("--learning-rate must be > 0, got 0.0",),
+    ),
+    "train-zero-batch": Case(
+        "train",
+        lambda p, o: _train(p, o, "--per-device-train-batch-size", 0),
+        ("--per-device-train-batch-size must be > 0, got 0",),
+    ),
+    "train-zero-accumulation": Case(
+        "train",
+        lambda p, o: _train(p, o, "--gradient-accumulation-steps", 0),
+        ("--gradient-accumulation-steps must be > 0",),
+    ),
+    "train-batch-larger-than-data": Case(
+        "train",
+        lambda p, o: _train(p, o, "--per-device-train-batch-size", 1000),
+        ("larger than the 135 training examples", "lower it"),
+    ),
+    "train-unknown-target-modules": Case(
+        "train",
+        lambda p, o: _train(p, o, "--target-modules", "q,qkv,c_attn"),
+        (
+            "unknown target module(s) qkv, c_attn",
+            "this model has: down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj",
+        ),
+    ),
+    "train-flag-not-a-number": Case(
+        "train",
+        lambda p, o: _train(p, o, "--max-steps", "ten"),
+        ("argument --max-steps: invalid int value: 'ten'", "--help"),
+    ),
+    "train-unknown-flag": Case(
+        "train",
+        lambda p, o: _train(p, o, "--lerning-rate", "1e-4"),
+        ("unrecognized arguments: --lerning-rate", "--help"),
+    ),
     # ---- train: model folders
-    "train-model-without-weights": Case("train", lambda p, o: _train(p, o, model=p.no_weights),
-                                        ("no-weights has no *.safetensors weights", "complete model folder")),
-    "train-model-missing-shard": Case("train", lambda p, o: _train(p, o, model=p.missing_shard),
-                                      ("missing weight shard(s) model-00002-of-00002.safetensors", "model.safetensors.index.json", "redo the download")),
-    "train-model-dir-missing": Case("train", lambda p, o: _train(p, o, model=o.parent / "no-such-model"),
-                                    ("model folder", "does not exist", "--model")),
-    "train-unsupported-architecture": Case("train", lambda p, o: _train(p, o, model=p.bigcode),
-                                           ("cannot load the model in", "does not fit model_type 'gpt_bigcode'", "re-download")),
-    "train-unknown-architecture": Case("train", lambda p, o: _train(p, o, model=p.unknown_arch),
-                                       ("cannot load the model in", "frobnicator not supported")),
+    "train-model-without-weights": Case(
+        "train",
+        lambda p, o: _train(p, o, model=p.no_weights),
+        ("no-weights has no *.safetensors weights", "complete model folder"),
+    ),
+    "train-model-missing-shard": Case(
+        "train",
+        lambda p, o: _train(p, o, model=p.missing_shard),
+        (
+            "missing weight shard(s) model-00002-of-00002.safetensors",
+            "model.safetensors.index.json",
+            "redo the download",
+        ),
+    ),
+    "train-model-dir-missing": Case(
+        "train",
+        lambda p, o: _train(p, o, model=o.parent / "no-such-model"),
+        ("model folder", "does not exist", "--model"),
+    ),
+    "train-unsupported-architecture": Case(
+        "train",
+        lambda p, o: _train(p, o, model=p.bigcode),
+        ("cannot load the model in", "does not fit model_type 'gpt_bigcode'", "re-download"),
+    ),
+    "train-unknown-architecture": Case(
+        "train",
+        lambda p, o: _train(p, o, model=p.unknown_arch),
+        ("cannot load the model in", "frobnicator not supported"),
+    ),
     # ---- train: output folder
-    "train-output-dir-not-writable": Case("train", lambda p, o: _train(p, o), ("cannot write to --output-dir", "Not a directory",
-                                                                               "choose a writable folder"), _file_in_the_way),
-    "train-output-dir-has-finished-run": Case("train", lambda p, o: _train(p, o), ("holds a finished run", "--overwrite-output-dir",
-                                                                                   "another --output-dir"), _finished_run),
-    "train-output-dir-has-unfinished-run": Case("train", lambda p, o: _train(p, o), ("holds an unfinished run (checkpoint-2)",
-                                                                                     "--resume to continue it"), _unfinished_run),
-    "train-resume-without-checkpoint": Case("train", lambda p, o: _train(p, o, "--resume"),
-                                            ("--resume: no complete checkpoint", "start without --resume")),
+    "train-output-dir-not-writable": Case(
+        "train",
+        lambda p, o: _train(p, o),
+        ("cannot write to --output-dir", "Not a directory", "choose a writable folder"),
+        _file_in_the_way,
+    ),
+    "train-output-dir-has-finished-run": Case(
+        "train",
+        lambda p, o: _train(p, o),
+        ("holds a finished run", "--overwrite-output-dir", "another --output-dir"),
+        _finished_run,
+    ),
+    "train-output-dir-has-unfinished-run": Case(
+        "train",
+        lambda p, o: _train(p, o),
+        ("holds an unfinished run (checkpoint-2)", "--resume to continue it"),
+        _unfinished_run,
+    ),
+    "train-resume-without-checkpoint": Case(
+        "train",
+        lambda p, o: _train(p, o, "--resume"),
+        ("--resume: no complete checkpoint", "start without --resume"),
+    ),
     # ---- chat
-    "chat-adapter-from-another-base": Case("chat", lambda p, o: ["--model", p.other, "--adapter", p.run, "--prompt", "hi"],
-                                           ("was trained on another base", "hidden_size 64, this model 96", "with --model")),
-    "chat-adapter-without-weights": Case("chat", lambda p, o: ["--model", p.model, "--adapter", p.adapter_no_weights, "--prompt", "hi"],
-                                         ("has no adapter_model.safetensors", "--resume")),
-    "chat-adapter-missing": Case("chat", lambda p, o: ["--model", p.model, "--adapter", o.parent / "nope", "--prompt", "hi"],
-                                 ("is not a folder", "--output-dir of a training run")),
-    "chat-unknown-architecture": Case("chat", lambda p, o: ["--model", p.unknown_arch, "--prompt", "hi"], ("frobnicator not supported",)),
-    "chat-model-missing-shard": Case("chat", lambda p, o: ["--model", p.missing_shard, "--prompt", "hi"], ("missing weight shard(s)",)),
-    "chat-zero-max-tokens": Case("chat", lambda p, o: ["--model", p.model, "--max-tokens", 0, "--prompt", "hi"],
-                                 ("--max-tokens must be at least 1",)),
+    "chat-adapter-from-another-base": Case(
+        "chat",
+        lambda p, o: ["--model", p.other, "--adapter", p.run, "--prompt", "hi"],
+        ("was trained on another base", "hidden_size 64, this model 96", "with --model"),
+    ),
+    "chat-adapter-without-weights": Case(
+        "chat",
+        lambda p, o: ["--model", p.model, "--adapter", p.adapter_no_weights, "--prompt", "hi"],
+        ("has no adapter_model.safetensors", "--resume"),
+    ),
+    "chat-adapter-missing": Case(
+        "chat",
+        lambda p, o: ["--model", p.model, "--adapter", o.parent / "nope", "--prompt", "hi"],
+        ("is not a folder", "--output-dir of a training run"),
+    ),
+    "chat-unknown-architecture": Case(
+        "chat",
+        lambda p, o: ["--model", p.unknown_arch, "--prompt", "hi"],
+        ("frobnicator not supported",),
+    ),
+    "chat-model-missing-shard": Case(
+        "chat",
+        lambda p, o: ["--model", p.missing_shard, "--prompt", "hi"],
+        ("missing weight shard(s)",),
+    ),
+    "chat-zero-max-tokens": Case(
+        "chat",
+        lambda p, o: ["--model", p.model, "--max-tokens", 0, "--prompt", "hi"],
+        ("--max-tokens must be at least 1",),
+    ),
     # ---- fuse
-    "fuse-adapter-from-another-base": Case("fuse", lambda p, o: ["--model", p.other, "--adapter", p.run, "--output-dir", o],
-                                           ("hidden_size 64, this model 96", "trained on another base")),
-    "fuse-adapter-without-weights": Case("fuse", lambda p, o: ["--model", p.model, "--adapter", p.adapter_no_weights, "--output-dir", o],
-                                         ("has no adapter_model.safetensors",)),
-    "fuse-output-dir-not-writable": Case("fuse", lambda p, o: ["--model", p.model, "--adapter", p.run, "--output-dir", o],
-                                         ("cannot write to --output-dir", "choose a writable folder"), _file_in_the_way),
-    "fuse-output-dir-exists": Case("fuse", lambda p, o: ["--model", p.model, "--adapter", p.run, "--output-dir", o],
-                                   ("already exists", "--overwrite"), _fused_exists),
-    "fuse-model-without-weights": Case("fuse", lambda p, o: ["--model", p.no_weights, "--adapter", p.run, "--output-dir", o],
-                                       ("has no *.safetensors weights",)),
+    "fuse-adapter-from-another-base": Case(
+        "fuse",
+        lambda p, o: ["--model", p.other, "--adapter", p.run, "--output-dir", o],
+        ("hidden_size 64, this model 96", "trained on another base"),
+    ),
+    "fuse-adapter-without-weights": Case(
+        "fuse",
+        lambda p, o: ["--model", p.model, "--adapter", p.adapter_no_weights, "--output-dir", o],
+        ("has no adapter_model.safetensors",),
+    ),
+    "fuse-output-dir-not-writable": Case(
+        "fuse",
+        lambda p, o: ["--model", p.model, "--adapter", p.run, "--output-dir", o],
+        ("cannot write to --output-dir", "choose a writable folder"),
+        _file_in_the_way,
+    ),
+    "fuse-output-dir-exists": Case(
+        "fuse",
+        lambda p, o: ["--model", p.model, "--adapter", p.run, "--output-dir", o],
+        ("already exists", "--overwrite"),
+        _fused_exists,
+    ),
+    "fuse-model-without-weights": Case(
+        "fuse",
+        lambda p, o: ["--model", p.no_weights, "--adapter", p.run, "--output-dir", o],
+        ("has no *.safetensors weights",),
+    ),
     # ---- export
-    "export-adapter-from-another-base": Case("export", lambda p, o: ["--model", p.other, "--adapter", p.run, "--output-dir", o],
-                                             ("hidden_size 64, this model 96", "trained on another base")),
-    "export-adapter-mode-from-another-base": Case("export", lambda p, o: ["--model", p.other, "--adapter", p.run, "--output-dir", o,
-                                                                          "--mode", "adapter"],
-                                                  ("hidden_size 64, this model 96", "trained on another base")),
-    "export-adapter-without-weights": Case("export", lambda p, o: ["--model", p.model, "--adapter", p.adapter_no_weights, "--output-dir", o],
-                                           ("has no adapter_model.safetensors",)),
-    "export-output-dir-not-writable": Case("export", lambda p, o: ["--model", p.model, "--adapter", p.run, "--output-dir", o],
-                                           ("cannot write to --output-dir", "choose a writable folder"), _file_in_the_way),
-    "export-output-dir-has-export": Case("export", lambda p, o: ["--model", p.model, "--adapter", p.run, "--output-dir", o, "--name", "run"],
-                                         ("Modelfile already exists", "--overwrite"), _export_exists),
-    "export-bad-name": Case("export", lambda p, o: ["--model", p.model, "--adapter", p.run, "--output-dir", o, "--name", "my model"],
-                            ("--name 'my model' must be letters, digits",)),
-    "export-missing-shard": Case("export", lambda p, o: ["--model", p.missing_shard, "--output-dir", o], ("missing weight shard(s)",)),
+    "export-adapter-from-another-base": Case(
+        "export",
+        lambda p, o: ["--model", p.other, "--adapter", p.run, "--output-dir", o],
+        ("hidden_size 64, this model 96", "trained on another base"),
+    ),
+    "export-adapter-mode-from-another-base": Case(
+        "export",
+        lambda p, o: [
+            "--model",
+            p.other,
+            "--adapter",
+            p.run,
+            "--output-dir",
+            o,
+            "--mode",
+            "adapter",
+        ],
+        ("hidden_size 64, this model 96", "trained on another base"),
+    ),
+    "export-adapter-without-weights": Case(
+        "export",
+        lambda p, o: ["--model", p.model, "--adapter", p.adapter_no_weights, "--output-dir", o],
+        ("has no adapter_model.safetensors",),
+    ),
+    "export-output-dir-not-writable": Case(
+        "export",
+        lambda p, o: ["--model", p.model, "--adapter", p.run, "--output-dir", o],
+        ("cannot write to --output-dir", "choose a writable folder"),
+        _file_in_the_way,
+    ),
+    "export-output-dir-has-export": Case(
+        "export",
+        lambda p, o: ["--model", p.model, "--adapter", p.run, "--output-dir", o, "--name", "run"],
+        ("Modelfile already exists", "--overwrite"),
+        _export_exists,
+    ),
+    "export-bad-name": Case(
+        "export",
+        lambda p, o: [
+            "--model",
+            p.model,
+            "--adapter",
+            p.run,
+            "--output-dir",
+            o,
+            "--name",
+            "my model",
+        ],
+        ("--name 'my model' must be letters, digits",),
+    ),
+    "export-missing-shard": Case(
+        "export",
+        lambda p, o: ["--model", p.missing_shard, "--output-dir", o],
+        ("missing weight shard(s)",),
+    ),
     # ---- serve (the port-in-use case is a test of its own below)
-    "serve-adapter-from-another-base": Case("serve", lambda p, o: ["--model", p.other, "--adapter", p.run, "--port", 0],
-                                            ("was trained on another base", "with --model")),
-    "serve-adapter-without-weights": Case("serve", lambda p, o: ["--model", p.model, "--adapter", p.adapter_no_weights, "--port", 0],
-                                          ("has no adapter_model.safetensors",)),
-    "serve-port-out-of-range": Case("serve", lambda p, o: ["--model", p.model, "--port", 70000],
-                                    ("--port must be between 0 and 65535", "got 70000")),
-    "serve-zero-max-tokens": Case("serve", lambda p, o: ["--model", p.model, "--max-tokens", 0, "--port", 0],
-                                  ("--max-tokens must be at least 1",)),
+    "serve-adapter-from-another-base": Case(
+        "serve",
+        lambda p, o: ["--model", p.other, "--adapter", p.run, "--port", 0],
+        ("was trained on another base", "with --model"),
+    ),
+    "serve-adapter-without-weights": Case(
+        "serve",
+        lambda p, o: ["--model", p.model, "--adapter", p.adapter_no_weights, "--port", 0],
+        ("has no adapter_model.safetensors",),
+    ),
+    "serve-port-out-of-range": Case(
+        "serve",
+        lambda p, o: ["--model", p.model, "--port", 70000],
+        ("--port must be between 0 and 65535", "got 70000"),
+    ),
+    "serve-zero-max-tokens": Case(
+        "serve",
+        lambda p, o: ["--model", p.model, "--max-tokens", 0, "--port", 0],
+        ("--max-tokens must be at least 1",),
+    ),
 }
 
 
@@ -328,7 +582,10 @@ def test_over_long_rows_are_truncated_and_reported(p, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     summary = next(line for line in r.stdout.splitlines() if line.startswith("data: "))
     assert "135 records (alpaca)" in summary
-    assert " truncated to 40 tokens" in summary and "dropped (no answer left after truncation)" in summary
+    assert (
+        " truncated to 40 tokens" in summary
+        and "dropped (no answer left after truncation)" in summary
+    )
     assert (out / "adapter_model.safetensors").is_file()
 
 
@@ -345,9 +602,20 @@ def test_finished_run_is_left_byte_identical(p, tmp_path):
 
 
 def _cfg(model: Path, out: Path, **kw) -> TrainConfig:
-    base = dict(model=str(model), data=str(SAMPLE_DATA), output_dir=str(out), max_steps=6, save_steps=2, logging_steps=1,
-                per_device_train_batch_size=2, gradient_accumulation_steps=1, learning_rate=1e-3, lora_dropout=0.0,
-                max_seq_length=128, plot=False)
+    base = dict(
+        model=str(model),
+        data=str(SAMPLE_DATA),
+        output_dir=str(out),
+        max_steps=6,
+        save_steps=2,
+        logging_steps=1,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=1,
+        learning_rate=1e-3,
+        lora_dropout=0.0,
+        max_seq_length=128,
+        plot=False,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -370,7 +638,9 @@ def _assert_loads(ckpt: Path, model: Path) -> None:
     load_for_inference(str(model), ckpt)
 
 
-def _full_disk_writer(monkeypatch, fail_when: Callable[[str, int], bool], exc: BaseException) -> list[str]:
+def _full_disk_writer(
+    monkeypatch, fail_when: Callable[[str, int], bool], exc: BaseException
+) -> list[str]:
     """Patch ``mx.save_safetensors`` to write half a file and raise, like a disk that fills up."""
     real = mx.save_safetensors
     calls: list[str] = []
@@ -388,17 +658,29 @@ def _full_disk_writer(monkeypatch, fail_when: Callable[[str, int], bool], exc: B
     return calls
 
 
-@pytest.mark.parametrize("exc", [OSError(errno.ENOSPC, "No space left on device"),
-                                 RuntimeError("[write] Unable to write 69000 bytes to file.")], ids=["OSError", "mlx-RuntimeError"])
+@pytest.mark.parametrize(
+    "exc",
+    [
+        OSError(errno.ENOSPC, "No space left on device"),
+        RuntimeError("[write] Unable to write 69000 bytes to file."),
+    ],
+    ids=["OSError", "mlx-RuntimeError"],
+)
 def test_disk_full_while_writing_a_checkpoint(tiny_model, tmp_path, monkeypatch, exc):
     out = tmp_path / "out"
     # checkpoint-2 writes adapter + optimizer (calls 1, 2); checkpoint-4's optimizer state (call 4) hits the full disk
     _full_disk_writer(monkeypatch, lambda path, n: n == 4, exc)
-    with pytest.raises(MlxLoraError, match=r"cannot write checkpoint .*checkpoint-4 \((No space left on device|\[write\] Unable to write .*)\); "
-                                           r"free disk space and --resume") as e:
+    with pytest.raises(
+        MlxLoraError,
+        match=r"cannot write checkpoint .*checkpoint-4 \((No space left on device|\[write\] "
+        r"Unable to write .*)\); "
+        r"free disk space and --resume",
+    ) as e:
         train(_cfg(tiny_model, out), progress=False)
     assert "\n" not in str(e.value)
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2"], "temp folders or files left behind"
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2"], (
+        "temp folders or files left behind"
+    )
     assert _complete_checkpoints(out) == ["checkpoint-2"]
     monkeypatch.undo()
     _assert_loads(out / "checkpoint-2", tiny_model)
@@ -408,10 +690,16 @@ def test_disk_full_while_writing_a_checkpoint(tiny_model, tmp_path, monkeypatch,
 
 def test_disk_full_while_writing_the_final_adapter(tiny_model, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    _full_disk_writer(monkeypatch, lambda path, n: Path(path).parent == out and ".adapter_model" in path,
-                      OSError(errno.ENOSPC, "No space left on device"))
-    with pytest.raises(MlxLoraError, match=r"cannot write the adapter to .* \(No space left on device\); free disk space and "
-                                           r"--resume \(from .*checkpoint-6\)"):
+    _full_disk_writer(
+        monkeypatch,
+        lambda path, n: Path(path).parent == out and ".adapter_model" in path,
+        OSError(errno.ENOSPC, "No space left on device"),
+    )
+    with pytest.raises(
+        MlxLoraError,
+        match=r"cannot write the adapter to .* \(No space left on device\); free disk space and "
+        r"--resume \(from .*checkpoint-6\)",
+    ):
         train(_cfg(tiny_model, out), progress=False)
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
     monkeypatch.undo()
@@ -425,11 +713,19 @@ def test_really_full_disk(tiny_model, tmp_path):
         pytest.skip("needs root to mount a small tmpfs")
     disk = tmp_path / "disk"
     disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(disk)], capture_output=True).returncode != 0:
+    if (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(disk)], capture_output=True
+        ).returncode
+        != 0
+    ):
         pytest.skip("cannot mount a tmpfs here")
     try:
         out = disk / "out"
-        with pytest.raises(MlxLoraError, match=r"cannot write checkpoint .*checkpoint-4 \(.*\); free disk space and --resume"):
+        with pytest.raises(
+            MlxLoraError,
+            match=r"cannot write checkpoint .*checkpoint-4 \(.*\); free disk space and --resume",
+        ):
             train(_cfg(tiny_model, out), progress=False)
         assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2"]
         _assert_loads(out / "checkpoint-2", tiny_model)
@@ -440,8 +736,16 @@ def test_really_full_disk(tiny_model, tmp_path):
 def test_disk_full_while_fusing(p, tmp_path, monkeypatch):
     from mlx_lora.fuse import fuse
 
-    _full_disk_writer(monkeypatch, lambda path, n: True, RuntimeError("[write] Unable to write 1134557 bytes to file."))
-    with pytest.raises(MlxLoraError, match=r"cannot write the fused model to .*fused \(\[write\] Unable to write .*\); free disk space"):
+    _full_disk_writer(
+        monkeypatch,
+        lambda path, n: True,
+        RuntimeError("[write] Unable to write 1134557 bytes to file."),
+    )
+    with pytest.raises(
+        MlxLoraError,
+        match=r"cannot write the fused model to .*fused \(\[write\] Unable to write .*\); free "
+        r"disk space",
+    ):
         fuse(str(p.model), p.run, tmp_path / "fused")
     assert list(tmp_path.iterdir()) == [], "the temp folder of the fused model was left behind"
 
@@ -455,14 +759,21 @@ def test_disk_full_during_export_removes_what_it_wrote(p, tmp_path, monkeypatch)
 
     monkeypatch.setattr(export_module, "write_gguf", full)
     out = tmp_path / "export"
-    cfg = export_module.ExportConfig(model=str(p.model), adapter=str(p.run), output_dir=str(out), mode="adapter")
-    with pytest.raises(MlxLoraError, match=r"cannot write the export to .*export \(No space left on device\); free disk space"):
+    cfg = export_module.ExportConfig(
+        model=str(p.model), adapter=str(p.run), output_dir=str(out), mode="adapter"
+    )
+    with pytest.raises(
+        MlxLoraError,
+        match=r"cannot write the export to .*export \(No space left on device\); free disk space",
+    ):
         export_module.export(cfg, progress=False, log=False)
     assert list(out.iterdir()) == [], "a half-finished export was left behind"
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")], ids=["nan", "inf"])
-def test_loss_turning_nan_stops_and_names_the_last_good_checkpoint(tiny_model, tmp_path, monkeypatch, bad):
+def test_loss_turning_nan_stops_and_names_the_last_good_checkpoint(
+    tiny_model, tmp_path, monkeypatch, bad
+):
     """The loss diverges at step 5 (poisoned loss weights, which reach the compiled step as data)."""
     import mlx_lora.train as train_module
 
@@ -480,11 +791,20 @@ def test_loss_turning_nan_stops_and_names_the_last_good_checkpoint(tiny_model, t
         train(_cfg(tiny_model, out), progress=False)
     msg = str(e.value)
     assert re.search(r"loss became (nan|inf) at step 5; training stopped", msg), msg
-    assert f"the last good checkpoint is {out / 'checkpoint-4'}" in msg and "--resume" in msg and "\n" not in msg
+    assert (
+        f"the last good checkpoint is {out / 'checkpoint-4'}" in msg
+        and "--resume" in msg
+        and "\n" not in msg
+    )
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "checkpoint-4"]
     _assert_loads(out / "checkpoint-4", tiny_model)
     monkeypatch.undo()
-    assert train(_cfg(tiny_model, out, resume="latest", learning_rate=5e-4), progress=False).global_step == 6
+    assert (
+        train(
+            _cfg(tiny_model, out, resume="latest", learning_rate=5e-4), progress=False
+        ).global_step
+        == 6
+    )
 
 
 # ------------------------------------------------------------------------------- malformed HTTP requests
@@ -503,30 +823,71 @@ def server(p):
     srv.server_close()
 
 
-def _request(port: int, body: bytes, headers: dict[str, str] | None = None, method: str = "POST",
-             path: str = "/v1/chat/completions") -> tuple[int, dict]:
+def _request(
+    port: int,
+    body: bytes,
+    headers: dict[str, str] | None = None,
+    method: str = "POST",
+    path: str = "/v1/chat/completions",
+) -> tuple[int, dict]:
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     try:
-        conn.request(method, path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
+        conn.request(
+            method, path, body=body, headers={"Content-Type": "application/json", **(headers or {})}
+        )
         r = conn.getresponse()
         return r.status, json.loads(r.read())
     finally:
         conn.close()
 
 
-GOOD = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, "temperature": 0}
+GOOD = {
+    "model": "tiny",
+    "messages": [{"role": "user", "content": "hi"}],
+    "max_tokens": 3,
+    "temperature": 0,
+}
 HTTP_CASES = {  # what tests/test_serve.py does not cover yet
     "body-not-utf8": (400, "\xff\xfe{}".encode("latin-1"), {}, None),
     "n-2": (400, json.dumps({**GOOD, "n": 2}).encode(), {}, "n"),
     "stream-not-bool": (400, json.dumps({**GOOD, "stream": "yes"}).encode(), {}, "stream"),
-    "stream-options-not-object": (400, json.dumps({**GOOD, "stream": True, "stream_options": [1]}).encode(), {}, "stream_options"),
-    "image-part": (400, json.dumps({**GOOD, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}).encode(),
-                   {}, "messages.[0].content"),
-    "message-not-object": (400, json.dumps({**GOOD, "messages": ["hi"]}).encode(), {}, "messages.[0]"),
+    "stream-options-not-object": (
+        400,
+        json.dumps({**GOOD, "stream": True, "stream_options": [1]}).encode(),
+        {},
+        "stream_options",
+    ),
+    "image-part": (
+        400,
+        json.dumps(
+            {
+                **GOOD,
+                "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}],
+            }
+        ).encode(),
+        {},
+        "messages.[0].content",
+    ),
+    "message-not-object": (
+        400,
+        json.dumps({**GOOD, "messages": ["hi"]}).encode(),
+        {},
+        "messages.[0]",
+    ),
     "seed-too-large": (400, json.dumps({**GOOD, "seed": 1 << 70}).encode(), {}, "seed"),
-    "temperature-bool": (400, json.dumps({**GOOD, "temperature": True}).encode(), {}, "temperature"),
+    "temperature-bool": (
+        400,
+        json.dumps({**GOOD, "temperature": True}).encode(),
+        {},
+        "temperature",
+    ),
     "max-tokens-float": (400, json.dumps({**GOOD, "max_tokens": 2.5}).encode(), {}, "max_tokens"),
-    "stop-too-many": (400, json.dumps({**GOOD, "stop": ["a", "b", "c", "d", "e"]}).encode(), {}, "stop"),
+    "stop-too-many": (
+        400,
+        json.dumps({**GOOD, "stop": ["a", "b", "c", "d", "e"]}).encode(),
+        {},
+        "stop",
+    ),
     "bad-content-length": (400, b"{}", {"Content-Length": "abc"}, None),
     "body-too-large": (413, b"{}", {"Content-Length": str(64 * 1024 * 1024)}, None),
     "chunked-body": (411, b"2\r\n{}\r\n0\r\n\r\n", {"Transfer-Encoding": "chunked"}, None),
@@ -548,8 +909,18 @@ def test_malformed_request_gets_an_openai_error_and_the_server_keeps_serving(ser
 def test_bad_request_then_good_request_on_one_keep_alive_connection(server):
     conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=30)
     try:
-        for body, status in ((b"{oops", 400), (json.dumps(GOOD).encode(), 200), (b"[]", 400), (json.dumps(GOOD).encode(), 200)):
-            conn.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
+        for body, status in (
+            (b"{oops", 400),
+            (json.dumps(GOOD).encode(), 200),
+            (b"[]", 400),
+            (json.dumps(GOOD).encode(), 200),
+        ):
+            conn.request(
+                "POST",
+                "/v1/chat/completions",
+                body=body,
+                headers={"Content-Type": "application/json"},
+            )
             r = conn.getresponse()
             assert r.status == status and json.loads(r.read())
     finally:
@@ -558,7 +929,11 @@ def test_bad_request_then_good_request_on_one_keep_alive_connection(server):
 
 def test_garbage_on_the_socket_does_not_stop_the_server(server):
     port = server.server_address[1]
-    for junk in (b"\x00\x01\x02 garbage\r\n\r\n", b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 100\r\n\r\n{\"mod", b""):
+    for junk in (
+        b"\x00\x01\x02 garbage\r\n\r\n",
+        b'POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 100\r\n\r\n{"mod',
+        b"",
+    ):
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
             s.sendall(junk)
             s.shutdown(socket.SHUT_WR)  # a client that gives up half-way
@@ -574,7 +949,10 @@ def test_garbage_on_the_socket_does_not_stop_the_server(server):
 
 def test_client_resetting_its_connection_is_no_server_traceback(server, capfd):
     port = server.server_address[1]
-    for partial in (b"POST /v1/chat/comp", b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 50\r\n\r\n{"):
+    for partial in (
+        b"POST /v1/chat/comp",
+        b"POST /v1/chat/completions HTTP/1.1\r\nContent-Length: 50\r\n\r\n{",
+    ):
         s = socket.create_connection(("127.0.0.1", port), timeout=10)
         s.sendall(partial)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))

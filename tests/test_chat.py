@@ -44,8 +44,13 @@ STATS = re.compile(r"^\[\d+ tokens, [\d.]+ tokens/s; prompt \d+ tokens", re.M)
 QUESTIONS = ["你是谁？", "Tell me about the palace garden.", "What did the emperor say today?"]
 
 
-def make_adapter(model_dir: Path, out: Path, sigma: float = 0.5, seed: int = 0,
-                 system_prompt: str | None = SYSTEM) -> Path:
+def make_adapter(
+    model_dir: Path,
+    out: Path,
+    sigma: float = 0.5,
+    seed: int = 0,
+    system_prompt: str | None = SYSTEM,
+) -> Path:
     """A PEFT adapter folder with random nonzero lora_B (a 'trained' adapter without training)."""
     model, _, _ = load_base(model_dir, dtype=mx.float32)
     lora.apply_lora(model, lora.DEFAULT_TARGETS, 8, 16.0)
@@ -57,8 +62,14 @@ def make_adapter(model_dir: Path, out: Path, sigma: float = 0.5, seed: int = 0,
             updates.append((name, sigma * mx.random.normal(value.shape, key=sub)))
     model.load_weights(updates, strict=False)
     extra = {"system_prompt": system_prompt} if system_prompt else {}
-    cfg = lora.adapter_config(r=8, alpha=16.0, dropout=0.0, targets=lora.DEFAULT_TARGETS,
-                              base_model=str(model_dir), extra=extra)
+    cfg = lora.adapter_config(
+        r=8,
+        alpha=16.0,
+        dropout=0.0,
+        targets=lora.DEFAULT_TARGETS,
+        base_model=str(model_dir),
+        extra=extra,
+    )
     lora.save_adapter(out, model, cfg)
     return out
 
@@ -87,21 +98,32 @@ def _ids(out) -> list[int]:
 
 CONVERSATIONS = [
     user("你好"),
-    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello! How can I help?"},
-     {"role": "user", "content": "Tell me a story.\nA short one."}],
-    [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "你是谁？"},
-     {"role": "assistant", "content": "我是甄嬛，家父是大理寺少卿甄远道。"}, {"role": "user", "content": "皇上呢？"}],
+    [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello! How can I help?"},
+        {"role": "user", "content": "Tell me a story.\nA short one."},
+    ],
+    [
+        {"role": "system", "content": SYSTEM},
+        {"role": "user", "content": "你是谁？"},
+        {"role": "assistant", "content": "我是甄嬛，家父是大理寺少卿甄远道。"},
+        {"role": "user", "content": "皇上呢？"},
+    ],
 ]
 
 
 @pytest.mark.parametrize("messages", CONVERSATIONS)
 def test_prompt_ids_equal_apply_chat_template(qwen_tokenizer, messages):
-    want = _ids(qwen_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True))
+    want = _ids(
+        qwen_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    )
     assert build_prompt(qwen_tokenizer, messages) == want
     assert qwen_tokenizer.decode(want).endswith("<|im_start|>assistant\n")
     if messages[0]["role"] != "system":  # the adapter's system prompt goes first
         with_sys = [{"role": "system", "content": SYSTEM}, *messages]
-        want = _ids(qwen_tokenizer.apply_chat_template(with_sys, add_generation_prompt=True, tokenize=True))
+        want = _ids(
+            qwen_tokenizer.apply_chat_template(with_sys, add_generation_prompt=True, tokenize=True)
+        )
         assert build_prompt(qwen_tokenizer, messages, SYSTEM) == want
         assert "You are a helpful assistant" not in qwen_tokenizer.decode(want)
 
@@ -112,7 +134,9 @@ def test_generation_uses_the_adapters_system_prompt(loaded):
     stream = generate_answer(loaded, user("hi"), max_tokens=1)
     assert stream.prompt_ids == build_prompt(tok, user("hi"), SYSTEM)
     stream = generate_answer(loaded, user("hi"), system_prompt="Be brief.", max_tokens=1)
-    assert stream.prompt_ids == build_prompt(tok, [{"role": "system", "content": "Be brief."}, *user("hi")])
+    assert stream.prompt_ids == build_prompt(
+        tok, [{"role": "system", "content": "Be brief."}, *user("hi")]
+    )
     own = [{"role": "system", "content": "Own."}, *user("hi")]
     assert generate_answer(loaded, own, max_tokens=1).prompt_ids == build_prompt(tok, own)
 
@@ -144,9 +168,13 @@ def test_stop_tokens_cover_every_end_token(tiny_qwen, tmp_path):
 def test_sampling_defaults_come_from_generation_config(tiny_model, tmp_path):
     s = resolve_sampling(tiny_model)
     assert (s.temperature, s.top_p, s.top_k, s.repetition_penalty) == (0.7, 0.8, 20, 1.05)
-    s = resolve_sampling(tiny_model, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.2, seed=5)
+    s = resolve_sampling(
+        tiny_model, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.2, seed=5
+    )
     assert (s.temperature, s.top_p, s.top_k, s.repetition_penalty, s.seed) == (0.0, 1.0, 0, 1.2, 5)
-    (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": False, "temperature": 0.7}))
+    (tmp_path / "generation_config.json").write_text(
+        json.dumps({"do_sample": False, "temperature": 0.7})
+    )
     assert resolve_sampling(tmp_path).temperature == 0.0
     assert resolve_sampling(tmp_path / "absent").temperature == 0.0
     for bad in ({"temperature": -1}, {"top_p": 1.5}, {"top_k": -2}, {"repetition_penalty": 0}):
@@ -165,15 +193,27 @@ def test_greedy_equals_mlx_lm_generate(loaded):
     for q in QUESTIONS[:2]:
         ids = build_prompt(loaded.tokenizer, user(q), SYSTEM)
         ours = complete(loaded, user(q), temperature=0, repetition_penalty=1.0, max_tokens=32)
-        ref = generate(loaded.model, loaded.tokenizer, prompt=ids, max_tokens=32, sampler=make_sampler(0.0))
+        ref = generate(
+            loaded.model, loaded.tokenizer, prompt=ids, max_tokens=32, sampler=make_sampler(0.0)
+        )
         assert ours.text == ref
         assert len(set(ours.tokens)) > 5  # a real, varied answer, not one repeated token
         # the generation_config default (repetition_penalty 1.05) is mlx-lm's logits processor
         ours = complete(loaded, user(q), temperature=0, max_tokens=32)
-        ref = generate(loaded.model, loaded.tokenizer, prompt=ids, max_tokens=32, sampler=make_sampler(0.0),
-                       logits_processors=make_logits_processors(repetition_penalty=1.05))
+        ref = generate(
+            loaded.model,
+            loaded.tokenizer,
+            prompt=ids,
+            max_tokens=32,
+            sampler=make_sampler(0.0),
+            logits_processors=make_logits_processors(repetition_penalty=1.05),
+        )
         assert ours.text == ref
-        assert (ours.prompt_tokens, ours.completion_tokens, ours.finish_reason) == (len(ids), 32, "length")
+        assert (ours.prompt_tokens, ours.completion_tokens, ours.finish_reason) == (
+            len(ids),
+            32,
+            "length",
+        )
 
 
 def test_fused_folder_chats_like_base_plus_adapter(loaded, adapter, tmp_path):
@@ -194,7 +234,9 @@ def test_seeded_sampling_is_reproducible(loaded):
     assert a.tokens != c.tokens
 
 
-@pytest.mark.parametrize("temperature,seed,penalty", [(0.0, None, None), (0.8, 3, None), (0.0, None, 3.0)])
+@pytest.mark.parametrize(
+    "temperature,seed,penalty", [(0.0, None, None), (0.8, 3, None), (0.0, None, 3.0)]
+)
 def test_cache_reuse_changes_no_token(loaded, temperature, seed, penalty):
     """Three turns (plus an edited last turn) with one reused cache ≡ a fresh cache every time.
 
@@ -234,7 +276,9 @@ def test_stop_strings_cut_the_text(loaded):
     full = complete(loaded, user(QUESTIONS[1]), temperature=0, max_tokens=32)
     stop = full.text[6:9]
     assert stop and stop.strip()
-    stream = generate_answer(loaded, user(QUESTIONS[1]), temperature=0, max_tokens=32, stop=["@@never@@", stop])
+    stream = generate_answer(
+        loaded, user(QUESTIONS[1]), temperature=0, max_tokens=32, stop=["@@never@@", stop]
+    )
     pieces = list(stream)
     want = full.text[: full.text.find(stop)]
     assert "".join(pieces) == stream.answer.text == want
@@ -242,13 +286,16 @@ def test_stop_strings_cut_the_text(loaded):
     assert full.tokens[: stream.answer.completion_tokens] == stream.answer.tokens
 
 
-@given(st.text("ab<|>", max_size=30), st.lists(st.integers(1, 5), max_size=30),
-       st.lists(st.text("ab<|>", min_size=1, max_size=4), max_size=3))
+@given(
+    st.text("ab<|>", max_size=30),
+    st.lists(st.integers(1, 5), max_size=30),
+    st.lists(st.text("ab<|>", min_size=1, max_size=4), max_size=3),
+)
 def test_stop_strings_on_any_split(text, cuts, stops):
     """Streamed in any pieces, the shown text is the text up to the first stop string found."""
     chunks, i = [], 0
     for c in cuts:
-        chunks.append(text[i:i + c])
+        chunks.append(text[i : i + c])
         i += c
     chunks.append(text[i:])
     cutter, shown, stopped, seen = StopStrings(stops), "", False, ""
@@ -257,7 +304,7 @@ def test_stop_strings_on_any_split(text, cuts, stops):
         seen += chunk
         found = [seen.find(x) for x in stops if x in seen]
         if found:
-            want, want_stop = seen[:min(found)], True
+            want, want_stop = seen[: min(found)], True
             break
     for n, chunk in enumerate(chunks):
         piece, stopped = cutter.feed(chunk, final=n == len(chunks) - 1)
@@ -288,13 +335,15 @@ def llama_loaded(tmp_path_factory):
 def test_generation_stops_at_each_end_token(llama_loaded, end):
     """Edit lm_head so the model's greedy choice after exactly 3 answer tokens is the end token."""
     loaded, k = llama_loaded, 3
-    end_id = end if isinstance(end, int) else hf_tokenizer(loaded.tokenizer).convert_tokens_to_ids(end)
+    end_id = (
+        end if isinstance(end, int) else hf_tokenizer(loaded.tokenizer).convert_tokens_to_ids(end)
+    )
     msgs = user(f"Please answer with {end}")
     first = complete(loaded, msgs, temperature=0, repetition_penalty=1.0, max_tokens=k)
     assert first.finish_reason == "length" and end_id not in first.tokens
     ids = generate_answer(loaded, msgs, max_tokens=1).prompt_ids
     hidden = loaded.model.model(mx.array(ids + first.tokens)[None])[0]  # final-norm states
-    h = np.array(hidden[len(ids) - 1:].astype(mx.float32))  # the k + 1 states that pick the answer
+    h = np.array(hidden[len(ids) - 1 :].astype(mx.float32))  # the k + 1 states that pick the answer
     target = np.array([-30.0] * k + [30.0])  # low while answering, top choice after k tokens
     row = np.linalg.lstsq(h, target, rcond=None)[0]
     head = loaded.model.lm_head
@@ -316,22 +365,45 @@ def test_generation_stops_at_each_end_token(llama_loaded, end):
 
 
 def _chat(*args: str, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mlx_lora.chat", *args], capture_output=True,
-                          text=True, encoding="utf-8", timeout=180, cwd=REPO, **kw)
+    return subprocess.run(
+        [sys.executable, "-m", "mlx_lora.chat", *args],
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        timeout=180,
+        cwd=REPO,
+        **kw,
+    )
 
 
 def test_cli_one_shot_is_reproducible_and_equals_mlx_lm(tiny_model, adapter, loaded):
     from mlx_lm import generate
     from mlx_lm.sample_utils import make_logits_processors, make_sampler
 
-    args = ["--model", str(tiny_model), "--adapter", str(adapter), "--prompt", QUESTIONS[0],
-            "--temperature", "0", "--max-tokens", "24"]
+    args = [
+        "--model",
+        str(tiny_model),
+        "--adapter",
+        str(adapter),
+        "--prompt",
+        QUESTIONS[0],
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "24",
+    ]
     a, b = _chat(*args), _chat(*args)
     assert a.returncode == 0, a.stderr
     assert a.stdout == b.stdout
     ids = build_prompt(loaded.tokenizer, user(QUESTIONS[0]), SYSTEM)
-    ref = generate(loaded.model, loaded.tokenizer, prompt=ids, max_tokens=24, sampler=make_sampler(0.0),
-                   logits_processors=make_logits_processors(repetition_penalty=1.05))
+    ref = generate(
+        loaded.model,
+        loaded.tokenizer,
+        prompt=ids,
+        max_tokens=24,
+        sampler=make_sampler(0.0),
+        logits_processors=make_logits_processors(repetition_penalty=1.05),
+    )
     assert a.stdout == ref + "\n"
     assert "tokens/s" in a.stderr
 
@@ -346,21 +418,46 @@ def test_cli_bad_adapter_is_one_line_exit_2():
 
 def test_cli_interactive_commands(tiny_model, adapter, loaded):
     script = "Hello\n/system Be brief.\nHi\n/reset\nHello\n/quit\n"
-    r = _chat("--model", str(tiny_model), "--adapter", str(adapter), "--temperature", "0",
-              "--max-tokens", "12", input=script)
+    r = _chat(
+        "--model",
+        str(tiny_model),
+        "--adapter",
+        str(adapter),
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "12",
+        input=script,
+    )
     assert r.returncode == 0, r.stderr
     a1 = complete(loaded, user("Hello"), temperature=0, max_tokens=12).text
     a2 = complete(loaded, user("Hi"), system_prompt="Be brief.", temperature=0, max_tokens=12).text
-    a3 = complete(loaded, user("Hello"), system_prompt="Be brief.", temperature=0, max_tokens=12).text
+    a3 = complete(
+        loaded, user("Hello"), system_prompt="Be brief.", temperature=0, max_tokens=12
+    ).text
     assert r.stdout == f">>> {a1}\n>>> >>> {a2}\n>>> >>> {a3}\n>>> "
     assert len(STATS.findall(r.stderr)) == 3
 
 
 def test_cli_ctrl_c_stops_the_answer_not_the_program(tiny_model, adapter):
     p = subprocess.Popen(
-        [sys.executable, "-m", "mlx_lora.chat", "--model", str(tiny_model), "--adapter", str(adapter),
-         "--max-tokens", "1000000", "--seed", "1"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO,
+        [
+            sys.executable,
+            "-m",
+            "mlx_lora.chat",
+            "--model",
+            str(tiny_model),
+            "--adapter",
+            str(adapter),
+            "--max-tokens",
+            "1000000",
+            "--seed",
+            "1",
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=REPO,
     )
     try:
         os.set_blocking(p.stdout.fileno(), False)
@@ -388,8 +485,21 @@ def test_cli_ctrl_c_stops_the_answer_not_the_program(tiny_model, adapter):
 
 
 def test_bench_script_runs(tiny_model):
-    r = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_generate.py"), "--model", str(tiny_model),
-                        "--max-tokens", "8", "--repeats", "1"], capture_output=True, text=True, timeout=180)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "scripts" / "bench_generate.py"),
+            "--model",
+            str(tiny_model),
+            "--max-tokens",
+            "8",
+            "--repeats",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert r.returncode == 0, r.stderr
     assert re.search(r"ratio chat / mlx_lm: \d+\.\d+", r.stdout)
     assert "time to first token" in r.stdout

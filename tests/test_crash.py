@@ -30,10 +30,31 @@ pytestmark = pytest.mark.slow
 
 STEPS = 40
 SEED = 20240611
-ARGS = ["--data", str(SAMPLE_DATA), "--max-steps", str(STEPS), "--save-steps", "2", "--logging-steps", "1",
-        "--per-device-train-batch-size", "2", "--gradient-accumulation-steps", "1", "--lora-dropout", "0.1",
-        "--learning-rate", "1e-3", "--lr-scheduler-type", "cosine", "--warmup-steps", "3", "--max-seq-length", "128",
-        "--no-plot"]
+ARGS = [
+    "--data",
+    str(SAMPLE_DATA),
+    "--max-steps",
+    str(STEPS),
+    "--save-steps",
+    "2",
+    "--logging-steps",
+    "1",
+    "--per-device-train-batch-size",
+    "2",
+    "--gradient-accumulation-steps",
+    "1",
+    "--lora-dropout",
+    "0.1",
+    "--learning-rate",
+    "1e-3",
+    "--lr-scheduler-type",
+    "cosine",
+    "--warmup-steps",
+    "3",
+    "--max-seq-length",
+    "128",
+    "--no-plot",
+]
 
 
 class Run:
@@ -42,7 +63,16 @@ class Run:
     def __init__(self, model: Path, out: Path, logs: Path, resume: bool):
         logs.mkdir(parents=True, exist_ok=True)
         self.stdout_path, self.stderr_path = logs / "stdout", logs / "stderr"
-        cmd = [sys.executable, "-m", "mlx_lora.train", "--model", str(model), "--output-dir", str(out), *ARGS]
+        cmd = [
+            sys.executable,
+            "-m",
+            "mlx_lora.train",
+            "--model",
+            str(model),
+            "--output-dir",
+            str(out),
+            *ARGS,
+        ]
         if resume:
             cmd.append("--resume")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # a SIGKILL must not eat buffered lines
@@ -80,8 +110,12 @@ def complete_checkpoints(out: Path) -> dict[int, Path]:
     for d in out.glob("checkpoint-*"):
         step = int(d.name.removeprefix("checkpoint-"))
         names = sorted(p.name for p in d.iterdir())
-        assert names == ["adapter_config.json", "adapter_model.safetensors", "optimizer.safetensors", "trainer_state.json"], \
-            f"partial checkpoint visible: {d} holds {names}"
+        assert names == [
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            "optimizer.safetensors",
+            "trainer_state.json",
+        ], f"partial checkpoint visible: {d} holds {names}"
         adapter = mx.load(str(d / "adapter_model.safetensors"))
         assert adapter and all(mx.isfinite(v).all().item() for v in adapter.values())
         assert mx.load(str(d / "optimizer.safetensors"))
@@ -125,7 +159,11 @@ def _kill_during_write(run: Run, out: Path, nth: int, deadline: float) -> bool:
     seen: set[str] = set()
     while run.alive() and time.monotonic() < deadline:
         try:
-            names = [e.name for e in os.scandir(out) if e.name.startswith(".checkpoint-") and ".tmp-" in e.name]
+            names = [
+                e.name
+                for e in os.scandir(out)
+                if e.name.startswith(".checkpoint-") and ".tmp-" in e.name
+            ]
         except FileNotFoundError:
             names = []
         seen.update(names)
@@ -174,12 +212,18 @@ def test_sigkill_at_random_moments_then_resume(tiny_model, reference, tmp_path):
         said = re.findall(r"resuming from (\S+) \(step (\d+)\)", run.stdout())
         if said:  # the resume point is the newest complete checkpoint, never a temp folder
             assert resume and said == [(str(ckpts[expected]), str(expected))], (said, expected)
-        if killed and code == -signal.SIGKILL:  # (a run that finished just before the signal counts as finished)
+        if (
+            killed and code == -signal.SIGKILL
+        ):  # (a run that finished just before the signal counts as finished)
             kills += 1
             left = sorted(set(temp_dirs(out)) - stale)
             mid_write += bool(left)
-            after = complete_checkpoints(out) if out.is_dir() else {}  # every visible checkpoint is complete
-            log.append(f"{mode}: killed at checkpoint {max(after) if after else None}, temp folders {left}")
+            after = (
+                complete_checkpoints(out) if out.is_dir() else {}
+            )  # every visible checkpoint is complete
+            log.append(
+                f"{mode}: killed at checkpoint {max(after) if after else None}, temp folders {left}"
+            )
             continue
         assert code == 0, run.stderr()[-3000:]
         assert "Traceback" not in run.stderr()
@@ -198,8 +242,10 @@ def test_sigkill_at_random_moments_then_resume(tiny_model, reference, tmp_path):
         chain += 1
         out = tmp_path / f"run-{chain}"
     elapsed = time.monotonic() - t0
-    print(f"\n{kills} SIGKILLs ({mid_write} left a checkpoint half-written), {launches} launches, "
-          f"{finished_chains} finished run(s) equal to the uninterrupted one, {elapsed:.1f} s")
+    print(
+        f"\n{kills} SIGKILLs ({mid_write} left a checkpoint half-written), {launches} launches, "
+        f"{finished_chains} finished run(s) equal to the uninterrupted one, {elapsed:.1f} s"
+    )
     print("\n".join(log))
     assert kills == len(plan)
     assert mid_write >= 1, f"no kill landed during a checkpoint write: {log}"

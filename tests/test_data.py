@@ -24,8 +24,19 @@ def write(tmp_path, name, text):
 
 RECORDS = {
     "alpaca": {"instruction": "你是谁？", "input": "", "output": "我是甄嬛。"},
-    "sharegpt": {"conversations": [{"from": "human", "value": "你好"}, {"from": "gpt", "value": "皇上万福。"}]},
-    "messages": {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+    "sharegpt": {
+        "conversations": [
+            {"from": "human", "value": "你好"},
+            {"from": "gpt", "value": "皇上万福。"},
+        ]
+    },
+    "messages": {
+        "messages": [
+            {"role": "system", "content": "S"},
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "yo"},
+        ]
+    },
     "completions": {"prompt": "1+1=", "completion": "2"},
     "text": {"text": "Once upon a time."},
 }
@@ -42,21 +53,38 @@ def test_unknown_format_lists_keys():
 
 
 def test_alpaca_with_input_system_and_history():
-    rec = {"system": "SYS", "instruction": "翻译", "input": "hello", "output": "你好",
-           "history": [["q1", "a1"]]}
+    rec = {
+        "system": "SYS",
+        "instruction": "翻译",
+        "input": "hello",
+        "output": "你好",
+        "history": [["q1", "a1"]],
+    }
     assert to_messages(rec, "alpaca") == [
         {"role": "system", "content": "SYS"},
-        {"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
-        {"role": "user", "content": "翻译\nhello"}, {"role": "assistant", "content": "你好"},
+        {"role": "user", "content": "q1"},
+        {"role": "assistant", "content": "a1"},
+        {"role": "user", "content": "翻译\nhello"},
+        {"role": "assistant", "content": "你好"},
     ]
 
 
 def test_sharegpt_roles_mapped():
     assert to_messages(RECORDS["sharegpt"], "sharegpt") == [
-        {"role": "user", "content": "你好"}, {"role": "assistant", "content": "皇上万福。"}]
+        {"role": "user", "content": "你好"},
+        {"role": "assistant", "content": "皇上万福。"},
+    ]
 
 
-@pytest.mark.parametrize("rec", [{"instruction": "", "output": "x"}, {"instruction": "q"}, {"instruction": "q", "output": 3}, "str"])
+@pytest.mark.parametrize(
+    "rec",
+    [
+        {"instruction": "", "output": "x"},
+        {"instruction": "q"},
+        {"instruction": "q", "output": 3},
+        "str",
+    ],
+)
 def test_bad_alpaca_records_are_unusable(rec):
     assert to_messages(rec, "alpaca") is None
 
@@ -74,8 +102,15 @@ def test_each_format_renders_with_the_template(tmp_path, tiny_model, fmt):
         assert text.startswith("Once upon a time.") and all(ds.examples[0].mask)
     else:
         assert "<|im_start|>assistant\n" in text and text.endswith("<|im_end|>")
-        answer = tok.decode([i for i, m in zip(ds.examples[0].ids, ds.examples[0].mask, strict=True) if m])
-        expected = {"alpaca": "我是甄嬛。", "sharegpt": "皇上万福。", "messages": "yo", "completions": "2"}[fmt]
+        answer = tok.decode(
+            [i for i, m in zip(ds.examples[0].ids, ds.examples[0].mask, strict=True) if m]
+        )
+        expected = {
+            "alpaca": "我是甄嬛。",
+            "sharegpt": "皇上万福。",
+            "messages": "yo",
+            "completions": "2",
+        }[fmt]
         assert answer == expected + "<|im_end|>"
     if fmt == "messages":
         assert "<|im_start|>system\nS<|im_end|>" in text
@@ -96,11 +131,19 @@ def test_system_prompt_flag_applies_to_every_example(tmp_path, tiny_model):
 
 CONVERSATIONS = [
     [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "皇上好，我是甄嬛。"}],
-    [{"role": "system", "content": "你是甄嬛。"}, {"role": "user", "content": "你是谁？"},
-     {"role": "assistant", "content": "家父是大理寺少卿甄远道。"}, {"role": "user", "content": "Write code"},
-     {"role": "assistant", "content": "def f():\n    return 1  # 😀"}],
-    [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"},
-     {"role": "assistant", "content": " leading space and trailing\n"}],
+    [
+        {"role": "system", "content": "你是甄嬛。"},
+        {"role": "user", "content": "你是谁？"},
+        {"role": "assistant", "content": "家父是大理寺少卿甄远道。"},
+        {"role": "user", "content": "Write code"},
+        {"role": "assistant", "content": "def f():\n    return 1  # 😀"},
+    ],
+    [
+        {"role": "user", "content": "a"},
+        {"role": "assistant", "content": "b"},
+        {"role": "user", "content": "c"},
+        {"role": "assistant", "content": " leading space and trailing\n"},
+    ],
 ]
 
 
@@ -142,13 +185,21 @@ def test_training_prefix_equals_the_chat_prompt(qwen_tokenizer):
             assert not enc.mask[len(prompt) - 1]
             assert enc.mask[len(prompt)]
     assert build_prompt(qwen_tokenizer, conv[:1]) == list(
-        qwen_tokenizer.apply_chat_template(conv[:1], add_generation_prompt=True, tokenize=True)["input_ids"])
+        qwen_tokenizer.apply_chat_template(conv[:1], add_generation_prompt=True, tokenize=True)[
+            "input_ids"
+        ]
+    )
 
 
 # ---------------------------------------------------------------- files and errors
 
+
 def test_malformed_json_reports_line_and_column(tmp_path):
-    p = write(tmp_path, "d.json", '[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "a" "output": "b"}\n]')
+    p = write(
+        tmp_path,
+        "d.json",
+        '[\n  {"instruction": "a", "output": "b"},\n  {"instruction": "a" "output": "b"}\n]',
+    )
     with pytest.raises(MlxLoraError, match=r"d\.json:3:23: invalid JSON"):
         read_records(p)
 
@@ -166,7 +217,9 @@ def test_not_utf8(tmp_path):
         read_records(p)
 
 
-@pytest.mark.parametrize("content,msg", [("", "empty"), ("[]", "dataset is empty"), ("  \n", "empty")])
+@pytest.mark.parametrize(
+    "content,msg", [("", "empty"), ("[]", "dataset is empty"), ("  \n", "empty")]
+)
 def test_empty(tmp_path, tiny_model, content, msg):
     from mlx_lm.utils import load_tokenizer
 
@@ -182,7 +235,11 @@ def test_missing_file():
 def test_missing_fields_skipped_and_counted(tmp_path, tiny_model):
     from mlx_lm.utils import load_tokenizer
 
-    recs = [{"instruction": "q", "output": "a"}, {"instruction": "q", "output": ""}, {"instruction": "q"}]
+    recs = [
+        {"instruction": "q", "output": "a"},
+        {"instruction": "q", "output": ""},
+        {"instruction": "q"},
+    ]
     ds = load_dataset(write(tmp_path, "d.json", json.dumps(recs)), load_tokenizer(tiny_model))
     assert (len(ds.examples), ds.skipped, ds.skipped_lines) == (1, 2, [2, 3])
     with pytest.raises(MlxLoraError, match="all 2 records were skipped"):
@@ -193,7 +250,11 @@ def test_truncation_counted(tmp_path, tiny_model):
     from mlx_lm.utils import load_tokenizer
 
     recs = [{"instruction": "q", "output": "很长的回答" * 50}, {"instruction": "q", "output": "短"}]
-    ds = load_dataset(write(tmp_path, "d.json", json.dumps(recs, ensure_ascii=False)), load_tokenizer(tiny_model), max_seq_length=40)
+    ds = load_dataset(
+        write(tmp_path, "d.json", json.dumps(recs, ensure_ascii=False)),
+        load_tokenizer(tiny_model),
+        max_seq_length=40,
+    )
     assert ds.truncated == 1 and max(len(e.ids) for e in ds.examples) == 40
 
 
@@ -207,9 +268,15 @@ def test_split_is_seeded():
 def test_packing_layout_keeps_examples_apart():
     from mlx_lora.prompt import Encoded
 
-    exs = [Encoded([1, 2, 3], [False, True, True]), Encoded([4, 5], [False, True]), Encoded([6] * 30, [True] * 30)]
+    exs = [
+        Encoded([1, 2, 3], [False, True, True]),
+        Encoded([4, 5], [False, True]),
+        Encoded([6] * 30, [True] * 30),
+    ]
     packed, plain = make_batch(exs, 32, packing=True), make_batch(exs, 32, packing=False)
     assert packed.inputs.shape[0] == 2 and plain.inputs.shape[0] == 3  # [30, 2] and [3]
     assert packed.segments[0, :32].tolist() == [0] * 30 + [1] * 2
     assert packed.n_target_tokens == plain.n_target_tokens == 2 + 1 + 29
-    assert sorted(packed.labels[packed.weights > 0].tolist()) == sorted(plain.labels[plain.weights > 0].tolist())
+    assert sorted(packed.labels[packed.weights > 0].tolist()) == sorted(
+        plain.labels[plain.weights > 0].tolist()
+    )

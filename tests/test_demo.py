@@ -23,27 +23,57 @@ def test_demo_runs_offline_and_leaves_every_artifact(tmp_path):
     out = tmp_path / "demo"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "mlx_lora.demo", "--output-dir", str(out)],
-                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=2 * BUDGET_SECONDS)
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlx_lora.demo", "--output-dir", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=2 * BUDGET_SECONDS,
+    )
     wall = time.perf_counter() - t0
     print(f"\ndemo wall time {wall:.1f} s\n{proc.stdout}")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert wall < BUDGET_SECONDS
 
-    for rel in ("tiny-model/config.json", "adapter/adapter_model.safetensors", "adapter/adapter_config.json",
-                "adapter/trainer_state.json", "export/mlx-lora-demo-hf/model.safetensors",
-                "export/mlx-lora-demo.gguf", "export/Modelfile", "export/export.json"):
+    for rel in (
+        "tiny-model/config.json",
+        "adapter/adapter_model.safetensors",
+        "adapter/adapter_config.json",
+        "adapter/trainer_state.json",
+        "export/mlx-lora-demo-hf/model.safetensors",
+        "export/mlx-lora-demo.gguf",
+        "export/Modelfile",
+        "export/export.json",
+    ):
         assert (out / rel).is_file(), rel
-    for printed in ("tiny-model", "adapter", "export/mlx-lora-demo-hf", "export/mlx-lora-demo.gguf", "export/Modelfile"):
+    for printed in (
+        "tiny-model",
+        "adapter",
+        "export/mlx-lora-demo-hf",
+        "export/mlx-lora-demo.gguf",
+        "export/Modelfile",
+    ):
         assert str((out / printed).resolve()) in proc.stdout, printed
     state = json.loads((out / "adapter" / "trainer_state.json").read_text())
     assert state["global_step"] == 150
     # the fine-tune visibly worked: the tiny model answers with the identity it was trained on
     assert "model:  '我是甄嬛，家父是大理寺少卿甄远道。'" in proc.stdout
     modelfile = (out / "export" / "Modelfile").read_text()
-    assert 'FROM "./mlx-lora-demo.gguf"' in modelfile and "现在你要扮演皇帝身边的女人--甄嬛" in modelfile
-    for header in ("[1/6] tiny model", "[2/6] LoRA training", "[3/6] one chat answer", "[4/6] export",
-                   "[5/6] verify", "[6/6] ollama create", "artifacts:", "OK: every stage ran"):
+    assert (
+        'FROM "./mlx-lora-demo.gguf"' in modelfile
+        and "现在你要扮演皇帝身边的女人--甄嬛" in modelfile
+    )
+    for header in (
+        "[1/6] tiny model",
+        "[2/6] LoRA training",
+        "[3/6] one chat answer",
+        "[4/6] export",
+        "[5/6] verify",
+        "[6/6] ollama create",
+        "artifacts:",
+        "OK: every stage ran",
+    ):
         assert header in proc.stdout, header
     assert "GGUF read back vs HF folder            ok" in proc.stdout
     if importlib.util.find_spec("llama_cpp") is not None:

@@ -45,7 +45,9 @@ def _export(**kw) -> object:
     return export(ExportConfig(**kw), progress=False, log=False)
 
 
-def _llama_logits(gguf: Path, prompts: list[list[int]], lora: Path | None = None) -> list[np.ndarray]:
+def _llama_logits(
+    gguf: Path, prompts: list[list[int]], lora: Path | None = None
+) -> list[np.ndarray]:
     from mlx_lora.verify import llama_logits
 
     llm = open_llama(gguf, n_ctx=256, lora_path=lora)
@@ -81,8 +83,13 @@ def stories() -> Path:
 
 @pytest.fixture(scope="module")
 def stories_adapter(stories, work) -> Path:
-    return random_adapter(stories, work / "adapter-stories", targets=("q_proj", "k_proj", "v_proj", "o_proj"),
-                          scale=0.05, seed=6)
+    return random_adapter(
+        stories,
+        work / "adapter-stories",
+        targets=("q_proj", "k_proj", "v_proj", "o_proj"),
+        scale=0.05,
+        seed=6,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -97,8 +104,14 @@ def qwen_f32(tiny_qwen, qwen_adapter, work):
     """Full mode, f32, verified: fused folder, GGUF, Modelfile and the verify report."""
     if not HAVE_LLAMA_CPP:
         pytest.skip("llama-cpp-python not installed")
-    return _export(adapter=str(qwen_adapter), output_dir=str(work / "qwen-f32"), gguf_type="f32",
-                   name="huanhuan", num_ctx=2048, verify=True)
+    return _export(
+        adapter=str(qwen_adapter),
+        output_dir=str(work / "qwen-f32"),
+        gguf_type="f32",
+        name="huanhuan",
+        num_ctx=2048,
+        verify=True,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -112,8 +125,14 @@ def qwen_prompts(qwen_f32):
 def stories_f32(stories, stories_adapter, story_template, work):
     if not HAVE_LLAMA_CPP:
         pytest.skip("llama-cpp-python not installed")
-    return _export(model=str(stories), adapter=str(stories_adapter), output_dir=str(work / "stories-f32"),
-                   gguf_type="f32", template=str(story_template), verify=True)
+    return _export(
+        model=str(stories),
+        adapter=str(stories_adapter),
+        output_dir=str(work / "stories-f32"),
+        gguf_type="f32",
+        template=str(story_template),
+        verify=True,
+    )
 
 
 # ------------------------------------------------------------------ full mode, f32: identical model
@@ -152,25 +171,40 @@ def test_qwen_gguf_matches_mlx_base_plus_adapter_directly(qwen_f32, qwen_adapter
 
 @needs_llama_cpp
 def test_qwen_f16_within_1e_2(tiny_qwen, qwen_adapter, qwen_prompts, work):
-    r = _export(adapter=str(qwen_adapter), output_dir=str(work / "qwen-f16"), gguf_type="f16", name="hh16")
+    r = _export(
+        adapter=str(qwen_adapter), output_dir=str(work / "qwen-f16"), gguf_type="f16", name="hh16"
+    )
     ref = _mlx(tiny_qwen, qwen_adapter, qwen_prompts)
     delta = _max_delta(ref, _llama_logits(r.gguf, qwen_prompts))
     print(f"\n[qwen f16] llama.cpp vs MLX base+adapter fp32: max|Δlogit| {delta:.2e}")
     assert delta <= 1e-2
-    assert json.loads((r.fused_dir / "config.json").read_text())["torch_dtype"] == "bfloat16"  # the base's own
+    assert (
+        json.loads((r.fused_dir / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    )  # the base's own
 
 
 @needs_llama_cpp
 def test_qwen_adapter_mode_equals_fused_model(qwen_f32, qwen_adapter, qwen_prompts, work):
-    r = _export(adapter=str(qwen_adapter), output_dir=str(work / "qwen-adapter"), gguf_type="f32",
-                name="huanhuan", mode="adapter")
-    assert r.fused_dir is None and r.lora_gguf.name == "huanhuan-lora.gguf" and r.gguf.name == "huanhuan-base.gguf"
+    r = _export(
+        adapter=str(qwen_adapter),
+        output_dir=str(work / "qwen-adapter"),
+        gguf_type="f32",
+        name="huanhuan",
+        mode="adapter",
+    )
+    assert (
+        r.fused_dir is None
+        and r.lora_gguf.name == "huanhuan-lora.gguf"
+        and r.gguf.name == "huanhuan-base.gguf"
+    )
     got = _llama_logits(r.gguf, qwen_prompts, lora=r.lora_gguf)
     fused = _mlx(qwen_f32.fused_dir, None, qwen_prompts)  # our fused model
     delta = _max_delta(got, fused)
     print(f"\n[qwen adapter mode] llama.cpp base+LoRA GGUF vs MLX fused: max|Δlogit| {delta:.2e}")
     assert delta <= 1e-3
-    assert _max_delta(_llama_logits(r.gguf, qwen_prompts), fused) > 1e-2  # without the LoRA it differs
+    assert (
+        _max_delta(_llama_logits(r.gguf, qwen_prompts), fused) > 1e-2
+    )  # without the LoRA it differs
 
 
 # ------------------------------------------------------------------ Llama architecture (stories260K)
@@ -192,18 +226,35 @@ def test_stories_f32_identical(stories_f32):
 
 @needs_llama_cpp
 def test_stories_q8_0_keeps_top1(stories, stories_adapter, story_template, work):
-    r = _export(model=str(stories), adapter=str(stories_adapter), output_dir=str(work / "stories-q8"),
-                gguf_type="q8_0", template=str(story_template), verify=True)
+    r = _export(
+        model=str(stories),
+        adapter=str(stories_adapter),
+        output_dir=str(work / "stories-q8"),
+        gguf_type="q8_0",
+        template=str(story_template),
+        verify=True,
+    )
     v = r.report.get("logits llama.cpp vs MLX").values
-    print(f"\n[stories q8_0] max|Δlogit| {v['max_abs']:.3g}, top-1 {v['top1_equal']}/{v['positions']}")
+    print(
+        f"\n[stories q8_0] max|Δlogit| {v['max_abs']:.3g}, top-1 {v['top1_equal']}/{v['positions']}"
+    )
     assert r.report.ok
     assert v["top1_equal"] == v["positions"]
 
 
 @needs_llama_cpp
-def test_stories_adapter_mode_equals_fused_model(stories_f32, stories, stories_adapter, story_template, work):
-    r = _export(model=str(stories), adapter=str(stories_adapter), output_dir=str(work / "stories-adapter"),
-                gguf_type="f32", template=str(story_template), mode="adapter", verify=True)
+def test_stories_adapter_mode_equals_fused_model(
+    stories_f32, stories, stories_adapter, story_template, work
+):
+    r = _export(
+        model=str(stories),
+        adapter=str(stories_adapter),
+        output_dir=str(work / "stories-adapter"),
+        gguf_type="f32",
+        template=str(story_template),
+        mode="adapter",
+        verify=True,
+    )
     assert r.report.ok, r.report.table()
     assert r.report.get("GGUF LoRA adapter").status == "ok"
     prompts = r.report.get("llama.cpp base+LoRA").values
@@ -211,8 +262,12 @@ def test_stories_adapter_mode_equals_fused_model(stories_f32, stories, stories_a
     from transformers import AutoTokenizer
 
     ids = probe_prompts(AutoTokenizer.from_pretrained(str(stories)))
-    delta = _max_delta(_llama_logits(r.gguf, ids, lora=r.lora_gguf), _mlx(stories_f32.fused_dir, None, ids))
-    print(f"\n[stories adapter mode] llama.cpp base+LoRA GGUF vs MLX fused: max|Δlogit| {delta:.2e}")
+    delta = _max_delta(
+        _llama_logits(r.gguf, ids, lora=r.lora_gguf), _mlx(stories_f32.fused_dir, None, ids)
+    )
+    print(
+        f"\n[stories adapter mode] llama.cpp base+LoRA GGUF vs MLX fused: max|Δlogit| {delta:.2e}"
+    )
     assert delta <= 1e-3
 
 
@@ -237,20 +292,42 @@ def test_modelfile_full_mode(qwen_f32, go):  # noqa: F811 - the imported fixture
     assert cmds["stop"] == ["<|im_end|>", "<|endoftext|>", "<|im_start|>"]
     assert cmds["num_ctx"] == ["2048"]
     gen = json.loads((qwen_f32.hf_dir / "generation_config.json").read_text())
-    assert cmds["temperature"] == [repr(float(gen["temperature"]))] and cmds["top_k"] == [str(gen["top_k"])]
+    assert cmds["temperature"] == [repr(float(gen["temperature"]))] and cmds["top_k"] == [
+        str(gen["top_k"])
+    ]
     # What Ollama sends for a request without a system message = what MLX built in training and chat.
-    msgs = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "皇上万福。"}, {"role": "user", "content": "今天天气如何？"}]
-    rendered = go.render([{"template": cmds["template"][0], "system": cmds["system"][0], "messages": msgs}])[0]
+    msgs = [
+        {"role": "user", "content": "你好"},
+        {"role": "assistant", "content": "皇上万福。"},
+        {"role": "user", "content": "今天天气如何？"},
+    ]
+    rendered = go.render(
+        [{"template": cmds["template"][0], "system": cmds["system"][0], "messages": msgs}]
+    )[0]
     assert not rendered.get("error"), rendered
     assert rendered["prompt"] == render(tok, with_system(msgs, SYSTEM), add_generation_prompt=True)
     manifest = json.loads(qwen_f32.manifest.read_text())
-    assert manifest["gguf"] == "huanhuan.gguf" and manifest["hf_dir"] == "huanhuan-hf" and manifest["mode"] == "full"
+    assert (
+        manifest["gguf"] == "huanhuan.gguf"
+        and manifest["hf_dir"] == "huanhuan-hf"
+        and manifest["mode"] == "full"
+    )
 
 
-def test_modelfile_adapter_mode_template_file_and_system_override(stories, stories_adapter, story_template, work, go):  # noqa: F811
-    r = _export(model=str(stories), adapter=str(stories_adapter), output_dir=str(work / "stories-mf"),
-                gguf_type="f16", template=str(story_template), mode="adapter", name="story",
-                system_prompt='Tell a "short" story.\nBe kind.', num_ctx=512)
+def test_modelfile_adapter_mode_template_file_and_system_override(
+    stories, stories_adapter, story_template, work, go
+):  # noqa: F811
+    r = _export(
+        model=str(stories),
+        adapter=str(stories_adapter),
+        output_dir=str(work / "stories-mf"),
+        gguf_type="f16",
+        template=str(story_template),
+        mode="adapter",
+        name="story",
+        system_prompt='Tell a "short" story.\nBe kind.',
+        num_ctx=512,
+    )
     cmds = _parse_modelfile(go, r.modelfile)
     assert cmds["model"] == ["./story-base.gguf"]
     assert cmds["adapter"] == ["./story-lora.gguf"]
@@ -258,7 +335,12 @@ def test_modelfile_adapter_mode_template_file_and_system_override(stories, stori
     assert cmds["system"] == ['Tell a "short" story.\nBe kind.']
     assert cmds["stop"] == ["</s>"]
     assert cmds["num_ctx"] == ["512"]
-    assert sorted(p.name for p in r.output_dir.iterdir()) == ["Modelfile", "export.json", "story-base.gguf", "story-lora.gguf"]
+    assert sorted(p.name for p in r.output_dir.iterdir()) == [
+        "Modelfile",
+        "export.json",
+        "story-base.gguf",
+        "story-lora.gguf",
+    ]
 
 
 def test_no_adapter_converts_model_as_is_and_refuses_unknown_template(stories, tiny_model, work):
@@ -275,11 +357,18 @@ def test_no_adapter_converts_model_as_is_and_refuses_unknown_template(stories, t
         _export(model=str(stories), output_dir=str(work / "x"), mode="adapter")
 
 
-def test_verify_without_llama_cpp_runs_the_rest(stories_adapter, stories, story_template, work, monkeypatch, capsys):
+def test_verify_without_llama_cpp_runs_the_rest(
+    stories_adapter, stories, story_template, work, monkeypatch, capsys
+):
     import mlx_lora.verify as v
 
-    r = _export(model=str(stories), adapter=str(stories_adapter), output_dir=str(work / "stories-nollama"),
-                gguf_type="f32", template=str(story_template))
+    r = _export(
+        model=str(stories),
+        adapter=str(stories_adapter),
+        output_dir=str(work / "stories-nollama"),
+        gguf_type="f32",
+        template=str(story_template),
+    )
     monkeypatch.setattr(v, "have_llama_cpp", lambda: False)
     report = verify_export(r.output_dir)
     assert report.ok
@@ -295,14 +384,30 @@ def test_verify_without_llama_cpp_runs_the_rest(stories_adapter, stories, story_
 
 def _cli(module: str, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error"}
-    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=300,
+    )
 
 
 @pytest.fixture(scope="module")
 def cli_export(tiny_model, work) -> tuple[subprocess.CompletedProcess, Path]:
     adapter = random_adapter(tiny_model, work / "adapter-tiny", system_prompt=SYSTEM, seed=9)
     out = work / "cli"
-    return _cli("mlx_lora.export", "--adapter", str(adapter), "--output-dir", str(out), "--gguf-type", "f32", "--verify"), out
+    return _cli(
+        "mlx_lora.export",
+        "--adapter",
+        str(adapter),
+        "--output-dir",
+        str(out),
+        "--gguf-type",
+        "f32",
+        "--verify",
+    ), out
 
 
 @needs_llama_cpp
@@ -329,7 +434,9 @@ def test_corrupted_gguf_makes_verify_exit_1(cli_export, work):
     start, n = int(t.data_offset), int(t.n_bytes)
     del reader
     data = bytearray(path.read_bytes())
-    data[start:start + n] = bytes(b ^ 0x80 if i % 4 == 3 else b for i, b in enumerate(data[start:start + n]))  # f32 signs
+    data[start : start + n] = bytes(
+        b ^ 0x80 if i % 4 == 3 else b for i, b in enumerate(data[start : start + n])
+    )  # f32 signs
     path.write_bytes(bytes(data))
     v = _cli("mlx_lora.verify", "--export-dir", str(bad))
     assert v.returncode == 1, v.stdout + v.stderr
@@ -347,25 +454,48 @@ def test_verify_refuses_missing_files(work):
 # ------------------------------------------------------------------ ollama create
 
 
-def test_ollama_create_runs_ollama_or_says_how(stories, story_template, work, monkeypatch, tmp_path):
+def test_ollama_create_runs_ollama_or_says_how(
+    stories, story_template, work, monkeypatch, tmp_path
+):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     monkeypatch.setenv("PATH", str(bin_dir))
-    with pytest.raises(MlxLoraError, match="`ollama` is not on PATH.*ollama create story -f .*Modelfile"):
-        _export(model=str(stories), output_dir=str(work / "ollama-missing"), gguf_type="f16",
-                template=str(story_template), name="story", ollama_create=True)
+    with pytest.raises(
+        MlxLoraError, match="`ollama` is not on PATH.*ollama create story -f .*Modelfile"
+    ):
+        _export(
+            model=str(stories),
+            output_dir=str(work / "ollama-missing"),
+            gguf_type="f16",
+            template=str(story_template),
+            name="story",
+            ollama_create=True,
+        )
     assert (work / "ollama-missing" / "story.gguf").is_file()  # the export itself is complete
 
     record = tmp_path / "args.json"
     fake = bin_dir / "ollama"  # records how it was called, like `ollama create` would be
-    fake.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
-                    f"json.dump({{'argv': sys.argv[1:], 'cwd': os.getcwd()}}, open({str(record)!r}, 'w'))\n")
+    fake.write_text(
+        f"#!{sys.executable}\nimport json, os, sys\n"
+        f"json.dump({{'argv': sys.argv[1:], 'cwd': os.getcwd()}}, open({str(record)!r}, 'w'))\n"
+    )
     fake.chmod(0o755)
-    r = _export(model=str(stories), output_dir=str(work / "ollama-fake"), gguf_type="f16",
-                template=str(story_template), name="story", ollama_quantize="q4_K_M")
+    r = _export(
+        model=str(stories),
+        output_dir=str(work / "ollama-fake"),
+        gguf_type="f16",
+        template=str(story_template),
+        name="story",
+        ollama_quantize="q4_K_M",
+    )
     assert r.ollama_created
     called = json.loads(record.read_text())
     assert called["argv"] == ["create", "story", "-f", str(r.modelfile), "-q", "q4_K_M"]
     assert called["cwd"] == str(r.output_dir)  # FROM ./story.gguf resolves next to the Modelfile
     with pytest.raises(MlxLoraError, match="--ollama-quantize needs an unquantized GGUF"):
-        _export(model=str(stories), output_dir=str(work / "ollama-q8"), gguf_type="q8_0", ollama_quantize="q4_K_M")
+        _export(
+            model=str(stories),
+            output_dir=str(work / "ollama-q8"),
+            gguf_type="q8_0",
+            ollama_quantize="q4_K_M",
+        )

@@ -20,14 +20,25 @@ from mlx_lora.errors import MlxLoraError
 from mlx_lora.fuse import TOKENIZER_FILES, fuse
 from mlx_lora.verify import load_mlx, mlx_logits
 
-PROMPT_TEXTS = ["<|im_start|>user\n你好，请介绍一下你自己。<|im_end|>\n<|im_start|>assistant\n", "Hello world! 1234"]
+PROMPT_TEXTS = [
+    "<|im_start|>user\n你好，请介绍一下你自己。<|im_end|>\n<|im_start|>assistant\n",
+    "Hello world! 1234",
+]
 
 
 def random_adapter(
     base: Path,
     out: Path,
     *,
-    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    targets: tuple[str, ...] = (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    ),
     r: int = 4,
     alpha: float = 8.0,
     scale: float = 0.1,
@@ -44,8 +55,14 @@ def random_adapter(
     for _, m in model.named_modules():
         if isinstance(m, LoRALinear):
             m.lora_B = mx.random.normal(m.lora_B.shape) * scale
-    cfg = adapter_config(r=r, alpha=alpha, dropout=0.0, targets=list(targets), base_model=str(base),
-                         extra={"system_prompt": system_prompt})
+    cfg = adapter_config(
+        r=r,
+        alpha=alpha,
+        dropout=0.0,
+        targets=list(targets),
+        base_model=str(base),
+        extra={"system_prompt": system_prompt},
+    )
     save_adapter(Path(out), model, cfg)
     return Path(out)
 
@@ -91,7 +108,11 @@ def qwen_adapter(tiny_model, work) -> Path:
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
 def test_fused_equals_base_plus_adapter_fp32(arch, tiny_model, tiny_llama, qwen_adapter, work):
     base = tiny_model if arch == "qwen2" else tiny_llama
-    adapter = qwen_adapter if arch == "qwen2" else random_adapter(tiny_llama, work / "adapter-llama", seed=2)
+    adapter = (
+        qwen_adapter
+        if arch == "qwen2"
+        else random_adapter(tiny_llama, work / "adapter-llama", seed=2)
+    )
     out = fuse(str(base), adapter, work / f"fused-{arch}", dtype="float32")
     ref = _logits(base, adapter)
     delta = _max_delta(_logits(out), ref)
@@ -116,12 +137,33 @@ def qlora_run(work):
     from mlx_lora.config import TrainConfig
     from mlx_lora.train import train
 
-    base = make_tiny_model(work / "tiny-128", hidden_size=128, intermediate_size=256, layers=2, heads=4, kv_heads=2, seed=3)
+    base = make_tiny_model(
+        work / "tiny-128",
+        hidden_size=128,
+        intermediate_size=256,
+        layers=2,
+        heads=4,
+        kv_heads=2,
+        seed=3,
+    )
     cfg = TrainConfig(
-        model=str(base), data=str(SAMPLE_DATA), output_dir=str(work / "qlora"), max_steps=3,
-        per_device_train_batch_size=2, gradient_accumulation_steps=1, learning_rate=5e-3,
-        max_seq_length=128, quantize=4, lora_r=4, lora_alpha=8, lora_dropout=0.0,
-        system_prompt="你是甄嬛。", save_steps=100, logging_steps=1, plot=False, seed=0,
+        model=str(base),
+        data=str(SAMPLE_DATA),
+        output_dir=str(work / "qlora"),
+        max_steps=3,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=1,
+        learning_rate=5e-3,
+        max_seq_length=128,
+        quantize=4,
+        lora_r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        system_prompt="你是甄嬛。",
+        save_steps=100,
+        logging_steps=1,
+        plot=False,
+        seed=0,
     )
     train(cfg, progress=False)
     fused = fuse(None, work / "qlora", work / "qlora-fused", dtype="float32")
@@ -133,8 +175,14 @@ def test_qlora_fused_weights_derive_from_unquantized_base(qlora_run):
     acfg = json.loads((adapter / "adapter_config.json").read_text())
     assert acfg["mlx_lora"]["quantize"] == 4
     scale = acfg["lora_alpha"] / acfg["r"]
-    lora = {k: np.array(v.astype(mx.float32)) for k, v in mx.load(str(adapter / "adapter_model.safetensors")).items()}
-    base_w = {k: np.array(v.astype(mx.float32)) for k, v in mx.load(str(base / "model.safetensors")).items()}
+    lora = {
+        k: np.array(v.astype(mx.float32))
+        for k, v in mx.load(str(adapter / "adapter_model.safetensors")).items()
+    }
+    base_w = {
+        k: np.array(v.astype(mx.float32))
+        for k, v in mx.load(str(base / "model.safetensors")).items()
+    }
     fused_w = {k: np.array(v) for k, v in mx.load(str(fused / "model.safetensors")).items()}
     assert set(fused_w) == set(base_w)
     adapted = 0
@@ -148,7 +196,9 @@ def test_qlora_fused_weights_derive_from_unquantized_base(qlora_run):
         expected = w + np.float32(scale) * (b @ a)
         np.testing.assert_allclose(fused_w[name], expected, rtol=0, atol=1e-6, err_msg=name)
         # ...and not from the 4-bit copy training ran against: that would differ by the quantization error
-        wq = np.array(mx.dequantize(*mx.quantize(mx.array(w), group_size=64, bits=4), group_size=64, bits=4))
+        wq = np.array(
+            mx.dequantize(*mx.quantize(mx.array(w), group_size=64, bits=4), group_size=64, bits=4)
+        )
         assert np.abs((wq + np.float32(scale) * (b @ a)) - fused_w[name]).max() > 1e-3, name
         adapted += 1
     assert adapted == 2 * 7  # 2 layers × q,k,v,o,gate,up,down
@@ -163,7 +213,9 @@ def test_output_folder_is_a_clean_hf_folder(qlora_run):
     assert not {"quantization", "quantization_config"} & set(config)
     assert config["torch_dtype"] == "float32"
     base_config = json.loads((base / "config.json").read_text())
-    assert {k: v for k, v in config.items() if k != "torch_dtype"} == {k: v for k, v in base_config.items() if k != "torch_dtype"}
+    assert {k: v for k, v in config.items() if k != "torch_dtype"} == {
+        k: v for k, v in base_config.items() if k != "torch_dtype"
+    }
     copied = [n for n in (*TOKENIZER_FILES, "generation_config.json") if (base / n).is_file()]
     assert "tokenizer_config.json" in copied and "generation_config.json" in copied
     for name in copied:
@@ -194,15 +246,24 @@ def test_sharded_base_keeps_its_shards(tiny_model, qwen_adapter, work):
     weights = mx.load(str(tiny_model / "model.safetensors"))
     names = sorted(weights)
     weight_map = {}
-    for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2:])):
+    for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2 :])):
         fname = f"model-{i + 1:05d}-of-00002.safetensors"
-        mx.save_safetensors(str(base / fname), {k: weights[k] for k in part}, metadata={"format": "pt"})
+        mx.save_safetensors(
+            str(base / fname), {k: weights[k] for k in part}, metadata={"format": "pt"}
+        )
         weight_map.update(dict.fromkeys(part, fname))
-    (base / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (base / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
 
     out = fuse(str(base), qwen_adapter, work / "fused-sharded", dtype="float32")
-    assert sorted(p.name for p in out.glob("*.safetensors")) == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
-    assert (out / "model.safetensors.index.json").read_bytes() == (base / "model.safetensors.index.json").read_bytes()
+    assert sorted(p.name for p in out.glob("*.safetensors")) == [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ]
+    assert (out / "model.safetensors.index.json").read_bytes() == (
+        base / "model.safetensors.index.json"
+    ).read_bytes()
     for fname in set(weight_map.values()):
         assert set(mx.load(str(out / fname))) == {k for k, f in weight_map.items() if f == fname}
     single = work / "fused-qwen2"
@@ -243,8 +304,28 @@ def test_existing_output_needs_overwrite(tiny_model, qwen_adapter, work):
     with pytest.raises(MlxLoraError, match="already exists.*--overwrite"):
         fuse(str(tiny_model), qwen_adapter, out)
     assert (out / "keep.txt").read_text() == "mine"
-    assert run(main, ["--model", str(tiny_model), "--adapter", str(qwen_adapter), "--output-dir", str(out)]) == 2
-    assert run(main, ["--model", str(tiny_model), "--adapter", str(qwen_adapter), "--output-dir", str(out), "--overwrite"]) == 0
+    assert (
+        run(
+            main,
+            ["--model", str(tiny_model), "--adapter", str(qwen_adapter), "--output-dir", str(out)],
+        )
+        == 2
+    )
+    assert (
+        run(
+            main,
+            [
+                "--model",
+                str(tiny_model),
+                "--adapter",
+                str(qwen_adapter),
+                "--output-dir",
+                str(out),
+                "--overwrite",
+            ],
+        )
+        == 0
+    )
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").is_file()
     assert _no_leftovers(work) == []
 

@@ -46,7 +46,9 @@ GREEDY_TOKENS = 32
 
 
 def _make_tiny_model():
-    spec = importlib.util.spec_from_file_location("make_tiny_model", REPO / "scripts" / "make_tiny_model.py")
+    spec = importlib.util.spec_from_file_location(
+        "make_tiny_model", REPO / "scripts" / "make_tiny_model.py"
+    )
     assert spec and spec.loader
     mod = importlib.util.module_from_spec(spec)
     sys.modules.setdefault("make_tiny_model", mod)
@@ -99,7 +101,9 @@ def gguf_file(models, workdir, _cache):
     def get(key: str, gtype: str) -> Path:
         if ("gguf", key, gtype) not in _cache:
             src = models["get"](key)
-            _cache["gguf", key, gtype] = write_gguf(src, workdir / f"{key}-{gtype}.gguf", gtype, progress=False)
+            _cache["gguf", key, gtype] = write_gguf(
+                src, workdir / f"{key}-{gtype}.gguf", gtype, progress=False
+            )
         return _cache["gguf", key, gtype]
 
     return get
@@ -130,7 +134,12 @@ def mlx_model(models, _cache):
             model.set_dtype(mx.float32)
             if round_to is not None:
                 dt = {"f16": mx.float16, "bf16": mx.bfloat16}[round_to]
-                model.update(tree_map(lambda a: a.astype(dt).astype(mx.float32) if a.ndim >= 2 else a, model.parameters()))
+                model.update(
+                    tree_map(
+                        lambda a: a.astype(dt).astype(mx.float32) if a.ndim >= 2 else a,
+                        model.parameters(),
+                    )
+                )
             _cache["mlx", key, round_to] = model
         return _cache["mlx", key, round_to]
 
@@ -146,8 +155,16 @@ def _hf_tokenizer(path: Path):
 def _llama(path: Path, **kw):
     from llama_cpp import GGML_TYPE_F32, Llama
 
-    return Llama(model_path=str(path), n_ctx=128, n_batch=128, n_threads=2, verbose=False,
-                 type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, **kw)
+    return Llama(
+        model_path=str(path),
+        n_ctx=128,
+        n_batch=128,
+        n_threads=2,
+        verbose=False,
+        type_k=GGML_TYPE_F32,
+        type_v=GGML_TYPE_F32,
+        **kw,
+    )
 
 
 def _llama_logits(path: Path, ids: list[int], **kw) -> np.ndarray:
@@ -175,13 +192,20 @@ def _hf_weights_f32(path: Path) -> dict[str, np.ndarray]:
 
 def _permute_llama(w: np.ndarray, n_head: int) -> np.ndarray:
     """HF rotate-half → GGUF interleaved rows (llama.cpp's reshape/swapaxes formulation)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return (
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
 
 
 def _expected_gguf_tensors(path: Path) -> dict[str, np.ndarray]:
     cfg = json.loads((path / "config.json").read_text())
     arch = "llama" if cfg["architectures"][0] == "LlamaForCausalLM" else "qwen2"
-    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.QWEN2, cfg["num_hidden_layers"])
+    tmap = gguf.get_tensor_name_map(
+        gguf.MODEL_ARCH.LLAMA if arch == "llama" else gguf.MODEL_ARCH.QWEN2,
+        cfg["num_hidden_layers"],
+    )
     n_head = cfg["num_attention_heads"]
     n_kv = cfg.get("num_key_value_heads", n_head)
     out = {}
@@ -203,8 +227,16 @@ def _field(reader: gguf.GGUFReader, key: str):
 
 @pytest.mark.parametrize(
     "key,gtype",
-    [("tiny_qwen", "f32"), ("tiny_qwen", "q8_0"), ("tiny_llama", "f32"), ("tiny_llama", "f16"),
-     ("tiny_llama", "bf16"), ("tiny_llama", "q8_0"), ("stories", "f32"), ("stories", "q8_0")],
+    [
+        ("tiny_qwen", "f32"),
+        ("tiny_qwen", "q8_0"),
+        ("tiny_llama", "f32"),
+        ("tiny_llama", "f16"),
+        ("tiny_llama", "bf16"),
+        ("tiny_llama", "q8_0"),
+        ("stories", "f32"),
+        ("stories", "q8_0"),
+    ],
 )
 def test_tensors_read_back_equal_hf_weights(key, gtype, models, gguf_reader):
     reader = gguf_reader(key, gtype)
@@ -223,12 +255,16 @@ def test_tensors_read_back_equal_hf_weights(key, gtype, models, gguf_reader):
         fallback = gtype == "q8_0" and ref.shape[-1] % 32 != 0
         assert t.tensor_type.name == ("F16" if fallback else want_type), name
         if fallback:
-            np.testing.assert_array_equal(data, ref.astype(np.float16).astype(np.float32), err_msg=name)
+            np.testing.assert_array_equal(
+                data, ref.astype(np.float16).astype(np.float32), err_msg=name
+            )
             continue
         if gtype == "f32":
             np.testing.assert_array_equal(data, ref, err_msg=name)
         elif gtype == "f16":
-            np.testing.assert_array_equal(data, ref.astype(np.float16).astype(np.float32), err_msg=name)
+            np.testing.assert_array_equal(
+                data, ref.astype(np.float16).astype(np.float32), err_msg=name
+            )
         elif gtype == "bf16":  # tiny models are stored in bf16: the round trip is exact
             np.testing.assert_array_equal(data, ref, err_msg=name)
         else:  # q8_0: per 32-block scale = max|x|/127, error ≤ half a step + the f16 rounding of the scale
@@ -253,7 +289,9 @@ def test_metadata_qwen(tiny_qwen, gguf_reader):
     assert _field(reader, "qwen2.attention.head_count") == cfg["num_attention_heads"]
     assert _field(reader, "qwen2.attention.head_count_kv") == cfg["num_key_value_heads"]
     assert _field(reader, "qwen2.rope.freq_base") == pytest.approx(cfg["rope_theta"])
-    assert _field(reader, "qwen2.attention.layer_norm_rms_epsilon") == pytest.approx(cfg["rms_norm_eps"])
+    assert _field(reader, "qwen2.attention.layer_norm_rms_epsilon") == pytest.approx(
+        cfg["rms_norm_eps"]
+    )
     assert _field(reader, "tokenizer.ggml.model") == "gpt2"
     assert _field(reader, "tokenizer.ggml.pre") == "qwen2"
     tokens = _field(reader, "tokenizer.ggml.tokens")
@@ -283,7 +321,12 @@ def test_metadata_stories(gguf_reader, stories):
     scores = _field(reader, "tokenizer.ggml.scores")
     assert len(tokens) == len(scores) == 512
     assert tokens[:3] == ["<unk>", "<s>", "</s>"]
-    assert types[:4] == [int(gguf.TokenType.UNKNOWN), int(gguf.TokenType.CONTROL), int(gguf.TokenType.CONTROL), int(gguf.TokenType.BYTE)]
+    assert types[:4] == [
+        int(gguf.TokenType.UNKNOWN),
+        int(gguf.TokenType.CONTROL),
+        int(gguf.TokenType.CONTROL),
+        int(gguf.TokenType.BYTE),
+    ]
     assert tokens[3 + 0x0A] == "<0x0A>" and types[3 + 0x0A] == int(gguf.TokenType.BYTE)
     assert _field(reader, "tokenizer.ggml.bos_token_id") == 1
     assert _field(reader, "tokenizer.ggml.eos_token_id") == 2
@@ -312,12 +355,17 @@ def test_pre_tokenizer_from_definition(tiny_llama):
     if QWEN_TOK.is_dir():  # the split transformers builds for the Qwen2 class says the same
         backend = json.loads(_hf_tokenizer(QWEN_TOK).backend_tokenizer.to_str())
         assert identify_pre_tokenizer(backend) == "qwen2"
-    llama3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-              r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+    llama3 = (
+        r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+        r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    )
     split = {"type": "Split", "pattern": {"Regex": llama3}, "behavior": "Isolated", "invert": False}
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": False}
     seq = {"type": "Sequence", "pretokenizers": [split, byte_level]}
-    assert identify_pre_tokenizer({"pre_tokenizer": seq, "model": {"ignore_merges": True}}) == "llama-bpe"
+    assert (
+        identify_pre_tokenizer({"pre_tokenizer": seq, "model": {"ignore_merges": True}})
+        == "llama-bpe"
+    )
     gpt2 = {"type": "ByteLevel", "add_prefix_space": False, "use_regex": True}
     assert identify_pre_tokenizer({"pre_tokenizer": gpt2, "model": {}}) == "gpt-2"
     odd = dict(split, pattern={"Regex": r"\p{L}+|\s+"})
@@ -371,7 +419,10 @@ def test_logits_f32_f16_q8_0(key, models, gguf_file, mlx_model):
         assert (q8.argmax(-1) == ref.argmax(-1)).all()
     else:  # random weights: near-ties everywhere; bound the error instead
         assert d8 <= 1e-2 * max(1.0, float(np.abs(ref).max())), d8  # relative to the logit scale
-    print(f"\n[{key}] max|Δlogit| f32 {d32:.3g}  f16 {d16:.3g} (vs f16-rounded MLX {d16_same:.3g})  q8_0 {d8:.3g}")
+    print(
+        f"\n[{key}] max|Δlogit| f32 {d32:.3g}  f16 {d16:.3g} (vs f16-rounded MLX {d16_same:.3g})  "
+        f"q8_0 {d8:.3g}"
+    )
 
 
 @needs_llama_cpp
@@ -401,7 +452,9 @@ def test_greedy_continuation_identical(key, models, gguf_file, mlx_model):
 # ------------------------------------------------------------------ LoRA adapter
 
 
-def _random_peft_adapter(base: Path, out: Path, r: int, alpha: float, rslora: bool) -> dict[str, np.ndarray]:
+def _random_peft_adapter(
+    base: Path, out: Path, r: int, alpha: float, rslora: bool
+) -> dict[str, np.ndarray]:
     """A PEFT adapter with nonzero B on every projection; returns the merged fp32 weights."""
     from safetensors.numpy import save_file
 
@@ -420,15 +473,24 @@ def _random_peft_adapter(base: Path, out: Path, r: int, alpha: float, rslora: bo
         merged[name] = w + np.float32(scale) * (b @ a)
     out.mkdir(parents=True)
     save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha,
-              "lora_dropout": 0.0, "target_modules": targets, "use_rslora": rslora,
-              "base_model_name_or_path": str(base)}
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": 0.0,
+        "target_modules": targets,
+        "use_rslora": rslora,
+        "base_model_name_or_path": str(base),
+    }
     (out / "adapter_config.json").write_text(json.dumps(config))
     return merged
 
 
 @needs_llama_cpp
-@pytest.mark.parametrize("key,rslora", [("tiny_qwen", False), ("stories", False), ("stories", True)])
+@pytest.mark.parametrize(
+    "key,rslora", [("tiny_qwen", False), ("stories", False), ("stories", True)]
+)
 def test_lora_adapter_equals_merged_model(key, rslora, models, gguf_file, mlx_model, workdir):
     import mlx.core as mx
 
@@ -457,7 +519,10 @@ def test_lora_adapter_equals_merged_model(key, rslora, models, gguf_file, mlx_mo
     assert np.abs(ref - _mlx_logits(mlx_model(key), ids)).max() > 0.1  # the adapter matters
     got = _llama_logits(gguf_file(key, "f32"), ids, lora_path=str(lora))
     delta = np.abs(got - ref).max()
-    print(f"\n[{key} lora rslora={rslora}] max|Δlogit| llama.cpp(base+LoRA GGUF) vs MLX merged: {delta:.3g}")
+    print(
+        f"\n[{key} lora rslora={rslora}] max|Δlogit| llama.cpp(base+LoRA GGUF) vs MLX merged: "
+        f"{delta:.3g}"
+    )
     assert delta <= 1e-3
 
 
@@ -473,11 +538,13 @@ def test_sharded_checkpoint_gives_same_gguf(stories, workdir):
     tensors = load_file(str(stories / "model.safetensors"))
     names = sorted(tensors)
     weight_map = {}
-    for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2:])):
+    for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2 :])):
         fname = f"model-{i + 1:05d}-of-00002.safetensors"
         save_file({k: tensors[k] for k in part}, str(sharded / fname), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(part, fname))
-    (sharded / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (sharded / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
     a = write_gguf(stories, workdir / "one.gguf", "f16", progress=False, name="s")
     b = write_gguf(sharded, workdir / "two.gguf", "f16", progress=False, name="s")
     assert a.read_bytes() == b.read_bytes()

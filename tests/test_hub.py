@@ -9,7 +9,9 @@ from mlx_lora.hub import check_model_dir, looks_like_path, resolve_model
 
 
 def test_paths_and_ids_are_told_apart(tmp_path):
-    assert looks_like_path(str(tmp_path)) and looks_like_path("./runs/x") and looks_like_path("a/b/c")
+    assert (
+        looks_like_path(str(tmp_path)) and looks_like_path("./runs/x") and looks_like_path("a/b/c")
+    )
     assert not looks_like_path("qwen/Qwen1.5-4B-Chat")
 
 

@@ -40,28 +40,46 @@ CONVERT_LORA = LLAMA_CPP / "convert_lora_to_gguf.py"
 # our GGUF has one, it must equal that default (so llama.cpp loads both files the same way).
 # Callables get the other fields of our file (for defaults derived from hyper-parameters).
 IMPLIED_DEFAULTS = {
-    "qwen2.rope.dimension_count": lambda f: f["qwen2.embedding_length"] // f["qwen2.attention.head_count"],
-    "llama.rope.dimension_count": lambda f: f["llama.embedding_length"] // f["llama.attention.head_count"],
-    "tokenizer.ggml.add_bos_token": lambda f: f["tokenizer.ggml.model"] == "llama",  # SPM: yes; qwen2 BPE: no
+    "qwen2.rope.dimension_count": lambda f: (
+        f["qwen2.embedding_length"] // f["qwen2.attention.head_count"]
+    ),
+    "llama.rope.dimension_count": lambda f: (
+        f["llama.embedding_length"] // f["llama.attention.head_count"]
+    ),
+    "tokenizer.ggml.add_bos_token": lambda f: (
+        f["tokenizer.ggml.model"] == "llama"
+    ),  # SPM: yes; qwen2 BPE: no
     "tokenizer.ggml.add_eos_token": lambda f: False,
     "tokenizer.ggml.add_sep_token": lambda f: False,
     "tokenizer.ggml.add_space_prefix": lambda f: f["tokenizer.ggml.model"] == "llama",
 }
 # Naming and bookkeeping: free to differ or to be written by one side only.
-COSMETIC = {"general.name", "general.size_label", "general.basename", "general.finetune",
-            "general.quantization_version", "general.file_type"}
+COSMETIC = {
+    "general.name",
+    "general.size_label",
+    "general.basename",
+    "general.finetune",
+    "general.quantization_version",
+    "general.file_type",
+}
 
 
 def _need_converter() -> None:
     for path in (CONVERTER_PY, CONVERT_HF, CONVERT_LORA, LLAMA_CPP / "gguf-py" / "gguf"):
         if not path.exists():
-            pytest.skip(f"{path} is absent: run `bash scripts/setup_converter.sh` "
-                        "(or point MLX_LORA_CONVERTER_DIR at its folder)")
+            pytest.skip(
+                f"{path} is absent: run `bash scripts/setup_converter.sh` "
+                "(or point MLX_LORA_CONVERTER_DIR at its folder)"
+            )
 
 
 def _converter_env() -> dict[str, str]:
     """The converter's own gguf-py, no hub access, no OpenBLAS preload meant for MLX."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "NO_LOCAL_GGUF", "VIRTUAL_ENV")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("PYTHONPATH", "NO_LOCAL_GGUF", "VIRTUAL_ENV")
+    }
     env["PYTHONPATH"] = str(LLAMA_CPP / "gguf-py")
     env["HF_HUB_OFFLINE"] = env["TRANSFORMERS_OFFLINE"] = "1"
     preload = [p for p in env.get("LD_PRELOAD", "").split(":") if p and "openblas" not in p]
@@ -77,7 +95,9 @@ def _run_converter(script: Path, *args: str | Path) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_converter_env(), timeout=600)
     if proc.returncode != 0:
         tail = "\n".join((proc.stderr or proc.stdout).splitlines()[-30:])
-        pytest.fail(f"{script.name} refused the folder (exit {proc.returncode}):\n$ {' '.join(cmd)}\n{tail}")
+        pytest.fail(
+            f"{script.name} refused the folder (exit {proc.returncode}):\n$ {' '.join(cmd)}\n{tail}"
+        )
 
 
 def _fields(reader) -> dict:
@@ -94,7 +114,9 @@ def _short(value) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def compare_gguf(theirs: Path, ours: Path, *, required: list[str], spm_scores: bool = False) -> tuple[list[str], dict]:
+def compare_gguf(
+    theirs: Path, ours: Path, *, required: list[str], spm_scores: bool = False
+) -> tuple[list[str], dict]:
     """Assert the two files hold the same tensors and metadata.
 
     Returns the tolerated differences (to print) and our file's metadata.
@@ -111,7 +133,9 @@ def compare_gguf(theirs: Path, ours: Path, *, required: list[str], spm_scores: b
         assert list(x.shape) == list(y.shape), (name, list(x.shape), list(y.shape))
         if not np.array_equal(np.asarray(x.data), np.asarray(y.data)):
             dx = np.abs(np.asarray(x.data, np.float64) - np.asarray(y.data, np.float64)).max()
-            pytest.fail(f"tensor {name} differs from llama.cpp's (max |Δ| {dx:.3g} in stored units)")
+            pytest.fail(
+                f"tensor {name} differs from llama.cpp's (max |Δ| {dx:.3g} in stored units)"
+            )
 
     fa, fb = _fields(a), _fields(b)
     missing = [k for k in required if k not in fa or k not in fb]
@@ -129,7 +153,9 @@ def compare_gguf(theirs: Path, ours: Path, *, required: list[str], spm_scores: b
                 pytest.fail(f"{key}: llama.cpp writes {_short(fa[key])}, ours {_short(fb[key])}")
         elif key in fb and key in IMPLIED_DEFAULTS:
             default = IMPLIED_DEFAULTS[key](fb)
-            assert fb[key] == default, f"{key}={fb[key]!r} only in ours, but llama.cpp assumes {default!r}"
+            assert fb[key] == default, (
+                f"{key}={fb[key]!r} only in ours, but llama.cpp assumes {default!r}"
+            )
             notes.append(f"{key}: only ours ({_short(fb[key])} = llama.cpp's default)")
         else:
             side = "llama.cpp" if key in fa else "ours"
@@ -146,14 +172,20 @@ def _check_spm_scores(fa: dict, fb: dict) -> str:
     """
     tokens, types = fa["tokenizer.ggml.tokens"], np.asarray(fa["tokenizer.ggml.token_type"])
     sa, sb = np.asarray(fa["tokenizer.ggml.scores"]), np.asarray(fb["tokenizer.ggml.scores"])
-    merged = np.array([i for i, t in enumerate(tokens) if types[i] == 1 and len(t) > 1 and sb[i] > -1e8])
+    merged = np.array(
+        [i for i, t in enumerate(tokens) if types[i] == 1 and len(t) > 1 and sb[i] > -1e8]
+    )
     assert len(merged) > 100
     order = merged[np.argsort(-sa[merged], kind="stable")]
     assert np.all(np.diff(sa[order]) < 0), "llama.cpp's scores tie; the ranking check assumes none"
-    assert np.all(np.diff(sb[order]) < 0), "our SentencePiece scores rank mergeable tokens differently"
+    assert np.all(np.diff(sb[order]) < 0), (
+        "our SentencePiece scores rank mergeable tokens differently"
+    )
     differ = int((sa != sb).sum())
-    return (f"tokenizer.ggml.scores: {differ} of {len(sa)} values differ, same ranking of the "
-            f"{len(merged)} mergeable tokens (tokenization identical)")
+    return (
+        f"tokenizer.ggml.scores: {differ} of {len(sa)} values differ, same ranking of the "
+        f"{len(merged)} mergeable tokens (tokenization identical)"
+    )
 
 
 def _report(title: str, notes: list[str]) -> None:
@@ -163,12 +195,27 @@ def _report(title: str, notes: list[str]) -> None:
 
 
 def _model_keys(arch: str) -> list[str]:
-    per_arch = ["block_count", "embedding_length", "feed_forward_length", "attention.head_count",
-                "attention.head_count_kv", "rope.freq_base", "attention.layer_norm_rms_epsilon",
-                "context_length"]
-    return ["general.architecture", "general.type", *(f"{arch}.{k}" for k in per_arch),
-            "tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens",
-            "tokenizer.ggml.token_type", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id"]
+    per_arch = [
+        "block_count",
+        "embedding_length",
+        "feed_forward_length",
+        "attention.head_count",
+        "attention.head_count_kv",
+        "rope.freq_base",
+        "attention.layer_norm_rms_epsilon",
+        "context_length",
+    ]
+    return [
+        "general.architecture",
+        "general.type",
+        *(f"{arch}.{k}" for k in per_arch),
+        "tokenizer.ggml.model",
+        "tokenizer.ggml.pre",
+        "tokenizer.ggml.tokens",
+        "tokenizer.ggml.token_type",
+        "tokenizer.ggml.bos_token_id",
+        "tokenizer.ggml.eos_token_id",
+    ]
 
 
 LORA_KEYS = ["general.architecture", "general.type", "adapter.type", "adapter.lora.alpha"]
@@ -192,7 +239,9 @@ def qwen(work) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def stories(work) -> dict[str, Path]:
     base = need(STORIES)
-    adapter = random_adapter(base, work / "stories-adapter", targets=("q_proj", "k_proj", "v_proj", "o_proj"))
+    adapter = random_adapter(
+        base, work / "stories-adapter", targets=("q_proj", "k_proj", "v_proj", "o_proj")
+    )
     fused = fuse(str(base), adapter, work / "stories-fused", dtype="float32")
     return {"base": base, "adapter": adapter, "fused": fused}
 
@@ -204,9 +253,15 @@ def test_qwen_fused_folder_converts_and_matches(qwen, work):
     theirs, ours = work / f"qwen-llama-cpp-{gguf_type}.gguf", work / f"qwen-ours-{gguf_type}.gguf"
     _run_converter(CONVERT_HF, qwen["fused"], "--outtype", gguf_type, "--outfile", theirs)
     write_gguf(qwen["fused"], ours, gguf_type, progress=False)
-    required = [*_model_keys("qwen2"), "tokenizer.ggml.merges", "tokenizer.chat_template",
-                "general.sampling.temp", "general.sampling.top_p", "general.sampling.top_k",
-                "general.sampling.penalty_repeat"]
+    required = [
+        *_model_keys("qwen2"),
+        "tokenizer.ggml.merges",
+        "tokenizer.chat_template",
+        "general.sampling.temp",
+        "general.sampling.top_p",
+        "general.sampling.top_k",
+        "general.sampling.penalty_repeat",
+    ]
     notes, f = compare_gguf(theirs, ours, required=required)
     _report(f"qwen2 fused {gguf_type}: llama.cpp vs mlx_lora", notes)
 
@@ -224,17 +279,30 @@ def test_qwen_fused_folder_converts_and_matches(qwen, work):
 
 @pytest.mark.parametrize("gguf_type", ["f32", "q8_0"])
 def test_stories_fused_folder_converts_and_matches(stories, work, gguf_type):
-    theirs, ours = work / f"stories-llama-cpp-{gguf_type}.gguf", work / f"stories-ours-{gguf_type}.gguf"
+    theirs, ours = (
+        work / f"stories-llama-cpp-{gguf_type}.gguf",
+        work / f"stories-ours-{gguf_type}.gguf",
+    )
     _run_converter(CONVERT_HF, stories["fused"], "--outtype", gguf_type, "--outfile", theirs)
     write_gguf(stories["fused"], ours, gguf_type, progress=False)
-    notes, _ = compare_gguf(theirs, ours, required=[*_model_keys("llama"), "tokenizer.ggml.scores"],
-                            spm_scores=True)
+    notes, _ = compare_gguf(
+        theirs, ours, required=[*_model_keys("llama"), "tokenizer.ggml.scores"], spm_scores=True
+    )
     _report(f"llama (stories260K) fused {gguf_type}: llama.cpp vs mlx_lora", notes)
 
 
 def test_qwen_lora_adapter_matches(qwen, work):
     theirs, ours = work / "qwen-lora-llama-cpp.gguf", work / "qwen-lora-ours.gguf"
-    _run_converter(CONVERT_LORA, qwen["adapter"], "--base", qwen["base"], "--outtype", "f32", "--outfile", theirs)
+    _run_converter(
+        CONVERT_LORA,
+        qwen["adapter"],
+        "--base",
+        qwen["base"],
+        "--outtype",
+        "f32",
+        "--outfile",
+        theirs,
+    )
     write_lora_gguf(qwen["adapter"], qwen["base"], ours, "f32")
     notes, _ = compare_gguf(theirs, ours, required=LORA_KEYS)
     _report("qwen2 LoRA adapter: llama.cpp vs mlx_lora", notes)
@@ -243,7 +311,16 @@ def test_qwen_lora_adapter_matches(qwen, work):
 def test_stories_lora_adapter_matches(stories, work):
     """llama q/k LoRA B rows are permuted to GGUF's RoPE layout by both writers, identically."""
     theirs, ours = work / "stories-lora-llama-cpp.gguf", work / "stories-lora-ours.gguf"
-    _run_converter(CONVERT_LORA, stories["adapter"], "--base", stories["base"], "--outtype", "f32", "--outfile", theirs)
+    _run_converter(
+        CONVERT_LORA,
+        stories["adapter"],
+        "--base",
+        stories["base"],
+        "--outtype",
+        "f32",
+        "--outfile",
+        theirs,
+    )
     write_lora_gguf(stories["adapter"], stories["base"], ours, "f32")
     notes, _ = compare_gguf(theirs, ours, required=LORA_KEYS)
     _report("llama (stories260K) LoRA adapter: llama.cpp vs mlx_lora", notes)

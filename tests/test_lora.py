@@ -66,7 +66,7 @@ def test_peft_names_shapes_and_trainables(tiny_model):
     assert state["base_model.model.model.layers.1.mlp.down_proj.lora_A.weight"].shape == (4, inter)
     assert state["base_model.model.model.layers.1.mlp.gate_proj.lora_B.weight"].shape == (inter, 4)
     trainable = {k for k, _ in tree_flatten(model.trainable_parameters())}
-    assert trainable == {k[len("base_model.model."):-len(".weight")] for k in state}
+    assert trainable == {k[len("base_model.model.") : -len(".weight")] for k in state}
 
 
 def test_scale_is_alpha_over_r(tiny_model):
@@ -92,7 +92,10 @@ def test_scale_is_alpha_over_r(tiny_model):
 
 def test_unknown_target_lists_available(tiny_model):
     model, _, _ = load(tiny_model)
-    with pytest.raises(MlxLoraError, match="unknown target module.*qkv_proj.*this model has: down_proj, gate_proj, k_proj"):
+    with pytest.raises(
+        MlxLoraError,
+        match="unknown target module.*qkv_proj.*this model has: down_proj, gate_proj, k_proj",
+    ):
         apply_lora(model, ["qkv_proj"], 8, 16)
 
 
@@ -100,7 +103,14 @@ def test_save_load_round_trip_and_peft_config(tiny_model, tmp_path):
     model, _, _ = load(tiny_model)
     apply_lora(model, DEFAULT_TARGETS, 8, 32, 0.1)
     randomize_b(model)
-    cfg = adapter_config(r=8, alpha=32, dropout=0.1, targets=DEFAULT_TARGETS, base_model=str(tiny_model), extra={"system_prompt": "S"})
+    cfg = adapter_config(
+        r=8,
+        alpha=32,
+        dropout=0.1,
+        targets=DEFAULT_TARGETS,
+        base_model=str(tiny_model),
+        extra={"system_prompt": "S"},
+    )
     save_adapter(tmp_path, model, cfg)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     assert saved["peft_type"] == "LORA" and saved["task_type"] == "CAUSAL_LM" and saved["r"] == 8
@@ -127,7 +137,11 @@ def test_adapter_from_another_base_is_refused(tiny_model, tmp_path):
 
     model, _, _ = load(tiny_model)
     apply_lora(model, ["q_proj"], 4, 8)
-    save_adapter(tmp_path / "a", model, adapter_config(r=4, alpha=8, dropout=0, targets=["q_proj"], base_model="tiny", extra={}))
+    save_adapter(
+        tmp_path / "a",
+        model,
+        adapter_config(r=4, alpha=8, dropout=0, targets=["q_proj"], base_model="tiny", extra={}),
+    )
     spec = importlib.util.spec_from_file_location("mtm", REPO / "scripts" / "make_tiny_model.py")
     mtm = importlib.util.module_from_spec(spec)
     sys.modules["mtm"] = mtm
@@ -168,7 +182,9 @@ def test_packed_chunked_loss_and_grads_equal_the_plain_loss(tiny_model, checkpoi
     def plain(m):
         total = mx.array(0.0)
         for e in exs:  # one example per row, full logits, mlx-lm's own forward
-            total = total + reference_loss_sum(m, mx.array([e.ids]), mx.array([e.mask], dtype=mx.float32))
+            total = total + reference_loss_sum(
+                m, mx.array([e.ids]), mx.array([e.mask], dtype=mx.float32)
+            )
         return total
 
     lp, gp = nn.value_and_grad(model, packed)(model)
@@ -177,7 +193,9 @@ def test_packed_chunked_loss_and_grads_equal_the_plain_loss(tiny_model, checkpoi
     gp, gr = dict(tree_flatten(gp)), dict(tree_flatten(gr))
     worst = max(mx.abs(gp[k] - gr[k]).max().item() for k in gr)
     assert worst <= 1e-4, worst
-    assert max(mx.abs(g).max().item() for g in gr.values()) > 1e-3  # gradients are not trivially zero
+    assert (
+        max(mx.abs(g).max().item() for g in gr.values()) > 1e-3
+    )  # gradients are not trivially zero
 
 
 def test_adapter_on_a_same_shaped_but_different_base_is_refused(tiny_model, tiny_qwen, tmp_path):
@@ -190,9 +208,21 @@ def test_adapter_on_a_same_shaped_but_different_base_is_refused(tiny_model, tiny
     from mlx_lora.train import train
 
     out = tmp_path / "a"
-    train(TrainConfig(model=str(tiny_model), data=str(SAMPLE_DATA), output_dir=str(out), max_steps=1,
-                      per_device_train_batch_size=2, gradient_accumulation_steps=1, plot=False), progress=False)
-    with pytest.raises(MlxLoraError, match="trained on another base.*vocab_size 1536, this model 151936"):
+    train(
+        TrainConfig(
+            model=str(tiny_model),
+            data=str(SAMPLE_DATA),
+            output_dir=str(out),
+            max_steps=1,
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=1,
+            plot=False,
+        ),
+        progress=False,
+    )
+    with pytest.raises(
+        MlxLoraError, match="trained on another base.*vocab_size 1536, this model 151936"
+    ):
         load_for_inference(str(tiny_qwen), out)
     with pytest.raises(MlxLoraError, match="trained on another base"):
         fuse(str(tiny_qwen), out, tmp_path / "f")

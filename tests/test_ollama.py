@@ -97,7 +97,8 @@ GEMMA3 = (
     "{%- endif -%}\n"
     "{%- for message in loop_messages -%}\n"
     "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}\n"
-    '        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}\n'
+    '        {{ raise_exception("Conversation roles must alternate '
+    'user/assistant/user/assistant/...") }}\n'
     "    {%- endif -%}\n"
     "    {%- if (message['role'] == 'assistant') -%}\n"
     '        {%- set role = "model" -%}\n'
@@ -314,8 +315,10 @@ UNKNOWN = {
     ),
     # Mistral v0.3-style: the system text goes into the *last* user turn
     "system_in_last_turn": (
-        "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set sys = messages[0]['content'] %}"
-        "{% set loop_messages = messages[1:] %}{% else %}{% set loop_messages = messages %}{% endif %}"
+        "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set sys = "
+        "messages[0]['content'] %}"
+        "{% set loop_messages = messages[1:] %}{% else %}{% set loop_messages = messages %}{% "
+        "endif %}"
         "{% for message in loop_messages %}{% if message['role'] == 'user' %}"
         "{% if loop.last and sys is defined %}{{ '[INST] ' + sys + '\n\n' + message['content'] + "
         "'[/INST]' }}{% else %}{{ '[INST] ' + message['content'] + '[/INST]' }}{% endif %}"
@@ -722,7 +725,8 @@ def test_ollama_create_failure_reports_stderr(
 ) -> None:
     _fake_ollama(
         tmp_path / "bin",
-        "import sys\nsys.stderr.write('pulling manifest\\nError: invalid model name\\n')\nsys.exit(1)\n",
+        "import sys\nsys.stderr.write('pulling manifest\\nError: invalid model "
+        "name\\n')\nsys.exit(1)\n",
     )
     monkeypatch.setenv("PATH", str(tmp_path / "bin"))
     mf = tmp_path / "Modelfile"

@@ -27,8 +27,11 @@ openai = pytest.importorskip("openai")
 REPO = Path(__file__).resolve().parents[1]
 NAME = "huanhuan-tiny"
 HELLO = [{"role": "user", "content": "你是谁？"}]
-OTHER = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
-         {"role": "user", "content": "Tell me about the palace garden."}]
+OTHER = [
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello!"},
+    {"role": "user", "content": "Tell me about the palace garden."},
+]
 
 
 @pytest.fixture(scope="module")
@@ -95,8 +98,14 @@ def test_plain_completion_equals_chat(client, expected, loaded):
 
 
 def test_streaming_completion_equals_chat(client, expected):
-    stream = client.chat.completions.create(model=NAME, messages=OTHER, temperature=0, max_tokens=24,
-                                            stream=True, stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model=NAME,
+        messages=OTHER,
+        temperature=0,
+        max_tokens=24,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     text, finish, usage = "", None, None
     for chunk in stream:
         if chunk.choices:
@@ -112,13 +121,20 @@ def test_streaming_completion_equals_chat(client, expected):
 def test_stop_and_seed(client, expected):
     full = expected["hello"].text
     stop = full[5:8]
-    r = client.chat.completions.create(model=NAME, messages=HELLO, temperature=0, max_tokens=24, stop=[stop])
+    r = client.chat.completions.create(
+        model=NAME, messages=HELLO, temperature=0, max_tokens=24, stop=[stop]
+    )
     assert r.choices[0].message.content == full[: full.find(stop)]
     assert r.choices[0].finish_reason == "stop"
 
     def sample(seed):
-        return client.chat.completions.create(model=NAME, messages=HELLO, temperature=1.0, max_tokens=16,
-                                              seed=seed).choices[0].message.content
+        return (
+            client.chat.completions.create(
+                model=NAME, messages=HELLO, temperature=1.0, max_tokens=16, seed=seed
+            )
+            .choices[0]
+            .message.content
+        )
 
     assert sample(7) == sample(7)
     assert sample(7) != sample(8)
@@ -128,12 +144,16 @@ def test_concurrent_clients_are_all_answered(client, expected):
     jobs = [HELLO, OTHER, HELLO, OTHER, HELLO]
 
     def ask(messages):
-        return client.chat.completions.create(model=NAME, messages=messages, temperature=0, max_tokens=24)
+        return client.chat.completions.create(
+            model=NAME, messages=messages, temperature=0, max_tokens=24
+        )
 
     with ThreadPoolExecutor(len(jobs)) as pool:
         answers = list(pool.map(ask, jobs))
     for messages, r in zip(jobs, answers, strict=True):
-        assert r.choices[0].message.content == expected["hello" if messages is HELLO else "other"].text
+        assert (
+            r.choices[0].message.content == expected["hello" if messages is HELLO else "other"].text
+        )
 
 
 def test_models_and_health(client, base):
@@ -149,7 +169,10 @@ BAD = [
     (json.dumps({"model": NAME, "messages": HELLO, "max_tokens": "ten"}).encode(), "max_tokens"),
     (json.dumps({"model": NAME}).encode(), "messages"),
     (json.dumps({"model": NAME, "messages": []}).encode(), "messages"),
-    (json.dumps({"model": NAME, "messages": [{"role": "robot", "content": "x"}]}).encode(), "messages.[0].role"),
+    (
+        json.dumps({"model": NAME, "messages": [{"role": "robot", "content": "x"}]}).encode(),
+        "messages.[0].role",
+    ),
     (json.dumps({"model": NAME, "messages": [{"role": "user"}]}).encode(), "messages.[0].content"),
     (json.dumps({"model": NAME, "messages": HELLO, "temperature": 5}).encode(), "temperature"),
     (json.dumps({"model": NAME, "messages": HELLO, "top_p": -0.5}).encode(), "top_p"),
@@ -171,7 +194,11 @@ def test_bad_requests_get_400_and_the_server_keeps_serving(base, client, expecte
 
 
 def test_unknown_paths_get_404(base):
-    for method, path in (("GET", "/v1/nothing"), ("POST", "/v1/completions"), ("GET", "/v1/models/gpt-4")):
+    for method, path in (
+        ("GET", "/v1/nothing"),
+        ("POST", "/v1/completions"),
+        ("GET", "/v1/models/gpt-4"),
+    ):
         status, data = _raw(base, method, path, b"{}" if method == "POST" else None)
         assert status == 404 and data["error"]["message"]
     assert _raw(base, "GET", "/health")[0] == 200
@@ -196,8 +223,21 @@ def test_port_in_use_is_a_user_error(loaded):
 
 def test_cli_serves_until_ctrl_c(tiny_model, adapter):
     p = subprocess.Popen(
-        [sys.executable, "-m", "mlx_lora.serve", "--model", str(tiny_model), "--adapter", str(adapter), "--port", "0"],
-        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=REPO,
+        [
+            sys.executable,
+            "-m",
+            "mlx_lora.serve",
+            "--model",
+            str(tiny_model),
+            "--adapter",
+            str(adapter),
+            "--port",
+            "0",
+        ],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+        cwd=REPO,
     )
     try:
         line = ""
@@ -218,17 +258,27 @@ def test_cli_serves_until_ctrl_c(tiny_model, adapter):
 
 
 def test_cli_bad_adapter_exit_2():
-    r = subprocess.run([sys.executable, "-m", "mlx_lora.serve", "--adapter", "/nonexistent"],
-                       capture_output=True, text=True, timeout=60, cwd=REPO)
+    r = subprocess.run(
+        [sys.executable, "-m", "mlx_lora.serve", "--adapter", "/nonexistent"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
     assert r.returncode == 2
-    assert r.stderr.strip().startswith("error: --adapter /nonexistent") and len(r.stderr.strip().splitlines()) == 1
+    assert (
+        r.stderr.strip().startswith("error: --adapter /nonexistent")
+        and len(r.stderr.strip().splitlines()) == 1
+    )
 
 
 def test_client_that_disconnects_mid_stream_frees_the_worker(base, client, expected):
     host, port = base.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=60)
     body = json.dumps({"model": NAME, "messages": HELLO, "max_tokens": 1_000_000, "stream": True})
-    conn.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
+    conn.request(
+        "POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"}
+    )
     r = conn.getresponse()
     assert r.status == 200 and r.read1(256).startswith(b"data: ")
     conn.sock.shutdown(socket.SHUT_RDWR)

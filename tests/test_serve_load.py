@@ -31,7 +31,11 @@ PROMPTS = [
     [{"role": "user", "content": "你是谁？"}],
     [{"role": "user", "content": "Tell me about the palace garden."}],
     [{"role": "system", "content": "现在你要扮演甄嬛"}, {"role": "user", "content": "皇上呢？"}],
-    [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "What now?"}],
+    [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "What now?"},
+    ],
     [{"role": "user", "content": "1 + 1 = ?"}],
 ]
 
@@ -59,8 +63,15 @@ def server(loaded, expected):
 
 
 def _body(i: int, stream: bool, max_tokens: int = MAX_TOKENS) -> bytes:
-    return json.dumps({"model": NAME, "messages": PROMPTS[i % len(PROMPTS)], "temperature": 0,
-                       "max_tokens": max_tokens, "stream": stream}).encode()
+    return json.dumps(
+        {
+            "model": NAME,
+            "messages": PROMPTS[i % len(PROMPTS)],
+            "temperature": 0,
+            "max_tokens": max_tokens,
+            "stream": stream,
+        }
+    ).encode()
 
 
 def ask(port: int, i: int, stream: bool) -> dict:
@@ -68,13 +79,22 @@ def ask(port: int, i: int, stream: bool) -> dict:
     t0 = time.monotonic()
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     try:
-        conn.request("POST", "/v1/chat/completions", body=_body(i, stream), headers={"Content-Type": "application/json"})
+        conn.request(
+            "POST",
+            "/v1/chat/completions",
+            body=_body(i, stream),
+            headers={"Content-Type": "application/json"},
+        )
         r = conn.getresponse()
         if not stream:
             data = json.loads(r.read())
             choice = data["choices"][0]
-            return {"status": r.status, "text": choice["message"]["content"], "finish": choice["finish_reason"],
-                    "seconds": time.monotonic() - t0}
+            return {
+                "status": r.status,
+                "text": choice["message"]["content"],
+                "finish": choice["finish_reason"],
+                "seconds": time.monotonic() - t0,
+            }
         text, finish, done = "", None, False
         for _ in range(10_000):  # bounded: a few dozen events are expected
             line = r.readline()
@@ -83,7 +103,7 @@ def ask(port: int, i: int, stream: bool) -> dict:
             line = line.strip()
             if not line.startswith(b"data: "):
                 continue
-            payload = line[len(b"data: "):]
+            payload = line[len(b"data: ") :]
             if payload == b"[DONE]":
                 done = True
                 break
@@ -92,7 +112,13 @@ def ask(port: int, i: int, stream: bool) -> dict:
             for c in event["choices"]:
                 text += c["delta"].get("content") or ""
                 finish = c["finish_reason"] or finish
-        return {"status": r.status, "text": text, "finish": finish, "done": done, "seconds": time.monotonic() - t0}
+        return {
+            "status": r.status,
+            "text": text,
+            "finish": finish,
+            "done": done,
+            "seconds": time.monotonic() - t0,
+        }
     finally:
         conn.close()
 
@@ -101,8 +127,12 @@ def vanish(port: int) -> bool:
     """A client that asks for a very long streamed answer, reads one chunk and disconnects."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     try:
-        conn.request("POST", "/v1/chat/completions", body=_body(0, True, max_tokens=1_000_000),
-                     headers={"Content-Type": "application/json"})
+        conn.request(
+            "POST",
+            "/v1/chat/completions",
+            body=_body(0, True, max_tokens=1_000_000),
+            headers={"Content-Type": "application/json"},
+        )
         r = conn.getresponse()
         first = r.read1(256)
         return r.status == 200 and first.startswith(b"data: ")
@@ -119,7 +149,9 @@ def test_fifty_concurrent_clients_and_vanishing_ones(server, expected):
     port = server.server_address[1]
     t0 = time.monotonic()
     with ThreadPoolExecutor(CLIENTS + 3) as pool:
-        quitters = [pool.submit(vanish, port)]  # first in the queue: its million tokens would block everyone
+        quitters = [
+            pool.submit(vanish, port)
+        ]  # first in the queue: its million tokens would block everyone
         answers = []
         for i in range(CLIENTS):
             answers.append(pool.submit(ask, port, i, stream=i % 2 == 0))
@@ -135,8 +167,11 @@ def test_fifty_concurrent_clients_and_vanishing_ones(server, expected):
         if i % 2 == 0:
             assert r["done"], "a stream must end with data: [DONE]"
     slowest = max(r["seconds"] for r in results)
-    print(f"\n{CLIENTS} clients (25 streaming) + 3 that vanished mid-stream: all answered in {elapsed:.2f} s, "
-          f"slowest client {slowest:.2f} s")
+    print(
+        f"\n{CLIENTS} clients (25 streaming) + 3 that vanished mid-stream: all answered in "
+        f"{elapsed:.2f} s, "
+        f"slowest client {slowest:.2f} s"
+    )
     # a worker still generating a million tokens for a gone client would take minutes
     assert elapsed < 90
 
