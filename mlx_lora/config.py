@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn, get_args, get_origin, get_type_hints
 
+from mlx_lora.data import FORMATS
 from mlx_lora.errors import MlxLoraError
-from mlx_lora.hub import DEFAULT_MODEL
+from mlx_lora.hub import DEFAULT_MODEL, SOURCES
+from mlx_lora.model import DTYPES
 
 
 def opt(default: Any, help: str, **kw: Any) -> Any:
@@ -38,12 +40,12 @@ class TrainConfig:
     model_source: str = opt(
         "auto",
         "where a model id is fetched from (auto = cache, then ModelScope, then Hugging Face)",
-        choices=["auto", "modelscope", "huggingface"],
+        choices=list(SOURCES),
     )
     format: str = opt(
         "auto",
         "record format; auto detects it from the keys",
-        choices=["auto", "alpaca", "sharegpt", "messages", "completions", "text"],
+        choices=list(FORMATS),
     )
     system_prompt: str | None = opt(
         None,
@@ -107,7 +109,7 @@ class TrainConfig:
     dtype: str = opt(
         "auto",
         "compute dtype; auto = bfloat16 on the GPU, float32 on the CPU",
-        choices=["auto", "float32", "bfloat16", "float16"],
+        choices=["auto", *DTYPES],
     )
     seed: int = opt(42, "seed for the split, shuffling, LoRA init and dropout")
     resume: str | None = opt(
@@ -137,13 +139,12 @@ class ChatConfig:
     )
     top_p: float | None = opt(None, "nucleus sampling; default from generation_config.json")
     top_k: int | None = opt(None, "top-k sampling; default from generation_config.json")
+    min_p: float | None = opt(None, "min-p sampling; default from generation_config.json")
     repetition_penalty: float | None = opt(
         None, "penalty for repeated tokens; default from generation_config.json"
     )
     seed: int | None = opt(None, "sampling seed")
-    model_source: str = opt(
-        "auto", "where a model id is fetched from", choices=["auto", "modelscope", "huggingface"]
-    )
+    model_source: str = opt("auto", "where a model id is fetched from", choices=list(SOURCES))
 
 
 def _flag(name: str) -> str:
@@ -165,7 +166,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser(
     cls: type, prog: str, description: str, epilog: str | None = None
 ) -> argparse.ArgumentParser:
-    """argparse parser whose flags are the dataclass fields; defaults are suppressed so we know what was given."""
+    """argparse parser whose flags are the dataclass fields; defaults are suppressed, so what
+    was given on the command line is known (flags win over the YAML file)."""
     parser = _Parser(
         prog=prog,
         description=description,

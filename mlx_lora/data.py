@@ -62,7 +62,7 @@ def read_records(path: Path) -> list[Any]:
         not text.lstrip().startswith("[") and path.suffix.lower() != ".json"
     ):
         records = []
-        # only "\n" ends a JSONL line: str.splitlines() would also split at U+2028, U+0085, ... which
+        # only "\n" ends a JSONL line: str.splitlines() would also split at U+2028, U+0085, ...,
         # json.dumps(ensure_ascii=False) leaves raw inside strings
         for n, line in enumerate(text.split("\n"), 1):
             if not line.strip():
@@ -100,7 +100,7 @@ def read_records(path: Path) -> list[Any]:
 
 
 def _key(k: str) -> str:
-    """A key as it appears in the file (line breaks and control characters escaped): errors stay one line."""
+    """A key as the file spells it (line breaks, control characters escaped): one-line errors."""
     return json.dumps(k, ensure_ascii=False)[1:-1]
 
 
@@ -288,7 +288,7 @@ def split(n: int, val_split: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:
-    """Shuffled example order of one epoch: a pure function of (seed, epoch), so resume replays it."""
+    """Shuffled example order of one epoch: a pure function of (seed, epoch): resume replays it."""
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
@@ -323,7 +323,8 @@ def _round_up(x: int, m: int) -> int:
 def make_batch(
     examples: list[Encoded], max_len: int, packing: bool = True, pad_id: int = 0
 ) -> Batch:
-    """Lay ``examples`` out in rows: packed first-fit-decreasing into rows of ``max_len``, or one per row.
+    """Lay ``examples`` out in rows: packed first-fit-decreasing into rows of ``max_len`` (or one
+    per row).
 
     Packing changes only the layout: attention stays within each example (segment ids) and the
     loss sums the same target tokens, so a packed batch computes the same update.

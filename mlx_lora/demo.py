@@ -1,7 +1,7 @@
-"""``python -m mlx_lora.demo``: the whole pipeline, offline, on a tiny local model, in about a minute.
+"""``python -m mlx_lora.demo``: the whole pipeline, offline, on a tiny local model, in seconds.
 
 It is the README's "does my install work" command: a tiny Qwen2-architecture model is built with
-``scripts/make_tiny_model.py``, trained for a few steps on the repository's ``dataset/huanhuan.json``,
+``scripts/make_tiny_model.py``, trained for a few steps on ``dataset/huanhuan.json``,
 asked one question, fused, written as a GGUF with a Modelfile, handed to ``ollama create`` when
 Ollama is installed, and verified (GGUF read back; tokenization and logits in llama.cpp when
 llama-cpp-python is installed). The model is random and tiny, so its answer is gibberish: what
@@ -23,6 +23,7 @@ from typing import Any
 
 from mlx_lora.config import opt, parse_config
 from mlx_lora.errors import MlxLoraError
+from mlx_lora.gguf import GGUF_TYPES
 
 MARKER = ".mlx_lora_demo"
 SYSTEM_PROMPT = "现在你要扮演皇帝身边的女人--甄嬛"
@@ -41,7 +42,7 @@ class DemoConfig:
     gguf_type: str = opt(
         "f32",
         "GGUF type of the export (f32 makes the verify figures exact)",
-        choices=["f32", "f16", "bf16", "q8_0"],
+        choices=list(GGUF_TYPES),
     )
     ollama: bool = opt(True, "run `ollama create` when ollama is on PATH")
 
@@ -142,29 +143,10 @@ class Stages:
         return time.perf_counter() - self.t0
 
 
-def run_demo(cfg: DemoConfig) -> dict[str, Any]:
-    """Every stage in order; returns the artifacts and figures (tests read them)."""
+def _train(cfg: DemoConfig, model_dir: Path, data: Path, adapter: Path) -> Any:
     from mlx_lora.config import TrainConfig
-    from mlx_lora.export import ExportConfig, export, summary
     from mlx_lora.train import train
-    from mlx_lora.verify import have_llama_cpp, verify_export
 
-    if cfg.steps < 1:
-        raise MlxLoraError(f"--steps must be at least 1, got {cfg.steps}")
-    out = Path(cfg.output_dir)
-    make_tiny_model = load_make_tiny_model()
-    prepare_dir(out)
-    data = demo_dataset(out)
-    stages = Stages()
-    print(f"mlx_lora demo → {out.resolve()}")
-
-    model_dir = stages.run(
-        "tiny model (Qwen2 architecture, trained BPE tokenizer, ChatML template)",
-        lambda: make_tiny_model(out / "tiny-model", init="fan_in").resolve(),
-    )
-    print(f"    {model_dir}")
-
-    adapter = out / "adapter"
     tcfg = TrainConfig(
         model=str(model_dir),
         data=str(data),
@@ -184,27 +166,26 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         gradient_checkpointing=False,
         seed=0,
     )
-    stages.run(
-        f"LoRA training: {cfg.steps} steps on the identity lines of dataset/huanhuan.json",
-        lambda: train(tcfg, progress=False),
+    return train(tcfg, progress=False)
+
+
+def _chat(model_dir: Path, adapter: Path) -> str:
+    from mlx_lora.generate import complete
+    from mlx_lora.model import load_for_inference
+
+    loaded = load_for_inference(str(model_dir), adapter)
+    answer = complete(
+        loaded, [{"role": "user", "content": QUESTION}], max_tokens=32, temperature=0.0
     )
+    print(
+        f"    system: {SYSTEM_PROMPT}\n    user:   {QUESTION}\n    model:  {answer.text.strip()!r}"
+    )
+    print(f"    {answer.stats()}")
+    return answer.text
 
-    def chat() -> str:
-        from mlx_lora.chat import complete
-        from mlx_lora.model import load_for_inference
 
-        loaded = load_for_inference(str(model_dir), adapter)
-        answer = complete(
-            loaded, [{"role": "user", "content": QUESTION}], max_tokens=32, temperature=0.0
-        )
-        print(
-            f"    system: {SYSTEM_PROMPT}\n    user:   {QUESTION}\n    model:  "
-            f"{answer.text.strip()!r}"
-        )
-        print(f"    {answer.stats()}")
-        return answer.text
-
-    answer = stages.run("one chat answer (greedy): the tiny model has learned who it is", chat)
+def _export(cfg: DemoConfig, model_dir: Path, adapter: Path, out: Path) -> Any:
+    from mlx_lora.export import ExportConfig, export
 
     ecfg = ExportConfig(
         model=str(model_dir),
@@ -213,72 +194,95 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         gguf_type=cfg.gguf_type,
         name=DEMO_NAME,
     )
+    r = export(ecfg, progress=False, log=False)
+    t = r.timings
+    print(f"    fused HF folder  {r.fused_dir}  ({t.get('fuse', 0):.1f} s)")
+    print(f"    GGUF ({r.gguf_type})      {r.gguf}  ({t.get('gguf', 0):.1f} s)")
+    print(f"    Modelfile        {r.modelfile}")
+    keep = ("FROM", "ADAPTER", "SYSTEM", "PARAMETER")
+    for line in r.modelfile.read_text(encoding="utf-8").splitlines():
+        if line.startswith(keep):
+            print(f"      {line}")
+    return r
 
-    def do_export() -> Any:
-        r = export(ecfg, progress=False, log=False)
-        t = r.timings
-        print(f"    fused HF folder  {r.fused_dir}  ({t.get('fuse', 0):.1f} s)")
-        print(f"    GGUF ({r.gguf_type})      {r.gguf}  ({t.get('gguf', 0):.1f} s)")
-        print(f"    Modelfile        {r.modelfile}")
-        keep = ("FROM", "ADAPTER", "SYSTEM", "PARAMETER")
-        for line in r.modelfile.read_text(encoding="utf-8").splitlines():
-            if line.startswith(keep):
-                print(f"      {line}")
-        return r
 
+def _verify(result: Any) -> Any:
+    from mlx_lora.llamacpp import INSTALL_HINT, have_llama_cpp
+    from mlx_lora.verify import verify_export
+
+    if not have_llama_cpp():
+        print(f"    llama-cpp-python is not installed: llama.cpp checks skipped ({INSTALL_HINT})")
+    report = verify_export(result)
+    print("\n".join("    " + line for line in report.table().splitlines()))
+    return report
+
+
+def _ollama(cfg: DemoConfig, result: Any, report: Any) -> bool:
+    from mlx_lora.ollama import ollama_create
+
+    if not cfg.ollama:
+        print("    skipped (--no-ollama)")
+        return False
+    if shutil.which("ollama") is None:
+        print(
+            "    ollama is not on PATH: skipped (with Ollama installed: ollama create "
+            f"{DEMO_NAME} -f {result.modelfile})"
+        )
+        return False
+    if not report.ok:
+        print("    skipped: verification failed")
+        return False
+    try:
+        ollama_create(DEMO_NAME, result.modelfile)
+    except MlxLoraError as e:  # a stopped Ollama server should not fail the install check
+        print(f"    ollama create failed: {e}")
+        return False
+    print(f"    created; try: ollama run {DEMO_NAME}")
+    return True
+
+
+def run_demo(cfg: DemoConfig) -> dict[str, Any]:
+    """Every stage in order; returns the artifacts and figures (tests read them)."""
+    from mlx_lora.export import summary
+
+    if cfg.steps < 1:
+        raise MlxLoraError(f"--steps must be at least 1, got {cfg.steps}")
+    out = Path(cfg.output_dir)
+    make_tiny_model = load_make_tiny_model()
+    prepare_dir(out)
+    data = demo_dataset(out)
+    stages = Stages()
+    print(f"mlx_lora demo → {out.resolve()}")
+    model_dir = stages.run(
+        "tiny model (Qwen2 architecture, trained BPE tokenizer, ChatML template)",
+        lambda: make_tiny_model(out / "tiny-model", init="fan_in").resolve(),
+    )
+    print(f"    {model_dir}")
+    adapter = out / "adapter"
+    stages.run(
+        f"LoRA training: {cfg.steps} steps on the identity lines of dataset/huanhuan.json",
+        lambda: _train(cfg, model_dir, data, adapter),
+    )
+    answer = stages.run(
+        "one chat answer (greedy): the tiny model has learned who it is",
+        lambda: _chat(model_dir, adapter),
+    )
     result = stages.run(
-        "export: fuse → GGUF → Modelfile (TEMPLATE derived from the chat template)", do_export
+        "export: fuse → GGUF → Modelfile (TEMPLATE derived from the chat template)",
+        lambda: _export(cfg, model_dir, adapter, out),
     )
-
-    def verify() -> Any:
-        if not have_llama_cpp():
-            print(
-                "    llama-cpp-python is not installed: tokenization and logit checks are skipped "
-                '(pip install "mlx_lora[verify]")'
-            )
-        report = verify_export(result)
-        print("\n".join("    " + line for line in report.table().splitlines()))
-        return report
-
     report = stages.run(
-        "verify: GGUF vs HF folder, llama.cpp vs MLX, fused vs base+adapter", verify
+        "verify: GGUF vs HF folder, llama.cpp vs MLX, fused vs base+adapter",
+        lambda: _verify(result),
     )
-
-    def ollama() -> bool:
-        from mlx_lora.ollama import ollama_create
-
-        if not cfg.ollama:
-            print("    skipped (--no-ollama)")
-            return False
-        if shutil.which("ollama") is None:
-            print(
-                "    ollama is not on PATH: skipped (with Ollama installed: ollama create "
-                f"{DEMO_NAME} -f {result.modelfile})"
-            )
-            return False
-        if not report.ok:
-            print("    skipped: verification failed")
-            return False
-        try:
-            ollama_create(DEMO_NAME, result.modelfile)
-        except MlxLoraError as e:  # a stopped Ollama server should not fail the install check
-            print(f"    ollama create failed: {e}")
-            return False
-        print(f"    created; try: ollama run {DEMO_NAME}")
-        return True
-
-    created = stages.run("ollama create", ollama)
-    result.ollama_created = created
-
+    result.ollama_created = stages.run("ollama create", lambda: _ollama(cfg, result, report))
     print("\nartifacts:")
     print(f"  tiny model         {model_dir}")
     print(f"  adapter            {adapter.resolve()}  (PEFT adapter, trainer_state.json, loss.png)")
     print("\n".join(summary(result).splitlines()[1:]))
-    verdict = (
-        "OK: every stage ran and the export matches the model"
-        if report.ok
-        else "FAILED: the export does not match the model"
-    )
+    verdict = "OK: every stage ran and the export matches the model"
+    if not report.ok:
+        verdict = "FAILED: the export does not match the model"
     print(f"\n{verdict} (total {stages.total:.1f} s)")
     return {
         "model_dir": model_dir,
@@ -291,9 +295,9 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     }
 
 
-DESCRIPTION = """Run the whole pipeline offline on a tiny local model: build it, train a few LoRA steps on
-dataset/huanhuan.json, chat once, fuse, write a GGUF and a Modelfile, verify, and create the Ollama
-model when Ollama is installed. The "does my install work" command."""
+DESCRIPTION = """Run the whole pipeline offline on a tiny local model: build it, train a few
+LoRA steps on dataset/huanhuan.json, chat once, fuse, write a GGUF and a Modelfile, verify, and
+create the Ollama model when Ollama is installed. The "does my install work" command."""
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -16,7 +16,6 @@ as it is. ``OUT/export.json`` records what was written, so ``python -m mlx_lora.
 
 from __future__ import annotations
 
-import json
 import re
 import shlex
 import shutil
@@ -30,11 +29,17 @@ from typing import Any
 
 from mlx_lora.config import opt, parse_config
 from mlx_lora.errors import MlxLoraError
-from mlx_lora.files import write_json_atomic
+from mlx_lora.files import read_json, write_error_detail, write_json_atomic
 from mlx_lora.gguf import GGUF_TYPES, write_gguf, write_lora_gguf
+from mlx_lora.hub import SOURCES
+from mlx_lora.lora import Adapter, check_base, read_adapter
+from mlx_lora.meta import end_tokens, generation_config, training_system_prompt
+from mlx_lora.model import DTYPES, base_model_dir
+from mlx_lora.prompt import load_hf_tokenizer
 
 MODES = ("full", "adapter")
-FUSE_DTYPES = ("float32", "float16", "bfloat16")
+MODELFILE = "Modelfile"
+MANIFEST = "export.json"  # what was written; `python -m mlx_lora.verify --export-dir` reads it
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
@@ -84,7 +89,7 @@ class ExportConfig:
     dtype: str | None = opt(
         None,
         "dtype of the fused folder (default: float32 for --gguf-type f32, else the base's own)",
-        choices=list(FUSE_DTYPES),
+        choices=list(DTYPES),
     )
     ollama_create: bool = opt(
         False, "run `ollama create NAME -f OUT/Modelfile` at the end (needs ollama on PATH)"
@@ -100,9 +105,7 @@ class ExportConfig:
         '"mlx_lora[verify]"); exit 1 on mismatch',
     )
     overwrite: bool = opt(False, "replace the artifacts of an earlier export in --output-dir")
-    model_source: str = opt(
-        "auto", "where a model id is fetched from", choices=["auto", "modelscope", "huggingface"]
-    )
+    model_source: str = opt("auto", "where a model id is fetched from", choices=list(SOURCES))
 
 
 @dataclass
@@ -179,49 +182,8 @@ def _check(cfg: ExportConfig) -> None:
             "--ollama-quantize needs an unquantized GGUF: use --gguf-type f16 (Ollama quantizes "
             "from it)"
         )
-    if cfg.dtype is not None and cfg.dtype not in FUSE_DTYPES:
-        raise MlxLoraError(f"unknown --dtype {cfg.dtype!r}; choose {', '.join(FUSE_DTYPES)}")
-    if cfg.adapter is not None and not Path(cfg.adapter).is_dir():
-        raise MlxLoraError(
-            f"--adapter {cfg.adapter} is not a folder; pass the --output-dir of a training run "
-            "(or a checkpoint-N folder)"
-        )
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MlxLoraError(f"{path}: not valid JSON ({e}); fix or delete the file") from None
-    return data if isinstance(data, dict) else {}
-
-
-def training_system_prompt(model_dir: Path, adapter: Path | None) -> str | None:
-    """The system prompt of training: the adapter's record, or a fused folder's ``mlx_lora.json``."""
-    if adapter is not None:
-        extra = _read_json(adapter / "adapter_config.json").get("mlx_lora") or {}
-        if extra.get("system_prompt"):
-            return extra["system_prompt"]
-    return _read_json(model_dir / "mlx_lora.json").get("system_prompt") or None
-
-
-def end_strings(tokenizer: Any, model_dir: Path, template_stops: list[str]) -> list[str]:
-    """Every end token as text: the template's stops, the tokenizer's eos, generation_config's eos ids."""
-    from mlx_lora.prompt import hf_tokenizer
-
-    tok = hf_tokenizer(tokenizer)
-    out = list(template_stops)
-    if tok.eos_token:
-        out.append(tok.eos_token)
-    eos = _read_json(model_dir / "generation_config.json").get("eos_token_id")
-    for i in eos if isinstance(eos, list) else [eos]:
-        if isinstance(i, int) and not isinstance(i, bool) and 0 <= i < len(tok):
-            text = tok.convert_ids_to_tokens(i)
-            if text:
-                out.append(text)
-    return list(dict.fromkeys(s for s in out if s))
+    if cfg.dtype is not None and cfg.dtype not in DTYPES:
+        raise MlxLoraError(f"unknown --dtype {cfg.dtype!r}; choose {', '.join(DTYPES)}")
 
 
 def _template(cfg: ExportConfig, tokenizer: Any) -> Any:
@@ -274,175 +236,209 @@ def _stage(name: str, log: bool) -> float:
     return time.perf_counter()
 
 
-def export(cfg: ExportConfig, *, progress: bool = True, log: bool = True) -> ExportResult:
-    """Fuse (if needed), write the GGUF(s) and the Modelfile, then verify / ``ollama create`` if asked."""
-    from transformers import AutoTokenizer
-    from transformers.utils import logging as hf_logging
+@dataclass
+class _Job:
+    """What one export will write, decided (and checked) before anything is written."""
 
-    from mlx_lora.hub import resolve_model
-    from mlx_lora.lora import check_base, read_adapter
-    from mlx_lora.model import adapter_base
-    from mlx_lora.ollama import generation_params, ollama_create, write_modelfile
+    cfg: ExportConfig
+    adapter: Adapter | None
+    base_dir: Path
+    name: str
+    tokenizer: Any
+    template: Any  # mlx_lora.ollama.GoTemplate
 
-    _check(cfg)
-    t_start = time.perf_counter()
-    timings: dict[str, float] = {}
-    adapter = Path(cfg.adapter) if cfg.adapter else None
-    adapter_cfg = (
-        read_adapter(adapter)[0] if adapter is not None else None
-    )  # broken adapter: fail before any work
-    model = cfg.model or (adapter_base(adapter) if adapter is not None else None)
-    if not model:
-        raise MlxLoraError(
-            "pass --model ID|DIR (or --adapter OUT of a training run, whose base is recorded)"
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.output_dir)
+
+    @property
+    def full(self) -> bool:
+        return self.cfg.mode == "full"
+
+    @property
+    def fused_dir(self) -> Path | None:
+        return self.out / f"{self.name}-hf" if self.full and self.adapter is not None else None
+
+    @property
+    def gguf(self) -> Path:
+        return self.out / (f"{self.name}.gguf" if self.full else f"{self.name}-base.gguf")
+
+    @property
+    def lora_gguf(self) -> Path | None:
+        return None if self.full else self.out / f"{self.name}-lora.gguf"
+
+    @property
+    def artifacts(self) -> list[Path]:
+        paths = (
+            self.fused_dir,
+            self.gguf,
+            self.lora_gguf,
+            self.out / MODELFILE,
+            self.out / MANIFEST,
         )
-    base_dir = resolve_model(model, cfg.model_source)
-    if adapter_cfg is not None:
-        check_base(adapter_cfg, _read_json(base_dir / "config.json"), adapter)
-    out = Path(cfg.output_dir)
-    name = cfg.name or default_name(str(model), adapter)
+        return [p for p in paths if p is not None]
 
-    # The TEMPLATE first: an unrecognised chat template should fail before minutes of converting.
-    hf_logging.set_verbosity_error()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
-    except Exception as e:  # noqa: BLE001 - transformers raises many types for a broken tokenizer
-        raise MlxLoraError(
-            f"{base_dir}: cannot load the tokenizer ({type(e).__name__}: {e})"
-        ) from None
-    template = _template(cfg, tokenizer)
 
-    full = cfg.mode == "full"
-    fused_dir = out / f"{name}-hf" if (full and adapter is not None) else None
-    gguf_path = out / (f"{name}.gguf" if full else f"{name}-base.gguf")
-    lora_path = None if full else out / f"{name}-lora.gguf"
-    modelfile_path = out / "Modelfile"
-    manifest_path = out / "export.json"
-    artifacts = [
-        p for p in (fused_dir, gguf_path, lora_path, modelfile_path, manifest_path) if p is not None
-    ]
-    existing = [p for p in artifacts if p.exists()]
+def _prepare(cfg: ExportConfig) -> _Job:
+    """Read the adapter and base, derive the TEMPLATE (an unrecognised chat template should fail
+    before minutes of converting), refuse to overwrite an earlier export."""
+    adapter = read_adapter(Path(cfg.adapter)) if cfg.adapter else None
+    base_dir = base_model_dir(cfg.model, adapter, cfg.model_source)
+    if adapter is not None:
+        check_base(adapter, read_json(base_dir / "config.json"))
+    tokenizer = load_hf_tokenizer(base_dir)
+    model = cfg.model or (adapter.base_model if adapter else None) or str(base_dir)
+    name = cfg.name or default_name(str(model), adapter.directory if adapter else None)
+    job = _Job(cfg, adapter, base_dir, name, tokenizer, _template(cfg, tokenizer))
+    existing = [p for p in job.artifacts if p.exists()]
     if existing and not cfg.overwrite:
         raise MlxLoraError(
             f"{existing[0]} already exists; pass --overwrite or choose another --output-dir / "
             "--name"
         )
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        job.out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise MlxLoraError(
-            f"cannot write to --output-dir {out} ({e.strerror or e}); choose a writable folder"
+            f"cannot write to --output-dir {job.out} ({write_error_detail(e)}); choose a writable "
+            "folder"
         ) from None
+    return job
 
-    with _no_partial_export(out, artifacts):  # a failed export leaves none of its files
-        hf_dir = base_dir
-        if fused_dir is not None:
-            from mlx_lora.fuse import fuse
 
-            t = _stage(f"fusing {adapter} into {base_dir.name} → {fused_dir}", log)
-            dtype = cfg.dtype or ("float32" if cfg.gguf_type == "f32" else None)
-            hf_dir = fuse(str(base_dir), adapter, fused_dir, dtype=dtype, overwrite=cfg.overwrite)
-            timings["fuse"] = time.perf_counter() - t
+def _write_ggufs(job: _Job, progress: bool, log: bool, timings: dict[str, float]) -> Path:
+    """Fuse if needed, write the GGUF(s); returns the folder the model GGUF was written from."""
+    cfg, hf_dir = job.cfg, job.base_dir
+    if job.fused_dir is not None:
+        from mlx_lora.fuse import fuse
 
-        if lora_path is not None:  # first: it checks the adapter against the base in seconds
-            t = _stage(f"writing the GGUF LoRA adapter {lora_path}", log)
-            lora_type = "f32" if cfg.gguf_type == "f32" else "f16"
-            write_lora_gguf(
-                adapter, base_dir, lora_path, lora_type, progress=progress, name=f"{name}-lora"
-            )
-            timings["lora_gguf"] = time.perf_counter() - t
-        t = _stage(f"writing {gguf_path} ({cfg.gguf_type})", log)
-        write_gguf(hf_dir, gguf_path, cfg.gguf_type, progress=progress, name=name)
-        timings["gguf"] = time.perf_counter() - t
-
-        system = (
-            cfg.system_prompt
-            if cfg.system_prompt is not None
-            else training_system_prompt(hf_dir, adapter)
+        t = _stage(
+            f"fusing {job.adapter.directory} into {job.base_dir.name} → {job.fused_dir}", log
         )
-        stops = end_strings(tokenizer, hf_dir, list(template.stops))
-        gen = _read_json(hf_dir / "generation_config.json")
-        params = generation_params(gen) if gen else {}
-        write_modelfile(
-            out,
-            from_path=f"./{gguf_path.name}",
-            template=template,
-            system=system,
-            stops=stops,
-            num_ctx=cfg.num_ctx,
-            params=params,
-            adapter_path=f"./{lora_path.name}" if lora_path else None,
+        dtype = cfg.dtype or ("float32" if cfg.gguf_type == "f32" else None)
+        hf_dir = fuse(
+            str(job.base_dir), job.adapter.directory, job.fused_dir, dtype=dtype, overwrite=True
         )
-        result = ExportResult(
-            output_dir=out.resolve(),
-            name=name,
-            mode=cfg.mode,
-            gguf_type=cfg.gguf_type,
-            gguf=gguf_path.resolve(),
-            modelfile=modelfile_path.resolve(),
-            manifest=manifest_path.resolve(),
-            hf_dir=Path(hf_dir).resolve(),
-            base_dir=base_dir.resolve(),
-            adapter=adapter.resolve() if adapter else None,
-            fused_dir=fused_dir.resolve() if fused_dir else None,
-            lora_gguf=lora_path.resolve() if lora_path else None,
-            system_prompt=system or template.default_system,
-            stops=stops,
-            timings=timings,
+        timings["fuse"] = time.perf_counter() - t
+    if job.lora_gguf is not None:  # first: it checks the adapter against the base in seconds
+        t = _stage(f"writing the GGUF LoRA adapter {job.lora_gguf}", log)
+        lora_type = "f32" if cfg.gguf_type == "f32" else "f16"
+        write_lora_gguf(
+            job.adapter,
+            job.base_dir,
+            job.lora_gguf,
+            lora_type,
+            progress=progress,
+            name=f"{job.name}-lora",
         )
-        write_json_atomic(
-            manifest_path,
-            {
-                "name": name,
-                "mode": cfg.mode,
-                "gguf_type": cfg.gguf_type,
-                "gguf": _rel(result.gguf, out),
-                "lora_gguf": _rel(result.lora_gguf, out),
-                "hf_dir": _rel(result.hf_dir, out),
-                "base_dir": str(result.base_dir),
-                "adapter": str(result.adapter) if result.adapter else None,
-                "modelfile": _rel(result.modelfile, out),
-                "num_ctx": cfg.num_ctx,
-                "system_prompt": result.system_prompt,
-                "stops": stops,
-            },
-        )
+        timings["lora_gguf"] = time.perf_counter() - t
+    t = _stage(f"writing {job.gguf} ({cfg.gguf_type})", log)
+    write_gguf(hf_dir, job.gguf, cfg.gguf_type, progress=progress, name=job.name)
+    timings["gguf"] = time.perf_counter() - t
+    return Path(hf_dir)
 
-    if cfg.verify:
-        from mlx_lora.verify import verify_gguf
 
-        t = _stage("verifying (GGUF read back, tokenization, logits)", log)
-        result.report = verify_gguf(
-            result.hf_dir,
-            result.gguf,
-            adapter_dir=result.adapter,
-            base_dir=result.base_dir if result.fused_dir else None,
-            gguf_type=cfg.gguf_type,
-            lora_gguf=result.lora_gguf,
-        )
-        timings["verify"] = time.perf_counter() - t
-        if log:
-            print(result.report.table())
+def _write_modelfile(job: _Job, hf_dir: Path) -> ExportResult:
+    """The Modelfile (TEMPLATE, SYSTEM, stops, sampling) and the ``export.json`` manifest."""
+    from mlx_lora.ollama import generation_params, write_modelfile
 
-    if log:
-        print(summary(result))
-    if (
-        (cfg.ollama_create or cfg.ollama_quantize)
-        and result.report is not None
-        and not result.report.ok
-    ):
+    cfg = job.cfg
+    system = cfg.system_prompt
+    if system is None:
+        system = training_system_prompt(hf_dir, job.adapter)
+    gen = generation_config(hf_dir)
+    stops = list(dict.fromkeys([*job.template.stops, *end_tokens(job.tokenizer, gen)]))
+    write_modelfile(
+        job.out,
+        from_path=f"./{job.gguf.name}",
+        template=job.template,
+        system=system,
+        stops=stops,
+        num_ctx=cfg.num_ctx,
+        params=generation_params(gen),
+        adapter_path=f"./{job.lora_gguf.name}" if job.lora_gguf else None,
+    )
+    r = ExportResult(
+        output_dir=job.out.resolve(),
+        name=job.name,
+        mode=cfg.mode,
+        gguf_type=cfg.gguf_type,
+        gguf=job.gguf.resolve(),
+        modelfile=(job.out / MODELFILE).resolve(),
+        manifest=(job.out / MANIFEST).resolve(),
+        hf_dir=hf_dir.resolve(),
+        base_dir=job.base_dir.resolve(),
+        adapter=job.adapter.directory.resolve() if job.adapter else None,
+        fused_dir=job.fused_dir.resolve() if job.fused_dir else None,
+        lora_gguf=job.lora_gguf.resolve() if job.lora_gguf else None,
+        system_prompt=system or job.template.default_system,
+        stops=stops,
+    )
+    write_json_atomic(r.manifest, _manifest(r, cfg.num_ctx))
+    return r
+
+
+def _manifest(r: ExportResult, num_ctx: int) -> dict:
+    out = r.output_dir
+    return {
+        "name": r.name,
+        "mode": r.mode,
+        "gguf_type": r.gguf_type,
+        "gguf": _rel(r.gguf, out),
+        "lora_gguf": _rel(r.lora_gguf, out),
+        "hf_dir": _rel(r.hf_dir, out),
+        "base_dir": str(r.base_dir),
+        "adapter": str(r.adapter) if r.adapter else None,
+        "modelfile": _rel(r.modelfile, out),
+        "num_ctx": num_ctx,
+        "system_prompt": r.system_prompt,
+        "stops": r.stops,
+    }
+
+
+def _ollama(cfg: ExportConfig, result: ExportResult, log: bool) -> None:
+    """``ollama create`` when asked for, never on top of a failed verification."""
+    from mlx_lora.ollama import ollama_create
+
+    if not (cfg.ollama_create or cfg.ollama_quantize):
+        return
+    name = result.name
+    if result.report is not None and not result.report.ok:
         if log:
             print(
                 "not running ollama create: verification failed (fix the mismatch, then: ollama "
                 f"create {name} -f {result.modelfile})"
             )
-    elif cfg.ollama_create or cfg.ollama_quantize:
-        t = _stage(f"ollama create {name}", log)
-        ollama_create(name, result.modelfile, cfg.ollama_quantize)
-        result.ollama_created = True
-        timings["ollama_create"] = time.perf_counter() - t
+        return
+    t = _stage(f"ollama create {name}", log)
+    ollama_create(name, result.modelfile, cfg.ollama_quantize)
+    result.ollama_created = True
+    result.timings["ollama_create"] = time.perf_counter() - t
+    if log:
+        print(f"created the Ollama model {name}; chat with: ollama run {name}")
+
+
+def export(cfg: ExportConfig, *, progress: bool = True, log: bool = True) -> ExportResult:
+    """Fuse (if needed), write the GGUF(s) and the Modelfile, then verify / ``ollama create``."""
+    _check(cfg)
+    t_start = time.perf_counter()
+    timings: dict[str, float] = {}
+    job = _prepare(cfg)
+    with _no_partial_export(job.out, job.artifacts):  # a failed export leaves none of its files
+        hf_dir = _write_ggufs(job, progress, log, timings)
+        result = _write_modelfile(job, hf_dir)
+    result.timings = timings
+    if cfg.verify:
+        from mlx_lora.verify import verify_export
+
+        t = _stage("verifying (GGUF read back, tokenization, logits)", log)
+        result.report = verify_export(result)
+        timings["verify"] = time.perf_counter() - t
         if log:
-            print(f"created the Ollama model {name}; chat with: ollama run {name}")
+            print(result.report.table())
+    if log:
+        print(summary(result))
+    _ollama(cfg, result, log)
     timings["total"] = time.perf_counter() - t_start
     return result
 
@@ -480,16 +476,19 @@ def _size(path: Path) -> str:
     return ""
 
 
-DESCRIPTION = """Export a fine-tuned model for llama.cpp and Ollama: fuse the adapter (or keep it as a GGUF
-LoRA adapter), write the GGUF without llama.cpp or torch, and a Modelfile whose TEMPLATE, SYSTEM and
-stop tokens come from the model's own chat template and training run."""
+DESCRIPTION = """Export a fine-tuned model for llama.cpp and Ollama: fuse the adapter (or keep it as
+a GGUF LoRA adapter), write the GGUF without llama.cpp or torch, and a Modelfile whose TEMPLATE,
+SYSTEM and stop tokens come from the model's own chat template and training run."""
 
 EPILOG = """examples:
   python -m mlx_lora.export --adapter output/huanhuan --output-dir export/huanhuan --verify
-  python -m mlx_lora.export --adapter output/huanhuan --output-dir export/hh --mode adapter --gguf-type q8_0
-  python -m mlx_lora.export --adapter output/huanhuan --output-dir export/hh --ollama-create --ollama-quantize q4_K_M
+  python -m mlx_lora.export --adapter output/huanhuan --output-dir export/hh \
+      --mode adapter --gguf-type q8_0
+  python -m mlx_lora.export --adapter output/huanhuan --output-dir export/hh \
+      --ollama-create --ollama-quantize q4_K_M
 
-files: OUT/NAME.gguf (or NAME-base.gguf + NAME-lora.gguf), OUT/Modelfile, OUT/export.json, OUT/NAME-hf/ (full mode)"""
+files: OUT/NAME.gguf (or NAME-base.gguf + NAME-lora.gguf), OUT/Modelfile, OUT/export.json,
+       OUT/NAME-hf/ (full mode)"""
 
 
 def main(argv: list[str] | None = None) -> ExportResult:
@@ -504,16 +503,6 @@ def main(argv: list[str] | None = None) -> ExportResult:
         raise SystemExit(1)
     return result
 
-
-__all__ = [
-    "ExportConfig",
-    "ExportResult",
-    "default_name",
-    "end_strings",
-    "export",
-    "main",
-    "training_system_prompt",
-]
 
 if __name__ == "__main__":
     from mlx_lora.cli import run

@@ -10,7 +10,6 @@ chat template in ``tokenizer_config.json`` where early-2025 llama.cpp converters
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 from dataclasses import dataclass
@@ -21,10 +20,12 @@ import numpy as np
 
 from mlx_lora.config import opt, parse_config
 from mlx_lora.errors import MlxLoraError
-from mlx_lora.files import atomic_dir, write_error_detail, write_json_atomic
-from mlx_lora.hub import resolve_model
-from mlx_lora.lora import check_base, merge_weights, read_adapter
-from mlx_lora.model import adapter_base
+from mlx_lora.files import atomic_dir, read_json, write_error_detail, write_json_atomic
+from mlx_lora.hub import SOURCES
+from mlx_lora.lora import Adapter, check_base, merge_weights, read_adapter
+from mlx_lora.meta import FUSED_INFO, GENERATION_CONFIG, training_system_prompt
+from mlx_lora.model import DTYPES, base_model_dir, dtype_name
+from mlx_lora.weights import INDEX_FILE, load_tensors, save_tensors, weight_files
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -40,8 +41,6 @@ TOKENIZER_FILES = (
     "qwen.tiktoken",
 )
 QUANT_KEYS = ("quantization", "quantization_config")
-OUT_DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
-INFO_FILE = "mlx_lora.json"
 
 
 @dataclass
@@ -52,26 +51,30 @@ class FuseConfig:
     adapter: str = opt("output", "adapter folder (a training --output-dir or checkpoint-N)")
     output_dir: str = opt("output-fused", "where the fused Hugging Face folder goes")
     dtype: str | None = opt(
-        None, "weight dtype of the fused model (default: the base's own)", choices=list(OUT_DTYPES)
+        None, "weight dtype of the fused model (default: the base's own)", choices=list(DTYPES)
     )
-    model_source: str = opt(
-        "auto", "where a model id is fetched from", choices=["auto", "modelscope", "huggingface"]
-    )
+    model_source: str = opt("auto", "where a model id is fetched from", choices=list(SOURCES))
     overwrite: bool = opt(False, "replace an existing --output-dir")
-
-
-def _weight_files(base: Path) -> list[str]:
-    index = base / "model.safetensors.index.json"
-    if index.is_file():
-        return sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-    return sorted(p.name for p in base.glob("*.safetensors"))
 
 
 def _base_dtype(config: dict, sample: mx.array) -> mx.Dtype:
     name = config.get("torch_dtype") or config.get("dtype")
-    return OUT_DTYPES.get(
-        str(name), sample.dtype if mx.issubdtype(sample.dtype, mx.floating) else mx.float32
-    )
+    floating = mx.issubdtype(sample.dtype, mx.floating)
+    return DTYPES.get(str(name), sample.dtype if floating else mx.float32)
+
+
+def _check_output(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise MlxLoraError(f"--output-dir {out} is a file; choose a folder path")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise MlxLoraError(f"{out} already exists; pass --overwrite or choose another --output-dir")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MlxLoraError(
+            f"cannot write to --output-dir {out} ({write_error_detail(e)}); choose a writable "
+            "folder"
+        ) from None
 
 
 def fuse(
@@ -84,37 +87,22 @@ def fuse(
     overwrite: bool = False,
 ) -> Path:
     """Write the fused folder atomically; returns its path."""
-    adapter = Path(adapter)
-    cfg, tensors = read_adapter(adapter)
-    model = model or adapter_base(adapter)
-    if not model:
-        raise MlxLoraError("pass --model: the adapter does not record its base model")
-    base = resolve_model(model, source)
-    config = json.loads((base / "config.json").read_text(encoding="utf-8"))
-    check_base(cfg, config, adapter)
+    lora = read_adapter(Path(adapter))
+    base = base_model_dir(model, lora, source)
+    config = read_json(base / "config.json", required=True)
+    check_base(lora, config)
     if any(k in config for k in QUANT_KEYS):
         raise MlxLoraError(
             f"{base} holds quantized weights; fuse needs the original full-precision base (QLoRA "
             "adapters are fused into the unquantized model)"
         )
+    if dtype is not None and dtype not in DTYPES:
+        raise MlxLoraError(f"unknown --dtype {dtype!r}; choose {', '.join(DTYPES)}")
     out = Path(output_dir)
-    if out.exists() and not out.is_dir():
-        raise MlxLoraError(f"--output-dir {out} is a file; choose a folder path")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise MlxLoraError(f"{out} already exists; pass --overwrite or choose another --output-dir")
-    if dtype is not None and dtype not in OUT_DTYPES:
-        raise MlxLoraError(f"unknown --dtype {dtype!r}; choose {', '.join(OUT_DTYPES)}")
-
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise MlxLoraError(
-            f"cannot write to --output-dir {out} ({write_error_detail(e)}); choose a writable "
-            "folder"
-        ) from None
+    _check_output(out, overwrite)
     try:
         with atomic_dir(out) as tmp:
-            _write_fused(tmp, base, config, model, adapter, cfg, tensors, dtype)
+            _write_fused(tmp, base, config, model or str(base), lora, dtype)
     except (OSError, RuntimeError) as e:
         raise MlxLoraError(
             f"cannot write the fused model to {out} ({write_error_detail(e)}); free disk space or "
@@ -123,71 +111,54 @@ def fuse(
     return out
 
 
-def _write_fused(
-    tmp: Path,
-    base: Path,
-    config: dict,
-    model: str,
-    adapter: Path,
-    cfg: dict,
-    tensors: dict,
-    dtype: str | None,
-) -> None:
-    """Merged shards, config without quantization keys, byte-copied tokenizer, provenance."""
+def _merge_shards(tmp: Path, base: Path, config: dict, lora: Adapter, dtype: str | None) -> str:
+    """Each base shard merged and written under its own name; returns the output dtype's name."""
+    modules = lora.pairs()
     used: set[str] = set()
-    out_dtype = OUT_DTYPES[dtype] if dtype else None
-    for name in _weight_files(base):
-        weights = mx.load(str(base / name))
+    out_dtype = DTYPES[dtype] if dtype else None
+    for path in weight_files(base):
+        weights = load_tensors(path)
         if out_dtype is None:
             out_dtype = _base_dtype(config, next(iter(weights.values())))
-        present = {
-            k: v
-            for k, v in tensors.items()
-            if k.endswith(".lora_A.weight")
-            and k[len("base_model.model.") : -len(".lora_A.weight")] + ".weight" in weights
-        }
-        lora = {
-            **present,
-            **{
-                k.replace(".lora_A.", ".lora_B."): tensors[k.replace(".lora_A.", ".lora_B.")]
-                for k in present
-            },
-        }
-        used.update(lora)
-        merged = merge_weights(weights, cfg, lora)
+        here = [m for m in modules if f"{m}.weight" in weights]
+        used.update(here)
+        merged = merge_weights(weights, lora, here)
         out_tensors = {}
         for k, v in merged.items():  # merged weights come back as fp32 numpy, the rest untouched
             v = mx.array(v) if isinstance(v, np.ndarray) else v
             out_tensors[k] = v.astype(out_dtype) if mx.issubdtype(v.dtype, mx.floating) else v
-        mx.save_safetensors(str(tmp / name), out_tensors, metadata={"format": "pt"})
+        save_tensors(tmp / path.name, out_tensors)
         del weights, merged, out_tensors
-    unused = sorted(set(tensors) - used)
+    unused = sorted(set(modules) - used)
     if unused:
         raise MlxLoraError(
-            f"adapter tensor {unused[0]} has no base weight in {base}: the adapter was trained on "
+            f"adapter module {unused[0]} has no base weight in {base}: the adapter was trained on "
             "another model; pass its base with --model"
         )
-    if (base / "model.safetensors.index.json").is_file():
-        shutil.copyfile(base / "model.safetensors.index.json", tmp / "model.safetensors.index.json")
-    for key in QUANT_KEYS:
-        config.pop(key, None)
-    config["torch_dtype"] = {mx.float16: "float16", mx.bfloat16: "bfloat16", mx.float32: "float32"}[
-        out_dtype
-    ]
+    return dtype_name(out_dtype)
+
+
+def _write_fused(
+    tmp: Path, base: Path, config: dict, model: str, lora: Adapter, dtype: str | None
+) -> None:
+    """Merged shards, config without quantization keys, byte-copied tokenizer, provenance."""
+    config = {k: v for k, v in config.items() if k not in QUANT_KEYS}
+    config["torch_dtype"] = _merge_shards(tmp, base, config, lora, dtype)
+    if (base / INDEX_FILE).is_file():
+        shutil.copyfile(base / INDEX_FILE, tmp / INDEX_FILE)
     write_json_atomic(tmp / "config.json", config)
-    for name in (*TOKENIZER_FILES, "generation_config.json"):
+    for name in (*TOKENIZER_FILES, GENERATION_CONFIG):
         if (base / name).is_file():
             shutil.copyfile(base / name, tmp / name)
     _template_in_tokenizer_config(tmp)
-    extra = cfg.get("mlx_lora") or {}
     write_json_atomic(
-        tmp / INFO_FILE,
+        tmp / FUSED_INFO,
         {
             "base_model": model,
-            "adapter": str(adapter.resolve()),
-            "r": cfg["r"],
-            "lora_alpha": cfg["lora_alpha"],
-            "system_prompt": extra.get("system_prompt"),
+            "adapter": str(lora.directory.resolve()),
+            "r": lora.r,
+            "lora_alpha": lora.alpha,
+            "system_prompt": training_system_prompt(None, lora),
             "dtype": config["torch_dtype"],
         },
     )
@@ -198,14 +169,15 @@ def _template_in_tokenizer_config(folder: Path) -> None:
     tc, jinja = folder / "tokenizer_config.json", folder / "chat_template.jinja"
     if not (tc.is_file() and jinja.is_file()):
         return
-    data = json.loads(tc.read_text(encoding="utf-8"))
+    data = read_json(tc)
     if not data.get("chat_template"):
         data["chat_template"] = jinja.read_text(encoding="utf-8")
         write_json_atomic(tc, data)
 
 
 DESCRIPTION = """Merge a LoRA adapter into its base model and write a Hugging Face folder
-(safetensors + config + tokenizer) that mlx-lm, transformers and llama.cpp's convert_hf_to_gguf.py load."""
+(safetensors + config + tokenizer) that mlx-lm, transformers and llama.cpp's
+convert_hf_to_gguf.py load."""
 
 EPILOG = """example:
   python -m mlx_lora.fuse --adapter output/huanhuan --output-dir output/huanhuan-fused"""

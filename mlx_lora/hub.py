@@ -7,10 +7,10 @@ their own cache, and a cached copy is used without touching the network.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from mlx_lora.errors import MlxLoraError
+from mlx_lora.files import read_json
 
 DEFAULT_MODEL = "qwen/Qwen1.5-4B-Chat"
 SOURCES = ("auto", "modelscope", "huggingface")
@@ -48,33 +48,10 @@ def check_model_dir(path: Path) -> Path:
             f"{path} has no config.json: it is not a Hugging Face model folder; pass the folder "
             "that holds config.json and *.safetensors"
         )
-    try:
-        json.loads(config.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MlxLoraError(f"{config}: not valid JSON ({e}); re-download the model") from None
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
-        except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
-            raise MlxLoraError(
-                f"{index}: unreadable shard index ({e}); re-download the model"
-            ) from None
-        missing = sorted(s for s in shards if not (path / s).is_file())
-        if missing:
-            raise MlxLoraError(
-                f"{path} is missing weight shard(s) {', '.join(missing)} listed in "
-                "model.safetensors.index.json; finish or redo the download"
-            )
-    if not any(path.glob("*.safetensors")):
-        hint = (
-            " (only PyTorch .bin weights found: convert them to safetensors)"
-            if any(path.glob("*.bin"))
-            else ""
-        )
-        raise MlxLoraError(
-            f"{path} has no *.safetensors weights{hint}; pass a complete model folder"
-        )
+    from mlx_lora.weights import weight_files
+
+    read_json(config)
+    weight_files(path)  # every shard the index lists is there (one-line errors otherwise)
     return path
 
 

@@ -1,15 +1,15 @@
 """LoRA layers with PEFT semantics, the PEFT adapter format, and the one weight-merging function.
 
 PEFT is what the seed's users (and llama.cpp's ``convert_lora_to_gguf.py``) know, so adapters are
-stored exactly as PEFT stores them: ``lora_A`` is ``[r, in]``, ``lora_B`` is ``[out, r]``, the update
-is ``(lora_alpha / r) · B · A``, and B starts at zero so an untrained adapter changes nothing.
+stored exactly as PEFT stores them: ``lora_A`` is ``[r, in]``, ``lora_B`` is ``[out, r]``, the
+update is ``(lora_alpha / r) · B · A``, and B starts at zero, so an untrained adapter changes
+nothing.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,8 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from mlx_lora.errors import MlxLoraError
-from mlx_lora.files import write_json_atomic
+from mlx_lora.files import read_json, write_json_atomic
+from mlx_lora.weights import load_tensors, save_tensors
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -47,7 +48,7 @@ def normalize_targets(targets: list[str] | str) -> list[str]:
 
 
 class LoRALinear(nn.Module):
-    """``base(x) + (alpha / r) · dropout(x) · Aᵀ · Bᵀ`` around a frozen (possibly quantized) linear."""
+    """``base(x) + (alpha / r) · dropout(x) · Aᵀ · Bᵀ`` around a frozen (maybe quantized) linear."""
 
     def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0):
         super().__init__()
@@ -139,23 +140,102 @@ def adapter_config(
 
 
 def save_adapter(directory: Path, model: nn.Module, config: dict) -> None:
-    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` (each atomically)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    tensors = lora_state(model)
-    tmp = directory / f".{ADAPTER_WEIGHTS}.tmp-{os.getpid()}.safetensors"
-    try:
-        mx.save_safetensors(str(tmp), tensors, metadata={"format": "pt"})
-        os.replace(tmp, directory / ADAPTER_WEIGHTS)
-    except BaseException:  # MLX raises RuntimeError on a full disk; never leave half a file
-        tmp.unlink(missing_ok=True)
-        raise
-    write_json_atomic(directory / ADAPTER_CONFIG, config)
+    """Write ``adapter_model.safetensors``, then ``adapter_config.json`` (each atomically), so a
+    folder with a config always has its weights."""
+    save_tensors(Path(directory) / ADAPTER_WEIGHTS, lora_state(model))
+    write_json_atomic(Path(directory) / ADAPTER_CONFIG, config)
 
 
-def read_adapter(directory: Path) -> tuple[dict, dict[str, mx.array]]:
-    """Config and tensors of an adapter folder, with one-line errors for broken ones."""
+@dataclass
+class Adapter:
+    """A PEFT LoRA adapter folder: ``adapter_config.json`` and its tensors under PEFT names.
+
+    The one reader every command uses (chat, resume, fuse, the GGUF adapter writer, verify), so
+    PEFT's naming (``base_model.model.<module>.lora_A.weight``) and scaling rules live here only.
+    """
+
+    directory: Path
+    config: dict
+    tensors: dict[str, mx.array]  # lazy: read from disk when first evaluated
+
+    @property
+    def r(self) -> int:
+        return int(self.config["r"])
+
+    @property
+    def alpha(self) -> float:
+        return float(self.config["lora_alpha"])
+
+    @property
+    def targets(self) -> list[str]:
+        return normalize_targets(self.config.get("target_modules") or [])
+
+    @property
+    def base_model(self) -> str | None:
+        return self.config.get("base_model_name_or_path") or None
+
+    @property
+    def extra(self) -> dict:
+        """What mlx_lora recorded beside PEFT's fields (system prompt, base fingerprint, ...)."""
+        return self.config.get("mlx_lora") or {}
+
+    def pairs(self) -> dict[str, tuple[mx.array, mx.array]]:
+        """HF module path (``model.layers.0.self_attn.q_proj``) → (A ``[r, in]``, B ``[out, r]``)
+        of every adapted module."""
+        found: dict[str, dict[str, mx.array]] = {}
+        for key, value in self.tensors.items():
+            module, sep, part = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")
+            if not sep or part not in ("A.weight", "B.weight"):
+                raise MlxLoraError(
+                    f"{self.directory / ADAPTER_WEIGHTS}: unexpected tensor {key!r}; only "
+                    "lora_A/lora_B weights are supported"
+                )
+            found.setdefault(module, {})[part[0]] = value
+        out = {}
+        for module, ab in sorted(found.items()):
+            if set(ab) != {"A", "B"}:
+                raise MlxLoraError(
+                    f"{self.directory / ADAPTER_WEIGHTS}: {module} has lora_{''.join(ab)} "
+                    "without its partner; the adapter is damaged"
+                )
+            a, b = ab["A"], ab["B"]
+            if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+                raise MlxLoraError(
+                    f"{self.directory / ADAPTER_WEIGHTS}: {module} lora_A {tuple(a.shape)} / "
+                    f"lora_B {tuple(b.shape)} do not form [r, in] / [out, r]"
+                )
+            if a.shape[0] != self.rank(module):
+                raise MlxLoraError(
+                    f"{self.directory / ADAPTER_WEIGHTS}: {module} has rank {a.shape[0]} but "
+                    f"{ADAPTER_CONFIG} says {self.rank(module)}; the adapter is damaged"
+                )
+            out[module] = (a, b)
+        return out
+
+    def _pattern(self, key: str, module: str, default: float) -> float:
+        short = module.rsplit(".", 1)[-1]
+        table = self.config.get(key) or {}
+        return next((v for k, v in table.items() if module.endswith(k) or short == k), default)
+
+    def rank(self, module: str) -> int:
+        """PEFT's rank of ``module`` (``rank_pattern`` overrides ``r``)."""
+        return int(self._pattern("rank_pattern", module, self.r))
+
+    def scale(self, module: str) -> float:
+        """PEFT's factor for ``module``: alpha / r (alpha / √r with rsLoRA), per-module patterns."""
+        r, alpha = self.rank(module), self._pattern("alpha_pattern", module, self.alpha)
+        return float(alpha) / (math.sqrt(r) if self.config.get("use_rslora") else float(r))
+
+
+def read_adapter(directory: Path) -> Adapter:
+    """The adapter in ``directory``, with one-line errors for folders that are not (whole) ones."""
     directory = Path(directory)
     cfg_path, w_path = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
+    if not directory.is_dir():
+        raise MlxLoraError(
+            f"--adapter {directory} is not a folder; pass the --output-dir of a training run (or "
+            "one of its checkpoint-N folders)"
+        )
     if not cfg_path.is_file():
         raise MlxLoraError(
             f"{directory} has no {ADAPTER_CONFIG}: pass the --output-dir of a finished training "
@@ -166,22 +246,16 @@ def read_adapter(directory: Path) -> tuple[dict, dict[str, mx.array]]:
             f"{directory} has no {ADAPTER_WEIGHTS}: the run did not finish; resume it with "
             "--resume or use a checkpoint-N folder"
         )
-    try:
-        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MlxLoraError(f"{cfg_path}: not valid JSON ({e})") from None
-    if cfg.get("peft_type", "LORA") != "LORA" or "r" not in cfg:
+    cfg = read_json(cfg_path)
+    if str(cfg.get("peft_type", "LORA")).upper() != "LORA" or "r" not in cfg:
         raise MlxLoraError(
             f"{cfg_path}: not a LoRA adapter config (peft_type LORA with r is required)"
         )
     try:
-        tensors = mx.load(str(w_path))
-    except Exception as e:  # noqa: BLE001 - truncated or foreign files
-        raise MlxLoraError(
-            f"{w_path}: unreadable safetensors ({e}); the file is damaged, use a checkpoint-N "
-            "folder"
-        ) from None
-    return cfg, tensors
+        int(cfg["r"]), float(cfg["lora_alpha"])
+    except (KeyError, TypeError, ValueError):
+        raise MlxLoraError(f"{cfg_path}: r and lora_alpha must be numbers") from None
+    return Adapter(directory, cfg, load_tensors(w_path))
 
 
 _FINGERPRINT = (
@@ -192,48 +266,49 @@ _FINGERPRINT = (
 )
 
 
-def check_base(adapter_cfg: dict, base_config: dict, directory: Path) -> None:
+def check_base(adapter: Adapter, base_config: dict) -> None:
     """Refuse a base that differs from the one the adapter was trained on (architecture, vocabulary,
     width, depth), even where the LoRA shapes would happen to fit."""
-    recorded = adapter_cfg.get("mlx_lora") or {}
     for key, field_name in _FINGERPRINT:
-        want, have = recorded.get(key), base_config.get(field_name)
+        want, have = adapter.extra.get(key), base_config.get(field_name)
         if want is not None and have is not None and want != have:
             raise MlxLoraError(
-                f"adapter {directory} was trained on another base "
-                f"({adapter_cfg.get('base_model_name_or_path')!r}: "
+                f"adapter {adapter.directory} was trained on another base ({adapter.base_model!r}: "
                 f"{field_name} {want}, this model {have}); pass that model with --model"
             )
 
 
-def load_adapter(model: nn.Module, directory: Path, base_config: dict | None = None) -> dict:
-    """Wrap ``model`` as the adapter describes and load its weights; returns the adapter config."""
-    cfg, tensors = read_adapter(directory)
+def load_adapter(
+    model: nn.Module, adapter: Adapter | Path, base_config: dict | None = None
+) -> Adapter:
+    """Wrap ``model`` as the adapter describes and load its weights."""
+    if not isinstance(adapter, Adapter):
+        adapter = read_adapter(adapter)
     if base_config is not None:
-        check_base(cfg, base_config, Path(directory))
-    targets = normalize_targets(cfg["target_modules"])
-    apply_lora(model, targets, int(cfg["r"]), float(cfg["lora_alpha"]), 0.0)
-    expected = {k: v.shape for k, v in lora_state(model).items()}
+        check_base(adapter, base_config)
+    apply_lora(model, adapter.targets, adapter.r, adapter.alpha, 0.0)
+    check_fits(model, adapter.tensors, f"adapter {adapter.directory}", adapter.base_model)
+    set_lora_tensors(model, adapter.tensors)
+    return adapter
+
+
+def check_fits(model: nn.Module, tensors: dict[str, mx.array], what: str, base: Any) -> None:
+    """``tensors`` are exactly the LoRA tensors ``model`` was wrapped with, shape for shape."""
+    expected = {k: tuple(v.shape) for k, v in lora_state(model).items()}
     missing = sorted(set(expected) - set(tensors))
     extra = sorted(set(tensors) - set(expected))
     if missing or extra:
-        name = (missing or extra)[0]
         raise MlxLoraError(
-            f"adapter {directory} does not fit this model ({len(missing)} tensors missing, "
-            f"{len(extra)} unexpected, e.g. {name}); "
-            f"it was trained on {cfg.get('base_model_name_or_path')!r}: pass that model with "
-            "--model"
+            f"{what} does not fit this model ({len(missing)} tensors missing, {len(extra)} "
+            f"unexpected, e.g. {(missing or extra)[0]}); it was trained on {base!r} with other "
+            "LoRA settings: pass that model with --model and the same rank/targets"
         )
     for k, shape in expected.items():
-        if tuple(tensors[k].shape) != tuple(shape):
+        if tuple(tensors[k].shape) != shape:
             raise MlxLoraError(
-                f"adapter {directory} was trained on another base: {k} has shape "
-                f"{tuple(tensors[k].shape)}, "
-                f"this model needs {tuple(shape)}; pass {cfg.get('base_model_name_or_path')!r} "
-                "with --model"
+                f"{what} was trained on another base: {k} has shape {tuple(tensors[k].shape)}, "
+                f"this model needs {shape}; pass {base!r} with --model"
             )
-    set_lora_tensors(model, tensors)
-    return cfg
 
 
 def set_lora_tensors(model: nn.Module, tensors: dict[str, mx.array]) -> None:
@@ -252,32 +327,29 @@ def to_f32(x: Any) -> np.ndarray:
 
 
 def merge_weights(
-    base: dict[str, np.ndarray], adapter_cfg: dict, adapter: dict[str, Any]
-) -> dict[str, np.ndarray]:
-    """``W + (alpha / r) · B · A`` in fp32 for every adapted weight; the one merge fuse and export use.
+    base: dict[str, Any], adapter: Adapter, modules: list[str] | None = None
+) -> dict[str, Any]:
+    """``W + scale · B · A`` in fp32 for every adapted weight; the one merge fuse and export use.
 
     ``base`` maps HF tensor names (``model.layers.0.self_attn.q_proj.weight``) to arrays of the
-    *original* (unquantized) base; untouched tensors are returned as they are.
+    *original* (unquantized) base; ``modules`` limits the merge (one shard of a sharded base).
+    Merged weights come back as fp32 numpy, untouched tensors as they are.
     """
-    scale = float(adapter_cfg["lora_alpha"]) / float(adapter_cfg["r"])
     merged = dict(base)
-    for name in adapter:
-        if not name.endswith(".lora_A.weight"):
-            continue
-        module = name[len(PEFT_PREFIX) : -len(".lora_A.weight")]
+    pairs = adapter.pairs()
+    for module in pairs if modules is None else modules:
         key = f"{module}.weight"
         if key not in base:
             raise MlxLoraError(
-                f"adapter tensor {name} has no base weight {key}: the adapter was trained on "
-                "another model"
+                f"adapter module {module} has no base weight {key}: the adapter was trained on "
+                "another model; pass its base with --model"
             )
-        a = to_f32(adapter[name])
-        b = to_f32(adapter[name.replace(".lora_A.", ".lora_B.")])
+        a, b = (to_f32(x) for x in pairs[module])
         w = to_f32(base[key])
         if w.shape != (b.shape[0], a.shape[1]):
             raise MlxLoraError(
-                f"adapter tensor {name} does not fit base weight {key} {w.shape}: the adapter was "
-                "trained on another model"
+                f"adapter module {module} does not fit base weight {key} {w.shape}: the adapter "
+                "was trained on another model; pass its base with --model"
             )
-        merged[key] = w + scale * (b @ a)
+        merged[key] = w + adapter.scale(module) * (b @ a)
     return merged

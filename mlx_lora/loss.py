@@ -66,7 +66,7 @@ def loss_sum(
     checkpoint: bool = False,
     chunk: int = LOSS_CHUNK,
 ) -> mx.array:
-    """Sum (not mean) of token cross-entropies, so micro-batches add up to the large batch exactly."""
+    """Sum (not mean) of token cross-entropies: micro-batches add up to the large batch exactly."""
     h = hidden_states(model, inputs, attention_mask(segments), checkpoint)
     h = h.reshape(-1, h.shape[-1])[targets]
 
@@ -86,7 +86,7 @@ def loss_sum(
 
 
 def reference_loss_sum(model: nn.Module, inputs: mx.array, loss_mask: mx.array) -> mx.array:
-    """The plain loss (full logits, one example per row, mlx-lm's own forward) for equality tests."""
+    """The plain loss (full logits, one example per row, mlx-lm's own forward), for comparisons."""
     logits = model(inputs[:, :-1]).astype(mx.float32)
     ce = nn.losses.cross_entropy(logits, inputs[:, 1:])
     return (ce * loss_mask[:, 1:]).sum()

@@ -7,7 +7,6 @@ and "an adapter knows its base".
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,12 +15,20 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mlx_lora.errors import MlxLoraError
+from mlx_lora.files import read_json
 from mlx_lora.hub import resolve_model
+from mlx_lora.lora import Adapter, load_adapter, read_adapter
+from mlx_lora.meta import generation_config, sampling_defaults, training_system_prompt
 
 # Architectures whose blocks are (embed → layers(x, mask, cache) → norm → head): the ones training
 # drives layer by layer for packing and target-only vocabulary projection.
 TRAINABLE_TYPES = ("qwen2", "qwen3", "llama", "mistral")
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+def dtype_name(dtype: mx.Dtype) -> str:
+    """``mx.bfloat16`` → ``"bfloat16"`` (the name config.json's ``torch_dtype`` uses)."""
+    return next(name for name, d in DTYPES.items() if d == dtype)
 
 
 def on_gpu() -> bool:
@@ -44,7 +51,7 @@ def device_name() -> str:
 def load_base(
     model_dir: Path, *, dtype: mx.Dtype | None = None, quantize: int | None = None
 ) -> tuple[nn.Module, Any, dict]:
-    """mlx-lm model + tokenizer + config from a local folder, cast to ``dtype`` and optionally quantized."""
+    """mlx-lm model + tokenizer + config from a local folder, cast to ``dtype``, maybe quantized."""
     from mlx_lm.utils import load_model, load_tokenizer
 
     try:
@@ -53,9 +60,7 @@ def load_base(
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise MlxLoraError(f"cannot load the model in {model_dir}: {msg}") from None
     except TypeError as e:  # config.json lacks what its model_type's ModelArgs require
-        kind = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8")).get(
-            "model_type"
-        )
+        kind = read_json(Path(model_dir) / "config.json").get("model_type")
         raise MlxLoraError(
             f"cannot load the model in {model_dir}: its config.json does not fit model_type "
             f"{kind!r} ({e}); re-download the model"
@@ -96,25 +101,24 @@ class Loaded:
     tokenizer: Any
     model_dir: Path
     config: dict
-    adapter_config: dict | None = None
-    extra: dict = field(default_factory=dict)
+    adapter: Adapter | None = None
+    generation: dict = field(default_factory=dict)  # generation_config.json
 
     @property
     def system_prompt(self) -> str | None:
         """The system prompt the adapter (or fused model) was trained with, if any."""
-        if self.adapter_config:
-            return (self.adapter_config.get("mlx_lora") or {}).get("system_prompt")
-        return self.extra.get("system_prompt")
+        return training_system_prompt(self.model_dir, self.adapter)
 
 
-def adapter_base(adapter_dir: Path) -> str | None:
-    cfg = Path(adapter_dir) / "adapter_config.json"
-    if not cfg.is_file():
-        return None
-    try:
-        return json.loads(cfg.read_text(encoding="utf-8")).get("base_model_name_or_path")
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
+def base_model_dir(model: str | None, adapter: Adapter | None, source: str = "auto") -> Path:
+    """The local folder of ``--model``, else of the base the adapter recorded."""
+    if model is None:
+        model = adapter.base_model if adapter is not None else None
+    if model is None:
+        raise MlxLoraError(
+            "pass --model ID|DIR (or --adapter OUT of a training run, whose base is recorded)"
+        )
+    return resolve_model(model, source)
 
 
 def load_for_inference(
@@ -124,23 +128,12 @@ def load_for_inference(
     source: str = "auto",
     dtype: str = "auto",
 ) -> Loaded:
-    """Base (+ PEFT adapter) or a fused folder; ``model`` defaults to the adapter's recorded base."""
-    from mlx_lora.lora import load_adapter
-
-    if model is None:
-        model = adapter_base(Path(adapter)) if adapter else None
-        if model is None:
-            raise MlxLoraError(
-                "pass --model ID|DIR (or --adapter OUT of a training run, whose base is recorded)"
-            )
-    model_dir = resolve_model(model, source)
+    """Base (+ PEFT adapter) or a fused folder; ``model`` defaults to the adapter's base."""
+    recorded = read_adapter(Path(adapter)) if adapter is not None else None
+    model_dir = base_model_dir(model, recorded, source)
     m, tok, config = load_base(model_dir, dtype=compute_dtype(dtype))
-    extra = {}
-    fused_info = model_dir / "mlx_lora.json"
-    if fused_info.is_file():
-        extra = json.loads(fused_info.read_text(encoding="utf-8"))
-    adapter_cfg = None
-    if adapter is not None:
-        adapter_cfg = load_adapter(m, Path(adapter), config)
+    gen = generation_config(model_dir)
+    sampling_defaults(gen)  # a broken generation_config.json fails here, not at the first answer
+    loaded_adapter = load_adapter(m, recorded, config) if recorded is not None else None
     m.eval()
-    return Loaded(m, tok, model_dir, config, adapter_cfg, extra)
+    return Loaded(m, tok, model_dir, config, loaded_adapter, gen)

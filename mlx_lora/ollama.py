@@ -18,9 +18,10 @@ that mentions ``.Messages`` is executed once with ``.Messages`` (each ``.Role``,
 add the generation prompt after the last user message.
 
 How Ollama reads a Modelfile (its ``parser/parser.go``): a value is a bare word, ``"..."`` or
-``\"\"\"...\"\"\"``; there are **no escape sequences**. A quoted value ends at the first line end where the
-text so far (trimmed) is a complete quoted string, and every character that Go's
-``strconv.IsPrint`` rejects is silently dropped (except space, tab, CR and LF inside an open quote).
+``\"\"\"...\"\"\"``; there are **no escape sequences**. A quoted value ends at the first line end
+where the text so far (trimmed) is a complete quoted string, and every character that Go's
+``strconv.IsPrint`` rejects is silently dropped (except space, tab, CR and LF inside an open
+quote).
 :func:`quote_value` picks a delimiter under which the value survives exactly, and raises
 :class:`MlxLoraError` for the rare value that cannot survive (e.g. a zero-width joiner).
 """
@@ -29,13 +30,11 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
-import tempfile
 import unicodedata
 from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
@@ -44,6 +43,15 @@ from pathlib import Path
 from typing import Any
 
 from mlx_lora.errors import MlxLoraError
+from mlx_lora.files import write_text_atomic
+from mlx_lora.meta import sampling_defaults
+from mlx_lora.prompt import (
+    UnrecognisedTemplate,
+    chat_template_of,
+    hf_tokenizer,
+    probe,
+    render_template,
+)
 
 FAMILIES = ("chatml", "llama3", "llama2", "mistral", "gemma")
 
@@ -92,86 +100,6 @@ class GoTemplate:
 # Rendering the Jinja chat template exactly as transformers does
 
 
-def render_chat_template(
-    chat_template: str,
-    messages: Sequence[Mapping[str, str]],
-    *,
-    bos_token: str | None = None,
-    eos_token: str | None = None,
-    add_generation_prompt: bool = True,
-) -> str:
-    """The text transformers' ``apply_chat_template(..., tokenize=False)`` gives for ``messages``.
-
-    Uses transformers' own Jinja environment, so sandboxing, ``raise_exception``, ``strftime_now``
-    and the ``tojson`` filter behave as in training. Template errors become :class:`MlxLoraError`.
-    """
-    try:
-        return _render(chat_template, messages, bos_token, eos_token, add_generation_prompt)
-    except Exception as e:
-        raise MlxLoraError(f"the chat template failed to render the conversation: {e}") from None
-
-
-def _render(
-    chat_template: str,
-    messages: Sequence[Mapping[str, str]],
-    bos_token: str | None,
-    eos_token: str | None,
-    add_generation_prompt: bool,
-) -> str:
-    kwargs: dict[str, Any] = {}
-    if bos_token is not None:
-        kwargs["bos_token"] = bos_token
-    if eos_token is not None:
-        kwargs["eos_token"] = eos_token
-    msgs = [dict(m) for m in messages]
-    try:
-        from transformers.utils.chat_template_utils import render_jinja_template
-    except ImportError:  # older transformers: the same environment, built here
-        return _fallback_template(chat_template).render(
-            messages=msgs, add_generation_prompt=add_generation_prompt, **kwargs
-        )
-    rendered, _ = render_jinja_template(
-        conversations=[msgs],
-        chat_template=chat_template,
-        add_generation_prompt=add_generation_prompt,
-        **kwargs,
-    )
-    return rendered[0]
-
-
-@functools.lru_cache(maxsize=8)
-def _fallback_template(chat_template: str) -> Any:
-    import json
-    from datetime import datetime
-
-    import jinja2
-    import jinja2.ext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message: str) -> None:
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(
-        x: Any,
-        ensure_ascii: bool = False,
-        indent: Any = None,
-        separators: Any = None,
-        sort_keys: bool = False,
-    ) -> str:
-        return json.dumps(
-            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
-        )
-
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
-    )
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env.from_string(chat_template)
-
-
-# ---------------------------------------------------------------------------------------------
 # Measuring the template's structure
 
 
@@ -189,71 +117,30 @@ class _Structure:
     system_role: bool
 
 
-# Markers: plain ASCII words that no template contains and no template would trim or escape.
-_MARK = {
-    "s1": "Zq8sysAlpha",
-    "u1": "Zq8usrBravo",
-    "a1": "Zq8astCharlie",
-    "u2": "Zq8usrDelta",
-}
-
-
-class _Unrecognised(Exception):
-    pass
-
-
-def _split(text: str, markers: Sequence[str]) -> list[str]:
-    """The text around ``markers`` (which must each occur once, in order)."""
-    parts = []
-    rest = text
-    for m in markers:
-        if text.count(m) != 1 or m not in rest:
-            raise _Unrecognised(f"the probe text {m!r} does not appear exactly once in {text!r}")
-        before, rest = rest.split(m, 1)
-        parts.append(before)
-    parts.append(rest)
-    return parts
-
-
-def _measure(chat_template: str, bos: str | None, eos: str | None) -> _Structure:
-    def render(msgs: list[tuple[str, str]]) -> str:
-        return _render(chat_template, [{"role": r, "content": c} for r, c in msgs], bos, eos, True)
-
-    m = _MARK
-    try:
-        head_u, tail_u = _split(render([("user", m["u1"])]), [m["u1"]])
-        p = _split(
-            render([("user", m["u1"]), ("assistant", m["a1"]), ("user", m["u2"])]),
-            [m["u1"], m["a1"], m["u2"]],
-        )
-    except _Unrecognised:
-        raise
-    except Exception as e:
-        raise _Unrecognised(f"it fails on a plain user/assistant conversation: {e}") from None
+def _measure(chat_template: str, special: Mapping[str, Any]) -> _Structure:
+    """The pieces every prompt of ``chat_template`` is made of, from marker conversations."""
+    head_u, tail_u = probe(chat_template, ["user"], special)
+    p = probe(chat_template, ["user", "assistant", "user2"], special)
     if p[0] != head_u or p[3] != tail_u:
-        raise _Unrecognised("the first or last turn changes with the length of the conversation")
+        raise UnrecognisedTemplate(
+            "the first or last turn changes with the length of the conversation"
+        )
     sep_ua, sep_au = p[1], p[2]
-
-    system_role = True
     try:
-        rendered = render([("system", m["s1"]), ("user", m["u1"])])
-    except Exception:  # raise_exception('System role not supported') and the like
-        system_role = False
-    if system_role:
-        head_s, sep_su, tail = _split(rendered, [m["s1"], m["u1"]])
-        if tail != tail_u:
-            raise _Unrecognised("the generation prompt changes when there is a system message")
-        try:
-            head_s2, tail_s = _split(render([("system", m["s1"])]), [m["s1"]])
-            if head_s2 != head_s:
-                tail_s = ""
-        except Exception:
-            tail_s = ""
-    else:
+        head_s, sep_su, tail = probe(chat_template, ["system", "user"], special)
+    except UnrecognisedTemplate:  # raise_exception('System role not supported') and the like
         # Gemma 3's convention (and later Mistral templates'): the system text opens the first user
         # message, followed by a blank line. Only used if an Ollama request brings a system message.
-        head_s, sep_su, tail_s = head_u, "\n\n", ""
-    return _Structure(head_u, head_s, sep_su, sep_ua, sep_au, tail_u, tail_s, system_role)
+        return _Structure(head_u, head_u, "\n\n", sep_ua, sep_au, tail_u, "", False)
+    if tail != tail_u:
+        raise UnrecognisedTemplate("the generation prompt changes when there is a system message")
+    try:
+        head_s2, tail_s = probe(chat_template, ["system"], special)
+        if head_s2 != head_s:
+            tail_s = ""
+    except UnrecognisedTemplate:
+        tail_s = ""
+    return _Structure(head_u, head_s, sep_su, sep_ua, sep_au, tail_u, tail_s, True)
 
 
 def _render_structure(st: _Structure, messages: Sequence[Mapping[str, str]]) -> str:
@@ -325,7 +212,9 @@ def _classify(st: _Structure) -> str:
     if "[INST]" in text and "[/INST]" in text:
         sys_text = st.head_system + st.sep_system_user if st.system_role else ""
         return "llama2" if "<<SYS>>" in sys_text else "mistral"
-    raise _Unrecognised("its turn markers are not ChatML, Llama-3, Llama-2/Mistral or Gemma ones")
+    raise UnrecognisedTemplate(
+        "its turn markers are not ChatML, Llama-3, Llama-2/Mistral or Gemma ones"
+    )
 
 
 @dataclass(frozen=True)
@@ -342,36 +231,44 @@ def _analyse(chat_template: str, bos: str | None, eos: str | None) -> _Analysis:
         raise MlxLoraError(
             f"the model has no chat template to derive an Ollama TEMPLATE from; {_TEMPLATE_HINT}"
         )
+    special = {"bos_token": bos, "eos_token": eos}
     try:
-        st = _measure(chat_template, bos, eos)
+        st = _measure(chat_template, special)
         for conv in _check_conversations(st.system_role):
-            want = _render(chat_template, conv, bos, eos, True)
+            want = render_template(chat_template, conv, add_generation_prompt=True, **special)
             got = _render_structure(st, conv)
             if got != want:
-                raise _Unrecognised(
+                raise UnrecognisedTemplate(
                     f"its output depends on more than the neighbouring roles "
                     f"(for {len(conv)} messages it gives {want!r}, turn by turn {got!r})"
                 )
         family = _classify(st)
-    except _Unrecognised as e:
+    except UnrecognisedTemplate as e:
         raise MlxLoraError(f"unrecognised chat template structure: {e}; {_TEMPLATE_HINT}") from None
+    except MlxLoraError as e:  # a check conversation the template refuses
+        raise MlxLoraError(f"unrecognised chat template structure: {e}; {_TEMPLATE_HINT}") from None
+    return _Analysis(family, st, _default_system(st), _trims(chat_template, st, special))
 
-    default_system = None
-    if st.system_role:
-        h, s = st.head_system, st.sep_system_user
-        if (
-            len(st.head_user) >= len(h) + len(s)
-            and st.head_user.startswith(h)
-            and st.head_user.endswith(s)
-        ):
-            default_system = st.head_user[len(h) : len(st.head_user) - len(s)] or None
 
-    probe = [{"role": "user", "content": " padded \n"}]
+def _default_system(st: _Structure) -> str | None:
+    """The system prompt the template adds when a conversation has none (Qwen1.5's "You are a
+    helpful assistant"): what the user-first head holds between the system head and separator."""
+    h, s = st.head_system, st.sep_system_user
+    if not st.system_role or len(st.head_user) < len(h) + len(s):
+        return None
+    if st.head_user.startswith(h) and st.head_user.endswith(s):
+        return st.head_user[len(h) : len(st.head_user) - len(s)] or None
+    return None
+
+
+def _trims(chat_template: str, st: _Structure, special: dict) -> bool:
+    """Whether the template strips whitespace around contents (Go templates cannot)."""
+    padded = [{"role": "user", "content": " padded \n"}]
     try:
-        trims = _render(chat_template, probe, bos, eos, True) != _render_structure(st, probe)
-    except Exception:
-        trims = True
-    return _Analysis(family, st, default_system, trims)
+        want = render_template(chat_template, padded, add_generation_prompt=True, **special)
+    except MlxLoraError:
+        return True
+    return want != _render_structure(st, padded)
 
 
 def detect_template_family(chat_template: str, bos_token: str | None, eos_token: str | None) -> str:
@@ -484,14 +381,10 @@ def go_template_for(
 
 
 def go_template_for_tokenizer(tokenizer: Any, *, keep_leading_bos: bool = False) -> GoTemplate:
-    """:func:`go_template_for` with the template and special tokens of a (HF or mlx-lm) tokenizer."""
-    # mlx-lm's TokenizerWrapper keeps the Hugging Face tokenizer in ``_tokenizer``.
-    tok = tokenizer._tokenizer if type(tokenizer).__name__ == "TokenizerWrapper" else tokenizer
-    template = getattr(tok, "chat_template", None)
-    if isinstance(template, dict):  # several named templates: Ollama chats with the default one
-        template = template.get("default")
+    """:func:`go_template_for` with the template and special tokens of an HF/mlx-lm tokenizer."""
+    tok = hf_tokenizer(tokenizer)
     return go_template_for(
-        template or "",
+        chat_template_of(tok) or "",
         getattr(tok, "bos_token", None),
         getattr(tok, "eos_token", None),
         keep_leading_bos=keep_leading_bos,
@@ -559,10 +452,10 @@ def _fits(delim: str, value: str) -> bool:
 def quote_value(value: str, what: str = "value") -> str:
     """``value`` quoted so that Ollama's Modelfile parser reads back exactly ``value``.
 
-    Uses ``\"\"\"...\"\"\"`` for text with line breaks or quotes (Ollama's own convention) and ``"..."``
-    otherwise, falling back to the other form when the first would end early. Characters the parser
-    drops (control and format characters such as NUL, ESC, U+200D, U+FEFF) and values no delimiter
-    can hold raise :class:`MlxLoraError` naming ``what``.
+    Uses ``\"\"\"...\"\"\"`` for text with line breaks or quotes (Ollama's own convention) and
+    ``"..."`` otherwise, falling back to the other form when the first would end early.
+    Characters the parser drops (control and format characters such as NUL, ESC, U+200D,
+    U+FEFF) and values no delimiter can hold raise :class:`MlxLoraError` naming ``what``.
     """
     if not isinstance(value, str):
         raise MlxLoraError(f"the Modelfile {what} must be text, got {type(value).__name__}")
@@ -596,38 +489,23 @@ def quote_value(value: str, what: str = "value") -> str:
 _PARAM_NAME = re.compile(r"[a-z][a-z0-9_]*")
 
 
+# generation_config.json's names → Ollama's PARAMETER names
+_OLLAMA_PARAMS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "repetition_penalty": "repeat_penalty",
+}
+
+
 def generation_params(generation_config: Mapping[str, Any]) -> dict[str, float | int]:
     """Ollama PARAMETERs from a ``generation_config.json``, so Ollama samples as the model's authors
-    intended: temperature, top_p, top_k, repetition_penalty → repeat_penalty; ``do_sample: false``
-    (greedy decoding) → temperature 0."""
-    if not isinstance(generation_config, Mapping):
-        raise MlxLoraError("generation_config.json must hold a JSON object; fix or delete the file")
-    if generation_config.get("do_sample") is False:
-        return {"temperature": 0.0}
-    out: dict[str, float | int] = {}
-    for hf_name, name in (
-        ("temperature", "temperature"),
-        ("top_p", "top_p"),
-        ("top_k", "top_k"),
-        ("repetition_penalty", "repeat_penalty"),
-    ):
-        v = generation_config.get(hf_name)
-        if v is None:
-            continue
-        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
-            raise MlxLoraError(
-                f"generation_config.json has {hf_name}={v!r}, not a finite non-negative number; "
-                "fix the value or delete the key"
-            )
-        if name == "top_k":
-            if v != int(v):
-                raise MlxLoraError(
-                    f"generation_config.json has top_k={v!r}, not a whole number; fix the value"
-                )
-            out[name] = int(v)
-        else:
-            out[name] = float(v)
-    return out
+    intended (:func:`mlx_lora.meta.sampling_defaults`: ``do_sample: false`` → temperature 0)."""
+    if isinstance(generation_config, Mapping):
+        generation_config = dict(generation_config)
+    defaults = sampling_defaults(generation_config)
+    return {_OLLAMA_PARAMS[k]: v for k, v in defaults.items()}
 
 
 def _param_value(name: str, v: Any) -> str:
@@ -715,22 +593,12 @@ def render_modelfile(
 def write_modelfile(out_dir: Path, *, filename: str = "Modelfile", **kwargs: Any) -> Path:
     """Write :func:`render_modelfile` (``kwargs``) to ``out_dir/filename`` atomically; its path."""
     text = render_modelfile(**kwargs)
-    out_dir = Path(out_dir)
+    path = Path(out_dir) / filename
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{filename}.", suffix=".tmp", dir=out_dir)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(text.encode("utf-8"))
-            os.replace(tmp, out_dir / filename)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_text_atomic(path, text)
     except OSError as e:
-        raise MlxLoraError(
-            f"cannot write {out_dir / filename}: {e}; check the output directory"
-        ) from None
-    return out_dir / filename
+        raise MlxLoraError(f"cannot write {path}: {e}; check the output directory") from None
+    return path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -804,7 +672,6 @@ __all__ = [
     "load_template_file",
     "ollama_create",
     "quote_value",
-    "render_chat_template",
     "render_modelfile",
     "write_modelfile",
 ]

@@ -1,14 +1,20 @@
-"""One way to turn messages into token ids, shared by training, chat, serve and verify.
+"""One way to turn messages into text and token ids, for training, chat, serve, export, verify.
 
 Garbled answers in the seed came from prompts built by hand or with another model's template.
-Here every caller goes through :func:`render` (the tokenizer's own chat template) and
-:func:`encode_text` (one tokenization of the whole rendered text), so the prompt a user chats with
-is token for token the prefix the model was trained on.
+Here every caller goes through :func:`render_template` (transformers' own Jinja environment, so
+``raise_exception``, ``strftime_now`` and ``tojson`` behave exactly as in ``apply_chat_template``)
+and :func:`encode_text` (one tokenization of the whole rendered text), so the prompt a user chats
+with is token for token the prefix the model was trained on, and the Ollama TEMPLATE is derived
+from the same rendering. :func:`probe` renders marker conversations to learn how a template is
+built (what ends an assistant turn, what separates turns); the Modelfile writer and the loss mask
+both read templates through it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from mlx_lora.errors import MlxLoraError
@@ -23,8 +29,36 @@ def hf_tokenizer(tokenizer: Any) -> Any:
     return tokenizer._tokenizer if isinstance(tokenizer, TokenizerWrapper) else tokenizer
 
 
+def load_hf_tokenizer(folder: Path) -> Any:
+    """The Hugging Face tokenizer of a model folder, without loading any weights."""
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except Exception as e:  # noqa: BLE001 - transformers raises many types for a broken tokenizer
+        raise MlxLoraError(
+            f"{folder}: cannot load the tokenizer ({type(e).__name__}: {str(e)[:200]}); the "
+            "folder needs its tokenizer files (tokenizer.json or vocab.json + merges.txt)"
+        ) from None
+
+
+def chat_template_of(tokenizer: Any) -> str | None:
+    """The tokenizer's chat template; of several named ones, the default (what Ollama uses)."""
+    template = getattr(hf_tokenizer(tokenizer), "chat_template", None)
+    if isinstance(template, dict):
+        template = template.get("default")
+    return template if isinstance(template, str) and template.strip() else None
+
+
 def has_chat_template(tokenizer: Any) -> bool:
-    return bool(getattr(hf_tokenizer(tokenizer), "chat_template", None))
+    return chat_template_of(tokenizer) is not None
+
+
+def special_tokens(tokenizer: Any) -> dict[str, Any]:
+    """What ``apply_chat_template`` passes a template besides the messages (bos_token, ...)."""
+    return dict(hf_tokenizer(tokenizer).special_tokens_map)
 
 
 def with_system(messages: list[Message], system_prompt: str | None) -> list[Message]:
@@ -34,20 +68,44 @@ def with_system(messages: list[Message], system_prompt: str | None) -> list[Mess
     return list(messages)
 
 
+def render_template(
+    chat_template: str,
+    messages: Sequence[Mapping[str, str]],
+    *,
+    add_generation_prompt: bool = True,
+    **special: Any,
+) -> str:
+    """The text of ``chat_template`` for ``messages``, as ``apply_chat_template(tokenize=False)``
+    renders it; template errors (``raise_exception``) become one-line user errors."""
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    kwargs = {k: v for k, v in special.items() if v is not None}
+    try:
+        rendered, _ = render_jinja_template(
+            conversations=[[dict(m) for m in messages]],
+            chat_template=chat_template,
+            add_generation_prompt=add_generation_prompt,
+            **kwargs,
+        )
+    except Exception as e:  # noqa: BLE001 - jinja raise_exception(), e.g. "system role not supported"
+        raise MlxLoraError(f"the model's chat template rejected the conversation: {e}") from None
+    return rendered[0]
+
+
 def render(tokenizer: Any, messages: list[Message], *, add_generation_prompt: bool) -> str:
-    """The chat template's text for ``messages``; template errors become one-line user errors."""
-    tok = hf_tokenizer(tokenizer)
-    if not getattr(tok, "chat_template", None):
+    """The chat template's text for ``messages`` with the tokenizer's own special tokens."""
+    template = chat_template_of(tokenizer)
+    if template is None:
         raise MlxLoraError(
             "the tokenizer has no chat template, so conversations cannot be rendered; "
             "use --format text or completions, or a chat model"
         )
-    try:
-        return tok.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
-    except Exception as e:  # jinja raise_exception(), e.g. "system role not supported"
-        raise MlxLoraError(f"the model's chat template rejected the conversation: {e}") from None
+    return render_template(
+        template,
+        messages,
+        add_generation_prompt=add_generation_prompt,
+        **special_tokens(tokenizer),
+    )
 
 
 def encode_text(tokenizer: Any, text: str) -> list[int]:
@@ -63,6 +121,53 @@ def build_prompt(
     return encode_text(tokenizer, text)
 
 
+# ---------------------------------------------------------------------------------------------
+# Probing a template with marker conversations
+
+
+class UnrecognisedTemplate(MlxLoraError):
+    """The template does not render the probe conversations in a way that can be taken apart."""
+
+
+# Markers: plain ASCII words that no template contains and no template would trim or escape.
+MARKERS = {
+    "system": "Zq8sysAlpha",
+    "user": "Zq8usrBravo",
+    "assistant": "Zq8astCharlie",
+    "user2": "Zq8usrDelta",
+}
+
+
+def probe(
+    chat_template: str,
+    roles: Sequence[str],
+    special: Mapping[str, Any],
+    *,
+    add_generation_prompt: bool = True,
+) -> list[str]:
+    """Render a conversation of markers (``roles`` name :data:`MARKERS` keys) and return the text
+    around them: ``len(roles) + 1`` pieces. Raises :class:`UnrecognisedTemplate` when the template
+    fails on it or does not reproduce each marker exactly once, in order."""
+    messages = [{"role": r.rstrip("2"), "content": MARKERS[r]} for r in roles]
+    try:
+        text = render_template(
+            chat_template, messages, add_generation_prompt=add_generation_prompt, **special
+        )
+    except MlxLoraError as e:
+        raise UnrecognisedTemplate(str(e)) from None
+    pieces, rest = [], text
+    for r in roles:
+        mark = MARKERS[r]
+        if text.count(mark) != 1 or mark not in rest:
+            raise UnrecognisedTemplate(
+                f"the probe text {mark!r} does not appear exactly once in {text!r}"
+            )
+        before, rest = rest.split(mark, 1)
+        pieces.append(before)
+    pieces.append(rest)
+    return pieces
+
+
 def _special_strings(tok: Any) -> list[str]:
     specials = set(getattr(tok, "all_special_tokens", []) or [])
     for added in getattr(tok, "added_tokens_decoder", {}).values():
@@ -74,21 +179,20 @@ def _special_strings(tok: Any) -> list[str]:
 def end_of_turn(tokenizer: Any) -> str:
     """The token the template closes an assistant turn with (``<|im_end|>`` for ChatML).
 
-    Found by rendering a probe conversation and taking the first special token after the
-    assistant's text, so it follows the template rather than the model's name.
+    The first special token between an assistant's text and the next user's, so it follows the
+    template rather than the model's name; the eos token when the template puts none there.
     """
     tok = hf_tokenizer(tokenizer)
-    mark, after = "PROBE_ANSWER_7f3a", "PROBE_NEXT_7f3a"
-    probe = [
-        {"role": "user", "content": "ping"},
-        {"role": "assistant", "content": mark},
-        {"role": "user", "content": after},
-    ]
-    text = render(tok, probe, add_generation_prompt=False)
-    start = text.find(mark) + len(mark)
-    stop = text.find(after, start)
-    tail = text[start : stop if stop >= 0 else None]
-    found = [(tail.find(s), s) for s in _special_strings(tok) if s in tail]
+    template = chat_template_of(tok)
+    if template is None:
+        raise MlxLoraError("the tokenizer has no chat template, so it has no end-of-turn token")
+    try:
+        gap = probe(template, ["user", "assistant", "user2"], special_tokens(tok))[2]
+    except UnrecognisedTemplate as e:
+        raise MlxLoraError(
+            f"cannot tell how the chat template ends an assistant turn: {e}"
+        ) from None
+    found = [(gap.find(s), s) for s in _special_strings(tok) if s in gap]
     if found:
         return min(found)[1]
     eos = getattr(tok, "eos_token", None)
@@ -100,12 +204,40 @@ def end_of_turn(tokenizer: Any) -> str:
     return eos
 
 
+# ---------------------------------------------------------------------------------------------
+# Training examples
+
+
 @dataclass(frozen=True)
 class Encoded:
     """Token ids of one example and, per token, whether the loss is computed on it."""
 
     ids: list[int]
     mask: list[bool]
+
+
+def _assistant_span(text: str, content: str, cursor: int, eot: str) -> tuple[int, int, str]:
+    """Where the assistant's ``content`` and its end-of-turn token lie in ``text`` (at or after
+    ``cursor``); returns (start, end, text) — text gains ``eot`` when the template leaves the last
+    turn open."""
+    start = text.find(content, cursor)
+    if start < 0:  # templates that trim the content (Llama-3 does)
+        content = content.strip()
+        start = text.find(content, cursor)
+    if start < 0:
+        raise MlxLoraError(
+            "the chat template does not reproduce an assistant turn verbatim; use --format text"
+        )
+    end = start + len(content)
+    gap = text[end:]
+    eot_at = gap.find(eot)
+    if eot_at >= 0 and not gap[:eot_at].strip():
+        return start, end + eot_at + len(eot), text
+    if not gap.strip():
+        return start, len(text) + len(eot), text + eot
+    raise MlxLoraError(
+        f"the chat template does not close assistant turns with {eot!r}; use --format text"
+    )
 
 
 def encode_conversation(
@@ -133,27 +265,7 @@ def encode_conversation(
         prefix = render(tok, msgs[:i], add_generation_prompt=True)
         if text.startswith(prefix):
             cursor = max(cursor, len(prefix))
-        content = m["content"]
-        start = text.find(content, cursor)
-        if start < 0:  # templates that trim the content (Llama-3 does)
-            content = content.strip()
-            start = text.find(content, cursor)
-        if start < 0:
-            raise MlxLoraError(
-                "the chat template does not reproduce an assistant turn verbatim; use --format text"
-            )
-        end = start + len(content)
-        gap = text[end:]
-        eot_at = gap.find(eot)
-        if eot_at >= 0 and not gap[:eot_at].strip():
-            end += eot_at + len(eot)
-        elif not gap.strip():
-            text += eot
-            end = len(text)
-        else:
-            raise MlxLoraError(
-                f"the chat template does not close assistant turns with {eot!r}; use --format text"
-            )
+        start, end, text = _assistant_span(text, m["content"], cursor, eot)
         spans.append((start, end))
         cursor = end
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)

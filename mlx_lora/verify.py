@@ -21,14 +21,9 @@ wherever MLX's choice is not a near-tie.
 
 from __future__ import annotations
 
-import contextlib
 import gc
-import importlib.util
-import json
-import os
-import struct
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,9 +32,20 @@ import numpy as np
 
 from mlx_lora.config import opt, parse_config
 from mlx_lora.errors import MlxLoraError
-
-EXPORT_MANIFEST = "export.json"
-INSTALL_HINT = 'pip install "mlx_lora[verify]"'
+from mlx_lora.export import MANIFEST
+from mlx_lora.files import read_json
+from mlx_lora.gguf import GGUF_TYPES, gguf_arch, planned_lora_tensors, planned_tensors
+from mlx_lora.llamacpp import (
+    INSTALL_HINT,
+    have_llama_cpp,
+    llama_greedy,
+    llama_logits,
+    llama_tokenize,
+    open_llama,
+)
+from mlx_lora.lora import read_adapter
+from mlx_lora.meta import FUSED_INFO, training_system_prompt
+from mlx_lora.prompt import has_chat_template, hf_tokenizer
 
 # Texts whose tokenization must agree exactly. None starts with whitespace: transformers'
 # Metaspace pre-tokenizer skips SentencePiece's dummy prefix there, SentencePiece does not.
@@ -85,14 +91,6 @@ TOLERANCES: dict[str, tuple[float, float] | None] = {
 }
 TIE_FRACTION_Q = 2e-2  # near-tie width for types without a max|Δ| bound (fraction of max|logit|)
 
-_FILE_TYPES = {0: "f32", 1: "f16", 7: "q8_0", 32: "bf16"}
-_DTYPE_TYPES = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
-
-
-def have_llama_cpp() -> bool:
-    """Whether llama-cpp-python is importable (the optional ``verify`` extra)."""
-    return importlib.util.find_spec("llama_cpp") is not None
-
 
 # ----------------------------------------------------------------------------------- report
 
@@ -121,7 +119,8 @@ class Report:
         return all(c.status != "FAIL" for c in self.checks)
 
     def get(self, name: str) -> Check:
-        """The check whose name starts with ``name`` (names carry counts, e.g. "tokenization (10 texts)")."""
+        """The check whose name starts with ``name`` (names carry counts, like "tokenization (10
+        texts)")."""
         for c in self.checks:
             if c.name.startswith(name):
                 return c
@@ -201,94 +200,44 @@ def compare_logits(ref: Sequence[np.ndarray], got: Sequence[np.ndarray], kind: s
 # ------------------------------------------------------------------------ (a) metadata read-back
 
 
-def _st_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
-    """Tensor shapes of an HF checkpoint, from the safetensors headers (no data read)."""
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
-    else:
-        files = sorted(p.name for p in folder.glob("*.safetensors"))
-    shapes: dict[str, tuple[int, ...]] = {}
-    for name in files:
-        with open(folder / name, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-        for k, v in header.items():
-            if k != "__metadata__":
-                shapes[k] = tuple(v["shape"])
-    return shapes
-
-
 def _field(reader: Any, key: str) -> Any:
     f = reader.fields.get(key)
     return None if f is None else f.contents()
 
 
-def _arch_enum(arch: str) -> Any:
-    import gguf
-
-    for enum, name in gguf.MODEL_ARCH_NAMES.items():
-        if name == arch:
-            return enum
-    raise MlxLoraError(f"unknown GGUF architecture {arch!r}")
-
-
-def _expected_arch(config: dict) -> str | None:
-    from mlx_lora.gguf import SUPPORTED_ARCHITECTURES
-
-    archs = config.get("architectures") or [None]
-    return SUPPORTED_ARCHITECTURES.get(archs[0])
-
-
 def _gguf_type_of(reader: Any) -> str:
+    file_types = {int(ftype): name for name, (_, ftype) in GGUF_TYPES.items()}
     ft = _field(reader, "general.file_type")
-    return _FILE_TYPES.get(int(ft), f"file_type {ft}") if ft is not None else "unknown"
+    return file_types.get(int(ft), f"file_type {ft}") if ft is not None else "unknown"
 
 
-def check_metadata(hf_dir: Path, reader: Any, tokenizer: Any) -> Check:
-    """(a) The model GGUF against the HF folder it was written from."""
-    problems: list[str] = []
-    config = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
-    arch = _field(reader, "general.architecture")
-    want_arch = _expected_arch(config)
-    if arch != want_arch:
-        problems.append(
-            f"architecture {arch!r}, HF {config.get('architectures')} means {want_arch!r}"
-        )
-    n_layers = config.get("num_hidden_layers")
-    blocks = _field(reader, f"{arch}.block_count")
-    if blocks != n_layers:
-        problems.append(f"block_count {blocks}, HF num_hidden_layers {n_layers}")
+def _gguf_shapes(reader: Any) -> dict[str, tuple[int, ...]]:
+    """Tensor name → shape in numpy order (GGUF stores dimensions innermost first)."""
+    return {t.name: tuple(int(x) for x in reversed(list(t.shape))) for t in reader.tensors}
 
-    import gguf
 
-    expected: dict[str, tuple[int, ...]] = {}
-    if want_arch is not None and isinstance(n_layers, int):
-        tmap = gguf.get_tensor_name_map(_arch_enum(want_arch), n_layers)
-        for name, shape in _st_shapes(hf_dir).items():
-            if name.endswith((".rotary_emb.inv_freq", ".attention.masked_bias")):
-                continue
-            gname = tmap.get_name(name, try_suffixes=(".weight", ".bias"))
-            expected[gname or name] = shape
-    got = {t.name: tuple(int(x) for x in reversed(list(t.shape))) for t in reader.tensors}
-    got_model = {k: v for k, v in got.items() if k != "rope_freqs.weight"}
-    missing = sorted(set(expected) - set(got_model))
-    extra = sorted(set(got_model) - set(expected))
+def _squeeze(shape: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(x for x in shape if x != 1) or (1,)
+
+
+def _tensor_problems(want: dict, got: dict, what: str = "") -> list[str]:
+    """Names and shapes of the tensors read back against what the writer plans for the folder."""
+    problems = []
+    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
     if missing or extra:
-        problems.append(f"tensors differ: missing {missing[:3]}, unexpected {extra[:3]}")
-    bad_shapes = [k for k in expected if k in got and _squeeze(got[k]) != _squeeze(expected[k])]
-    if bad_shapes:
-        k = bad_shapes[0]
-        problems.append(
-            f"{len(bad_shapes)} tensor shape(s) differ, e.g. {k} {got[k]} vs HF {expected[k]}"
-        )
+        problems.append(f"{what}tensors differ: missing {missing[:3]}, unexpected {extra[:3]}")
+    bad = [k for k in want if k in got and _squeeze(got[k]) != _squeeze(want[k])]
+    if bad:
+        k = bad[0]
+        problems.append(f"{len(bad)} shape(s) differ, e.g. {k} {got[k]} vs HF {want[k]}")
+    return problems
 
-    from mlx_lora.prompt import hf_tokenizer
 
-    tok = hf_tokenizer(tokenizer)
-    tokens_field = reader.fields.get("tokenizer.ggml.tokens")
-    n_tokens = len(tokens_field.data) if tokens_field is not None else 0
-    n_vocab = expected.get("token_embd.weight", (len(tok),))[0]
+def _vocab_problems(reader: Any, tok: Any, n_vocab: int) -> list[str]:
+    """Token count, bos/eos ids and chat template of the GGUF against the HF tokenizer."""
+    problems = []
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    n_tokens = len(tokens.data) if tokens is not None else 0
     if n_tokens != n_vocab or len(tok) > n_tokens:
         problems.append(
             f"{n_tokens} GGUF tokens, embedding rows {n_vocab}, HF tokenizer {len(tok)}"
@@ -297,89 +246,77 @@ def check_metadata(hf_dir: Path, reader: Any, tokenizer: Any) -> Check:
         gid = _field(reader, f"tokenizer.ggml.{key}_token_id")
         if hf_id is not None and gid != hf_id:
             problems.append(f"{key} id {gid}, HF {hf_id}")
-    template = getattr(tok, "chat_template", None)
-    g_template = _field(reader, "tokenizer.chat_template")
+    template, g_template = (
+        getattr(tok, "chat_template", None),
+        _field(reader, "tokenizer.chat_template"),
+    )
     if isinstance(template, str) and template != g_template:
         problems.append(
-            "chat template missing"
-            if g_template is None
-            else "chat template differs from tokenizer_config.json's"
+            "chat template missing" if g_template is None else "chat template differs from HF's"
         )
-    template_note = "chat template equal" if isinstance(template, str) else "no chat template"
+    return problems
 
-    figures = (
-        f"{arch}, {blocks} blocks, {len(got)} tensors, {n_tokens} tokens, {template_note}"
-        if not problems
-        else "; ".join(problems)
+
+def check_metadata(hf_dir: Path, reader: Any, tokenizer: Any) -> Check:
+    """(a) The model GGUF against the HF folder it was written from."""
+    config = read_json(hf_dir / "config.json", required=True)
+    arch, want_arch = _field(reader, "general.architecture"), gguf_arch(config)
+    problems = []
+    if arch != want_arch:
+        problems.append(
+            f"architecture {arch!r}, HF {config.get('architectures')} means {want_arch!r}"
+        )
+    blocks = _field(reader, f"{arch}.block_count")
+    if blocks != config.get("num_hidden_layers"):
+        problems.append(
+            f"block_count {blocks}, HF num_hidden_layers {config.get('num_hidden_layers')}"
+        )
+    got = _gguf_shapes(reader)
+    try:
+        want = planned_tensors(hf_dir)
+    except MlxLoraError as e:  # not an architecture mlx_lora writes: names cannot be predicted
+        want, problems = dict(got), [*problems, f"tensor list not checked ({e})"]
+    problems += _tensor_problems(want, got)
+    tok = hf_tokenizer(tokenizer)
+    n_vocab = want.get("token_embd.weight", (len(tok),))[0]
+    problems += _vocab_problems(reader, tok, n_vocab)
+    n_tokens = (
+        len(reader.fields["tokenizer.ggml.tokens"].data)
+        if "tokenizer.ggml.tokens" in reader.fields
+        else 0
     )
+    template_note = "chat template equal" if has_chat_template(tok) else "no chat template"
+    figures = f"{arch}, {blocks} blocks, {len(got)} tensors, {n_tokens} tokens, {template_note}"
     return Check(
         "GGUF read back vs HF folder",
         "FAIL" if problems else "ok",
-        figures,
+        "; ".join(problems) if problems else figures,
         {"architecture": arch, "blocks": blocks, "tensors": len(got), "tokens": n_tokens},
     )
 
 
-def _squeeze(shape: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(x for x in shape if x != 1) or (1,)
-
-
-def check_lora_metadata(adapter_dir: Path, lora_gguf: Path, base_config: dict) -> Check:
+def check_lora_metadata(adapter_dir: Path, lora_gguf: Path, base_dir: Path) -> Check:
     """(a) The GGUF LoRA adapter against the PEFT adapter: type, alpha, every A/B pair and shape."""
     import gguf
 
     reader = gguf.GGUFReader(lora_gguf)
-    acfg = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
+    lora = read_adapter(adapter_dir)
     problems: list[str] = []
-    if _field(reader, "general.type") != "adapter" or _field(reader, "adapter.type") != "lora":
-        problems.append(
-            f"general.type {_field(reader, 'general.type')!r}, adapter.type "
-            f"{_field(reader, 'adapter.type')!r}"
-        )
+    kinds = (_field(reader, "general.type"), _field(reader, "adapter.type"))
+    if kinds != ("adapter", "lora"):
+        problems.append(f"general.type {kinds[0]!r}, adapter.type {kinds[1]!r}")
     alpha = _field(reader, "adapter.lora.alpha")
-    if alpha is None or abs(float(alpha) - float(acfg["lora_alpha"])) > 1e-6:
-        problems.append(f"adapter.lora.alpha {alpha}, adapter_config.json {acfg['lora_alpha']}")
-    arch = _expected_arch(base_config)
-    tmap = (
-        gguf.get_tensor_name_map(_arch_enum(arch), base_config["num_hidden_layers"])
-        if arch
-        else None
-    )
-    expected: dict[str, tuple[int, ...]] = {}
-    for name, shape in _st_shapes_file(adapter_dir / "adapter_model.safetensors").items():
-        module, _, part = name.rpartition(".lora_")
-        module = module.removeprefix("base_model.model.")
-        gname = tmap.get_name(module + ".weight", try_suffixes=(".weight",)) if tmap else None
-        expected[f"{gname or module}.lora_{part[0].lower()}"] = shape
-    got = {t.name: tuple(int(x) for x in reversed(list(t.shape))) for t in reader.tensors}
-    if set(got) != set(expected):
-        problems.append(
-            f"tensors differ: missing {sorted(set(expected) - set(got))[:3]}, unexpected "
-            f"{sorted(set(got) - set(expected))[:3]}"
-        )
-    bad = [k for k in expected if k in got and got[k] != expected[k]]
-    if bad:
-        problems.append(
-            f"{len(bad)} shape(s) differ, e.g. {bad[0]} {got[bad[0]]} vs {expected[bad[0]]}"
-        )
-    figures = (
-        f"{len(got)} tensors (A/B of {len(got) // 2} modules), alpha {alpha:g}"
-        if not problems
-        else "; ".join(problems)
-    )
+    if alpha is None or abs(float(alpha) - lora.alpha) > 1e-6:
+        problems.append(f"adapter.lora.alpha {alpha}, adapter_config.json {lora.alpha}")
+    got = _gguf_shapes(reader)
+    problems += _tensor_problems(planned_lora_tensors(lora, base_dir), got)
+    figures = f"{len(got)} tensors (A/B of {len(got) // 2} modules), alpha {alpha:g}"
     return Check(
         "GGUF LoRA adapter vs PEFT adapter",
         "FAIL" if problems else "ok",
-        figures,
+        "; ".join(problems) if problems else figures,
         {"tensors": len(got)},
     )
-
-
-def _st_shapes_file(path: Path) -> dict[str, tuple[int, ...]]:
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
 
 
 # ----------------------------------------------------------------------------- MLX side
@@ -396,7 +333,7 @@ class MlxRun:
 
 def probe_prompts(tokenizer: Any, system_prompt: str | None = None) -> list[list[int]]:
     """Token ids of the probes: chat prompts via build_prompt, or plain text without a template."""
-    from mlx_lora.prompt import build_prompt, has_chat_template, hf_tokenizer
+    from mlx_lora.prompt import build_prompt
 
     if has_chat_template(tokenizer):
         return [build_prompt(tokenizer, list(p), system_prompt) for p in PROBES]
@@ -405,17 +342,11 @@ def probe_prompts(tokenizer: Any, system_prompt: str | None = None) -> list[list
 
 
 def load_mlx(model_dir: Path, adapter_dir: Path | None = None) -> tuple[Any, Any]:
-    """fp32 MLX model (+ PEFT adapter) and its tokenizer."""
-    import mlx.core as mx
+    """fp32 MLX model (+ PEFT adapter) and its tokenizer: the reference llama.cpp must match."""
+    from mlx_lora.model import load_for_inference
 
-    from mlx_lora.lora import load_adapter
-    from mlx_lora.model import load_base
-
-    model, tok, _ = load_base(Path(model_dir), dtype=mx.float32)
-    if adapter_dir is not None:
-        load_adapter(model, Path(adapter_dir))
-    model.eval()
-    return model, tok
+    loaded = load_for_inference(str(model_dir), adapter_dir, dtype="float32")
+    return loaded.model, loaded.tokenizer
 
 
 def mlx_logits(model: Any, ids: list[int]) -> np.ndarray:
@@ -451,84 +382,6 @@ def run_mlx(model: Any, prompts: list[list[int]], greedy_tokens: int) -> MlxRun:
     return MlxRun(prompts, logits, greedy)
 
 
-# ------------------------------------------------------------------------- llama.cpp side
-
-
-@contextlib.contextmanager
-def _quiet_stderr() -> Iterator[None]:
-    """llama.cpp logs from C even with verbose=False; keep the report readable."""
-    try:
-        fd = sys.stderr.fileno()
-    except (AttributeError, OSError, ValueError):
-        yield
-        return
-    sys.stderr.flush()
-    saved = os.dup(fd)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, fd)
-        yield
-    finally:
-        os.dup2(saved, fd)
-        os.close(saved)
-        os.close(devnull)
-
-
-def open_llama(
-    gguf_path: Path, *, n_ctx: int = 512, lora_path: Path | None = None, vocab_only: bool = False
-) -> Any:
-    """A llama-cpp-python model: f32 KV cache when the binding allows it, logits for every position."""
-    import llama_cpp
-
-    kw: dict[str, Any] = {
-        "model_path": str(gguf_path),
-        "verbose": False,
-        "n_threads": os.cpu_count() or 1,
-    }
-    if vocab_only:
-        kw["vocab_only"] = True
-    else:
-        kw.update(n_ctx=n_ctx, n_batch=n_ctx, logits_all=True)
-        f32 = getattr(llama_cpp, "GGML_TYPE_F32", 0)
-        kw.update(type_k=f32, type_v=f32)
-    if lora_path is not None:
-        kw["lora_path"] = str(lora_path)
-    with _quiet_stderr():
-        try:
-            return llama_cpp.Llama(**kw)
-        except TypeError:  # an older binding without type_k/type_v
-            kw.pop("type_k", None)
-            kw.pop("type_v", None)
-            return llama_cpp.Llama(**kw)
-        except ValueError as e:
-            raise MlxLoraError(
-                "llama.cpp cannot load "
-                f"{gguf_path}{' with ' + str(lora_path) if lora_path else ''}: {e}"
-            ) from None
-
-
-def llama_logits(llm: Any, ids: list[int]) -> np.ndarray:
-    llm.reset()
-    with _quiet_stderr():
-        llm.eval(ids)
-    return np.array(llm.scores[: len(ids)], dtype=np.float32)
-
-
-def llama_greedy(llm: Any, ids: list[int], n: int) -> list[int]:
-    llm.reset()
-    out: list[int] = []
-    with _quiet_stderr():
-        llm.eval(ids)
-        for _ in range(n):
-            out.append(int(np.argmax(llm.scores[llm.n_tokens - 1])))
-            llm.eval([out[-1]])
-    return out
-
-
-def llama_tokenize(llm: Any, text: str) -> list[int]:
-    return list(llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
-
-
 def check_tokenization(gguf_path: Path, tokenizer: Any, texts: Sequence[str] = TEXTS) -> Check:
     """(b) HF tokenizer vs llama.cpp on ``texts``, special tokens parsed as special."""
     from mlx_lora.prompt import encode_text
@@ -556,19 +409,77 @@ def check_tokenization(gguf_path: Path, tokenizer: Any, texts: Sequence[str] = T
 # --------------------------------------------------------------------------------- verify
 
 
-def _system_prompt(model_dir: Path, adapter_dir: Path | None) -> str | None:
-    """The system prompt the model was trained with (adapter config, or a fused folder's record)."""
-    sources = []
-    if adapter_dir is not None:
-        sources.append((Path(adapter_dir) / "adapter_config.json", "mlx_lora"))
-    sources.append((Path(model_dir) / "mlx_lora.json", None))
-    for path, section in sources:
-        if path.is_file():
-            data = json.loads(path.read_text(encoding="utf-8"))
-            data = (data.get(section) or {}) if section else data
-            if data.get("system_prompt"):
-                return data["system_prompt"]
-    return None
+def _check_inputs(
+    paths: Sequence[Path | None], adapter_dir: Path | None, lora: Path | None
+) -> None:
+    for p in paths:
+        if p is not None and not Path(p).exists():
+            raise MlxLoraError(
+                f"{p} does not exist; pass the files an export wrote (or run python -m "
+                "mlx_lora.export first)"
+            )
+    if lora is not None and adapter_dir is None:
+        raise MlxLoraError(
+            "verifying a GGUF LoRA adapter needs the PEFT adapter it came from (--adapter)"
+        )
+
+
+def _check_fused(
+    report: Report, hf_dir: Path, adapter_dir: Path, base_dir: Path | None, ref: MlxRun
+) -> None:
+    """(d) the fused folder's logits against base + adapter, both in MLX."""
+    if base_dir is None:
+        recorded = read_adapter(adapter_dir).base_model
+        if recorded is None:
+            msg = "the adapter records no base model; pass --base"
+            report.checks.append(Check("fused vs base+adapter (MLX)", "skipped", msg))
+            return
+        from mlx_lora.hub import resolve_model
+
+        base_dir = resolve_model(recorded)
+    fused_dtype = str(read_json(hf_dir / "config.json").get("torch_dtype") or "float32")
+    base_model, _ = load_mlx(Path(base_dir), adapter_dir)
+    base_logits = [mlx_logits(base_model, p) for p in ref.prompts]
+    del base_model
+    _free()
+    cmp = compare_logits(base_logits, ref.logits, fused_dtype.replace("float", "f"))
+    name = f"fused ({fused_dtype}) vs base+adapter (MLX)"
+    report.checks.append(Check(name, "ok" if cmp.ok else "FAIL", cmp.figures(), cmp.values()))
+
+
+def _greedy_check(ref: MlxRun, theirs: list[int], kind: str) -> Check:
+    """Only f32 must reproduce the continuation; rounded weights may flip a near-tie and diverge."""
+    n = len(ref.greedy)
+    pairs = zip(ref.greedy, theirs, strict=True)
+    same = next((i for i, (a, b) in enumerate(pairs) if a != b), len(theirs))
+    identical = theirs == ref.greedy
+    status = "ok" if identical else ("FAIL" if kind == "f32" else "info")
+    figures = f"{n} tokens identical" if identical else f"first {same} of {n} tokens identical"
+    values = {"mlx": ref.greedy, "llama_cpp": theirs, "identical_prefix": same}
+    return Check(f"greedy {n} tokens", status, figures, values)
+
+
+def _check_llama(
+    report: Report, gguf_path: Path, lora_gguf: Path | None, tokenizer: Any, ref: MlxRun
+) -> None:
+    """(b) tokenization and (c) logits and greedy continuation in llama.cpp."""
+    if not have_llama_cpp():
+        for name in ("tokenization", "logits llama.cpp vs MLX"):
+            report.checks.append(
+                Check(name, "skipped", f"llama-cpp-python is not installed: {INSTALL_HINT}")
+            )
+        report.notes.append(f"llama.cpp checks skipped; get them with {INSTALL_HINT}")
+        return
+    report.checks.append(check_tokenization(gguf_path, tokenizer))
+    n_ctx = max(len(p) for p in ref.prompts) + len(ref.greedy) + 8
+    llm = open_llama(gguf_path, n_ctx=n_ctx, lora_path=Path(lora_gguf) if lora_gguf else None)
+    cmp = compare_logits(ref.logits, [llama_logits(llm, p) for p in ref.prompts], report.gguf_type)
+    what = "llama.cpp base+LoRA vs MLX base+adapter" if lora_gguf else "logits llama.cpp vs MLX"
+    name = f"{what} ({len(ref.prompts)} prompts)"
+    report.checks.append(Check(name, "ok" if cmp.ok else "FAIL", cmp.figures(), cmp.values()))
+    if ref.greedy:
+        theirs = llama_greedy(llm, ref.prompts[0], len(ref.greedy))
+        report.checks.append(_greedy_check(ref, theirs, report.gguf_type))
 
 
 def verify_gguf(
@@ -593,129 +504,37 @@ def verify_gguf(
 
     hf_dir, gguf_path = Path(hf_dir), Path(gguf_path)
     adapter_dir = Path(adapter_dir) if adapter_dir is not None else None
-    for p in (hf_dir, gguf_path, adapter_dir, lora_gguf):
-        if p is not None and not Path(p).exists():
-            raise MlxLoraError(
-                f"{p} does not exist; pass the files an export wrote (or run python -m "
-                "mlx_lora.export first)"
-            )
-    if lora_gguf is not None and adapter_dir is None:
-        raise MlxLoraError(
-            "verifying a GGUF LoRA adapter needs the PEFT adapter it came from (--adapter)"
-        )
+    _check_inputs((hf_dir, gguf_path, adapter_dir, lora_gguf), adapter_dir, lora_gguf)
     reader = gguf.GGUFReader(gguf_path)
-    kind = gguf_type or _gguf_type_of(reader)
-    report = Report(gguf_path, kind)
-    config = json.loads((hf_dir / "config.json").read_text(encoding="utf-8"))
-    system = _system_prompt(hf_dir, adapter_dir)
-
-    # The MLX reference: what llama.cpp must reproduce.
-    ref_adapter = adapter_dir if lora_gguf is not None else None
-    model, tokenizer = load_mlx(hf_dir, ref_adapter)
+    report = Report(gguf_path, gguf_type or _gguf_type_of(reader))
+    # The MLX reference: what llama.cpp must reproduce (in adapter mode: base + PEFT adapter).
+    model, tokenizer = load_mlx(hf_dir, adapter_dir if lora_gguf is not None else None)
     report.checks.append(check_metadata(hf_dir, reader, tokenizer))
     del reader
     if lora_gguf is not None:
-        report.checks.append(check_lora_metadata(adapter_dir, Path(lora_gguf), config))
-    prompts = probe_prompts(tokenizer, system)
+        report.checks.append(check_lora_metadata(adapter_dir, Path(lora_gguf), hf_dir))
+    lora = read_adapter(adapter_dir) if adapter_dir is not None else None
+    prompts = probe_prompts(tokenizer, training_system_prompt(hf_dir, lora))
     ref = run_mlx(model, prompts, greedy_tokens)
     del model
     _free()
-
-    # (d) fused ≡ base + adapter, in MLX
-    fused_dir = hf_dir if (hf_dir / "mlx_lora.json").is_file() else None
     if adapter_dir is not None and lora_gguf is None:
-        if base_dir is None:
-            from mlx_lora.hub import resolve_model
-            from mlx_lora.model import adapter_base
-
-            recorded = adapter_base(adapter_dir)
-            base_dir = resolve_model(recorded) if recorded else None
-        if base_dir is None:
-            report.checks.append(
-                Check(
-                    "fused vs base+adapter (MLX)",
-                    "skipped",
-                    "the adapter records no base model; pass --base",
-                )
-            )
-        else:
-            fused_dtype = str(config.get("torch_dtype") or "float32")
-            base_model, _ = load_mlx(Path(base_dir), adapter_dir)
-            base_logits = [mlx_logits(base_model, p) for p in prompts]
-            del base_model
-            _free()
-            cmp = compare_logits(base_logits, ref.logits, _DTYPE_TYPES.get(fused_dtype, "f32"))
-            report.checks.append(
-                Check(
-                    f"fused ({fused_dtype}) vs base+adapter (MLX)",
-                    "ok" if cmp.ok else "FAIL",
-                    cmp.figures(),
-                    cmp.values(),
-                )
-            )
-    elif fused_dir is not None and lora_gguf is None:
-        report.notes.append(
-            "fused vs base+adapter not checked: pass the adapter (--adapter) to compare"
-        )
-
-    if not have_llama_cpp():
-        for name in ("tokenization", "logits llama.cpp vs MLX"):
-            report.checks.append(
-                Check(name, "skipped", f"llama-cpp-python is not installed: {INSTALL_HINT}")
-            )
-        report.notes.append(f"llama.cpp checks skipped; get them with {INSTALL_HINT}")
-        return report
-
-    # (b) tokenization, (c) logits and greedy continuation
-    report.checks.append(check_tokenization(gguf_path, tokenizer))
-    n_ctx = max(len(p) for p in prompts) + greedy_tokens + 8
-    llm = open_llama(gguf_path, n_ctx=n_ctx, lora_path=Path(lora_gguf) if lora_gguf else None)
-    got = [llama_logits(llm, p) for p in prompts]
-    cmp = compare_logits(ref.logits, got, kind)
-    what = "llama.cpp base+LoRA vs MLX base+adapter" if lora_gguf else "logits llama.cpp vs MLX"
-    report.checks.append(
-        Check(
-            f"{what} ({len(prompts)} prompts)",
-            "ok" if cmp.ok else "FAIL",
-            cmp.figures(),
-            cmp.values(),
-        )
-    )
-    if greedy_tokens:
-        theirs = llama_greedy(llm, prompts[0], greedy_tokens)
-        same = next(
-            (i for i, (a, b) in enumerate(zip(ref.greedy, theirs, strict=True)) if a != b),
-            len(theirs),
-        )
-        identical = theirs == ref.greedy
-        # Only f32 must reproduce the continuation; rounded weights may flip a near-tie and diverge.
-        status = "ok" if identical else ("FAIL" if kind == "f32" else "info")
-        figures = (
-            f"{greedy_tokens} tokens identical"
-            if identical
-            else f"first {same} of {greedy_tokens} tokens identical"
-        )
-        report.checks.append(
-            Check(
-                f"greedy {greedy_tokens} tokens",
-                status,
-                figures,
-                {"mlx": ref.greedy, "llama_cpp": theirs, "identical_prefix": same},
-            )
-        )
-    del llm
+        _check_fused(report, hf_dir, adapter_dir, base_dir, ref)
+    elif (hf_dir / FUSED_INFO).is_file() and lora_gguf is None:
+        report.notes.append("fused vs base+adapter not checked: pass the adapter (--adapter)")
+    _check_llama(report, gguf_path, lora_gguf, tokenizer, ref)
     return report
 
 
 def verify_export(export: Any) -> Report:
     """Verify an export folder (or an :class:`mlx_lora.export.ExportResult`) from its manifest."""
     out = Path(getattr(export, "output_dir", export))
-    manifest = out / EXPORT_MANIFEST
+    manifest = out / MANIFEST
     if not manifest.is_file():
         raise MlxLoraError(
-            f"{out} has no {EXPORT_MANIFEST}: pass a folder written by python -m mlx_lora.export"
+            f"{out} has no {MANIFEST}: pass a folder written by python -m mlx_lora.export"
         )
-    m = json.loads(manifest.read_text(encoding="utf-8"))
+    m = read_json(manifest)
 
     def path(key: str) -> Path | None:
         v = m.get(key)
@@ -763,7 +582,8 @@ class VerifyConfig:
 
 
 DESCRIPTION = """Check that a GGUF export is the model you trained: GGUF metadata vs the HF folder,
-tokenization and next-token logits vs MLX in llama.cpp (needs llama-cpp-python), fused vs base+adapter.
+tokenization and next-token logits vs MLX in llama.cpp (needs llama-cpp-python), fused vs
+base+adapter.
 Exits 1 when a check fails."""
 
 EPILOG = f"""examples:

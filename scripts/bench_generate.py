@@ -61,7 +61,8 @@ def _tiny_model(out: Path, hidden: int, layers: int) -> Path:
 
 
 def _history(data: Path, turns: int) -> list[dict]:
-    """A conversation from the dataset sample: ``turns`` question/answer pairs and one more question."""
+    """A conversation from the dataset sample: ``turns`` question/answer pairs and one more
+    question."""
     import json
 
     records = json.loads(data.read_text(encoding="utf-8"))[10:]
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     from mlx_lm import generate
     from mlx_lm.sample_utils import make_sampler
 
-    from mlx_lora.chat import PromptCache, complete, stop_token_ids
+    from mlx_lora.generate import PromptCache, complete, stop_token_ids
     from mlx_lora.model import device_name, load_for_inference
     from mlx_lora.prompt import build_prompt
 
@@ -161,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         f"ratio of medians {a / b:.3f}; target >= 0.95)"
     )
 
-    # A later turn of a conversation: with reuse only the new turn is computed before the first token.
+    # A later turn of a conversation: with reuse only the new turn is computed before the first
+    # token.
     history = _history(REPO / "dataset" / "huanhuan.json", turns=6)
     cache = PromptCache(model)
     complete(loaded, history[:-2], system_prompt=SYSTEM, temperature=0.0, max_tokens=1, cache=cache)

@@ -8,7 +8,8 @@ script prints ratios from this run only: real (non-pad) tokens/s, peak memory, f
 loss difference, and our MFU against a matmul roofline measured here too (4·N·tokens FLOPs for a
 frozen base). ``--blas`` adds our tokens/s with the wheel's bundled BLAS (Linux CPU path figure).
 
-    python scripts/bench_train.py                 # full size (hidden 512, 8 layers, 800 examples, one epoch)
+    # full size (hidden 512, 8 layers, 800 examples, one epoch)
+    python scripts/bench_train.py
     python scripts/bench_train.py --reduced       # CI size
     python scripts/bench_train.py --mode generate # chat generation vs mlx_lm.generate
 """
@@ -189,7 +190,8 @@ def our_val_loss(a: dict, mlx_lm_lora: dict) -> float:
 
 
 def worker_roofline(a: dict) -> dict:
-    """Best fp32 GFLOP/s of the model's own GEMM shapes (tokens × hidden × intermediate, both ways)."""
+    """Best fp32 GFLOP/s of the model's own GEMM shapes (tokens × hidden × intermediate, both
+    ways)."""
     import mlx.core as mx
 
     h, inter, t = a["hidden"], a["intermediate"], 512
@@ -208,7 +210,8 @@ def worker_roofline(a: dict) -> dict:
 
 
 def worker_seed(a: dict) -> dict:
-    """The seed's own stack: transformers Trainer + PEFT on the CPU (runs only where torch and peft exist)."""
+    """The seed's own stack: transformers Trainer + PEFT on the CPU (runs only where torch and peft
+    exist)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import (
@@ -290,7 +293,8 @@ WORKERS = {
 
 
 def seed_stack_python(explicit: str | None) -> str | None:
-    """An interpreter with torch + peft + transformers: --seed-python, else this one if it has them."""
+    """An interpreter with torch + peft + transformers: --seed-python, else this one if it has
+    them."""
     candidates = [explicit] if explicit else [sys.executable]
     for py in candidates:
         probe = subprocess.run([py, "-c", "import torch, peft, transformers"], capture_output=True)

@@ -10,7 +10,8 @@ byte-level BPE trained here with Qwen's pre-tokenizer, special tokens and ChatML
 
 Usage::
 
-    python scripts/make_tiny_model.py --out /tmp/tiny [--tokenizer ../shared/fixtures/qwen15-tokenizer]
+    python scripts/make_tiny_model.py --out /tmp/tiny [--tokenizer
+    ../shared/fixtures/qwen15-tokenizer]
 
 Importable too: ``make_tiny_model(Path("/tmp/tiny"))``. The output is deterministic for a given
 seed (same bytes on a rerun) and is written atomically (temp dir next to ``--out``, then rename).
@@ -419,7 +420,8 @@ def make_tiny_model(
 ) -> Path:
     """Write a tiny random model + tokenizer to ``out`` and return ``out``.
 
-    Weights: normal(0, 0.02) matrices (embeddings and lm_head: 1/sqrt(hidden), unit-norm rows), ones for RMSNorm weights, small nonzero biases (so bias
+    Weights: normal(0, 0.02) matrices (embeddings and lm_head: 1/sqrt(hidden), unit-norm rows),
+    ones for RMSNorm weights, small nonzero biases (so bias
     handling in LoRA/fuse/GGUF is really exercised), all from ``numpy.random.default_rng(seed)``.
     Raises MlxLoraError for bad arguments or a non-empty ``out`` without ``force``.
     """
@@ -479,7 +481,8 @@ def make_tiny_model(
                 std = 1.0 / np.sqrt(hidden_size)
                 tensors[name] = rng.normal(0.0, std, size=shape).astype(np.float32)
             else:
-                # small: N(0, 0.02) like HF's initializer_range. fan_in: N(0, 1/fan_in), so activations
+                # small: N(0, 0.02) like HF's initializer_range. fan_in: N(0, 1/fan_in), so
+                # activations
                 # keep their scale and a LoRA can steer the model within seconds (the demo uses it).
                 std = 0.02 if init == "small" else 1.0 / np.sqrt(shape[-1])
                 tensors[name] = rng.normal(0.0, std, size=shape).astype(np.float32)

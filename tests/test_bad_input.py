@@ -236,7 +236,8 @@ def _unfinished_run(p: Paths, out: Path) -> None:
 
 
 def _file_in_the_way(p: Paths, out: Path) -> None:
-    """--output-dir under a regular file: unwritable even for root (tests run as root, chmod stops nothing)."""
+    """--output-dir under a regular file: unwritable even for root (tests run as root, chmod stops
+    nothing)."""
     out.parent.rmdir()
     out.parent.write_text("a regular file where a folder is needed\n")
 
@@ -590,7 +591,8 @@ def test_over_long_rows_are_truncated_and_reported(p, tmp_path):
 
 
 def test_finished_run_is_left_byte_identical(p, tmp_path):
-    """Refusing to overwrite must not touch the finished run (checked byte for byte, not just by mtime)."""
+    """Refusing to overwrite must not touch the finished run (checked byte for byte, not just by
+    mtime)."""
     out = tmp_path / "out"
     shutil.copytree(p.run, out)
     before = {f: (out / f).read_bytes() for f in snapshot(out)}
@@ -598,7 +600,7 @@ def test_finished_run_is_left_byte_identical(p, tmp_path):
     assert {f: (out / f).read_bytes() for f in snapshot(out)} == before
 
 
-# ------------------------------------------------------------------------------- in-process: disk full, NaN
+# ----------------------------------------------------------------------- in-process: disk full, NaN
 
 
 def _cfg(model: Path, out: Path, **kw) -> TrainConfig:
@@ -621,17 +623,18 @@ def _cfg(model: Path, out: Path, **kw) -> TrainConfig:
 
 
 def _complete_checkpoints(out: Path) -> list[str]:
-    from mlx_lora.train import checkpoints
+    from mlx_lora.checkpoint import checkpoints
 
     return [c.name for c in checkpoints(out)]
 
 
 def _assert_loads(ckpt: Path, model: Path) -> None:
-    """A checkpoint folder is a usable adapter: it loads onto the base and its tensors are finite."""
+    """A checkpoint folder is a usable adapter: it loads onto the base and its tensors are
+    finite."""
     from mlx_lora.lora import read_adapter
     from mlx_lora.model import load_for_inference
 
-    _, tensors = read_adapter(ckpt)
+    tensors = read_adapter(ckpt).tensors
     assert all(mx.isfinite(v).all().item() for v in tensors.values())
     mx.load(str(ckpt / "optimizer.safetensors"))
     json.loads((ckpt / "trainer_state.json").read_text())
@@ -668,7 +671,8 @@ def _full_disk_writer(
 )
 def test_disk_full_while_writing_a_checkpoint(tiny_model, tmp_path, monkeypatch, exc):
     out = tmp_path / "out"
-    # checkpoint-2 writes adapter + optimizer (calls 1, 2); checkpoint-4's optimizer state (call 4) hits the full disk
+    # checkpoint-2 writes adapter + optimizer (calls 1, 2); checkpoint-4's optimizer state (call 4)
+    # hits the full disk
     _full_disk_writer(monkeypatch, lambda path, n: n == 4, exc)
     with pytest.raises(
         MlxLoraError,
@@ -708,7 +712,8 @@ def test_disk_full_while_writing_the_final_adapter(tiny_model, tmp_path, monkeyp
 
 
 def test_really_full_disk(tiny_model, tmp_path):
-    """A real 300 KB tmpfs: checkpoint-2 (~210 KB) fits, checkpoint-4 does not. Needs root and mount."""
+    """A real 300 KB tmpfs: checkpoint-2 (~210 KB) fits, checkpoint-4 does not. Needs root and
+    mount."""
     if os.geteuid() != 0 or not shutil.which("mount"):
         pytest.skip("needs root to mount a small tmpfs")
     disk = tmp_path / "disk"
@@ -751,7 +756,8 @@ def test_disk_full_while_fusing(p, tmp_path, monkeypatch):
 
 
 def test_disk_full_during_export_removes_what_it_wrote(p, tmp_path, monkeypatch):
-    """Adapter mode writes the LoRA GGUF, then the base GGUF; a full disk at the second leaves neither."""
+    """Adapter mode writes the LoRA GGUF, then the base GGUF; a full disk at the second leaves
+    neither."""
     import mlx_lora.export as export_module
 
     def full(*a, **kw):
@@ -774,7 +780,8 @@ def test_disk_full_during_export_removes_what_it_wrote(p, tmp_path, monkeypatch)
 def test_loss_turning_nan_stops_and_names_the_last_good_checkpoint(
     tiny_model, tmp_path, monkeypatch, bad
 ):
-    """The loss diverges at step 5 (poisoned loss weights, which reach the compiled step as data)."""
+    """The loss diverges at step 5 (poisoned loss weights, which reach the compiled step as
+    data)."""
     import mlx_lora.train as train_module
 
     real = train_module.batch_arrays
@@ -807,7 +814,7 @@ def test_loss_turning_nan_stops_and_names_the_last_good_checkpoint(
     )
 
 
-# ------------------------------------------------------------------------------- malformed HTTP requests
+# -------------------------------------------------------------------------- malformed HTTP requests
 
 
 @pytest.fixture(scope="module")

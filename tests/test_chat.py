@@ -25,7 +25,8 @@ from hypothesis import strategies as st
 from mlx.utils import tree_flatten
 
 from mlx_lora import lora
-from mlx_lora.chat import (
+from mlx_lora.errors import MlxLoraError
+from mlx_lora.generate import (
     BadParameter,
     PromptCache,
     StopStrings,
@@ -34,7 +35,7 @@ from mlx_lora.chat import (
     resolve_sampling,
     stop_token_ids,
 )
-from mlx_lora.errors import MlxLoraError
+from mlx_lora.meta import generation_config
 from mlx_lora.model import load_base, load_for_inference
 from mlx_lora.prompt import build_prompt, hf_tokenizer
 
@@ -166,20 +167,25 @@ def test_stop_tokens_cover_every_end_token(tiny_qwen, tmp_path):
 
 
 def test_sampling_defaults_come_from_generation_config(tiny_model, tmp_path):
-    s = resolve_sampling(tiny_model)
+    s = resolve_sampling(generation_config(tiny_model))
     assert (s.temperature, s.top_p, s.top_k, s.repetition_penalty) == (0.7, 0.8, 20, 1.05)
     s = resolve_sampling(
-        tiny_model, temperature=0.0, top_p=1.0, top_k=0, repetition_penalty=1.2, seed=5
+        generation_config(tiny_model),
+        temperature=0.0,
+        top_p=1.0,
+        top_k=0,
+        repetition_penalty=1.2,
+        seed=5,
     )
     assert (s.temperature, s.top_p, s.top_k, s.repetition_penalty, s.seed) == (0.0, 1.0, 0, 1.2, 5)
     (tmp_path / "generation_config.json").write_text(
         json.dumps({"do_sample": False, "temperature": 0.7})
     )
-    assert resolve_sampling(tmp_path).temperature == 0.0
-    assert resolve_sampling(tmp_path / "absent").temperature == 0.0
+    assert resolve_sampling(generation_config(tmp_path)).temperature == 0.0
+    assert resolve_sampling(generation_config(tmp_path / "absent")).temperature == 0.0
     for bad in ({"temperature": -1}, {"top_p": 1.5}, {"top_k": -2}, {"repetition_penalty": 0}):
         with pytest.raises(BadParameter) as e:
-            resolve_sampling(tiny_model, **bad)
+            resolve_sampling(generation_config(tiny_model), **bad)
         assert e.value.param == next(iter(bad))
 
 

@@ -58,7 +58,8 @@ ARGS = [
 
 
 class Run:
-    """One ``python -m mlx_lora.train`` process with its output in files (nothing to deadlock on)."""
+    """One ``python -m mlx_lora.train`` process with its output in files (nothing to deadlock
+    on)."""
 
     def __init__(self, model: Path, out: Path, logs: Path, resume: bool):
         logs.mkdir(parents=True, exist_ok=True)
@@ -105,7 +106,8 @@ class Run:
 
 
 def complete_checkpoints(out: Path) -> dict[int, Path]:
-    """``checkpoint-N`` folders, each checked to be complete and loadable (a partial one fails here)."""
+    """``checkpoint-N`` folders, each checked to be complete and loadable (a partial one fails
+    here)."""
     found = {}
     for d in out.glob("checkpoint-*"):
         step = int(d.name.removeprefix("checkpoint-"))

@@ -127,7 +127,7 @@ def test_system_prompt_flag_applies_to_every_example(tmp_path, tiny_model):
     assert not any("You are a helpful assistant" in tok.decode(e.ids) for e in ds.examples)
 
 
-# ---------------------------------------------------------------- the loss mask, real Qwen tokenizer
+# --------------------------------------------------------------- the loss mask, real Qwen tokenizer
 
 CONVERSATIONS = [
     [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "皇上好，我是甄嬛。"}],

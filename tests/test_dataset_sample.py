@@ -1,6 +1,8 @@
-"""The shipped dataset sample is the default training file; the download script fetches the full set.
+"""The shipped dataset sample is the default training file; the download script fetches the full
+set.
 
-The sample must be loadable as the huanhuan (alpaca) format, and the download script must never leave
+The sample must be loadable as the huanhuan (alpaca) format, and the download script must never
+leave
 a partial or bogus file behind, whatever the network does.
 """
 

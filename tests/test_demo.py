@@ -1,4 +1,5 @@
-"""``python -m mlx_lora.demo``: the README's "does my install work" command, run as a user runs it."""
+"""``python -m mlx_lora.demo``: the README's "does my install work" command, run as a user runs
+it."""
 
 from __future__ import annotations
 

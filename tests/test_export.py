@@ -1,4 +1,5 @@
-"""Export end to end: the GGUF llama.cpp serves is the model MLX chats with, and the Modelfile says so.
+"""Export end to end: the GGUF llama.cpp serves is the model MLX chats with, and the Modelfile says
+so.
 
 Models: a tiny Qwen2 model carrying the real Qwen1.5 tokenizer (151,936 tokens) with a random
 nonzero adapter, and the really trained stories260K (Llama architecture, SentencePiece) with a
@@ -24,12 +25,12 @@ from test_ollama import Harness, _commands, go  # noqa: F401  (go: session fixtu
 
 from mlx_lora.errors import MlxLoraError
 from mlx_lora.export import ExportConfig, export
+from mlx_lora.llamacpp import open_llama
 from mlx_lora.verify import (
     TEXTS,
     load_mlx,
     mlx_greedy,
     mlx_logits,
-    open_llama,
     probe_prompts,
     verify_export,
     verify_gguf,
@@ -48,7 +49,7 @@ def _export(**kw) -> object:
 def _llama_logits(
     gguf: Path, prompts: list[list[int]], lora: Path | None = None
 ) -> list[np.ndarray]:
-    from mlx_lora.verify import llama_logits
+    from mlx_lora.llamacpp import llama_logits
 
     llm = open_llama(gguf, n_ctx=256, lora_path=lora)
     return [llama_logits(llm, p) for p in prompts]
@@ -63,7 +64,7 @@ def _max_delta(a, b) -> float:
     return max(float(np.abs(x - y).max()) for x, y in zip(a, b, strict=True))
 
 
-# ------------------------------------------------------------------ fixtures (built once per module)
+# ----------------------------------------------------------------- fixtures (built once per module)
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +156,8 @@ def test_qwen_f32_tokenization_logits_and_greedy_identical(qwen_f32):
 
 @needs_llama_cpp
 def test_qwen_gguf_matches_mlx_base_plus_adapter_directly(qwen_f32, qwen_adapter, qwen_prompts):
-    """Independently of verify.py's bookkeeping: llama.cpp(fused GGUF) vs MLX(base + PEFT adapter)."""
+    """Independently of verify.py's bookkeeping: llama.cpp(fused GGUF) vs MLX(base + PEFT
+    adapter)."""
     ref = _mlx(qwen_f32.base_dir, qwen_adapter, qwen_prompts)
     got = _llama_logits(qwen_f32.gguf, qwen_prompts)
     delta = _max_delta(ref, got)
@@ -164,7 +166,7 @@ def test_qwen_gguf_matches_mlx_base_plus_adapter_directly(qwen_f32, qwen_adapter
     model, _ = load_mlx(qwen_f32.base_dir, qwen_adapter)
     ours = mlx_greedy(model, qwen_prompts[1], 32)
     llm = open_llama(qwen_f32.gguf, n_ctx=256)
-    from mlx_lora.verify import llama_greedy
+    from mlx_lora.llamacpp import llama_greedy
 
     assert llama_greedy(llm, qwen_prompts[1], 32) == ours
 
@@ -207,7 +209,7 @@ def test_qwen_adapter_mode_equals_fused_model(qwen_f32, qwen_adapter, qwen_promp
     )  # without the LoRA it differs
 
 
-# ------------------------------------------------------------------ Llama architecture (stories260K)
+# ----------------------------------------------------------------- Llama architecture (stories260K)
 
 
 @needs_llama_cpp
@@ -295,7 +297,8 @@ def test_modelfile_full_mode(qwen_f32, go):  # noqa: F811 - the imported fixture
     assert cmds["temperature"] == [repr(float(gen["temperature"]))] and cmds["top_k"] == [
         str(gen["top_k"])
     ]
-    # What Ollama sends for a request without a system message = what MLX built in training and chat.
+    # What Ollama sends for a request without a system message = what MLX built in training and
+    # chat.
     msgs = [
         {"role": "user", "content": "你好"},
         {"role": "assistant", "content": "皇上万福。"},
@@ -315,8 +318,12 @@ def test_modelfile_full_mode(qwen_f32, go):  # noqa: F811 - the imported fixture
 
 
 def test_modelfile_adapter_mode_template_file_and_system_override(
-    stories, stories_adapter, story_template, work, go
-):  # noqa: F811
+    stories,
+    stories_adapter,
+    story_template,
+    work,
+    go,  # noqa: F811 - the session fixture imported above
+):
     r = _export(
         model=str(stories),
         adapter=str(stories_adapter),
@@ -379,7 +386,7 @@ def test_verify_without_llama_cpp_runs_the_rest(
     assert 'pip install "mlx_lora[verify]"' in report.table()
 
 
-# ------------------------------------------------------------------ CLI: --verify, and a corrupted GGUF
+# -------------------------------------------------------------- CLI: --verify, and a corrupted GGUF
 
 
 def _cli(module: str, *args: str) -> subprocess.CompletedProcess:

@@ -129,7 +129,7 @@ def test_fuse_keeps_base_dtype_by_default(tiny_model, qwen_adapter, work):
     assert {str(v.dtype) for v in weights.values()} == {f"mlx.core.{base_dtype}"}
 
 
-# ------------------------------------------------------------------ QLoRA: fuse into the unquantized base
+# ------------------------------------------------------------ QLoRA: fuse into the unquantized base
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +195,8 @@ def test_qlora_fused_weights_derive_from_unquantized_base(qlora_run):
         w = base_w[name]
         expected = w + np.float32(scale) * (b @ a)
         np.testing.assert_allclose(fused_w[name], expected, rtol=0, atol=1e-6, err_msg=name)
-        # ...and not from the 4-bit copy training ran against: that would differ by the quantization error
+        # ...and not from the 4-bit copy training ran against: that would differ by the
+        # quantization error
         wq = np.array(
             mx.dequantize(*mx.quantize(mx.array(w), group_size=64, bits=4), group_size=64, bits=4)
         )
@@ -227,7 +228,8 @@ def test_output_folder_is_a_clean_hf_folder(qlora_run):
 
 
 def test_chat_template_moved_into_tokenizer_config(tiny_model, qwen_adapter, work):
-    """Current transformers keeps the template in chat_template.jinja; llama.cpp reads tokenizer_config.json."""
+    """Current transformers keeps the template in chat_template.jinja; llama.cpp reads
+    tokenizer_config.json."""
     base = work / "template-in-jinja"
     shutil.copytree(tiny_model, base)
     tc = json.loads((base / "tokenizer_config.json").read_text())
@@ -285,7 +287,8 @@ def test_adapter_from_another_base_is_refused(qwen_adapter, qlora_run, work):
 
 
 def test_adapter_with_more_layers_is_refused_after_writing_started(qwen_adapter, work):
-    """The 2-layer adapter's layer-1 tensors have no home in a 1-layer base: found only after the shard is written."""
+    """The 2-layer adapter's layer-1 tensors have no home in a 1-layer base: found only after the
+    shard is written."""
     one_layer = make_tiny_model(work / "tiny-1layer", layers=1)
     out = work / "wrong-layers"
     with pytest.raises(MlxLoraError, match="trained on another model"):

@@ -1,4 +1,5 @@
-"""Fuzzing the dataset pipeline (and the Modelfile quoting): a valid result or a clean error, never a crash.
+"""Fuzzing the dataset pipeline (and the Modelfile quoting): a valid result or a clean error, never
+a crash.
 
 Users feed ``mlx_lora.train`` whatever they have: exports from other tools, hand-edited files, text
 with quotes, backslashes, CR/LF, control and combining characters, very long answers. For random
@@ -190,7 +191,7 @@ DATASET = st.sampled_from(sorted(PLAUSIBLE)).flatmap(
     lambda f: st.lists(st.one_of(PLAUSIBLE[f], PLAUSIBLE[f], PLAUSIBLE[f], RECORD), max_size=6)
 )
 
-# ------------------------------------------------------------------------------- fixtures and helpers
+# ----------------------------------------------------------------------------- fixtures and helpers
 
 
 @pytest.fixture(scope="module")
@@ -394,7 +395,8 @@ def test_load_dataset_gives_examples_or_a_clean_error(
 )
 def test_awkward_strings_in_every_field_of_a_conversation(tokenizer, files, pieces, repeat, where):
     """Quotes, backslashes, CR/LF, control/format/combining characters, template syntax and special
-    token text, up to tens of thousands of characters, in the fields that reach the chat template."""
+    token text, up to tens of thousands of characters, in the fields that reach the chat
+    template."""
     s = "".join(pieces) * repeat
     rec = {"instruction": "问", "output": "答", "input": ""}
     if where == "both":
@@ -455,7 +457,8 @@ def test_quote_value_quotes_exactly_or_refuses(value):
     num_ctx=st.integers(-5, 1 << 20),
 )
 def test_modelfile_from_any_generation_config(gen, stops, system, num_ctx):
-    """What export does with a model's generation_config.json (any JSON object) and its end tokens."""
+    """What export does with a model's generation_config.json (any JSON object) and its end
+    tokens."""
     from mlx_lora.ollama import generation_params, go_template_for, render_modelfile
 
     template = go_template_for(_CHATML, "<s>", "<|im_end|>")

@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 
 from mlx_lora.errors import MlxLoraError
-from mlx_lora.gguf import identify_pre_tokenizer, read_vocab, write_gguf, write_lora_gguf
+from mlx_lora.gguf import write_gguf, write_lora_gguf
+from mlx_lora.gguf_vocab import identify_pre_tokenizer, read_vocab
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -267,7 +268,8 @@ def test_tensors_read_back_equal_hf_weights(key, gtype, models, gguf_reader):
             )
         elif gtype == "bf16":  # tiny models are stored in bf16: the round trip is exact
             np.testing.assert_array_equal(data, ref, err_msg=name)
-        else:  # q8_0: per 32-block scale = max|x|/127, error ≤ half a step + the f16 rounding of the scale
+        # q8_0: per 32-block scale = max|x|/127, error ≤ half a step + the f16 rounding of the scale
+        else:
             blocks = ref.reshape(-1, 32)
             step = np.abs(blocks).max(axis=1, keepdims=True) / 127
             err = np.abs(data.reshape(-1, 32) - blocks)

@@ -248,7 +248,8 @@ def stories(work) -> dict[str, Path]:
 
 def test_qwen_fused_folder_converts_and_matches(qwen, work):
     """f32 only: reading a 151,936-token vocabulary with GGUFReader takes ~6 s per file
-    (q8_0's block layout is covered by the stories260K model, whose rows of 172 also hit the f16 fallback)."""
+    (q8_0's block layout is covered by the stories260K model, whose rows of 172 also hit the f16
+    fallback)."""
     gguf_type = "f32"
     theirs, ours = work / f"qwen-llama-cpp-{gguf_type}.gguf", work / f"qwen-ours-{gguf_type}.gguf"
     _run_converter(CONVERT_HF, qwen["fused"], "--outtype", gguf_type, "--outfile", theirs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -14,6 +15,7 @@ from mlx_lora.data import make_batch
 from mlx_lora.errors import MlxLoraError
 from mlx_lora.lora import (
     DEFAULT_TARGETS,
+    Adapter,
     adapter_config,
     apply_lora,
     load_adapter,
@@ -78,14 +80,17 @@ def test_scale_is_alpha_over_r(tiny_model):
     model.eval()
     x = mx.array([[3, 1, 4, 1, 5, 9, 2, 6]])
     out = model(x)
-    cfg = {"r": 4, "lora_alpha": 16}
-    merged = merge_weights(base_weights, cfg, lora_state(model))
+    merged = merge_weights(
+        base_weights, Adapter(Path("."), {"r": 4, "lora_alpha": 16}, lora_state(model))
+    )
     ref, _, _ = load(tiny_model)
     ref.load_weights([(k, mx.array(v)) for k, v in merged.items()])
     diff = mx.abs(ref(x) - out).max().item()
     assert diff < 1e-4
     # and the scale really matters: with alpha = r the result differs
-    merged1 = merge_weights(base_weights, {"r": 4, "lora_alpha": 4}, lora_state(model))
+    merged1 = merge_weights(
+        base_weights, Adapter(Path("."), {"r": 4, "lora_alpha": 4}, lora_state(model))
+    )
     ref.load_weights([(k, mx.array(v)) for k, v in merged1.items()])
     assert mx.abs(ref(x) - out).max().item() > 1e-3
 
@@ -125,7 +130,7 @@ def test_save_load_round_trip_and_peft_config(tiny_model, tmp_path):
     fresh, _, _ = load(tiny_model)
     loaded_cfg = load_adapter(fresh, tmp_path)
     fresh.eval()
-    assert loaded_cfg["mlx_lora"]["system_prompt"] == "S"
+    assert loaded_cfg.extra["system_prompt"] == "S"
     assert mx.array_equal(fresh(x), model(x)).item()
 
 

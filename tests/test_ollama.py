@@ -35,10 +35,10 @@ from mlx_lora.ollama import (
     load_template_file,
     ollama_create,
     quote_value,
-    render_chat_template,
     render_modelfile,
     write_modelfile,
 )
+from mlx_lora.prompt import render_template
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -352,7 +352,7 @@ def test_rendering_matches_the_tokenizer() -> None:
     tpl = tok.chat_template
     for conv in _conversations(True)[:6]:
         want = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
-        assert render_chat_template(tpl, conv, bos_token=None, eos_token=tok.eos_token) == want
+        assert render_template(tpl, conv, bos_token=None, eos_token=tok.eos_token) == want
     g = go_template_for_tokenizer(tok)
     assert g == go_template_for(tpl, tok.bos_token, tok.eos_token)
     from mlx_lm.tokenizer_utils import TokenizerWrapper
@@ -375,14 +375,14 @@ def _family_cases(name: str, keep_bos: bool) -> tuple[list[dict], list[str]]:
     for conv in convs:
         # 1. Modelfile SYSTEM = the training system prompt; the request may bring its own.
         if g.system_role:
-            hf = render_chat_template(
+            hf = render_template(
                 tpl, _with_system(conv, TRAIN_SYSTEM), bos_token=bos, eos_token=eos
             )
             cases.append({"template": g.template, "system": TRAIN_SYSTEM, "messages": conv})
             want.append(hf[len(strip) :])
         if conv[0]["role"] != "system":
             # 2. Modelfile SYSTEM = the template's own default (Qwen), and 3. no SYSTEM at all.
-            hf = render_chat_template(tpl, conv, bos_token=bos, eos_token=eos)
+            hf = render_template(tpl, conv, bos_token=bos, eos_token=eos)
             for sys_prompt in {g.default_system or "", ""}:
                 cases.append({"template": g.template, "system": sys_prompt, "messages": conv})
                 want.append(hf[len(strip) :])
@@ -429,7 +429,7 @@ def test_modelfile_round_trip_through_go(go: Harness, name: str) -> None:
     )
     strip = len(g.leading_bos or "")
     for conv, out in zip(convs, got, strict=True):
-        hf = render_chat_template(tpl, _with_system(conv, system), bos_token=bos, eos_token=eos)
+        hf = render_template(tpl, _with_system(conv, system), bos_token=bos, eos_token=eos)
         assert out["prompt"] == hf[strip:]
 
 
@@ -446,7 +446,7 @@ def test_gemma_system_goes_into_first_user_turn(go: Harness) -> None:
     g1 = go_template_for(GEMMA, "<bos>", "<eos>")
     conv = [{"role": "user", "content": "Hi"}]
     (out,) = go.render([{"template": g1.template, "system": "Be brief.", "messages": conv}])
-    want = render_chat_template(GEMMA3, _with_system(conv, "Be brief."), bos_token="<bos>")
+    want = render_template(GEMMA3, _with_system(conv, "Be brief."), bos_token="<bos>")
     assert out["prompt"] == want.removeprefix("<bos>")
 
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from mlx_lora.chat import complete
 from mlx_lora.errors import MlxLoraError
+from mlx_lora.generate import complete
 from mlx_lora.model import load_for_inference
 from mlx_lora.prompt import build_prompt
 from mlx_lora.serve import make_server

@@ -17,8 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from mlx_lora.chat import complete
 from mlx_lora.config import parse_config
+from mlx_lora.generate import complete
 from mlx_lora.model import load_for_inference
 from mlx_lora.serve import ServeConfig, make_server
 
@@ -47,7 +47,8 @@ def loaded(tiny_model):
 
 @pytest.fixture(scope="module")
 def expected(loaded) -> list[str]:
-    """What chat answers each prompt (greedy), computed before the server's worker owns the model."""
+    """What chat answers each prompt (greedy), computed before the server's worker owns the
+    model."""
     return [complete(loaded, m, temperature=0, max_tokens=MAX_TOKENS).text for m in PROMPTS]
 
 
@@ -75,7 +76,8 @@ def _body(i: int, stream: bool, max_tokens: int = MAX_TOKENS) -> bytes:
 
 
 def ask(port: int, i: int, stream: bool) -> dict:
-    """One client: a plain or a streaming request; returns status, text, finish reason and timings."""
+    """One client: a plain or a streaming request; returns status, text, finish reason and
+    timings."""
     t0 = time.monotonic()
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     try:

@@ -1,4 +1,5 @@
-"""Training end to end on a tiny model: falling loss, accumulation, resume, output-dir rules, CLI."""
+"""Training end to end on a tiny model: falling loss, accumulation, resume, output-dir rules,
+CLI."""
 
 from __future__ import annotations
 

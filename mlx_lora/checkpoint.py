@@ -1,0 +1,201 @@
+"""A training run's folder: checkpoints, the trainer state, resume, and the final adapter.
+
+The seed's "error 3" came from merging an adapter that an interrupted run had half written. Here
+every checkpoint is built in a temporary folder and renamed into place (so a folder named
+``checkpoint-N`` is always complete), a finished run is never overwritten by accident, and resume
+restores the adapter, the optimizer moments and the counters, so that the run ends with the same
+adapter as one that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten, tree_unflatten
+
+from mlx_lora.errors import MlxLoraError
+from mlx_lora.files import (
+    atomic_dir,
+    copy_file_atomic,
+    read_json,
+    write_error_detail,
+    write_json_atomic,
+)
+from mlx_lora.lora import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    check_fits,
+    read_adapter,
+    save_adapter,
+    set_lora_tensors,
+)
+from mlx_lora.weights import load_tensors, save_tensors
+
+STATE_FILE = "trainer_state.json"
+OPTIMIZER_FILE = "optimizer.safetensors"
+PLOT_FILE = "loss.png"
+
+
+@dataclass
+class TrainerState:
+    """What HF's ``trainer_state.json`` holds, plus the data position needed to resume exactly."""
+
+    global_step: int = 0
+    epoch: float = 0.0
+    max_steps: int = 0
+    num_train_epochs: float = 0.0
+    best_metric: float | None = None
+    best_model_checkpoint: str | None = None
+    evals_without_improvement: int = 0
+    log_history: list[dict] = field(default_factory=list)
+    run: dict = field(default_factory=dict)  # settings a resume must not change
+
+
+def checkpoints(out: Path) -> list[Path]:
+    """Complete checkpoints (renamed into place, so never partial), oldest first."""
+    needed = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, OPTIMIZER_FILE, STATE_FILE)
+    found = []
+    for p in Path(out).glob("checkpoint-*"):
+        step = p.name.removeprefix("checkpoint-")
+        if p.is_dir() and step.isdigit() and all((p / f).is_file() for f in needed):
+            found.append((int(step), p))
+    return [p for _, p in sorted(found)]
+
+
+def _check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{id(out)}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise MlxLoraError(
+            f"cannot write to --output-dir {out} ({e.strerror}); choose a writable folder"
+        ) from None
+
+
+def _chosen_checkpoint(out: Path, resume: str, existing: list[Path]) -> Path:
+    if resume != "latest":
+        ckpt = Path(resume)
+        known = {c.resolve() for c in existing} | {ckpt}
+        if not (ckpt.is_dir() and ckpt in known and (ckpt / OPTIMIZER_FILE).is_file()):
+            raise MlxLoraError(
+                f"--resume {ckpt}: not a complete checkpoint folder (needs {OPTIMIZER_FILE} and "
+                f"{STATE_FILE})"
+            )
+        return ckpt
+    if not existing:
+        raise MlxLoraError(f"--resume: no complete checkpoint in {out}; start without --resume")
+    return existing[-1]
+
+
+def prepare_output_dir(out: Path, resume: str | None, overwrite: bool) -> Path | None:
+    """Check the folder is ours to write; returns the checkpoint to resume from, if any.
+
+    ``resume`` is None, ``"latest"`` or a checkpoint folder. A finished or unfinished run is only
+    replaced with ``overwrite``; temporary folders of a killed run are removed.
+    """
+    out = Path(out)
+    _check_writable(out)
+    for stale in out.glob(".checkpoint-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    existing = checkpoints(out)
+    if resume:
+        return _chosen_checkpoint(out, resume, existing)
+    finished = (out / ADAPTER_WEIGHTS).is_file()
+    if finished or existing:
+        if not overwrite:
+            what = "a finished run" if finished else f"an unfinished run ({existing[-1].name})"
+            hint = "" if finished else "--resume to continue it, or "
+            raise MlxLoraError(
+                f"{out} holds {what}; pass {hint}--overwrite-output-dir to start over, or choose "
+                "another --output-dir"
+            )
+        for p in existing:
+            shutil.rmtree(p)
+        for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG, STATE_FILE, PLOT_FILE):
+            (out / name).unlink(missing_ok=True)
+    return None
+
+
+def resume_point(out: Path, resume: str | None) -> Path | None:
+    """What rank 0's :func:`prepare_output_dir` chose, computed read-only on the other ranks."""
+    if not resume:
+        return None
+    if resume != "latest":
+        return Path(resume)
+    found = checkpoints(out)
+    return found[-1] if found else None
+
+
+def save_checkpoint(
+    out: Path, model: nn.Module, optimizer: optim.Optimizer, state: TrainerState, adapter_cfg: dict
+) -> Path:
+    """``checkpoint-<step>``: adapter + optimizer + trainer state, built aside then renamed in."""
+    final = Path(out) / f"checkpoint-{state.global_step}"
+    try:
+        with atomic_dir(final) as tmp:
+            save_adapter(tmp, model, adapter_cfg)
+            save_tensors(tmp / OPTIMIZER_FILE, dict(tree_flatten(optimizer.state)), {})
+            write_json_atomic(tmp / STATE_FILE, asdict(state))
+    except (OSError, RuntimeError) as e:
+        raise MlxLoraError(
+            f"cannot write checkpoint {final} ({write_error_detail(e)}); free disk space and "
+            "--resume"
+        ) from None
+    return final
+
+
+def prune_checkpoints(out: Path, limit: int | None, keep: str | None) -> None:
+    """Keep the newest ``limit`` checkpoints (``keep``, the best one, is never deleted)."""
+    if not limit:
+        return
+    ckpts = checkpoints(out)
+    removable = [p for p in ckpts if str(p) != keep]
+    for p in removable[: max(0, len(ckpts) - limit)]:
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def restore(ckpt: Path, model: nn.Module, optimizer: optim.Optimizer) -> TrainerState:
+    """Adapter weights, optimizer moments and counters of a checkpoint."""
+    try:
+        adapter = read_adapter(ckpt)
+        opt_state = load_tensors(ckpt / OPTIMIZER_FILE)
+        raw = read_json(ckpt / STATE_FILE, required=True)
+        check_fits(model, adapter.tensors, f"checkpoint {ckpt}", adapter.base_model)
+        set_lora_tensors(model, adapter.tensors)
+        optimizer.state = tree_unflatten(list(opt_state.items()))
+        mx.eval(optimizer.state)
+        return TrainerState(**raw)
+    except MlxLoraError as e:
+        raise MlxLoraError(f"cannot resume from {ckpt}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - a damaged file is a user-level problem
+        raise MlxLoraError(
+            f"checkpoint {ckpt} is damaged ({e}); delete it to resume from an older one"
+        ) from None
+
+
+def save_final(
+    out: Path, model: nn.Module, adapter_cfg: dict, best: str | None, last_good: Path | None
+) -> None:
+    """The run's adapter in ``out``: the best checkpoint's when early stopping chose one (HF's
+    ``load_best_model_at_end``), else the model's current one."""
+    try:
+        if best and Path(best).is_dir():
+            copy_file_atomic(Path(best) / ADAPTER_WEIGHTS, out / ADAPTER_WEIGHTS)
+            copy_file_atomic(Path(best) / ADAPTER_CONFIG, out / ADAPTER_CONFIG)
+        else:
+            save_adapter(out, model, adapter_cfg)
+    except (OSError, RuntimeError) as e:  # MLX reports a full disk as RuntimeError
+        for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
+            (out / name).unlink(missing_ok=True)  # no adapter_config.json without its weights
+        then = f"--resume (from {last_good})" if last_good else "run again"
+        raise MlxLoraError(
+            f"cannot write the adapter to {out} ({write_error_detail(e)}); free disk space and "
+            f"{then}"
+        ) from None
