@@ -18,6 +18,9 @@ from mlx_lora.errors import MlxLoraError
 from mlx_lora.hub import DEFAULT_MODEL, SOURCES
 from mlx_lora.model import DTYPES
 
+# --optim: MLX's optimizers under HF's names (adamw_torch and adamw_hf are HF's spellings of adamw)
+OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor", "muon", "adamw_torch", "adamw_hf")
+
 
 def opt(default: Any, help: str, **kw: Any) -> Any:
     """A config field with its ``--help`` text (and optional argparse extras)."""
@@ -69,8 +72,13 @@ class TrainConfig:
         "micro-batches per optimizer step (same update as one batch of batch×accumulation "
         "examples)",
     )
-    learning_rate: float = opt(1e-4, "peak AdamW learning rate")
-    weight_decay: float = opt(0.0, "AdamW decoupled weight decay")
+    learning_rate: float = opt(1e-4, "peak learning rate")
+    optim: str = opt(
+        "adamw",
+        "optimizer (MLX's own; HF's adamw_torch/adamw_hf mean adamw); its state is checkpointed",
+        choices=list(OPTIMIZERS),
+    )
+    weight_decay: float = opt(0.0, "decoupled weight decay (adamw, sgd, adafactor, muon)")
     lr_scheduler_type: str = opt(
         "linear", "learning-rate schedule after warmup", choices=["linear", "cosine", "constant"]
     )
@@ -98,6 +106,11 @@ class TrainConfig:
     lora_r: int = opt(8, "LoRA rank")
     lora_alpha: float = opt(32.0, "LoRA alpha; the update is scaled by alpha / r")
     lora_dropout: float = opt(0.1, "dropout on the LoRA input during training")
+    lora_layers: int | None = opt(
+        None,
+        "LoRA on the last N transformer blocks only (default: all); recorded as PEFT's "
+        "layers_to_transform",
+    )
     target_modules: str = opt(
         "q,k,v,o,gate,up,down",
         "comma-separated modules to adapt in every layer (q,k,v,o,gate,up,down or full names like "
@@ -121,6 +134,13 @@ class TrainConfig:
     )
     overwrite_output_dir: bool = opt(False, "start over even if --output-dir holds a run")
     plot: bool = opt(True, "write loss.png")
+    report_to: str = opt(
+        "none",
+        "experiment trackers: none, all (every installed one) or a comma list of tensorboard, "
+        'swanlab, wandb, mlflow (each an extra: pip install "mlx_lora[tensorboard]")',
+    )
+    run_name: str | None = opt(None, "the run's name in the trackers (default: date and time)")
+    project_name: str | None = opt(None, "the trackers' project (default: mlx_lora)")
 
 
 @dataclass

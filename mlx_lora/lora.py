@@ -9,6 +9,7 @@ nothing.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -69,22 +70,37 @@ class LoRALinear(nn.Module):
         return y + (self.scale * z).astype(y.dtype)
 
 
-def linear_paths(model: nn.Module) -> dict[str, nn.Module]:
-    """Every linear (plain or quantized) inside the transformer blocks, by its HF module path."""
+def _layer_of(path: str) -> int | None:
+    """The block index in an HF module path (``model.layers.3.mlp.up_proj`` → 3)."""
+    m = re.search(r"(?:^|\.)layers\.(\d+)\.", path)
+    return int(m.group(1)) if m else None
+
+
+def linear_paths(model: nn.Module, layers: list[int] | None = None) -> dict[str, nn.Module]:
+    """Every linear (plain or quantized) inside the transformer blocks (of ``layers`` only, when
+    given), by its HF module path."""
     return {
         path: m
         for path, m in model.named_modules()
-        if isinstance(m, nn.Linear | nn.QuantizedLinear) and ".layers." in f".{path}"
+        if isinstance(m, nn.Linear | nn.QuantizedLinear)
+        and _layer_of(path) is not None
+        and (layers is None or _layer_of(path) in layers)
     }
 
 
 def apply_lora(
-    model: nn.Module, targets: list[str], r: int, alpha: float, dropout: float = 0.0
+    model: nn.Module,
+    targets: list[str],
+    r: int,
+    alpha: float,
+    dropout: float = 0.0,
+    layers: list[int] | None = None,
 ) -> list[str]:
-    """Freeze ``model`` and wrap the target linears of every layer; returns the wrapped paths."""
+    """Freeze ``model`` and wrap the target linears of every block (or of ``layers``, PEFT's
+    ``layers_to_transform``); returns the wrapped paths."""
     if r <= 0:
         raise MlxLoraError(f"--lora-r must be a positive integer, got {r}")
-    linears = linear_paths(model)
+    linears = linear_paths(model, layers)
     available = sorted({p.rsplit(".", 1)[-1] for p in linears})
     unknown = [t for t in targets if t not in available]
     if unknown:
@@ -116,10 +132,19 @@ def lora_state(model: nn.Module) -> dict[str, mx.array]:
 
 
 def adapter_config(
-    *, r: int, alpha: float, dropout: float, targets: list[str], base_model: str, extra: dict
+    *,
+    r: int,
+    alpha: float,
+    dropout: float,
+    targets: list[str],
+    base_model: str,
+    extra: dict,
+    layers: list[int] | None = None,
 ) -> dict:
     """PEFT ``LoraConfig`` fields plus an ``mlx_lora`` section with what chat/export need."""
     return {
+        "layers_to_transform": layers,
+        "layers_pattern": "layers" if layers is not None else None,
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "r": r,
@@ -169,6 +194,12 @@ class Adapter:
     @property
     def targets(self) -> list[str]:
         return normalize_targets(self.config.get("target_modules") or [])
+
+    @property
+    def layers(self) -> list[int] | None:
+        """PEFT's ``layers_to_transform``: the blocks the adapter covers (None: all)."""
+        layers = self.config.get("layers_to_transform")
+        return [layers] if isinstance(layers, int) else layers
 
     @property
     def base_model(self) -> str | None:
@@ -286,7 +317,7 @@ def load_adapter(
         adapter = read_adapter(adapter)
     if base_config is not None:
         check_base(adapter, base_config)
-    apply_lora(model, adapter.targets, adapter.r, adapter.alpha, 0.0)
+    apply_lora(model, adapter.targets, adapter.r, adapter.alpha, 0.0, layers=adapter.layers)
     check_fits(model, adapter.tensors, f"adapter {adapter.directory}", adapter.base_model)
     set_lora_tensors(model, adapter.tensors)
     return adapter

@@ -45,7 +45,8 @@ from mlx_lora.hub import resolve_model
 from mlx_lora.lora import adapter_config, apply_lora, normalize_targets
 from mlx_lora.loss import loss_sum
 from mlx_lora.model import TRAINABLE_TYPES, compute_dtype, device_name, load_base
-from mlx_lora.report import Reporter, human_bytes, plot_losses
+from mlx_lora.report import Fanout, Reporter, default_reporter, human_bytes, plot_losses
+from mlx_lora.trackers import open_trackers, parse_report_to, save_tracker_state
 
 
 @dataclass
@@ -85,6 +86,10 @@ def validate(cfg: TrainConfig) -> None:
         ),
         (cfg.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {cfg.warmup_steps}"),
         (cfg.lora_r > 0, f"--lora-r must be > 0, got {cfg.lora_r}"),
+        (
+            cfg.lora_layers is None or cfg.lora_layers > 0,
+            f"--lora-layers must be > 0, got {cfg.lora_layers}",
+        ),
         (cfg.lora_alpha > 0, f"--lora-alpha must be > 0, got {cfg.lora_alpha}"),
         (0 <= cfg.lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {cfg.lora_dropout}"),
         (cfg.max_grad_norm >= 0, f"--max-grad-norm must be >= 0, got {cfg.max_grad_norm}"),
@@ -119,6 +124,28 @@ def make_schedule(cfg: TrainConfig, total_steps: int):
     if warm == 0:
         return after
     return optim.join_schedules([optim.linear_schedule(0.0, lr, warm), after], [warm])
+
+
+def make_optimizer(cfg: TrainConfig, total_steps: int) -> optim.Optimizer:
+    """``--optim`` with the schedule; the state of each is a tree of arrays, so it checkpoints and
+    resumes the same way."""
+    lr, wd = make_schedule(cfg, total_steps), cfg.weight_decay
+    name = {"adamw_torch": "adamw", "adamw_hf": "adamw"}.get(cfg.optim, cfg.optim)
+    if name == "adam" and wd:
+        raise MlxLoraError("--optim adam has no weight decay; use --optim adamw for --weight-decay")
+    if name == "adamw":
+        return optim.AdamW(learning_rate=lr, weight_decay=wd)
+    if name == "adam":
+        return optim.Adam(learning_rate=lr)
+    if name == "sgd":
+        return optim.SGD(learning_rate=lr, weight_decay=wd)
+    if name == "adafactor":  # the schedule sets the step size, as with HF's Adafactor + scheduler
+        return optim.Adafactor(
+            learning_rate=lr, relative_step=False, scale_parameter=False, weight_decay=wd
+        )
+    if name == "muon":
+        return optim.Muon(learning_rate=lr, weight_decay=wd)
+    raise MlxLoraError(f"unknown --optim {cfg.optim!r}; choose adamw, adam, sgd, adafactor, muon")
 
 
 def step_examples(
@@ -196,6 +223,7 @@ class Run:
     pad_id: int
     summary: str
     loss_and_grad: Callable = field(repr=False, default=None)  # type: ignore[assignment]
+    trackers: list = field(default_factory=list)
 
     @property
     def rank(self) -> int:
@@ -230,7 +258,25 @@ def _split_data(cfg: TrainConfig, ds: Dataset, tokenizer: Any) -> tuple[list, li
     return [ds.examples[i] for i in train_idx], [ds.examples[i] for i in val_idx]
 
 
-def _adapter_record(cfg: TrainConfig, ds: Dataset, model_dir: Path, config: dict) -> dict:
+def _wrap(cfg: TrainConfig, model: nn.Module, config: dict) -> list[int] | None:
+    """LoRA on the target modules of every block, or of the last ``--lora-layers`` blocks."""
+    n_layers = len(model.layers)
+    layers = None
+    if cfg.lora_layers is not None:
+        if not 0 < cfg.lora_layers <= n_layers:
+            raise MlxLoraError(
+                f"--lora-layers must be between 1 and the model's {n_layers} blocks, got "
+                f"{cfg.lora_layers}"
+            )
+        layers = list(range(n_layers - cfg.lora_layers, n_layers))
+    targets = normalize_targets(cfg.target_modules)
+    apply_lora(model, targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, layers=layers)
+    return layers
+
+
+def _adapter_record(
+    cfg: TrainConfig, ds: Dataset, model_dir: Path, config: dict, layers: list[int] | None
+) -> dict:
     """``adapter_config.json``: PEFT's fields plus what chat, export and resume need."""
     extra = {
         "version": __import__("mlx_lora").__version__,
@@ -252,6 +298,7 @@ def _adapter_record(cfg: TrainConfig, ds: Dataset, model_dir: Path, config: dict
         targets=normalize_targets(cfg.target_modules),
         base_model=base_name,
         extra=extra,
+        layers=layers,
     )
 
 
@@ -321,16 +368,14 @@ def setup(cfg: TrainConfig) -> tuple[Run, Path | None]:
             f"process(es) is larger than the {len(train_ex)} training examples; lower it"
         )
     mx.random.seed(cfg.seed)
-    apply_lora(
-        model, normalize_targets(cfg.target_modules), cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout
-    )
+    layers = _wrap(cfg, model, config)
     model.train()
     per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * group.size()
     steps_per_epoch = math.ceil(len(train_ex) / per_step)
     total = (
         cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
     )
-    optimizer = optim.AdamW(learning_rate=make_schedule(cfg, total), weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(cfg, total)
     optimizer.init(model.trainable_parameters())
     run_keys = {
         "train_examples": len(train_ex),
@@ -339,11 +384,12 @@ def setup(cfg: TrainConfig) -> tuple[Run, Path | None]:
         "seed": cfg.seed,
         "packing": cfg.packing,
         "max_seq_length": cfg.max_seq_length,
+        "optim": optimizer.__class__.__name__,
     }
     state = TrainerState(max_steps=total, num_train_epochs=total / steps_per_epoch, run=run_keys)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     text = summary(cfg, ds, len(train_ex), len(val_ex), model, steps_per_epoch, total, group.size())
-    adapter_cfg = _adapter_record(cfg, ds, model_dir, config)
+    adapter_cfg = _adapter_record(cfg, ds, model_dir, config, layers)
     run = Run(
         cfg,
         out,
@@ -575,8 +621,9 @@ def loop(run: Run, reporter: Reporter, stop: dict) -> Meter:
     return meter
 
 
-def finish(run: Run, meter: Meter, reporter: Reporter, runtime: float) -> TrainResult:
-    """The final adapter, ``trainer_state.json`` with HF's closing record, ``loss.png``."""
+def finish(run: Run, meter: Meter, runtime: float) -> tuple[TrainResult, dict, str]:
+    """The final adapter, ``trainer_state.json`` with HF's closing record, ``loss.png``; returns
+    the result, HF's closing record and the last line for humans."""
     state, out = run.state, run.out
     tps, peak = meter.tokens_per_second, mx.get_peak_memory() / 1e9
     losses = [h["loss"] for h in state.log_history if "loss" in h]
@@ -585,11 +632,6 @@ def finish(run: Run, meter: Meter, reporter: Reporter, runtime: float) -> TrainR
     result = TrainResult(
         out, state.global_step, train_loss, meter.last_eval, best, tps, peak, meter.stopped_early
     )
-    if not run.lead:
-        return result
-    save_final(
-        out, run.model, run.adapter_cfg, best if meter.stopped_early else None, meter.last_good
-    )
     final = {
         "train_runtime": round(runtime, 4),
         "train_samples_per_second": round(meter.steps * run.per_step / max(runtime, 1e-9), 3),
@@ -597,7 +639,12 @@ def finish(run: Run, meter: Meter, reporter: Reporter, runtime: float) -> TrainR
         "train_loss": train_loss,
         "epoch": round(state.epoch, 4),
     }
-    reporter.finish(final)
+    text = f"adapter saved to {out} ({tps:,.0f} tokens/s, peak memory {human_bytes(peak * 1e9)})"
+    if not run.lead:
+        return result, final, text
+    save_final(
+        out, run.model, run.adapter_cfg, best if meter.stopped_early else None, meter.last_good
+    )
     state.log_history.append(
         {
             **final,
@@ -617,31 +664,59 @@ def finish(run: Run, meter: Meter, reporter: Reporter, runtime: float) -> TrainR
             f"the adapter is saved in {out}, but {STATE_FILE} or {PLOT_FILE} could not be written "
             f"({write_error_detail(e)}); free disk space"
         ) from None
-    reporter.message(
-        f"adapter saved to {out} ({tps:,.0f} tokens/s, peak memory {human_bytes(peak * 1e9)})"
-    )
-    return result
+    return result, final, text
+
+
+def _reporter(run: Run, reporter: Reporter | None, progress: bool, resumed: bool) -> Reporter:
+    """The given reporter (or the default one) plus the ``--report-to`` trackers, on rank 0."""
+    names = parse_report_to(run.cfg.report_to)
+    trackers = []
+    if run.lead and names:
+        c = run.cfg
+        trackers = open_trackers(names, run.out, c.run_name, c.project_name, resumed)
+        run.trackers = trackers
+    if reporter is None:
+        return default_reporter(lead=run.lead, progress=progress, trackers=trackers)
+    return Fanout(reporter, *trackers) if trackers else reporter
 
 
 def train(
     cfg: TrainConfig, *, progress: bool = True, reporter: Reporter | None = None
 ) -> TrainResult:
-    """Run one training job end to end; what the CLI, the studio and tests call."""
+    """Run one training job end to end; what the CLI, the studio and tests call.
+
+    ``reporter`` replaces the console (and ``MLX_LORA_EVENTS``) output; ``--report-to`` trackers
+    are added to it either way.
+    """
+    parse_report_to(cfg.report_to)  # a missing tracker package fails before anything loads
     run, resumed = setup(cfg)
-    reporter = reporter or Reporter(enabled=run.lead, progress=progress)
-    if resumed is not None:
-        reporter.message(f"resuming from {resumed} (step {run.state.global_step})")
+    reporter = _reporter(run, reporter, progress, resumed is not None)
+    info = {
+        "step": run.state.global_step,
+        "total_steps": run.total_steps,
+        "steps_per_epoch": run.steps_per_epoch,
+        "summary": run.summary,
+        "resumed_from": str(resumed) if resumed is not None else None,
+    }
     mx.reset_peak_memory()
     t0 = time.perf_counter()
-    reporter.start(run.summary, run.total_steps, run.state.global_step, asdict(cfg))
+    reporter.start(info, asdict(cfg))
+    if run.lead:
+        save_tracker_state(run.out, run.trackers)
     try:
         with _interruptible() as stop:
             meter = loop(run, reporter, stop)
-    finally:
-        reporter.close()
-    if stop["flag"]:  # the CLI prints this one line and exits 130
-        raise KeyboardInterrupt(f"interrupted: saved {meter.last_good}; continue with --resume")
-    return finish(run, meter, reporter, time.perf_counter() - t0)
+        if stop["flag"]:  # the CLI prints this one line and exits 130
+            raise KeyboardInterrupt(f"interrupted: saved {meter.last_good}; continue with --resume")
+        result, final, text = finish(run, meter, time.perf_counter() - t0)
+    except KeyboardInterrupt as e:
+        reporter.end("interrupted", str(e) or "interrupted")
+        raise
+    except MlxLoraError as e:
+        reporter.end("error", str(e))
+        raise
+    reporter.end("finished", text, final)
+    return result
 
 
 DESCRIPTION = """LoRA fine-tuning of a chat model on Apple MLX (the seed's train.py, without traps).

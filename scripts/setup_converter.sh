@@ -21,7 +21,7 @@ PY="${PYTHON:-python3}"
 TORCH_SPEC="torch==2.13.0"
 # What the converters and their gguf-py import at top level (mistral_common is optional there:
 # it is only needed for Mistral-format checkpoints, which mlx_lora does not write).
-DEPS=(numpy sentencepiece safetensors transformers protobuf pyyaml tqdm requests)
+DEPS=(numpy sentencepiece safetensors transformers protobuf pyyaml tqdm requests peft)
 
 fail() { echo "setup_converter: $*" >&2; exit 1; }
 
@@ -31,7 +31,7 @@ VENV="$DIR/venv"
 SRC="$DIR/llama.cpp"
 
 # ---- 1. converter venv with CPU torch -------------------------------------------------------
-if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import torch, numpy, sentencepiece, safetensors, transformers, google.protobuf, yaml, tqdm, requests" 2>/dev/null; then
+if [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import torch, numpy, sentencepiece, safetensors, transformers, google.protobuf, yaml, tqdm, requests, peft" 2>/dev/null; then
   echo "setup_converter: $VENV already has torch $("$VENV/bin/python" -c 'import torch; print(torch.__version__)')"
 else
   command -v "$PY" >/dev/null 2>&1 || fail "$PY not found; set PYTHON=/path/to/python3"
