@@ -37,6 +37,7 @@ from mlx_lora.lora import (
 from mlx_lora.weights import load_tensors, save_tensors
 
 STATE_FILE = "trainer_state.json"
+MODEL_WEIGHTS = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 PLOT_FILE = "loss.png"
 
@@ -56,13 +57,54 @@ class TrainerState:
     run: dict = field(default_factory=dict)  # settings a resume must not change
 
 
+class AdapterSaver:
+    """What a LoRA/DoRA run saves: the PEFT adapter (``adapter_config.json`` + weights)."""
+
+    files = (ADAPTER_WEIGHTS, ADAPTER_CONFIG)
+
+    def __init__(self, adapter_cfg: dict):
+        self.adapter_cfg = adapter_cfg
+
+    def save(self, folder: Path, model: nn.Module) -> None:
+        save_adapter(folder, model, self.adapter_cfg)
+
+    def load(self, folder: Path, model: nn.Module) -> None:
+        adapter = read_adapter(folder)
+        check_fits(model, adapter.tensors, f"checkpoint {folder}", adapter.base_model)
+        set_lora_tensors(model, adapter.tensors)
+
+
+class ModelSaver:
+    """What a full fine-tune saves: a Hugging Face folder (weights, config, tokenizer, and the
+    training record ``mlx_lora.json``) that chat, serve, eval and export open with --model."""
+
+    files = (MODEL_WEIGHTS, "config.json")
+
+    def __init__(self, base_dir: Path, info: dict):
+        self.base_dir, self.info = Path(base_dir), info
+
+    def save(self, folder: Path, model: nn.Module) -> None:
+        from mlx_lora.model import save_model_folder
+
+        save_model_folder(folder, model, self.base_dir, self.info)
+
+    def load(self, folder: Path, model: nn.Module) -> None:
+        weights = load_tensors(folder / MODEL_WEIGHTS)
+        model.load_weights(list(weights.items()), strict=True)
+        mx.eval(model.parameters())
+
+
+Saver = AdapterSaver | ModelSaver
+
+
 def checkpoints(out: Path) -> list[Path]:
     """Complete checkpoints (renamed into place, so never partial), oldest first."""
-    needed = (ADAPTER_WEIGHTS, ADAPTER_CONFIG, OPTIMIZER_FILE, STATE_FILE)
     found = []
     for p in Path(out).glob("checkpoint-*"):
         step = p.name.removeprefix("checkpoint-")
-        if p.is_dir() and step.isdigit() and all((p / f).is_file() for f in needed):
+        saved = any(all((p / f).is_file() for f in k.files) for k in (AdapterSaver, ModelSaver))
+        state = (p / OPTIMIZER_FILE).is_file() and (p / STATE_FILE).is_file()
+        if p.is_dir() and step.isdigit() and saved and state:
             found.append((int(step), p))
     return [p for _, p in sorted(found)]
 
@@ -107,7 +149,7 @@ def prepare_output_dir(out: Path, resume: str | None, overwrite: bool) -> Path |
     existing = checkpoints(out)
     if resume:
         return _chosen_checkpoint(out, resume, existing)
-    finished = (out / ADAPTER_WEIGHTS).is_file()
+    finished = (out / ADAPTER_WEIGHTS).is_file() or (out / MODEL_WEIGHTS).is_file()
     if finished or existing:
         if not overwrite:
             what = "a finished run" if finished else f"an unfinished run ({existing[-1].name})"
@@ -118,7 +160,7 @@ def prepare_output_dir(out: Path, resume: str | None, overwrite: bool) -> Path |
             )
         for p in existing:
             shutil.rmtree(p)
-        for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG, STATE_FILE, PLOT_FILE):
+        for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG, STATE_FILE, PLOT_FILE, MODEL_WEIGHTS):
             (out / name).unlink(missing_ok=True)
     return None
 
@@ -134,13 +176,14 @@ def resume_point(out: Path, resume: str | None) -> Path | None:
 
 
 def save_checkpoint(
-    out: Path, model: nn.Module, optimizer: optim.Optimizer, state: TrainerState, adapter_cfg: dict
+    out: Path, model: nn.Module, optimizer: optim.Optimizer, state: TrainerState, saver: Saver
 ) -> Path:
-    """``checkpoint-<step>``: adapter + optimizer + trainer state, built aside then renamed in."""
+    """``checkpoint-<step>``: adapter (or model) + optimizer + trainer state, built aside then
+    renamed in."""
     final = Path(out) / f"checkpoint-{state.global_step}"
     try:
         with atomic_dir(final) as tmp:
-            save_adapter(tmp, model, adapter_cfg)
+            saver.save(tmp, model)
             save_tensors(tmp / OPTIMIZER_FILE, dict(tree_flatten(optimizer.state)), {})
             write_json_atomic(tmp / STATE_FILE, asdict(state))
     except (OSError, RuntimeError) as e:
@@ -161,14 +204,12 @@ def prune_checkpoints(out: Path, limit: int | None, keep: str | None) -> None:
         shutil.rmtree(p, ignore_errors=True)
 
 
-def restore(ckpt: Path, model: nn.Module, optimizer: optim.Optimizer) -> TrainerState:
-    """Adapter weights, optimizer moments and counters of a checkpoint."""
+def restore(ckpt: Path, model: nn.Module, optimizer: optim.Optimizer, saver: Saver) -> TrainerState:
+    """Adapter (or model) weights, optimizer moments and counters of a checkpoint."""
     try:
-        adapter = read_adapter(ckpt)
         opt_state = load_tensors(ckpt / OPTIMIZER_FILE)
         raw = read_json(ckpt / STATE_FILE, required=True)
-        check_fits(model, adapter.tensors, f"checkpoint {ckpt}", adapter.base_model)
-        set_lora_tensors(model, adapter.tensors)
+        saver.load(ckpt, model)
         optimizer.state = tree_unflatten(list(opt_state.items()))
         mx.eval(optimizer.state)
         return TrainerState(**raw)
@@ -181,18 +222,22 @@ def restore(ckpt: Path, model: nn.Module, optimizer: optim.Optimizer) -> Trainer
 
 
 def save_final(
-    out: Path, model: nn.Module, adapter_cfg: dict, best: str | None, last_good: Path | None
+    out: Path, model: nn.Module, saver: Saver, best: str | None, last_good: Path | None
 ) -> None:
-    """The run's adapter in ``out``: the best checkpoint's when early stopping chose one (HF's
-    ``load_best_model_at_end``), else the model's current one."""
+    """The run's adapter (or model) in ``out``: the best checkpoint's when early stopping chose
+    one (HF's ``load_best_model_at_end``), else the model's current one."""
     try:
         if best and Path(best).is_dir():
-            copy_file_atomic(Path(best) / ADAPTER_WEIGHTS, out / ADAPTER_WEIGHTS)
-            copy_file_atomic(Path(best) / ADAPTER_CONFIG, out / ADAPTER_CONFIG)
+            if isinstance(saver, ModelSaver):  # all of the best checkpoint's model folder
+                saver.load(Path(best), model)
+                saver.save(out, model)
+            else:
+                for name in saver.files:
+                    copy_file_atomic(Path(best) / name, out / name)
         else:
-            save_adapter(out, model, adapter_cfg)
+            saver.save(out, model)
     except (OSError, RuntimeError) as e:  # MLX reports a full disk as RuntimeError
-        for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
+        for name in saver.files:
             (out / name).unlink(missing_ok=True)  # no adapter_config.json without its weights
         then = f"--resume (from {last_good})" if last_good else "run again"
         raise MlxLoraError(

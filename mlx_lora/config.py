@@ -103,6 +103,13 @@ class TrainConfig:
         "pack a batch's examples into shared rows (block-diagonal attention: same loss, less "
         "padding)",
     )
+    finetune_type: str = opt(
+        "lora",
+        "lora; dora (PEFT's use_dora: LoRA + learned row magnitudes); full (every weight, saved "
+        "as a Hugging Face folder)",
+        choices=["lora", "dora", "full"],
+    )
+    use_dora: bool = opt(False, "PEFT's name for --finetune-type dora")
     lora_r: int = opt(8, "LoRA rank")
     lora_alpha: float = opt(32.0, "LoRA alpha; the update is scaled by alpha / r")
     lora_dropout: float = opt(0.1, "dropout on the LoRA input during training")
@@ -134,6 +141,11 @@ class TrainConfig:
     )
     overwrite_output_dir: bool = opt(False, "start over even if --output-dir holds a run")
     plot: bool = opt(True, "write loss.png")
+    eval_at_end: bool = opt(
+        False,
+        "after training, compare base and tuned on the validation data and write eval.json, "
+        "eval.md, eval.html (python -m mlx_lora.eval)",
+    )
     report_to: str = opt(
         "none",
         "experiment trackers: none, all (every installed one) or a comma list of tensorboard, "

@@ -208,6 +208,7 @@ class Dataset:
     truncated: int = 0
     dropped_no_target: int = 0
     skipped_lines: list[int] = field(default_factory=list)
+    sources: list[list[Message] | str] = field(default_factory=list)  # per example: what it encodes
 
     @property
     def tokens(self) -> int:
@@ -262,6 +263,7 @@ def load_dataset(
             ds.dropped_no_target += 1
             continue
         ds.examples.append(enc)
+        ds.sources.append(item)
     if not ds.examples:
         why = (
             f"all {ds.records} records were skipped (missing or empty fields for format {fmt}); "

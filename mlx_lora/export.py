@@ -283,6 +283,11 @@ def _prepare(cfg: ExportConfig) -> _Job:
     """Read the adapter and base, derive the TEMPLATE (an unrecognised chat template should fail
     before minutes of converting), refuse to overwrite an earlier export."""
     adapter = read_adapter(Path(cfg.adapter)) if cfg.adapter else None
+    if adapter is not None and adapter.use_dora and cfg.mode == "adapter":
+        raise MlxLoraError(
+            "--mode adapter cannot carry a DoRA adapter (llama.cpp's GGUF LoRA is plain LoRA); "
+            "use --mode full, which fuses DoRA exactly"
+        )
     base_dir = base_model_dir(cfg.model, adapter, cfg.model_source)
     if adapter is not None:
         check_base(adapter, read_json(base_dir / "config.json"))

@@ -20,26 +20,13 @@ import numpy as np
 
 from mlx_lora.config import opt, parse_config
 from mlx_lora.errors import MlxLoraError
-from mlx_lora.files import atomic_dir, read_json, write_error_detail, write_json_atomic
+from mlx_lora.files import atomic_dir, read_json, write_error_detail
 from mlx_lora.hub import SOURCES
 from mlx_lora.lora import Adapter, check_base, merge_weights, read_adapter
-from mlx_lora.meta import FUSED_INFO, GENERATION_CONFIG, training_system_prompt
-from mlx_lora.model import DTYPES, base_model_dir, dtype_name
+from mlx_lora.meta import training_system_prompt
+from mlx_lora.model import DTYPES, base_model_dir, dtype_name, write_model_files
 from mlx_lora.weights import INDEX_FILE, load_tensors, save_tensors, weight_files
 
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "vocab.txt",
-    "qwen.tiktoken",
-)
 QUANT_KEYS = ("quantization", "quantization_config")
 
 
@@ -146,33 +133,15 @@ def _write_fused(
     config["torch_dtype"] = _merge_shards(tmp, base, config, lora, dtype)
     if (base / INDEX_FILE).is_file():
         shutil.copyfile(base / INDEX_FILE, tmp / INDEX_FILE)
-    write_json_atomic(tmp / "config.json", config)
-    for name in (*TOKENIZER_FILES, GENERATION_CONFIG):
-        if (base / name).is_file():
-            shutil.copyfile(base / name, tmp / name)
-    _template_in_tokenizer_config(tmp)
-    write_json_atomic(
-        tmp / FUSED_INFO,
-        {
-            "base_model": model,
-            "adapter": str(lora.directory.resolve()),
-            "r": lora.r,
-            "lora_alpha": lora.alpha,
-            "system_prompt": training_system_prompt(None, lora),
-            "dtype": config["torch_dtype"],
-        },
-    )
-
-
-def _template_in_tokenizer_config(folder: Path) -> None:
-    """Copy ``chat_template.jinja`` into ``tokenizer_config.json`` when only the former has it."""
-    tc, jinja = folder / "tokenizer_config.json", folder / "chat_template.jinja"
-    if not (tc.is_file() and jinja.is_file()):
-        return
-    data = read_json(tc)
-    if not data.get("chat_template"):
-        data["chat_template"] = jinja.read_text(encoding="utf-8")
-        write_json_atomic(tc, data)
+    info = {
+        "base_model": model,
+        "adapter": str(lora.directory.resolve()),
+        "r": lora.r,
+        "lora_alpha": lora.alpha,
+        "system_prompt": training_system_prompt(None, lora),
+        "dtype": config["torch_dtype"],
+    }
+    write_model_files(tmp, base, config, info)
 
 
 DESCRIPTION = """Merge a LoRA adapter into its base model and write a Hugging Face folder

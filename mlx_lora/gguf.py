@@ -506,6 +506,11 @@ def write_lora_gguf(
     """
     wanted, ftype = _gguf_type(gguf_type)
     lora = adapter if isinstance(adapter, Adapter) else read_adapter(Path(adapter))
+    if lora.use_dora:
+        raise MlxLoraError(
+            f"{lora.directory} is a DoRA adapter, which a GGUF LoRA adapter cannot hold (llama.cpp "
+            "applies plain LoRA); export with --mode full, which fuses DoRA exactly"
+        )
     base_hf_dir = Path(base_hf_dir)
     cfg, arch = _load_config(base_hf_dir)
     plans = _plan_lora_tensors(lora, base_hf_dir, cfg, arch, wanted)

@@ -48,10 +48,32 @@ def normalize_targets(targets: list[str] | str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-class LoRALinear(nn.Module):
-    """``base(x) + (alpha / r) · dropout(x) · Aᵀ · Bᵀ`` around a frozen (maybe quantized) linear."""
+def dense_weight(linear: nn.Module) -> mx.array:
+    """The full-precision weight of a plain or quantized linear."""
+    if isinstance(linear, nn.QuantizedLinear):
+        return mx.dequantize(
+            linear.weight, linear.scales, linear.biases, linear.group_size, linear.bits
+        )
+    return linear.weight
 
-    def __init__(self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0):
+
+def row_norm(w: mx.array) -> mx.array:
+    """The L2 norm of each output row (PEFT/DoRA's ``weight_norm``), in fp32."""
+    return mx.linalg.norm(w.astype(mx.float32), axis=1)
+
+
+class LoRALinear(nn.Module):
+    """``base(x) + (alpha / r) · dropout(x) · Aᵀ · Bᵀ`` around a frozen (maybe quantized) linear.
+
+    With ``dora`` it is PEFT's DoRA: the adapted weight ``W + s·B·A`` is rescaled row by row to a
+    learned magnitude ``m`` (initialised to the rows' norms), the norm treated as a constant in
+    the backward pass as the DoRA paper and PEFT do. ``active = False`` gives the base model back
+    (evaluation compares base and tuned with one copy of the weights).
+    """
+
+    def __init__(
+        self, base: nn.Module, r: int, alpha: float, dropout: float = 0.0, dora: bool = False
+    ):
         super().__init__()
         out_dims, in_dims = base.weight.shape
         if isinstance(base, nn.QuantizedLinear):
@@ -59,15 +81,35 @@ class LoRALinear(nn.Module):
         self.base = base
         self.scale = alpha / r
         self.dropout = nn.Dropout(p=dropout)
+        self.active = True
         # PEFT's default init: kaiming-uniform(a=√5) for A, i.e. U(±1/√in); zeros for B.
         bound = 1.0 / math.sqrt(in_dims)
         self.lora_A = mx.random.uniform(-bound, bound, (r, in_dims), dtype=mx.float32)
         self.lora_B = mx.zeros((out_dims, r), dtype=mx.float32)
+        if dora:
+            self.lora_magnitude_vector = row_norm(dense_weight(base))
+
+    @property
+    def dora(self) -> bool:
+        return "lora_magnitude_vector" in self
 
     def __call__(self, x: mx.array) -> mx.array:
         y = self.base(x)
-        z = (self.dropout(x).astype(mx.float32) @ self.lora_A.T) @ self.lora_B.T
-        return y + (self.scale * z).astype(y.dtype)
+        if not self.active:
+            return y
+        xd = self.dropout(x)
+        z = (xd.astype(mx.float32) @ self.lora_A.T) @ self.lora_B.T
+        if not self.dora:
+            return y + (self.scale * z).astype(y.dtype)
+        w = dense_weight(self.base).astype(mx.float32)
+        norm = mx.stop_gradient(row_norm(w + self.scale * (self.lora_B @ self.lora_A)))
+        g = self.lora_magnitude_vector / norm
+        if self.training and self.dropout.training and self.dropout._p_1 < 1:
+            base_out = xd.astype(mx.float32) @ w.T  # PEFT: the dropped-out input, no bias
+        else:
+            bias = self.base.bias if "bias" in self.base else 0.0
+            base_out = (y - bias).astype(mx.float32)
+        return y + ((g - 1) * base_out + g * self.scale * z).astype(y.dtype)
 
 
 def _layer_of(path: str) -> int | None:
@@ -95,6 +137,7 @@ def apply_lora(
     alpha: float,
     dropout: float = 0.0,
     layers: list[int] | None = None,
+    dora: bool = False,
 ) -> list[str]:
     """Freeze ``model`` and wrap the target linears of every block (or of ``layers``, PEFT's
     ``layers_to_transform``); returns the wrapped paths."""
@@ -110,7 +153,7 @@ def apply_lora(
     model.freeze()
     wrapped = [p for p in linears if p.rsplit(".", 1)[-1] in targets]
     model.update_modules(
-        _unflatten({p: LoRALinear(linears[p], r, alpha, dropout) for p in wrapped})
+        _unflatten({p: LoRALinear(linears[p], r, alpha, dropout, dora) for p in wrapped})
     )
     return wrapped
 
@@ -123,12 +166,21 @@ def _unflatten(flat: dict[str, Any]) -> dict:
 
 
 def lora_state(model: nn.Module) -> dict[str, mx.array]:
-    """The adapter tensors under their PEFT names."""
+    """The adapter tensors under their PEFT names (DoRA's magnitudes have no ``.weight``)."""
     out = {}
     for name, value in tree_flatten(model.parameters()):
         if name.endswith((".lora_A", ".lora_B")):
             out[f"{PEFT_PREFIX}{name}.weight"] = value
+        elif name.endswith(".lora_magnitude_vector"):
+            out[f"{PEFT_PREFIX}{name}"] = value
     return out
+
+
+def set_active(model: nn.Module, active: bool) -> None:
+    """Switch every LoRA layer on or off (off = the base model, with no second copy of it)."""
+    for _, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            m.active = active
 
 
 def adapter_config(
@@ -140,6 +192,7 @@ def adapter_config(
     base_model: str,
     extra: dict,
     layers: list[int] | None = None,
+    dora: bool = False,
 ) -> dict:
     """PEFT ``LoraConfig`` fields plus an ``mlx_lora`` section with what chat/export need."""
     return {
@@ -158,7 +211,7 @@ def adapter_config(
         "init_lora_weights": True,
         "modules_to_save": None,
         "use_rslora": False,
-        "use_dora": False,
+        "use_dora": dora,
         "revision": None,
         "mlx_lora": extra,
     }
@@ -196,6 +249,19 @@ class Adapter:
         return normalize_targets(self.config.get("target_modules") or [])
 
     @property
+    def use_dora(self) -> bool:
+        return bool(self.config.get("use_dora"))
+
+    def magnitudes(self) -> dict[str, mx.array]:
+        """DoRA: HF module path → the learned magnitude of each output row."""
+        suffix = ".lora_magnitude_vector"
+        return {
+            k.removeprefix(PEFT_PREFIX).removesuffix(suffix): v
+            for k, v in self.tensors.items()
+            if k.endswith(suffix)
+        }
+
+    @property
     def layers(self) -> list[int] | None:
         """PEFT's ``layers_to_transform``: the blocks the adapter covers (None: all)."""
         layers = self.config.get("layers_to_transform")
@@ -215,6 +281,8 @@ class Adapter:
         of every adapted module."""
         found: dict[str, dict[str, mx.array]] = {}
         for key, value in self.tensors.items():
+            if key.endswith(".lora_magnitude_vector"):
+                continue
             module, sep, part = key.removeprefix(PEFT_PREFIX).rpartition(".lora_")
             if not sep or part not in ("A.weight", "B.weight"):
                 raise MlxLoraError(
@@ -267,6 +335,11 @@ def read_adapter(directory: Path) -> Adapter:
             f"--adapter {directory} is not a folder; pass the --output-dir of a training run (or "
             "one of its checkpoint-N folders)"
         )
+    if not cfg_path.is_file() and (directory / "config.json").is_file():
+        raise MlxLoraError(
+            f"{directory} is a model folder (a full fine-tune or a fused model), not an adapter; "
+            "pass it with --model"
+        )
     if not cfg_path.is_file():
         raise MlxLoraError(
             f"{directory} has no {ADAPTER_CONFIG}: pass the --output-dir of a finished training "
@@ -317,7 +390,15 @@ def load_adapter(
         adapter = read_adapter(adapter)
     if base_config is not None:
         check_base(adapter, base_config)
-    apply_lora(model, adapter.targets, adapter.r, adapter.alpha, 0.0, layers=adapter.layers)
+    apply_lora(
+        model,
+        adapter.targets,
+        adapter.r,
+        adapter.alpha,
+        0.0,
+        layers=adapter.layers,
+        dora=adapter.use_dora,
+    )
     check_fits(model, adapter.tensors, f"adapter {adapter.directory}", adapter.base_model)
     set_lora_tensors(model, adapter.tensors)
     return adapter
@@ -345,7 +426,8 @@ def check_fits(model: nn.Module, tensors: dict[str, mx.array], what: str, base: 
 def set_lora_tensors(model: nn.Module, tensors: dict[str, mx.array]) -> None:
     """Load PEFT-named tensors into a model already wrapped by :func:`apply_lora`."""
     model.load_weights(
-        [(k[len(PEFT_PREFIX) : -len(".weight")], v) for k, v in tensors.items()], strict=False
+        [(k.removeprefix(PEFT_PREFIX).removesuffix(".weight"), v) for k, v in tensors.items()],
+        strict=False,
     )
     mx.eval(model.parameters())
 
@@ -383,4 +465,7 @@ def merge_weights(
                 "was trained on another model; pass its base with --model"
             )
         merged[key] = w + adapter.scale(module) * (b @ a)
+        if adapter.use_dora:  # PEFT's DoRA merge: each row rescaled to its learned magnitude
+            m = to_f32(adapter.magnitudes()[module])
+            merged[key] *= (m / np.linalg.norm(merged[key], axis=1))[:, None]
     return merged

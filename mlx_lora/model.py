@@ -7,18 +7,27 @@ and "an adapter knows its base".
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 from mlx_lora.errors import MlxLoraError
-from mlx_lora.files import read_json
+from mlx_lora.files import read_json, write_json_atomic
 from mlx_lora.hub import resolve_model
 from mlx_lora.lora import Adapter, load_adapter, read_adapter
-from mlx_lora.meta import generation_config, sampling_defaults, training_system_prompt
+from mlx_lora.meta import (
+    FUSED_INFO,
+    GENERATION_CONFIG,
+    generation_config,
+    sampling_defaults,
+    training_system_prompt,
+)
+from mlx_lora.weights import save_tensors
 
 # Architectures whose blocks are (embed → layers(x, mask, cache) → norm → head): the ones training
 # drives layer by layer for packing and target-only vocabulary projection.
@@ -137,3 +146,50 @@ def load_for_inference(
     loaded_adapter = load_adapter(m, recorded, config) if recorded is not None else None
     m.eval()
     return Loaded(m, tok, model_dir, config, loaded_adapter, gen)
+
+
+# Files of a model folder besides its weights that travel with it, byte for byte (llama.cpp
+# identifies BPE pre-tokenizers by hashing their output, so a re-saved tokenizer could differ).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "vocab.txt",
+    "qwen.tiktoken",
+)
+
+
+def write_model_files(folder: Path, base_dir: Path, config: dict, info: dict) -> None:
+    """Everything of a model folder but its weights: ``config``, the base's tokenizer files and
+    generation config (byte for byte), the chat template also in ``tokenizer_config.json``
+    (where llama.cpp's converters look), and ``info`` as ``mlx_lora.json`` (provenance and the
+    training system prompt)."""
+    write_json_atomic(folder / "config.json", config)
+    for name in (*TOKENIZER_FILES, GENERATION_CONFIG):
+        if (base_dir / name).is_file():
+            shutil.copyfile(base_dir / name, folder / name)
+    tc, jinja = folder / "tokenizer_config.json", folder / "chat_template.jinja"
+    if tc.is_file() and jinja.is_file():
+        data = read_json(tc)
+        if not data.get("chat_template"):
+            data["chat_template"] = jinja.read_text(encoding="utf-8")
+            write_json_atomic(tc, data)
+    write_json_atomic(folder / FUSED_INFO, info)
+
+
+def save_model_folder(folder: Path, model: nn.Module, base_dir: Path, info: dict) -> None:
+    """A fully fine-tuned model as a Hugging Face folder (weights in the dtype they were trained
+    in), next to the base's config and tokenizer."""
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = dict(tree_flatten(model.parameters()))
+    save_tensors(folder / "model.safetensors", weights)
+    config = read_json(base_dir / "config.json", required=True)
+    config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
+    config["torch_dtype"] = dtype_name(next(iter(weights.values())).dtype)
+    write_model_files(folder, base_dir, config, info)

@@ -28,6 +28,8 @@ from mlx.utils import tree_flatten, tree_map
 from mlx_lora.checkpoint import (
     PLOT_FILE,
     STATE_FILE,
+    AdapterSaver,
+    ModelSaver,
     TrainerState,
     checkpoints,
     prepare_output_dir,
@@ -86,6 +88,20 @@ def validate(cfg: TrainConfig) -> None:
         ),
         (cfg.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {cfg.warmup_steps}"),
         (cfg.lora_r > 0, f"--lora-r must be > 0, got {cfg.lora_r}"),
+        (
+            cfg.finetune_type != "full" or not cfg.quantize,
+            "--finetune-type full trains every weight, so the base cannot be quantized; drop "
+            "--quantize (or use --finetune-type lora for QLoRA)",
+        ),
+        (
+            cfg.finetune_type != "full" or not cfg.eval_at_end,
+            "--eval-at-end compares an adapter with its base; a full fine-tune has no adapter "
+            "(export or chat with --model OUT)",
+        ),
+        (
+            not cfg.eval_at_end or cfg.val_split > 0 or cfg.eval_data,
+            "--eval-at-end needs validation data: set --val-split (e.g. 0.05) or --eval-data",
+        ),
         (
             cfg.lora_layers is None or cfg.lora_layers > 0,
             f"--lora-layers must be > 0, got {cfg.lora_layers}",
@@ -215,7 +231,7 @@ class Run:
     tokenizer: Any
     train_ex: list[Encoded]
     val_ex: list[Encoded]
-    adapter_cfg: dict
+    saver: AdapterSaver | ModelSaver
     optimizer: optim.Optimizer
     state: TrainerState
     steps_per_epoch: int
@@ -270,35 +286,66 @@ def _wrap(cfg: TrainConfig, model: nn.Module, config: dict) -> list[int] | None:
             )
         layers = list(range(n_layers - cfg.lora_layers, n_layers))
     targets = normalize_targets(cfg.target_modules)
-    apply_lora(model, targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, layers=layers)
+    apply_lora(
+        model,
+        targets,
+        cfg.lora_r,
+        cfg.lora_alpha,
+        cfg.lora_dropout,
+        layers=layers,
+        dora=uses_dora(cfg),
+    )
     return layers
 
 
-def _adapter_record(
-    cfg: TrainConfig, ds: Dataset, model_dir: Path, config: dict, layers: list[int] | None
-) -> dict:
-    """``adapter_config.json``: PEFT's fields plus what chat, export and resume need."""
-    extra = {
+def uses_dora(cfg: TrainConfig) -> bool:
+    return cfg.use_dora or cfg.finetune_type == "dora"
+
+
+def _record(cfg: TrainConfig, ds: Dataset, model_dir: Path, config: dict) -> dict:
+    """What chat, export, eval and resume need to know about this run (``mlx_lora`` section of
+    ``adapter_config.json``, or ``mlx_lora.json`` of a full fine-tune)."""
+    return {
         "version": __import__("mlx_lora").__version__,
+        "finetune_type": "dora" if uses_dora(cfg) else cfg.finetune_type,
         "system_prompt": cfg.system_prompt,
         "format": ds.format,
         "quantize": cfg.quantize,
         "max_seq_length": cfg.max_seq_length,
+        "base_model": cfg.model if not Path(cfg.model).expanduser().exists() else str(model_dir),
         "base_model_dir": str(model_dir),
         "base_model_type": config.get("model_type"),
         "base_hidden_size": config.get("hidden_size"),
         "base_num_hidden_layers": config.get("num_hidden_layers"),
         "base_vocab_size": config.get("vocab_size"),
+        # what `python -m mlx_lora.eval` needs to rebuild the held-out split
+        "data": str(Path(cfg.data).resolve()),
+        "eval_data": str(Path(cfg.eval_data).resolve()) if cfg.eval_data else None,
+        "val_split": cfg.val_split,
+        "seed": cfg.seed,
     }
-    base_name = cfg.model if not Path(cfg.model).expanduser().exists() else str(model_dir)
-    return adapter_config(
-        r=cfg.lora_r,
-        alpha=cfg.lora_alpha,
-        dropout=cfg.lora_dropout,
-        targets=normalize_targets(cfg.target_modules),
-        base_model=base_name,
-        extra=extra,
-        layers=layers,
+
+
+def _prepare_model(
+    cfg: TrainConfig, model: nn.Module, ds: Dataset, model_dir: Path, config: dict
+) -> AdapterSaver | ModelSaver:
+    """Make the model trainable as ``--finetune-type`` says; returns what the run will save."""
+    record = _record(cfg, ds, model_dir, config)
+    if cfg.finetune_type == "full":
+        model.unfreeze()
+        return ModelSaver(model_dir, record)
+    layers = _wrap(cfg, model, config)
+    return AdapterSaver(
+        adapter_config(
+            r=cfg.lora_r,
+            alpha=cfg.lora_alpha,
+            dropout=cfg.lora_dropout,
+            targets=normalize_targets(cfg.target_modules),
+            base_model=record["base_model"],
+            extra=record,
+            layers=layers,
+            dora=uses_dora(cfg),
+        )
     )
 
 
@@ -318,7 +365,7 @@ def _load(cfg: TrainConfig) -> tuple[nn.Module, Any, dict, Path]:
 def _resume(run: Run, ckpt: Path) -> None:
     """Restore a checkpoint; the data order and batch layout must be those it was made with."""
     expected = run.state.run
-    run.state = restore(ckpt, run.model, run.optimizer)
+    run.state = restore(ckpt, run.model, run.optimizer, run.saver)
     changed = {
         k: (run.state.run.get(k), v) for k, v in expected.items() if run.state.run.get(k) != v
     }
@@ -368,7 +415,7 @@ def setup(cfg: TrainConfig) -> tuple[Run, Path | None]:
             f"process(es) is larger than the {len(train_ex)} training examples; lower it"
         )
     mx.random.seed(cfg.seed)
-    layers = _wrap(cfg, model, config)
+    saver = _prepare_model(cfg, model, ds, model_dir, config)
     model.train()
     per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * group.size()
     steps_per_epoch = math.ceil(len(train_ex) / per_step)
@@ -389,7 +436,6 @@ def setup(cfg: TrainConfig) -> tuple[Run, Path | None]:
     state = TrainerState(max_steps=total, num_train_epochs=total / steps_per_epoch, run=run_keys)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     text = summary(cfg, ds, len(train_ex), len(val_ex), model, steps_per_epoch, total, group.size())
-    adapter_cfg = _adapter_record(cfg, ds, model_dir, config, layers)
     run = Run(
         cfg,
         out,
@@ -398,7 +444,7 @@ def setup(cfg: TrainConfig) -> tuple[Run, Path | None]:
         tokenizer,
         train_ex,
         val_ex,
-        adapter_cfg,
+        saver,
         optimizer,
         state,
         steps_per_epoch,
@@ -426,6 +472,9 @@ def summary(
     from mlx_lm.utils import get_total_parameters
 
     trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    kind = (
+        "DoRA" if uses_dora(cfg) else {"lora": "LoRA", "full": "full fine-tune"}[cfg.finetune_type]
+    )
     total = get_total_parameters(model)  # logical count: quantized weights count as unpacked
     eff = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
     procs = f" × {world} processes" if world > 1 else ""
@@ -440,7 +489,7 @@ def summary(
         f"data: {ds.records} records ({ds.format}) → {len(ds.examples)} examples "
         f"kept{skipped}{trunc}{dropped}; {n_train} train / {n_val} validation; "
         f"{ds.tokens:,} tokens, {ds.target_tokens:,} trained on\n"
-        f"model: {trainable:,} trainable LoRA parameters of {total:,} "
+        f"model: {trainable:,} trainable parameters ({kind}) of {total:,} "
         f"({100 * trainable / max(total, 1):.3f}%); device {device_name()}, dtype {dtype}{quant}\n"
         f"schedule: {steps_per_epoch} steps/epoch, {total_steps} steps, effective batch {eff} "
         f"({cfg.per_device_train_batch_size} × {cfg.gradient_accumulation_steps} "
@@ -569,9 +618,7 @@ def _evaluate_and_save(run: Run, meter: Meter, reporter: Reporter, stopping: boo
             state.best_metric = meter.last_eval
             state.best_model_checkpoint = str(run.out / f"checkpoint-{step}")
         if run.lead:
-            meter.last_good = save_checkpoint(
-                run.out, run.model, run.optimizer, state, run.adapter_cfg
-            )
+            meter.last_good = save_checkpoint(run.out, run.model, run.optimizer, state, run.saver)
             prune_checkpoints(run.out, cfg.save_total_limit, state.best_model_checkpoint)
     elif improved:
         state.best_metric, state.best_model_checkpoint = meter.last_eval, None
@@ -639,12 +686,11 @@ def finish(run: Run, meter: Meter, runtime: float) -> tuple[TrainResult, dict, s
         "train_loss": train_loss,
         "epoch": round(state.epoch, 4),
     }
-    text = f"adapter saved to {out} ({tps:,.0f} tokens/s, peak memory {human_bytes(peak * 1e9)})"
+    what = "model" if run.cfg.finetune_type == "full" else "adapter"
+    text = f"{what} saved to {out} ({tps:,.0f} tokens/s, peak memory {human_bytes(peak * 1e9)})"
     if not run.lead:
         return result, final, text
-    save_final(
-        out, run.model, run.adapter_cfg, best if meter.stopped_early else None, meter.last_good
-    )
+    save_final(out, run.model, run.saver, best if meter.stopped_early else None, meter.last_good)
     state.log_history.append(
         {
             **final,
@@ -680,6 +726,20 @@ def _reporter(run: Run, reporter: Reporter | None, progress: bool, resumed: bool
     return Fanout(reporter, *trackers) if trackers else reporter
 
 
+def _eval_at_end(cfg: TrainConfig) -> str:
+    """``--eval-at-end``: :mod:`mlx_lora.eval` on the finished adapter; its one-line verdict."""
+    from mlx_lora.eval import EvalConfig, evaluate_adapter
+
+    r = evaluate_adapter(
+        EvalConfig(adapter=cfg.output_dir, model=cfg.model, model_source=cfg.model_source)
+    )
+    return (
+        f"eval: base loss {r.base_loss:.4f} → tuned {r.tuned_loss:.4f} "
+        f"({r.tuned_loss - r.base_loss:+.4f}) on {r.examples} held-out examples; "
+        f"{Path(cfg.output_dir) / 'eval.html'}"
+    )
+
+
 def train(
     cfg: TrainConfig, *, progress: bool = True, reporter: Reporter | None = None
 ) -> TrainResult:
@@ -709,6 +769,8 @@ def train(
         if stop["flag"]:  # the CLI prints this one line and exits 130
             raise KeyboardInterrupt(f"interrupted: saved {meter.last_good}; continue with --resume")
         result, final, text = finish(run, meter, time.perf_counter() - t0)
+        if cfg.eval_at_end and run.lead:
+            reporter.message(_eval_at_end(cfg))
     except KeyboardInterrupt as e:
         reporter.end("interrupted", str(e) or "interrupted")
         raise

@@ -17,7 +17,8 @@ import pytest
 from conftest import SAMPLE_DATA, make_tiny_model
 
 from mlx_lora.errors import MlxLoraError
-from mlx_lora.fuse import TOKENIZER_FILES, fuse
+from mlx_lora.fuse import fuse
+from mlx_lora.model import TOKENIZER_FILES
 from mlx_lora.verify import load_mlx, mlx_logits
 
 PROMPT_TEXTS = [
