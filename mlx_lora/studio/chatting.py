@@ -1,0 +1,127 @@
+"""The Chat tab: models loaded once, answers streamed by the one generation function.
+
+Loading is :func:`mlx_lora.model.load_for_inference` and generation
+:func:`mlx_lora.chat.generate_answer`, exactly what ``python -m mlx_lora.chat`` runs, so a greedy
+answer on the page is the command's answer. At most two models stay loaded (the adapter's and the
+base to compare with) and one answer is generated at a time, like serve's queue.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from mlx_lora.errors import MlxLoraError
+
+
+class Disconnected(Exception):
+    """The browser went away while an answer was streaming."""
+
+
+class ChatModels:
+    """A small LRU of loaded models and the lock that serialises generation."""
+
+    def __init__(self, limit: int = 2):
+        self.limit = limit
+        self.cache: OrderedDict[tuple[str | None, str | None], Any] = OrderedDict()
+        self.lock = threading.Lock()
+
+    def get(self, model: str | None, adapter: Path | None) -> Any:
+        """Base (+ adapter) or a fused folder; ``model`` None = the adapter's recorded base."""
+        from mlx_lora.chat import check_adapter_dir, require_chat_template
+        from mlx_lora.model import load_for_inference
+
+        key = (model, str(adapter) if adapter else None)
+        if key in self.cache:
+            self.cache.move_to_end(key)
+            return self.cache[key]
+        check_adapter_dir(str(adapter) if adapter else None)
+        try:
+            loaded = load_for_inference(model, adapter)
+        except MlxLoraError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a model that does not load is the user's to fix
+            first = str(e).splitlines()[0] if str(e) else ""
+            raise MlxLoraError(
+                f"cannot load {model or adapter} ({type(e).__name__}: {first}); check the folder"
+            ) from None
+        require_chat_template(loaded)
+        self.cache[key] = loaded
+        while len(self.cache) > self.limit:
+            self.cache.popitem(last=False)
+        return loaded
+
+    def answer(
+        self,
+        loaded: Any,
+        messages: list[dict],
+        settings: dict,
+        send: Callable[[dict], None],
+    ) -> dict:
+        """Stream one answer through ``send`` ({"delta": text} pieces); returns the final stats.
+
+        ``send`` raising :class:`Disconnected` closes the generation cleanly (mlx-lm stops, the
+        next request works as if this one had ended normally).
+        """
+        from mlx_lora.chat import generate_answer
+
+        stream = generate_answer(loaded, messages, **settings)
+        try:
+            for piece in stream:
+                send({"delta": piece})
+        except Disconnected:
+            stream.close()
+            raise
+        a = stream.answer
+        return {
+            "done": True,
+            "text": a.text,
+            "finish_reason": a.finish_reason,
+            "completion_tokens": a.completion_tokens,
+            "prompt_tokens": a.prompt_tokens,
+            "tokens_per_second": round(a.generation_tps, 1),
+            "stats": a.stats(),
+        }
+
+
+def sampling_settings(body: dict) -> dict:
+    """The page's settings as :func:`generate_answer` keywords; empty = the model's defaults."""
+    out: dict[str, Any] = {}
+    casts = {
+        "temperature": float,
+        "top_p": float,
+        "top_k": int,
+        "max_tokens": int,
+        "seed": int,
+        "repetition_penalty": float,
+    }
+    for key, cast in casts.items():
+        value = body.get(key)
+        if value is None or value == "":
+            continue
+        try:
+            out[key] = cast(value)
+        except (TypeError, ValueError):
+            raise MlxLoraError(f"{key}: {value!r} is not a number") from None
+    system = body.get("system_prompt")
+    if isinstance(system, str) and system.strip():
+        out["system_prompt"] = system
+    return out
+
+
+def check_messages(messages: Any) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise MlxLoraError("messages: send at least one user message")
+    for m in messages:
+        if not (
+            isinstance(m, dict)
+            and m.get("role") in ("user", "assistant", "system")
+            and isinstance(m.get("content"), str)
+        ):
+            raise MlxLoraError("messages: each needs a role (user/assistant/system) and content")
+    if messages[-1]["role"] != "user":
+        raise MlxLoraError("messages: the last message must be the user's")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
