@@ -55,14 +55,16 @@ def browser_paths() -> tuple[str, str] | None:
     return (browser, driver) if browser and driver else None
 
 
-def launch_browser(width: int = 1360, height: int = 900, lang: str = "en") -> Any:
+def launch_browser(width: int = 1360, height: int = 1000, lang: str = "en") -> Any:
     """Headless system Chromium under Selenium with a fresh profile."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
     paths = browser_paths()
     if paths is None:
-        raise RuntimeError("chromium and chromedriver are not installed (apt-get install chromium chromium-driver)")
+        raise RuntimeError(
+            "chromium and chromedriver are not installed (apt-get install chromium chromium-driver)"
+        )
     opts = webdriver.ChromeOptions()
     opts.binary_location = paths[0]
     for flag in CHROMIUM_FLAGS:
@@ -76,8 +78,10 @@ def launch_browser(width: int = 1360, height: int = 900, lang: str = "en") -> An
 
 
 def prepare_root(root: Path) -> Path:
-    """A studio folder: models/tiny (fan-in init, learns fast), data/huanhuan.json, data/identity.json."""
-    spec = importlib.util.spec_from_file_location("make_tiny_model", REPO / "scripts" / "make_tiny_model.py")
+    """A studio folder: models/tiny (fan-in init: learns fast), data/{huanhuan,identity}.json."""
+    spec = importlib.util.spec_from_file_location(
+        "make_tiny_model", REPO / "scripts" / "make_tiny_model.py"
+    )
     module = importlib.util.module_from_spec(spec)
     sys.modules.setdefault("make_tiny_model", module)
     spec.loader.exec_module(module)
@@ -175,6 +179,11 @@ class Page:
         wait_for(f"#{id_} enabled", lambda: self.el(id_).is_enabled())
         self.el(id_).click()
 
+    def start(self, button: str, status: str = "t-status") -> None:
+        """Click a button that starts a job; the status of an earlier job no longer counts."""
+        self.d.execute_script(f"document.getElementById('{status}').dataset.status = ''")
+        self.click(button)
+
     def attr(self, id_: str, name: str) -> str:
         return self.el(id_).get_attribute(name) or ""
 
@@ -245,11 +254,14 @@ def screenshots(out: Path, lang: str) -> None:
         p.open("train")
         if (p.attr("lang", "textContent") == "中文") == (lang == "zh"):
             p.click("lang")
-        for name, steps, lr in (("runs/huanhuan-lr1e-3", 150, 1e-3), ("runs/huanhuan-lr3e-3", 150, 3e-3)):
+        for name, steps, lr in (
+            ("runs/huanhuan-lr1e-3", 150, 1e-3),
+            ("runs/huanhuan-lr3e-3", 150, 3e-3),
+        ):
             p.tab("train")
             p.train_form(name, steps)
             p.fill("t-learning_rate", lr)
-            p.click("t-start")
+            p.start("t-start")
             p.status("t-status", "finished", timeout=300)
         p.click("t-preview")
         wait_for("preview", lambda: p.d.find_elements("css selector", "#preview .trained"))
@@ -269,14 +281,18 @@ def screenshots(out: Path, lang: str) -> None:
         p.check("c-compare", True)
         p.fill("c-input", "你是谁？")
         p.click("c-send")
-        wait_for("two answers", lambda: len(p.d.find_elements("css selector", ".msg[data-done='1']")) >= 2, 120)
+        wait_for(
+            "two answers",
+            lambda: len(p.d.find_elements("css selector", ".msg[data-done='1']")) >= 2,
+            120,
+        )
         p.shot(out / f"studio-chat-{lang}.png")
 
         p.tab("export")
         p.fill("e-adapter", "runs/huanhuan-lr3e-3")
         p.fill("e-name", "huanhuan-tiny")
         p.fill("e-type", "f32")
-        p.click("e-start")
+        p.start("e-start", "e-status")
         p.status("e-status", "finished", timeout=300)
         wait_for("verify badge", lambda: p.attr("e-verify-badge", "data-ok"), 30)
         p.shot(out / f"studio-export-{lang}.png")

@@ -87,7 +87,7 @@ def test_train_watch_chat_export_in_the_browser(studio):
     assert "<|im_start|>assistant" in p.text("preview")
 
     # Start; the curve grows while the run is live.
-    p.click("t-start")
+    p.start("t-start")
     p.status("t-status", "running")
     p.tab("watch")
     first = shots.wait_for("a few points", lambda: p.alive() and p.points() >= 3 and p.points(), 90)
@@ -104,10 +104,12 @@ def test_train_watch_chat_export_in_the_browser(studio):
 
     # Resume from the Train tab: the run continues to the last step.
     p.tab("train")
-    p.click("t-resume")
+    p.start("t-resume")
     p.status("t-status", "finished", timeout=180)
     p.tab("watch")
-    shots.wait_for("the resumed curve", lambda: p.attr("chart-loss", "data-max-step") == str(STEPS), 30)
+    shots.wait_for(
+        "the resumed curve", lambda: p.attr("chart-loss", "data-max-step") == str(STEPS), 30
+    )
     assert p.points("eval") >= 2
     assert "resuming from" in p.text("w-log")
     assert (root / "runs" / "a" / "adapter_model.safetensors").is_file()
@@ -137,7 +139,7 @@ def test_train_watch_chat_export_in_the_browser(studio):
     p.fill("e-name", "tiny-hh")
     p.fill("e-type", "f32")
     p.check("e-verify", True)
-    p.click("e-start")
+    p.start("e-start", "e-status")
     p.status("e-status", "finished", timeout=180)
     assert shots.wait_for("verify badge", lambda: p.attr("e-verify-badge", "data-ok"), 30) == "1"
     assert "all checks passed" in p.text("e-verify-report")

@@ -28,7 +28,7 @@ template renders it), watch loss curves live, chat with an adapter side by side 
 export to GGUF + Ollama Modelfile with verification. 中文 / English."""
 
 EPILOG = """examples:
-  python -m mlx_lora.studio                       # http://127.0.0.1:7860, files under the current folder
+  python -m mlx_lora.studio                   # http://127.0.0.1:7860, files under this folder
   python -m mlx_lora.studio --root ~/llm --port 8080"""
 
 WARN_PUBLIC = (
@@ -51,7 +51,7 @@ def build(cfg: StudioConfig):  # -> tuple[Studio, ThreadingHTTPServer]
 
 
 def serve(cfg: StudioConfig) -> None:
-    """Serve until Ctrl-C (or SIGTERM); running jobs then get a Ctrl-C of their own and checkpoint."""
+    """Serve until Ctrl-C or SIGTERM; running jobs then get a Ctrl-C of their own (checkpoint)."""
     from mlx_lora.studio.server import WILDCARD_HOSTS, log
 
     studio, server = build(cfg)

@@ -56,13 +56,12 @@ def has_plan() -> bool:
 
 
 def info(studio: Studio) -> dict:
+    import mlx_lora
     from mlx_lora.config import TrainConfig
     from mlx_lora.data import FORMATS
     from mlx_lora.export import MODES, ExportConfig
     from mlx_lora.gguf import GGUF_TYPES
     from mlx_lora.verify import have_llama_cpp
-
-    import mlx_lora
 
     return {
         "version": mlx_lora.__version__,
@@ -153,7 +152,7 @@ def resume_job(studio: Studio, body: dict) -> dict:
 
 
 def plan(studio: Studio, body: dict) -> dict:
-    """``python -m mlx_lora.plan`` with the Train form's flags; its text as the command prints it."""
+    """``python -m mlx_lora.plan`` with the Train form's flags; its text as the command prints."""
     if not has_plan():
         raise MlxLoraError("this version of mlx_lora has no memory plan (mlx_lora.plan)")
     flags, _ = train_flags(studio, {**body, "resume": False})
@@ -250,9 +249,11 @@ def chat_target(studio: Studio, body: dict) -> tuple[str, Path | None]:
     from mlx_lora.model import adapter_base
 
     roots = studio.roots
-    adapter = roots.resolve(body["adapter"], what="adapter", must_exist=True) if body.get(
-        "adapter"
-    ) else None
+    adapter = (
+        roots.resolve(body["adapter"], what="adapter", must_exist=True)
+        if body.get("adapter")
+        else None
+    )
     model = body.get("model") or (adapter_base(adapter) if adapter else None)
     if not model:
         raise MlxLoraError(
@@ -270,4 +271,7 @@ def read_text_file(studio: Studio, body: dict) -> dict:
         raise MlxLoraError(f"{studio.roots.show(path)}: only Modelfile and text files are shown")
     if path.stat().st_size > 1_000_000:
         raise MlxLoraError(f"{studio.roots.show(path)} is larger than 1 MB")
-    return {"path": studio.roots.show(path), "text": path.read_text(encoding="utf-8", errors="replace")}
+    return {
+        "path": studio.roots.show(path),
+        "text": path.read_text(encoding="utf-8", errors="replace"),
+    }

@@ -54,21 +54,19 @@ class ChatModels:
             self.cache.popitem(last=False)
         return loaded
 
-    def answer(
-        self,
-        loaded: Any,
-        messages: list[dict],
-        settings: dict,
-        send: Callable[[dict], None],
-    ) -> dict:
-        """Stream one answer through ``send`` ({"delta": text} pieces); returns the final stats.
-
-        ``send`` raising :class:`Disconnected` closes the generation cleanly (mlx-lm stops, the
-        next request works as if this one had ended normally).
-        """
+    def start(self, loaded: Any, messages: list[dict], settings: dict) -> Any:
+        """The answer stream; bad settings or a template that rejects the conversation raise
+        here, before a byte of the answer is sent (generation starts when it is iterated)."""
         from mlx_lora.chat import generate_answer
 
-        stream = generate_answer(loaded, messages, **settings)
+        return generate_answer(loaded, messages, **settings)
+
+    def stream(self, stream: Any, send: Callable[[dict], None]) -> dict:
+        """Send the answer through ``send`` ({"delta": text} pieces); returns the final stats.
+
+        ``send`` raising :class:`Disconnected` closes the generation cleanly (mlx-lm stops, the
+        KV cache stays consistent, the next request works as usual).
+        """
         try:
             for piece in stream:
                 send({"delta": piece})

@@ -181,7 +181,9 @@ def run_state(out: Path) -> dict | None:
     best = None
     for path in candidates:
         state = _read_state(path) if path.is_file() else None
-        if state is not None and (best is None or state.get("global_step", 0) > best["global_step"]):
+        if state is not None and (
+            best is None or state.get("global_step", 0) > best["global_step"]
+        ):
             best = {**state, "global_step": state.get("global_step", 0)}
     return best
 

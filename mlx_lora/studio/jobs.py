@@ -74,7 +74,9 @@ class Job:
 
     def start(self, log: Callable[[str], None]) -> None:
         env = dict(os.environ)
-        env.update({"PYTHONUNBUFFERED": "1", EVENTS_ENV: "jsonl", "TRANSFORMERS_VERBOSITY": "error"})
+        env.update(
+            {"PYTHONUNBUFFERED": "1", EVENTS_ENV: "jsonl", "TRANSFORMERS_VERBOSITY": "error"}
+        )
         try:
             self.proc = subprocess.Popen(
                 self.argv,
@@ -141,7 +143,9 @@ class Job:
                 self.status = "failed"
                 if not self.message:
                     self.message = self._crash_message(code)
-            log(f"[{self.id}] {self.status} (exit code {code})" + (f": {self.message}" * bool(code)))
+            log(
+                f"[{self.id}] {self.status} (exit code {code})" + (f": {self.message}" * bool(code))
+            )
         self.done.set()
 
     def _crash_message(self, code: int) -> str:

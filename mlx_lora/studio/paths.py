@@ -42,7 +42,7 @@ class OutsideRoot(MlxLoraError):
 
 @dataclass
 class Roots:
-    """The ``--root`` folders (absolute, symlinks resolved); the first is where relative paths start."""
+    """The ``--root`` folders (absolute, symlinks resolved); relative paths start at the first."""
 
     dirs: list[Path]
 
@@ -137,7 +137,9 @@ def scan(roots: Roots, max_depth: int = 4, limit: int = 400) -> Found:
             names = set(dirs) | set(files)
             kind = _kind(d, names)
             dirs[:] = sorted(
-                x for x in dirs if not x.startswith(".") and x not in SKIP_DIRS and depth < max_depth
+                x
+                for x in dirs
+                if not x.startswith(".") and x not in SKIP_DIRS and depth < max_depth
             )
             shown = roots.show(d)
             if kind == "run":
@@ -145,7 +147,9 @@ def scan(roots: Roots, max_depth: int = 4, limit: int = 400) -> Found:
                 if "adapter_model.safetensors" in names:
                     found.adapters.append(shown)
                 ckpts = [x for x in names if x.startswith("checkpoint-") and x[11:].isdigit()]
-                found.adapters += [roots.show(d / x) for x in sorted(ckpts, key=lambda x: int(x[11:]))]
+                found.adapters += [
+                    roots.show(d / x) for x in sorted(ckpts, key=lambda x: int(x[11:]))
+                ]
                 dirs[:] = []
             elif kind == "adapter":
                 found.adapters.append(shown)

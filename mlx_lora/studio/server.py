@@ -116,9 +116,11 @@ class Handler(BaseHTTPRequestHandler):
             route = ROUTES.get((method, url.path))
             if route is None:
                 return self._json(404, {"error": f"no such page: {method} {url.path}"})
-            arg = self._body() if method == "POST" else {
-                k: v[-1] for k, v in parse_qs(url.query).items()
-            }
+            arg = (
+                self._body()
+                if method == "POST"
+                else {k: v[-1] for k, v in parse_qs(url.query).items()}
+            )
             self._json(200, route(self.studio, arg))
         except (BrokenPipeError, ConnectionResetError):
             log(f"{method} {url.path}: the browser disconnected")
@@ -154,6 +156,7 @@ class Handler(BaseHTTPRequestHandler):
         model, adapter_path = api.chat_target(s, body)
         with s.chat.lock:  # one model load / one answer at a time
             loaded = s.chat.get(model, adapter_path)
+            stream = s.chat.start(loaded, messages, settings)
             self.send_response(200)
             self.send_header("Content-Type", "application/x-ndjson; charset=utf-8")
             self.send_header("Cache-Control", "no-store")
@@ -167,7 +170,7 @@ class Handler(BaseHTTPRequestHandler):
                     raise Disconnected from None
 
             try:
-                send(s.chat.answer(loaded, messages, settings, send))
+                send(s.chat.stream(stream, send))
             except Disconnected:
                 log("chat: the browser disconnected mid-answer; generation stopped")
             except MlxLoraError as e:  # e.g. the template rejects this conversation
