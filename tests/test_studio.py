@@ -278,6 +278,22 @@ def test_run_conflict_crash_and_finish(studio):
     assert run_["finished"] and run_["figures"]["train_tokens_per_second"] > 0
 
 
+def test_closing_the_studio_stops_runs_with_a_checkpoint(tiny_model, tmp_path):
+    jobs = Jobs(tmp_path, lambda line: None)
+    flags = ["--model", str(tiny_model), "--data", str(SAMPLE_DATA), "--output-dir",
+             str(tmp_path / "run"), "--max-steps", "100000", "--save-steps", "100000",
+             "--per-device-train-batch-size", "2", "--gradient-accumulation-steps", "1",
+             "--max-seq-length", "128", "--no-gradient-checkpointing"]  # fmt: skip
+    job = jobs.start("train", "mlx_lora.train", flags, tmp_path / "run")
+    deadline = time.time() + 90
+    while not job.progress.get("step") and job.running and time.time() < deadline:
+        time.sleep(0.1)
+    jobs.shutdown(timeout=60)  # what Ctrl-C / SIGTERM of the studio does
+    assert job.status == "stopped" and job.exit_code == 130, job.lines[-3:]
+    assert "interrupted: saved" in job.message
+    assert list((tmp_path / "run").glob("checkpoint-*/optimizer.safetensors"))
+
+
 def test_chat_streams_and_survives_a_disconnect(studio, capfd):
     c, _, tiny, _ = studio
     body = {"model": str(tiny), "messages": [{"role": "user", "content": "Hi"}],
