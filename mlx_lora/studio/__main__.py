@@ -75,6 +75,7 @@ def serve(cfg: StudioConfig) -> None:
         studio.jobs.shutdown()
     finally:
         server.server_close()
+        studio.chat.close()
 
 
 def main(argv: list[str] | None = None) -> None:

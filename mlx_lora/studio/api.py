@@ -36,7 +36,6 @@ EXPORT_FIELDS = (
     "verify",
     "overwrite",
 )
-TEXT_FILES = ("Modelfile", ".json", ".md", ".txt", ".yaml")
 
 
 @dataclass
@@ -262,16 +261,3 @@ def chat_target(studio: Studio, body: dict) -> tuple[str, Path | None]:
             else f"{roots.show(adapter)} records no base model; enter the model to use"
         )
     return roots.model(str(model)), None if body.get("base") else adapter
-
-
-def read_text_file(studio: Studio, body: dict) -> dict:
-    """A small text file under the roots (Modelfile, export.json, …) for the page to show."""
-    path = studio.roots.resolve(body.get("path") or "", what="file", must_exist=True)
-    if not path.is_file() or not (path.name == "Modelfile" or path.suffix in TEXT_FILES):
-        raise MlxLoraError(f"{studio.roots.show(path)}: only Modelfile and text files are shown")
-    if path.stat().st_size > 1_000_000:
-        raise MlxLoraError(f"{studio.roots.show(path)} is larger than 1 MB")
-    return {
-        "path": studio.roots.show(path),
-        "text": path.read_text(encoding="utf-8", errors="replace"),
-    }

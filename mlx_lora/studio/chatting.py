@@ -2,12 +2,14 @@
 
 Loading is :func:`mlx_lora.model.load_for_inference` and generation
 :func:`mlx_lora.chat.generate_answer`, exactly what ``python -m mlx_lora.chat`` runs, so a greedy
-answer on the page is the command's answer. At most two models stay loaded (the adapter's and the
-base to compare with) and one answer is generated at a time, like serve's queue.
+answer on the page is the command's answer. One worker thread owns every model (MLX streams belong
+to the thread that made them, as in serve): requests queue up, answers are generated one at a
+time, and at most two models stay loaded (the adapter's and the base to compare with).
 """
 
 from __future__ import annotations
 
+import queue
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -21,15 +23,46 @@ class Disconnected(Exception):
     """The browser went away while an answer was streaming."""
 
 
+class Request:
+    """One answer on its way: the worker puts ``(kind, value)`` events, the HTTP thread reads them.
+
+    Kinds: ``start`` (settings accepted), ``delta`` (text), ``done`` (stats), ``error``
+    (an exception). ``cancel`` tells the worker to stop generating (the browser disconnected).
+    """
+
+    def __init__(self, work: Callable[[Request], None]):
+        self.work = work
+        self.events: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self.cancel = threading.Event()
+
+
 class ChatModels:
-    """A small LRU of loaded models and the lock that serialises generation."""
+    """The worker thread, its small LRU of loaded models and its FIFO of requests."""
 
     def __init__(self, limit: int = 2):
         self.limit = limit
         self.cache: OrderedDict[tuple[str | None, str | None], Any] = OrderedDict()
-        self.lock = threading.Lock()
+        self.requests: queue.Queue[Request | None] = queue.Queue()
+        self.thread = threading.Thread(target=self._loop, name="studio-mlx", daemon=True)
+        self.thread.start()
 
-    def get(self, model: str | None, adapter: Path | None) -> Any:
+    def _loop(self) -> None:
+        try:
+            while (req := self.requests.get()) is not None:
+                try:
+                    req.work(req)
+                except Exception as e:  # noqa: BLE001 - reported to the page; the worker lives on
+                    req.events.put(("error", e))
+        finally:  # streams made by this thread must be freed by it (ml-explore/mlx#3126)
+            import mlx.core as mx
+
+            mx.clear_streams()
+
+    def close(self) -> None:
+        self.requests.put(None)
+        self.thread.join(timeout=60)
+
+    def _get(self, model: str | None, adapter: Path | None) -> Any:
         """Base (+ adapter) or a fused folder; ``model`` None = the adapter's recorded base."""
         from mlx_lora.chat import check_adapter_dir, require_chat_template
         from mlx_lora.model import load_for_inference
@@ -54,35 +87,39 @@ class ChatModels:
             self.cache.popitem(last=False)
         return loaded
 
-    def start(self, loaded: Any, messages: list[dict], settings: dict) -> Any:
-        """The answer stream; bad settings or a template that rejects the conversation raise
-        here, before a byte of the answer is sent (generation starts when it is iterated)."""
-        from mlx_lora.chat import generate_answer
+    def ask(
+        self, model: str | None, adapter: Path | None, messages: list[dict], settings: dict
+    ) -> Request:
+        """Queue one answer; read its events from the returned request."""
 
-        return generate_answer(loaded, messages, **settings)
+        def work(req: Request) -> None:
+            from mlx_lora.chat import generate_answer
 
-    def stream(self, stream: Any, send: Callable[[dict], None]) -> dict:
-        """Send the answer through ``send`` ({"delta": text} pieces); returns the final stats.
-
-        ``send`` raising :class:`Disconnected` closes the generation cleanly (mlx-lm stops, the
-        KV cache stays consistent, the next request works as usual).
-        """
-        try:
+            loaded = self._get(model, adapter)
+            # bad settings, or a template that rejects the conversation, fail here: before a
+            # byte of the answer is sent (generation starts when the stream is iterated)
+            stream = generate_answer(loaded, messages, **settings)
+            req.events.put(("start", None))
             for piece in stream:
-                send({"delta": piece})
-        except Disconnected:
-            stream.close()
-            raise
-        a = stream.answer
-        return {
-            "done": True,
-            "text": a.text,
-            "finish_reason": a.finish_reason,
-            "completion_tokens": a.completion_tokens,
-            "prompt_tokens": a.prompt_tokens,
-            "tokens_per_second": round(a.generation_tps, 1),
-            "stats": a.stats(),
-        }
+                if req.cancel.is_set():
+                    stream.close()  # mlx-lm stops; the KV cache stays consistent
+                    return
+                req.events.put(("delta", piece))
+            a = stream.answer
+            done = {
+                "done": True,
+                "text": a.text,
+                "finish_reason": a.finish_reason,
+                "completion_tokens": a.completion_tokens,
+                "prompt_tokens": a.prompt_tokens,
+                "tokens_per_second": round(a.generation_tps, 1),
+                "stats": a.stats(),
+            }
+            req.events.put(("done", done))
+
+        req = Request(work)
+        self.requests.put(req)
+        return req
 
 
 def sampling_settings(body: dict) -> dict:

@@ -154,31 +154,36 @@ class Handler(BaseHTTPRequestHandler):
         messages = check_messages(body.get("messages"))
         settings = sampling_settings(body)
         model, adapter_path = api.chat_target(s, body)
-        with s.chat.lock:  # one model load / one answer at a time
-            loaded = s.chat.get(model, adapter_path)
-            stream = s.chat.start(loaded, messages, settings)
-            self.send_response(200)
-            self.send_header("Content-Type", "application/x-ndjson; charset=utf-8")
-            self.send_header("Cache-Control", "no-store")
-            self.end_headers()
+        req = s.chat.ask(model, adapter_path, messages, settings)
+        kind, value = req.events.get()
+        if kind == "error":  # nothing sent yet: an ordinary JSON error answer
+            raise value
+        self.send_response(200)
+        self.send_header("Content-Type", "application/x-ndjson; charset=utf-8")
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        try:
+            while True:
+                kind, value = req.events.get()
+                if kind == "delta":
+                    self._line({"delta": value})
+                    continue
+                if kind == "error":
+                    log(f"chat: {value}")
+                    self._line({"error": str(value)})
+                else:
+                    self._line(value)
+                break
+        except Disconnected:
+            req.cancel.set()
+            log("chat: the browser disconnected mid-answer; generation stopped")
 
-            def send(obj: dict) -> None:
-                try:
-                    self.wfile.write((json.dumps(obj, ensure_ascii=False) + "\n").encode())
-                    self.wfile.flush()
-                except (BrokenPipeError, ConnectionResetError, OSError):
-                    raise Disconnected from None
-
-            try:
-                send(s.chat.stream(stream, send))
-            except Disconnected:
-                log("chat: the browser disconnected mid-answer; generation stopped")
-            except MlxLoraError as e:  # e.g. the template rejects this conversation
-                log(f"chat: {e}")
-                try:
-                    send({"error": str(e)})
-                except Disconnected:
-                    pass
+    def _line(self, obj: dict) -> None:
+        try:
+            self.wfile.write((json.dumps(obj, ensure_ascii=False) + "\n").encode())
+            self.wfile.flush()
+        except OSError:  # broken pipe, connection reset: the browser is gone
+            raise Disconnected from None
 
 
 def _job(studio: api.Studio, q: dict) -> dict:
@@ -209,7 +214,6 @@ ROUTES: dict[tuple[str, str], Callable[[api.Studio, dict], Any]] = {
     ("POST", "/api/resume"): api.resume_job,
     ("POST", "/api/export"): api.start_export,
     ("POST", "/api/runs"): api.runs,
-    ("POST", "/api/file"): api.read_text_file,
 }
 
 
