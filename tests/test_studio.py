@@ -4,6 +4,7 @@ browser that goes away, and the console → event translation the Watch tab reli
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -22,7 +23,7 @@ from conftest import REPO, SAMPLE_DATA
 from mlx_lora.cli import run
 from mlx_lora.errors import MlxLoraError
 from mlx_lora.studio.__main__ import StudioConfig, build, main
-from mlx_lora.studio.events import ConsoleTranslator, curves, run_state
+from mlx_lora.studio.events import LineReader, curves, run_state
 from mlx_lora.studio.jobs import Jobs
 from mlx_lora.studio.paths import OutsideRoot, Roots
 
@@ -54,44 +55,69 @@ def test_paths_stay_inside_the_roots(tmp_path):
 
 # ---------------------------------------------------------------- events
 
-# What `python -m mlx_lora.train` prints today (stdout and stderr in one pipe), cut mid-line.
-CONSOLE = (
-    "data: 135 records (alpaca) → 135 examples kept; 121 train / 14 validation\n"
-    "schedule: 34 steps/epoch, 30 steps, effective batch 4 (4 × 1 accumulation)\n"
-    "\r  0%|          | 0/30 [00:00<?, ?step/s]\r                \r"
-    "{'loss': 7.8486, 'grad_norm': 2.28, 'learning_rate': 8.66667e-05, 'epoch': 0.1471}\n"
-    "\r 17%|█▋        | 5/30 [00:00<00:02, 11.02step/s, loss=8.0246, mem=7 MB, tok_s=2,098]"
-    "\r 20%|██        | 6/30 [01:02<1:00:02, 11.18step/s, loss=7.9192, mem=1.13 GB, tok_s=2,126]"
-    "\r      \r{'eval_loss': 7.0489, 'epoch': 0.2941}\n"
-    "GGUF x.gguf:  40%|████      | 1.00/2.00k [00:00<00:00]\n"
-    '{"event": "log", "step": 20, "loss": 6.5}\n'
+# A child's stdout + stderr in one pipe: events, a progress bar redrawn with \r, a table, an error.
+STREAM = (
+    '{"event": "start", "step": 0, "total_steps": 30}\n'
+    '{"event": "log", "step": 5, "loss": 7.8, "epoch": 0.15}\n'
+    "GGUF x.gguf:  40%|████      | 1.00/2.00k [00:00<00:00]\r"
+    "GGUF x.gguf: 100%|██████████| 2.00k/2.00k [00:00<00:00]\n"
+    "verify x.gguf (f32)\n  tokenization (10 texts)  ok  10/10 texts identical\n"
     "error: cannot write checkpoint runs/a/checkpoint-30 (No space left on device); free disk "
     "space and --resume\n"
 )
 
 
-def test_console_output_becomes_the_event_stream():
-    tr = ConsoleTranslator()
+def test_child_output_becomes_events():
+    reader = LineReader()
     events = []
-    for i in range(0, len(CONSOLE), 7):  # arbitrary chunking, as a pipe delivers it
-        events += tr.feed(CONSOLE[i : i + 7])
-    events += tr.feed("", final=True)
-    kinds = [e["event"] for e in events if e["event"] != "text"]
-    assert kinds == ["start", "step", "log", "step", "step", "eval", "log", "end"]
-    start = events[[e["event"] for e in events].index("start")]
-    assert (start["total_steps"], start["steps_per_epoch"]) == (30, 34)
-    steps = [e for e in events if e["event"] == "step"]
-    assert steps[1] == {
-        "event": "step", "step": 5, "total_steps": 30, "elapsed_s": 0.0, "eta_s": 2.0,
-        "loss": 8.0246, "tokens_per_second": 2098.0, "peak_memory_gb": 0.007,
-    }  # fmt: skip
-    assert steps[2]["eta_s"] == 3602.0 and steps[2]["peak_memory_gb"] == 1.13
-    logs = [e for e in events if e["event"] in ("log", "eval")]
-    assert [(e["event"], e["step"]) for e in logs] == [("log", 5), ("eval", 10), ("log", 20)]
-    assert events[-1]["status"] == "error" and events[-1]["message"].startswith("cannot write")
+    for i in range(0, len(STREAM), 7):  # arbitrary chunks, as a pipe delivers them
+        events += reader.feed(STREAM[i : i + 7])
+    events += reader.feed("", final=True)
+    assert [e["event"] for e in events] == ["start", "log", "text", "text", "text", "end"]
+    assert events[1] == {"event": "log", "step": 5, "loss": 7.8, "epoch": 0.15}
     texts = [e["text"] for e in events if e["event"] == "text"]
-    assert not any("40%|" in t for t in texts)  # other progress bars are not log lines
-    assert any(t.startswith("{'loss'") for t in texts)
+    assert texts[0].endswith("100%|██████████| 2.00k/2.00k [00:00<00:00]")  # only the last redraw
+    assert texts[2] == "  tokenization (10 texts)  ok  10/10 texts identical"
+    assert events[-1]["status"] == "error" and events[-1]["message"].startswith("cannot write")
+
+
+def test_event_reporter_is_the_contract(tiny_model, tmp_path, monkeypatch):
+    """What a run started by the studio prints: the events its docstring lists, with the same
+    records as trainer_state.json."""
+    from mlx_lora.config import TrainConfig
+    from mlx_lora.report import EVENTS_ENV, JsonLinesReporter, default_reporter
+    from mlx_lora.train import train
+
+    monkeypatch.setenv(EVENTS_ENV, "jsonl")
+    assert isinstance(default_reporter(lead=True, progress=True), JsonLinesReporter)
+    out = io.StringIO()
+    cfg = TrainConfig(
+        model=str(tiny_model), data=str(SAMPLE_DATA), output_dir=str(tmp_path / "run"),
+        max_steps=6, per_device_train_batch_size=2, gradient_accumulation_steps=1,
+        logging_steps=2, save_steps=3, val_split=0.1, max_seq_length=128,
+        gradient_checkpointing=False,
+    )  # fmt: skip
+    train(cfg, reporter=JsonLinesReporter(stream=out, min_interval=0))
+    events = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert all(set(e) >= {"event"} for e in events)
+    assert events[0] == {"event": "start", "step": 0, "total_steps": 6, "steps_per_epoch": 61}
+    steps = [e for e in events if e["event"] == "step"]
+    assert [e["step"] for e in steps] == [1, 2, 3, 4, 5, 6]
+    assert set(steps[-1]) == {"event", "step", "total_steps", "loss", "tokens_per_second",
+                              "peak_memory_gb", "elapsed_s", "eta_s"}  # fmt: skip
+    assert steps[-1]["eta_s"] == 0 and steps[-1]["tokens_per_second"] > 0
+    state = json.loads((tmp_path / "run" / "trainer_state.json").read_text(encoding="utf-8"))
+    records = [
+        {k: v for k, v in e.items() if k != "event"}
+        for e in events
+        if e["event"] in ("log", "eval")
+    ]
+    assert records == [h for h in state["log_history"] if "train_runtime" not in h]
+    texts = [e["text"] for e in events if e["event"] == "text"]
+    assert texts[0].startswith("data: ")
+    assert events[-2]["event"] == "summary" and events[-2]["train_runtime"] > 0
+    assert events[-1]["event"] == "end" and events[-1]["status"] == "finished"
+    assert events[-1]["message"].startswith("adapter saved to")
 
 
 def test_run_state_reads_the_newest_state_and_curves(tmp_path):
@@ -335,7 +361,7 @@ def test_chat_streams_and_survives_a_disconnect(studio, capfd):
         ({"adapter": "../../x"}, 403, "outside"),
         ({"messages": []}, 400, "at least one user message"),
         ({"model": "models/broken"}, 400, "not valid JSON"),
-        ({"temperature": -1}, 400, "temperature must be between 0 and 100"),
+        ({"temperature": -1}, 400, "temperature must be between 0 and 2"),
     ],
 )
 def test_chat_bad_input(studio, body, status, message):

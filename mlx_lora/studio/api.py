@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
-import json
 import shlex
 import subprocess
 import sys
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from mlx_lora.errors import MlxLoraError
+from mlx_lora.files import read_json
 from mlx_lora.studio.chatting import ChatModels
 from mlx_lora.studio.events import curves, final_figures, run_state
 from mlx_lora.studio.jobs import Jobs
@@ -200,7 +200,7 @@ def export_result(studio: Studio, jid: str) -> dict:
         result["verify_ok"] = "all checks passed" in lines[end]
     manifest = job.output_dir / "export.json"
     if snap["status"] == "finished" and manifest.is_file():
-        info = json.loads(manifest.read_text(encoding="utf-8"))
+        info = read_json(manifest)
         modelfile = job.output_dir / (info.get("modelfile") or "Modelfile")
         result["name"] = info.get("name")
         result["modelfile_path"] = studio.roots.show(modelfile)
@@ -245,15 +245,13 @@ def chat_target(studio: Studio, body: dict) -> tuple[str, Path | None]:
     Without a model the adapter's recorded base is used (as ``python -m mlx_lora.chat`` does); it
     must lie inside the roots too, like any path the page reaches.
     """
-    from mlx_lora.model import adapter_base
+    from mlx_lora.lora import read_adapter
 
     roots = studio.roots
-    adapter = (
-        roots.resolve(body["adapter"], what="adapter", must_exist=True)
-        if body.get("adapter")
-        else None
-    )
-    model = body.get("model") or (adapter_base(adapter) if adapter else None)
+    adapter = None
+    if body.get("adapter"):
+        adapter = roots.resolve(body["adapter"], what="adapter", must_exist=True)
+    model = body.get("model") or (read_adapter(adapter).base_model if adapter else None)
     if not model:
         raise MlxLoraError(
             "pick an adapter (a training output folder) or a model to chat with"

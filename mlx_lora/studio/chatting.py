@@ -1,10 +1,10 @@
 """The Chat tab: models loaded once, answers streamed by the one generation function.
 
 Loading is :func:`mlx_lora.model.load_for_inference` and generation
-:func:`mlx_lora.chat.generate_answer`, exactly what ``python -m mlx_lora.chat`` runs, so a greedy
-answer on the page is the command's answer. One worker thread owns every model (MLX streams belong
-to the thread that made them, as in serve): requests queue up, answers are generated one at a
-time, and at most two models stay loaded (the adapter's and the base to compare with).
+:func:`mlx_lora.generate.generate_answer`, exactly what ``python -m mlx_lora.chat`` runs, so a
+greedy answer on the page is the command's answer. One worker thread owns every model (MLX
+streams belong to the thread that made them, as in serve): requests queue up, answers are
+generated one at a time, and at most two models stay loaded (the adapter's and the base beside it).
 """
 
 from __future__ import annotations
@@ -64,14 +64,13 @@ class ChatModels:
 
     def _get(self, model: str | None, adapter: Path | None) -> Any:
         """Base (+ adapter) or a fused folder; ``model`` None = the adapter's recorded base."""
-        from mlx_lora.chat import check_adapter_dir, require_chat_template
+        from mlx_lora.generate import require_chat_template
         from mlx_lora.model import load_for_inference
 
         key = (model, str(adapter) if adapter else None)
         if key in self.cache:
             self.cache.move_to_end(key)
             return self.cache[key]
-        check_adapter_dir(str(adapter) if adapter else None)
         try:
             loaded = load_for_inference(model, adapter)
         except MlxLoraError:
@@ -93,7 +92,7 @@ class ChatModels:
         """Queue one answer; read its events from the returned request."""
 
         def work(req: Request) -> None:
-            from mlx_lora.chat import generate_answer
+            from mlx_lora.generate import generate_answer
 
             loaded = self._get(model, adapter)
             # bad settings, or a template that rejects the conversation, fail here: before a

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from mlx_lora.errors import MlxLoraError
-from mlx_lora.studio.events import EVENTS_ENV, ConsoleTranslator
+from mlx_lora.report import EVENTS_ENV, log_line
+from mlx_lora.studio.events import LineReader
 
 MAX_LINES = 3000
 
@@ -96,12 +97,12 @@ class Job:
     def _read(self, log: Callable[[str], None]) -> None:
         assert self.proc is not None and self.proc.stdout is not None
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        translator = ConsoleTranslator()
+        reader = LineReader()
         fd = self.proc.stdout.fileno()
         while True:
             chunk = os.read(fd, 65536)
             text = decoder.decode(chunk, final=not chunk)
-            for event in translator.feed(text, final=not chunk):
+            for event in reader.feed(text, final=not chunk):
                 self._apply(event, log)
             if not chunk:
                 break
@@ -111,17 +112,28 @@ class Job:
     def _apply(self, event: dict, log: Callable[[str], None]) -> None:
         kind = event.get("event")
         with self.lock:
+            fields = {k: v for k, v in event.items() if k != "event"}
             if kind == "text":
-                self._line(str(event.get("text", "")), log)
-            elif kind in ("step", "start", "resume"):
-                self.progress.update({k: v for k, v in event.items() if k != "event"})
+                for line in str(event.get("text", "")).split("\n"):
+                    self._line(line, log)
+            elif kind in ("step", "start"):
+                self.progress.update(fields)
             elif kind in ("log", "eval"):
-                self.history.append({k: v for k, v in event.items() if k != "event"})
-                self.progress["step"] = max(self.progress.get("step", 0), event.get("step", 0))
+                self.history.append(fields)
+                self._line(log_line({k: v for k, v in fields.items() if k != "step"}), log)
+            elif kind == "summary":
+                self._line(str(fields), log)
             elif kind == "end":
-                self.message = str(event.get("message") or "") or None
-                prefix = "error: " if event.get("status") == "error" else ""
-                self._line(prefix + (self.message or str(event.get("status"))), log)
+                self._end(str(event.get("status")), str(event.get("message") or ""), log)
+
+    def _end(self, status: str, message: str, log: Callable[[str], None]) -> None:
+        """The run's own end event, or the CLI's last line (often both: said once)."""
+        if status == "finished":
+            if message:
+                self._line(message, log)
+        elif message and message != self.message:
+            self.message = message
+            self._line(("error: " if status == "error" else "") + message, log)
 
     def _line(self, text: str, log: Callable[[str], None]) -> None:
         self.lines.append(text)
@@ -159,7 +171,7 @@ class Job:
         tail = f" (last output: {last[-200:]})" if last else ""
         resume = ""
         if self.kind == "train":
-            from mlx_lora.train import checkpoints
+            from mlx_lora.checkpoint import checkpoints
 
             found = checkpoints(self.output_dir) if self.output_dir.is_dir() else []
             resume = (

@@ -18,21 +18,15 @@ _lock = threading.Lock()
 
 
 def load_tokenizer(model: str, source: str = "auto") -> Any:
-    """The tokenizer training would use for ``model`` (cached per model folder)."""
+    """The tokenizer of ``model`` (cached per model folder); no weights are loaded."""
     from mlx_lora.hub import resolve_model
+    from mlx_lora.prompt import load_hf_tokenizer
 
-    model_dir = resolve_model(model, source)
-    key = str(Path(model_dir).resolve())
+    model_dir = Path(resolve_model(model, source)).resolve()
     with _lock:
-        if key not in _tokenizers:
-            from mlx_lm.utils import load_tokenizer as mlx_lm_tokenizer
-
-            try:
-                _tokenizers[key] = mlx_lm_tokenizer(Path(model_dir))
-            except Exception as e:  # noqa: BLE001 - transformers raises many kinds
-                msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-                raise MlxLoraError(f"cannot load the tokenizer of {model_dir}: {msg}") from None
-        return _tokenizers[key]
+        if str(model_dir) not in _tokenizers:
+            _tokenizers[str(model_dir)] = load_hf_tokenizer(model_dir)
+        return _tokenizers[str(model_dir)]
 
 
 def segments(tokenizer: Any, ids: list[int], mask: list[bool]) -> list[dict]:

@@ -552,11 +552,12 @@ async function init() {
     applyLang();
     await refreshScan();
     const { jobs } = await api("/api/jobs");
-    jobs.forEach((j) => {
-      if (j.kind === "train") state.trainJob = j.id;
+    jobs.forEach((j) => {  // a reload keeps showing what this studio runs
+      if (j.kind === "train") { state.trainJob = j.id; state.selected.add(j.dir); state.focus = j.dir; }
       if (j.kind === "export") state.exportJob = j.id;
       trackJob(j);
     });
+    renderRunList();
   } catch (e) { showError(e.message); }
   showTab((location.hash || "#train").slice(1));
   document.body.dataset.ready = "1";
