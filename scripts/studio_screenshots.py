@@ -248,7 +248,11 @@ def screenshots(out: Path, lang: str) -> None:
     work = Path(tempfile.mkdtemp(prefix="studio-shots-"))
     root = prepare_root(work / "root")
     proc, url = start_studio(root)
-    driver = launch_browser(lang=lang)
+    try:
+        driver = launch_browser(lang=lang)
+    except BaseException:
+        stop_studio(proc)
+        raise
     try:
         p = Page(driver, url)
         p.open("train")

@@ -45,11 +45,13 @@ def studio(tmp_path):
     _need_browser()
     root = shots.prepare_root(tmp_path / "root")
     proc, url = shots.start_studio(root)
-    driver = shots.launch_browser()
+    driver = None
     try:
+        driver = shots.launch_browser()
         yield shots.Page(driver, url), root
     finally:
-        driver.quit()
+        if driver is not None:
+            driver.quit()
         shots.stop_studio(proc)
         log = (root / "studio.log").read_text(encoding="utf-8", errors="replace")
         sys.stderr.write(log[-4000:])
