@@ -118,6 +118,9 @@ class Job:
                     self._line(line, log)
             elif kind in ("step", "start"):
                 self.progress.update(fields)
+                if kind == "start" and fields.get("resumed_from"):  # as the console says it
+                    msg = f"resuming from {fields['resumed_from']} (step {fields.get('step')})"
+                    self._line(msg, log)
             elif kind in ("log", "eval"):
                 self.history.append(fields)
                 self._line(log_line({k: v for k, v in fields.items() if k != "step"}), log)
