@@ -5,7 +5,8 @@
 Builds a tiny model and two short runs in a temporary folder, starts ``python -m mlx_lora.studio``
 on it, and drives the page with Selenium: data preview, live training, two runs overlaid, a chat
 side by side with the base model, an export with its verify report. Needs ``chromium`` and
-``chromium-driver`` (Debian) and ``pip install selenium``; nothing is downloaded.
+``chromium-driver`` (Debian), a CJK font for the Chinese page (``fonts-wqy-microhei``) and
+``pip install selenium``; nothing is downloaded.
 
 The helpers (browser launch, studio start, waiting) are shared with tests/test_studio_browser.py.
 """
