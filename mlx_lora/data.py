@@ -197,6 +197,36 @@ def encode_plain(tokenizer: Any, text: str) -> Encoded:
     return Encoded(ids, [True] * len(ids))
 
 
+def end_of_turn_for(fmt: str, tokenizer: Any) -> str | None:
+    """The end-of-turn token when records of ``fmt`` are rendered with the chat template, else None
+    (``text``, and ``completions`` for a tokenizer without a template, are plain text)."""
+    if fmt == "text" or (fmt == "completions" and not has_chat_template(tokenizer)):
+        return None
+    return end_of_turn(tokenizer)
+
+
+def encode_record(
+    record: Any, fmt: str, tokenizer: Any, *, system_prompt: str | None, eot: str | None
+) -> Encoded | None:
+    """Ids and loss mask of one record, untruncated; None when the record is unusable.
+
+    ``eot`` comes from :func:`end_of_turn_for` (None: plain text). Training and the studio's data
+    preview both call this, so the preview shows exactly what is trained.
+    """
+    item = to_messages(record, fmt)
+    if item is None:
+        return None
+    if isinstance(item, str):
+        return encode_plain(tokenizer, item)
+    if eot is not None:
+        return encode_conversation(tokenizer, item, system_prompt, eot)
+    # completions without a chat template: prompt, then completion + eos
+    p = encode_plain(tokenizer, item[0]["content"])
+    c = hf_tokenizer(tokenizer)(item[1]["content"], add_special_tokens=False)["input_ids"]
+    ids = p.ids[:-1] + list(c) + [p.ids[-1]]
+    return Encoded(ids, [False] * (len(p.ids) - 1) + [True] * (len(c) + 1))
+
+
 @dataclass
 class Dataset:
     """Encoded examples and the counts the start-up summary reports."""
@@ -236,26 +266,14 @@ def load_dataset(
     if not records:
         raise MlxLoraError(f"{path}: the dataset is empty; add records")
     fmt = detect_format(records, path) if fmt == "auto" else fmt
-    chat = fmt != "text"
-    if chat and fmt == "completions" and not has_chat_template(tokenizer):
-        chat = False
-    eot = end_of_turn(tokenizer) if chat else None
+    eot = end_of_turn_for(fmt, tokenizer)
     ds = Dataset([], fmt, len(records))
     for n, rec in enumerate(records, 1):
-        item = to_messages(rec, fmt)
-        if item is None:
+        enc = encode_record(rec, fmt, tokenizer, system_prompt=system_prompt, eot=eot)
+        if enc is None:
             ds.skipped += 1
             ds.skipped_lines.append(n)
             continue
-        if isinstance(item, str):
-            enc = encode_plain(tokenizer, item)
-        elif chat:
-            enc = encode_conversation(tokenizer, item, system_prompt, eot)
-        else:  # completions without a chat template: prompt, then completion + eos
-            p = encode_plain(tokenizer, item[0]["content"])
-            c = hf_tokenizer(tokenizer)(item[1]["content"], add_special_tokens=False)["input_ids"]
-            ids = p.ids[:-1] + list(c) + [p.ids[-1]]
-            enc = Encoded(ids, [False] * (len(p.ids) - 1) + [True] * (len(c) + 1))
         if len(enc.ids) > max_seq_length:
             ds.truncated += 1
             enc = Encoded(enc.ids[:max_seq_length], enc.mask[:max_seq_length])

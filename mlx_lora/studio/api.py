@@ -1,0 +1,261 @@
+"""What each page action does, as plain functions over the studio's state (no HTTP here).
+
+Every action maps the page's fields onto the command it stands for and checks them with that
+command's own parser (:func:`mlx_lora.config.parse_config`), so the page accepts exactly what the
+command line accepts and reports the same one-line errors.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import shlex
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mlx_lora.errors import MlxLoraError
+from mlx_lora.files import read_json
+from mlx_lora.studio.chatting import ChatModels
+from mlx_lora.studio.events import curves, final_figures, run_state
+from mlx_lora.studio.jobs import Jobs
+from mlx_lora.studio.paths import Roots, scan
+
+# Export settings the page offers (ollama create is shown as a command to copy, not run).
+EXPORT_FIELDS = (
+    "model",
+    "adapter",
+    "output_dir",
+    "gguf_type",
+    "name",
+    "num_ctx",
+    "mode",
+    "system_prompt",
+    "verify",
+    "overwrite",
+)
+
+
+@dataclass
+class Studio:
+    """The state every request sees."""
+
+    roots: Roots
+    jobs: Jobs
+    chat: ChatModels = field(default_factory=ChatModels)
+    host: str = "127.0.0.1"
+    port: int = 7860
+
+
+def has_plan() -> bool:
+    """The memory plan panel appears only when ``mlx_lora.plan`` exists."""
+    return importlib.util.find_spec("mlx_lora.plan") is not None
+
+
+def info(studio: Studio) -> dict:
+    import mlx_lora
+    from mlx_lora.config import TrainConfig
+    from mlx_lora.data import FORMATS
+    from mlx_lora.export import MODES, ExportConfig
+    from mlx_lora.gguf import GGUF_TYPES
+    from mlx_lora.verify import have_llama_cpp
+
+    return {
+        "version": mlx_lora.__version__,
+        "roots": [str(d) for d in studio.roots.dirs],
+        "plan": has_plan(),
+        "llama_cpp": have_llama_cpp(),
+        "formats": list(FORMATS),
+        "train_defaults": asdict(TrainConfig()),
+        "export_defaults": {k: v for k, v in asdict(ExportConfig()).items() if k in EXPORT_FIELDS},
+        "gguf_types": list(GGUF_TYPES),
+        "export_modes": list(MODES),
+    }
+
+
+def found(studio: Studio) -> dict:
+    return asdict(scan(studio.roots))
+
+
+def _flags(cls: type, body: dict, allowed: set[str]) -> list[str]:
+    """``--flag value`` pairs for the dataclass fields in ``body`` (booleans as --x / --no-x)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    flags: list[str] = []
+    for key, value in body.items():
+        if key not in names or key not in allowed:
+            raise MlxLoraError(f"unknown setting {key!r}")
+        if value is None or value == "":
+            continue
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + flag[2:])
+        else:
+            flags += [flag, str(value)]
+    return flags
+
+
+def train_flags(studio: Studio, body: dict) -> tuple[list[str], Path]:
+    """The page's Train form as ``python -m mlx_lora.train`` flags, paths confined to the roots."""
+    from mlx_lora.config import TrainConfig, parse_config
+    from mlx_lora.data import detect_format, read_records
+    from mlx_lora.train import validate
+
+    body = dict(body)
+    resume = bool(body.pop("resume", False))
+    roots = studio.roots
+    out = roots.resolve(body.get("output_dir") or "", what="output folder")
+    body["output_dir"] = str(out)
+    data = roots.resolve(body.get("data") or "", what="data file", must_exist=True)
+    body["data"] = str(data)
+    if body.get("eval_data"):
+        body["eval_data"] = str(roots.resolve(body["eval_data"], what="eval data", must_exist=True))
+    body["model"] = roots.model(body.get("model") or "")
+    allowed = {f.name for f in dataclasses.fields(TrainConfig)} - {"resume", "config"}
+    flags = _flags(TrainConfig, body, allowed) + (["--resume"] if resume else [])
+    cfg = parse_config(TrainConfig, flags, "python -m mlx_lora.train", "")
+    validate(cfg)
+    records = read_records(data)  # a file that does not parse fails here, before any process
+    if not records:
+        raise MlxLoraError(f"{data}: the dataset is empty; add records")
+    if cfg.format == "auto":
+        detect_format(records, data)
+    _check_model(cfg.model)
+    return flags, out
+
+
+def _check_model(model: str) -> None:
+    """A local model folder that cannot be one fails before a run is started."""
+    path = Path(model)
+    if path.is_dir():
+        from mlx_lora.hub import check_model_dir
+
+        check_model_dir(path)
+
+
+def start_train(studio: Studio, body: dict) -> dict:
+    flags, out = train_flags(studio, body)
+    job = studio.jobs.start("train", "mlx_lora.train", flags, out, studio.roots.show(out))
+    return job.snapshot()
+
+
+def resume_job(studio: Studio, body: dict) -> dict:
+    """Continue a run started from this page with its own settings (``--resume``)."""
+    old = studio.jobs.get(str(body.get("id", "")))
+    if old.kind != "train":
+        raise MlxLoraError(f"{old.id} is an {old.kind}, not a training run")
+    flags = [f for f in old.flags if f not in ("--overwrite-output-dir", "--resume")]
+    job = studio.jobs.start("train", old.module, [*flags, "--resume"], old.output_dir, old.shown)
+    return job.snapshot()
+
+
+def plan(studio: Studio, body: dict) -> dict:
+    """``python -m mlx_lora.plan`` with the Train form's flags; its text as the command prints."""
+    if not has_plan():
+        raise MlxLoraError("this version of mlx_lora has no memory plan (mlx_lora.plan)")
+    flags, _ = train_flags(studio, {**body, "resume": False})
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "mlx_lora.plan", *flags],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            cwd=studio.roots.dirs[0],
+        )
+    except subprocess.TimeoutExpired:
+        raise MlxLoraError("the memory plan took longer than 10 minutes; try again") from None
+    return {"ok": done.returncode == 0, "text": (done.stdout + done.stderr).strip()}
+
+
+def start_export(studio: Studio, body: dict) -> dict:
+    """``python -m mlx_lora.export`` with the Export form's settings."""
+    from mlx_lora.config import parse_config
+    from mlx_lora.export import ExportConfig
+
+    body = dict(body)
+    roots = studio.roots
+    out = roots.resolve(body.get("output_dir") or "", what="export folder")
+    body["output_dir"] = str(out)
+    if body.get("adapter"):
+        body["adapter"] = str(roots.resolve(body["adapter"], what="adapter", must_exist=True))
+    if body.get("model"):
+        body["model"] = roots.model(body["model"])
+    flags = _flags(ExportConfig, body, set(EXPORT_FIELDS))
+    parse_config(ExportConfig, flags, "python -m mlx_lora.export", "")
+    job = studio.jobs.start("export", "mlx_lora.export", flags, out, studio.roots.show(out))
+    return job.snapshot()
+
+
+def export_result(studio: Studio, jid: str) -> dict:
+    """A finished export: its verify table, the Modelfile and the ``ollama create`` command."""
+    job = studio.jobs.get(jid)
+    snap = job.snapshot()
+    result: dict[str, Any] = {"status": snap["status"], "message": snap["message"]}
+    lines = snap["lines"]
+    start = next((i for i, ln in enumerate(lines) if ln.startswith("verify ")), None)
+    if start is not None:
+        end = next((i for i in range(start, len(lines)) if "result:" in lines[i]), len(lines) - 1)
+        result["verify"] = "\n".join(lines[start : end + 1])
+        result["verify_ok"] = "all checks passed" in lines[end]
+    manifest = job.output_dir / "export.json"
+    if snap["status"] == "finished" and manifest.is_file():
+        info = read_json(manifest)
+        modelfile = job.output_dir / (info.get("modelfile") or "Modelfile")
+        result["name"] = info.get("name")
+        result["modelfile_path"] = studio.roots.show(modelfile)
+        result["modelfile"] = modelfile.read_text(encoding="utf-8")
+        result["ollama_create"] = shlex.join(
+            ["ollama", "create", str(info.get("name")), "-f", str(modelfile)]
+        )
+        result["gguf"] = info.get("gguf")
+    return result
+
+
+def runs(studio: Studio, body: dict) -> dict:
+    """Curves and figures of the selected output folders, a running job's events merged in."""
+    dirs = body.get("dirs") or []
+    if not isinstance(dirs, list):
+        raise MlxLoraError("dirs: expected a list of run folders")
+    out = []
+    for raw in dirs[:12]:
+        d = studio.roots.resolve(raw, what="run folder")  # a starting run may not have made it yet
+        state = (run_state(d) if d.is_dir() else None) or {}
+        history = list(state.get("log_history") or [])
+        job = studio.jobs.latest_for(d, "train")
+        entry: dict[str, Any] = {
+            "dir": studio.roots.show(d),
+            "global_step": state.get("global_step", 0),
+            "max_steps": state.get("max_steps"),
+            "figures": final_figures(history),
+            "finished": (d / "adapter_model.safetensors").is_file(),
+        }
+        if job is not None:
+            snap = job.snapshot(since=10**12)
+            history += snap["history"]
+            entry["job"] = {k: snap[k] for k in ("id", "status", "message", "progress")}
+        entry["curves"] = curves(history)
+        out.append(entry)
+    return {"runs": out}
+
+
+def chat_target(studio: Studio, body: dict) -> tuple[str, Path | None]:
+    """(model, adapter) for a chat request; ``base: true`` = the same model without the adapter.
+
+    Without a model the adapter's recorded base is used (as ``python -m mlx_lora.chat`` does); it
+    must lie inside the roots too, like any path the page reaches.
+    """
+    from mlx_lora.lora import read_adapter
+
+    roots = studio.roots
+    adapter = None
+    if body.get("adapter"):
+        adapter = roots.resolve(body["adapter"], what="adapter", must_exist=True)
+    model = body.get("model") or (read_adapter(adapter).base_model if adapter else None)
+    if not model:
+        raise MlxLoraError(
+            "pick an adapter (a training output folder) or a model to chat with"
+            if adapter is None
+            else f"{roots.show(adapter)} records no base model; enter the model to use"
+        )
+    return roots.model(str(model)), None if body.get("base") else adapter
