@@ -281,7 +281,7 @@ def load_dataset(
             ds.dropped_no_target += 1
             continue
         ds.examples.append(enc)
-        ds.sources.append(item)
+        ds.sources.append(to_messages(rec, fmt))
     if not ds.examples:
         why = (
             f"all {ds.records} records were skipped (missing or empty fields for format {fmt}); "

@@ -47,7 +47,7 @@ def _code(path: Path) -> str:
 def test_logic_has_one_home(what: str, pattern: str, owners: set[str]) -> None:
     offenders = [
         p.name
-        for p in sorted(PACKAGE.glob("*.py"))
+        for p in sorted(PACKAGE.rglob("*.py"))
         if p.name not in owners and re.search(pattern, _code(p))
     ]
     assert not offenders, f"{what} belongs in {', '.join(sorted(owners))}, found in {offenders}"
@@ -56,7 +56,7 @@ def test_logic_has_one_home(what: str, pattern: str, owners: set[str]) -> None:
 def test_functions_stay_short() -> None:
     """No function over 80 lines: a long one is a stage that wants its own function."""
     long = []
-    for p in sorted(PACKAGE.glob("*.py")):
+    for p in sorted(PACKAGE.rglob("*.py")):
         for f in ast.walk(ast.parse(p.read_text(encoding="utf-8"))):
             if isinstance(f, ast.FunctionDef | ast.AsyncFunctionDef):
                 n = f.end_lineno - f.lineno + 1

@@ -14,13 +14,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlx_lora.errors import MlxLoraError
+from mlx_lora.meta import FUSED_INFO, GENERATION_CONFIG
+from mlx_lora.weights import INDEX_FILE
 
 # Folders a scan never enters: environments, VCS data, caches.
 SKIP_DIRS = {"node_modules", "__pycache__", "site-packages", "venv", "env"}
 # JSON files that belong to models, runs and exports, not datasets.
 NOT_DATA = {
     "config.json",
-    "generation_config.json",
+    GENERATION_CONFIG,
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -29,8 +31,8 @@ NOT_DATA = {
     "trainer_state.json",
     "adapter_config.json",
     "export.json",
-    "mlx_lora.json",
-    "model.safetensors.index.json",
+    FUSED_INFO,
+    INDEX_FILE,
     "eval.json",
 }
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
