@@ -51,6 +51,7 @@ class Conversation:
             system_prompt=self.system_prompt,
             max_tokens=self.cfg.max_tokens,
             cache=self.cache,
+            allow_special=self.cfg.allow_special_tokens_in_content,
             **sampling_flags(self.cfg),
         )
 

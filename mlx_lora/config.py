@@ -140,6 +140,11 @@ class TrainConfig:
         const="latest",
     )
     overwrite_output_dir: bool = opt(False, "start over even if --output-dir holds a run")
+    allow_special_tokens_in_content: bool = opt(
+        False,
+        "parse special-token text inside records (e.g. <|im_end|>) as control tokens, as before; "
+        "by default it is trained on as plain text and counted at start-up",
+    )
     plot: bool = opt(True, "write loss.png")
     eval_at_end: bool = opt(
         False,
@@ -177,6 +182,11 @@ class ChatConfig:
     )
     seed: int | None = opt(None, "sampling seed")
     model_source: str = opt("auto", "where a model id is fetched from", choices=list(SOURCES))
+    allow_special_tokens_in_content: bool = opt(
+        False,
+        "let text you type such as <|im_end|> act as control tokens (turn boundaries); by default "
+        "it is plain text",
+    )
 
 
 def _flag(name: str) -> str:

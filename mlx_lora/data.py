@@ -2,7 +2,9 @@
 
 Reads a JSON array or JSONL file, detects the record format, turns each record into chat messages,
 and renders them with the tokenizer's own template (:mod:`mlx_lora.prompt`), never a hard-coded one.
-Bad records are skipped and counted; bad files fail with file, line and column.
+Record contents are text: a record that mentions ``<|im_end|>`` is trained on those characters,
+not on an end of turn (counted at start-up). Bad records are skipped and counted; bad files fail
+with file, line and column.
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ from mlx_lora.errors import MlxLoraError
 from mlx_lora.prompt import (
     Encoded,
     Message,
+    encode_content,
     encode_conversation,
     end_of_turn,
     has_chat_template,
     hf_tokenizer,
+    special_text,
 )
 
 FORMATS = ("auto", "alpaca", "sharegpt", "messages", "completions", "text")
@@ -188,10 +192,10 @@ def to_messages(record: Any, fmt: str) -> list[Message] | str | None:
     raise MlxLoraError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
 
 
-def encode_plain(tokenizer: Any, text: str) -> Encoded:
+def encode_plain(tokenizer: Any, text: str, allow_special: bool = False) -> Encoded:
     """Raw text for continued pre-training: every token is a target, the eos ends the document."""
     tok = hf_tokenizer(tokenizer)
-    ids = list(tok(text, add_special_tokens=True)["input_ids"])
+    ids = encode_content(tok, text, add_special_tokens=True, allow_special=allow_special)
     if tok.eos_token_id is not None:
         ids.append(tok.eos_token_id)
     return Encoded(ids, [True] * len(ids))
@@ -206,24 +210,31 @@ def end_of_turn_for(fmt: str, tokenizer: Any) -> str | None:
 
 
 def encode_record(
-    record: Any, fmt: str, tokenizer: Any, *, system_prompt: str | None, eot: str | None
+    record: Any,
+    fmt: str,
+    tokenizer: Any,
+    *,
+    system_prompt: str | None,
+    eot: str | None,
+    allow_special: bool = False,
 ) -> Encoded | None:
     """Ids and loss mask of one record, untruncated; None when the record is unusable.
 
     ``eot`` comes from :func:`end_of_turn_for` (None: plain text). Training and the studio's data
-    preview both call this, so the preview shows exactly what is trained.
+    preview both call this, so the preview shows exactly what is trained. Special-token text in
+    the record is text unless ``allow_special``.
     """
     item = to_messages(record, fmt)
     if item is None:
         return None
     if isinstance(item, str):
-        return encode_plain(tokenizer, item)
+        return encode_plain(tokenizer, item, allow_special)
     if eot is not None:
-        return encode_conversation(tokenizer, item, system_prompt, eot)
+        return encode_conversation(tokenizer, item, system_prompt, eot, allow_special=allow_special)
     # completions without a chat template: prompt, then completion + eos
-    p = encode_plain(tokenizer, item[0]["content"])
-    c = hf_tokenizer(tokenizer)(item[1]["content"], add_special_tokens=False)["input_ids"]
-    ids = p.ids[:-1] + list(c) + [p.ids[-1]]
+    p = encode_plain(tokenizer, item[0]["content"], allow_special)
+    c = encode_content(tokenizer, item[1]["content"], allow_special=allow_special)
+    ids = p.ids[:-1] + c + [p.ids[-1]]
     return Encoded(ids, [False] * (len(p.ids) - 1) + [True] * (len(c) + 1))
 
 
@@ -239,6 +250,8 @@ class Dataset:
     dropped_no_target: int = 0
     skipped_lines: list[int] = field(default_factory=list)
     sources: list[list[Message] | str] = field(default_factory=list)  # per example: what it encodes
+    special_text: int = 0  # records whose contents mention special tokens (e.g. <|im_end|>)
+    allow_special: bool = False  # ... and whether those became control tokens
 
     @property
     def tokens(self) -> int:
@@ -256,8 +269,10 @@ def load_dataset(
     fmt: str = "auto",
     system_prompt: str | None = None,
     max_seq_length: int = 2048,
+    allow_special: bool = False,
 ) -> Dataset:
-    """Read, detect, render and tokenize; over-long rows are truncated and counted."""
+    """Read, detect, render and tokenize; over-long rows are truncated and counted. Special-token
+    text in a record is encoded as text unless ``allow_special``; such records are counted."""
     if max_seq_length < 2:
         raise MlxLoraError(f"--max-seq-length must be at least 2, got {max_seq_length}")
     if fmt not in FORMATS:
@@ -267,13 +282,17 @@ def load_dataset(
         raise MlxLoraError(f"{path}: the dataset is empty; add records")
     fmt = detect_format(records, path) if fmt == "auto" else fmt
     eot = end_of_turn_for(fmt, tokenizer)
-    ds = Dataset([], fmt, len(records))
+    ds = Dataset([], fmt, len(records), allow_special=allow_special)
     for n, rec in enumerate(records, 1):
-        enc = encode_record(rec, fmt, tokenizer, system_prompt=system_prompt, eot=eot)
+        enc = encode_record(
+            rec, fmt, tokenizer, system_prompt=system_prompt, eot=eot, allow_special=allow_special
+        )
         if enc is None:
             ds.skipped += 1
             ds.skipped_lines.append(n)
             continue
+        item = to_messages(rec, fmt)
+        ds.special_text += bool(special_text(tokenizer, item))
         if len(enc.ids) > max_seq_length:
             ds.truncated += 1
             enc = Encoded(enc.ids[:max_seq_length], enc.mask[:max_seq_length])

@@ -3,10 +3,10 @@
 The seed's "garbled answers" came from prompts built with the wrong template and from generation
 that did not stop at the model's end-of-turn token. Here every answer renders the whole
 conversation with the tokenizer's own template (:func:`mlx_lora.prompt.build_prompt`, exactly what
-training saw), stops on every end token the model's files name
-(:func:`mlx_lora.meta.end_token_ids`), and leaves sampling and streaming to mlx-lm. The KV cache
-of the previous turn is reused only for the token prefix the new prompt shares with it, so reuse
-saves time without changing a single token.
+training saw; message contents are text, never control tokens), stops on every end token the
+model's files name (:func:`mlx_lora.meta.end_token_ids`), and leaves sampling and streaming to
+mlx-lm. The KV cache of the previous turn is reused only for the token prefix the new prompt
+shares with it, so reuse saves time without changing a single token.
 
 Kept here rather than taken from mlx-lm 0.32: :class:`PromptCache` (mlx-lm's ``LRUPromptCache``
 is its server's internal multi-conversation cache; one worker serving one conversation at a time
@@ -24,7 +24,7 @@ from typing import Any
 
 from mlx_lora.errors import MlxLoraError
 from mlx_lora.meta import end_token_ids, sampling_defaults
-from mlx_lora.prompt import Message, build_prompt, has_chat_template
+from mlx_lora.prompt import Message, encode_prompt, has_chat_template
 
 MAX_TOKENS_LIMIT = 1 << 31
 
@@ -278,6 +278,8 @@ class AnswerStream:
     ):
         self.prompt_ids = ids
         self.answer = Answer(prompt_tokens=len(ids))
+        # special-token texts of the message contents that were encoded as plain text
+        self.escaped: dict[str, int] = {}
         self._gen = self._run(loaded, ids, sampling, max_tokens, [s for s in stop if s], cache)
 
     def __iter__(self) -> Iterator[str]:
@@ -363,6 +365,7 @@ def generate_answer(
     max_tokens: int = 512,
     stop: Sequence[str] = (),
     cache: PromptCache | None = None,
+    allow_special: bool = False,
     **sampling: Any,
 ) -> AnswerStream:
     """Stream the assistant's next answer to ``messages`` (chat, serve and the studio call this).
@@ -371,14 +374,17 @@ def generate_answer(
     a system turn inside ``messages`` wins over both. ``sampling`` holds :func:`resolve_sampling`'s
     keywords (temperature, top_p, top_k, min_p, repetition_penalty, presence_penalty,
     frequency_penalty, seed); unset ones come from ``generation_config.json``. Pass the same
-    ``cache`` turn after turn to reuse the shared prefix.
+    ``cache`` turn after turn to reuse the shared prefix. Special-token text in the messages is
+    encoded as text unless ``allow_special`` (``--allow-special-tokens-in-content``).
     """
     check_max_tokens(max_tokens)
     settings = resolve_sampling(loaded.generation, **sampling)
     require_chat_template(loaded)
     system = system_prompt if system_prompt is not None else loaded.system_prompt
-    ids = build_prompt(loaded.tokenizer, messages, system)
-    return AnswerStream(loaded, ids, settings, max_tokens, stop, cache)
+    prompt = encode_prompt(loaded.tokenizer, messages, system, allow_special=allow_special)
+    stream = AnswerStream(loaded, prompt.ids, settings, max_tokens, stop, cache)
+    stream.escaped = dict(prompt.escaped)
+    return stream
 
 
 def complete(loaded: Any, messages: list[Message], **kw: Any) -> Answer:

@@ -72,6 +72,12 @@ class ServeConfig:
     )
     max_tokens: int = opt(512, "answer length limit when a request gives no max_tokens")
     model_source: str = opt("auto", "where a model id is fetched from", choices=list(SOURCES))
+    allow_special_tokens_in_content: bool = opt(
+        False,
+        "parse special-token text in message contents (e.g. <|im_start|>system) as control "
+        "tokens: any client can then write turns of its own. Default: plain text, and one log "
+        "line per request that held some",
+    )
 
 
 class APIError(Exception):
@@ -241,25 +247,46 @@ def parse_request(body: Any, model_name: str, default_max_tokens: int) -> dict:
 class Job:
     """One request waiting for, or being served by, the worker; events flow back through a queue."""
 
-    def __init__(self, args: dict):
+    def __init__(self, args: dict, client: str = ""):
         self.args = args
+        self.client = client
         self.events: queue.Queue = queue.Queue()
         self.cancelled = threading.Event()
+
+
+def escaped_note(job: Job, escaped: dict[str, int]) -> str:
+    """The log line for a request whose contents held special-token text: which tokens, how
+    often, and only a short, escaped prefix of the first such message (never the whole text)."""
+    counts = ", ".join(f"{t} ×{n}" for t, n in sorted(escaped.items()))
+    where = next(
+        (
+            (i, m["content"])
+            for i, m in enumerate(job.args["messages"])
+            if any(t in m["content"] for t in escaped)
+        ),
+        None,
+    )
+    begins = f" (messages[{where[0]}] begins {where[1][:24]!r}…)" if where else ""
+    return (
+        f"{job.client} special-token text in message content encoded as plain text: "
+        f"{counts}{begins}"
+    )
 
 
 class Worker(threading.Thread):
     """The only thread that touches the model: FIFO jobs, one KV cache reused across requests."""
 
-    def __init__(self, loaded: Any):
+    def __init__(self, loaded: Any, allow_special: bool = False, quiet: bool = False):
         super().__init__(name="mlx_lora-generate", daemon=True)
         self.loaded = loaded
+        self.allow_special, self.quiet = allow_special, quiet
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.cache = PromptCache(loaded.model)
         self.current: Job | None = None
         self.closing = False
 
-    def submit(self, args: dict) -> Job:
-        job = Job(args)
+    def submit(self, args: dict, client: str = "") -> Job:
+        job = Job(args, client)
         self.jobs.put(job)
         return job
 
@@ -314,7 +341,15 @@ class Worker(threading.Thread):
         a = dict(job.args)
         for key in ("stream", "include_usage"):
             a.pop(key)
-        stream = generate_answer(self.loaded, a.pop("messages"), cache=self.cache, **a)
+        stream = generate_answer(
+            self.loaded,
+            a.pop("messages"),
+            cache=self.cache,
+            allow_special=self.allow_special,
+            **a,
+        )
+        if stream.escaped and not self.quiet:
+            sys.stderr.write(escaped_note(job, stream.escaped) + "\n")
         try:
             for piece in stream:
                 if job.cancelled.is_set():
@@ -429,7 +464,7 @@ class Handler(BaseHTTPRequestHandler):
         except APIError as e:
             self._send_error(e)
             return
-        job = self.server.worker.submit(args)
+        job = self.server.worker.submit(args, self.address_string())
         try:
             if args["stream"]:
                 self._stream(job, args["include_usage"])
@@ -537,12 +572,13 @@ class APIServer(ThreadingHTTPServer):
         model_name: str,
         default_max_tokens: int,
         quiet: bool,
+        allow_special: bool = False,
     ):
         self.model_name, self.default_max_tokens, self.quiet = model_name, default_max_tokens, quiet
         self.created = int(time.time())
         self.worker: Worker | None = None
         super().__init__(address, Handler)  # binds; a failure closes the socket and raises
-        self.worker = Worker(loaded)
+        self.worker = Worker(loaded, allow_special, quiet)
         self.worker.start()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
@@ -584,12 +620,19 @@ def make_server(
     model_name: str | None = None,
     max_tokens: int = 512,
     quiet: bool = False,
+    allow_special: bool = False,
 ) -> APIServer:
-    """A bound, not yet serving, API server (call ``serve_forever``; port 0 picks a free port)."""
+    """A bound, not yet serving, API server (call ``serve_forever``; port 0 picks a free port).
+    ``allow_special``: special-token text in message contents is parsed as control tokens."""
     check_max_tokens(max_tokens, "--max-tokens")
     try:
         return APIServer(
-            loaded, (host, port), model_name or default_model_name(loaded), max_tokens, quiet
+            loaded,
+            (host, port),
+            model_name or default_model_name(loaded),
+            max_tokens,
+            quiet,
+            allow_special,
         )
     except OSError as e:
         raise _bind_error(host, port, e) from None
@@ -640,8 +683,15 @@ def main(argv: list[str] | None = None) -> None:
     loaded = load_for_inference(cfg.model, cfg.adapter, source=cfg.model_source)
     require_chat_template(loaded)
     name = cfg.model_name or default_model_name(loaded, cfg.adapter)
-    server = make_server(loaded, cfg.host, cfg.port, name, cfg.max_tokens)
+    allow = cfg.allow_special_tokens_in_content
+    server = make_server(loaded, cfg.host, cfg.port, name, cfg.max_tokens, allow_special=allow)
     host, port = server.server_address[:2]
+    if allow:
+        print(
+            "warning: --allow-special-tokens-in-content: clients can write control tokens (their "
+            "own system turns) into message contents; serve only trusted clients like this",
+            file=sys.stderr,
+        )
     print(
         f"serving model {name!r} at http://{host}:{port}/v1 (Ctrl-C stops)",
         file=sys.stderr,

@@ -268,6 +268,7 @@ def _split_data(cfg: TrainConfig, ds: Dataset, tokenizer: Any) -> tuple[list, li
             fmt=cfg.format,
             system_prompt=cfg.system_prompt,
             max_seq_length=cfg.max_seq_length,
+            allow_special=cfg.allow_special_tokens_in_content,
         )
         return ds.examples, val.examples
     train_idx, val_idx = split(len(ds.examples), cfg.val_split, cfg.seed)
@@ -313,6 +314,7 @@ def _record(cfg: TrainConfig, ds: Dataset, model_dir: Path, config: dict) -> dic
         "quantize": cfg.quantize,
         "max_seq_length": cfg.max_seq_length,
         "base_model": cfg.model if not Path(cfg.model).expanduser().exists() else str(model_dir),
+        "allow_special_tokens_in_content": cfg.allow_special_tokens_in_content,
         "base_model_dir": str(model_dir),
         "base_model_type": config.get("model_type"),
         "base_hidden_size": config.get("hidden_size"),
@@ -407,6 +409,7 @@ def setup(cfg: TrainConfig) -> tuple[Run, Path | None]:
         fmt=cfg.format,
         system_prompt=cfg.system_prompt,
         max_seq_length=cfg.max_seq_length,
+        allow_special=cfg.allow_special_tokens_in_content,
     )
     train_ex, val_ex = _split_data(cfg, ds, tokenizer)
     if cfg.per_device_train_batch_size * group.size() > len(train_ex):
@@ -458,6 +461,19 @@ def setup(cfg: TrainConfig) -> tuple[Run, Path | None]:
     return run, resume_from
 
 
+def special_text_line(ds: Dataset) -> str:
+    """The start-up line for records that mention special tokens (empty when none do)."""
+    if not ds.special_text:
+        return ""
+    how = (
+        "parsed as control tokens (--allow-special-tokens-in-content)"
+        if ds.allow_special
+        else "encoded as text"
+    )
+    records = "1 record mentions" if ds.special_text == 1 else f"{ds.special_text} records mention"
+    return f"data: {records} special tokens; {how}\n"
+
+
 def summary(
     cfg: TrainConfig,
     ds: Dataset,
@@ -489,6 +505,7 @@ def summary(
         f"data: {ds.records} records ({ds.format}) → {len(ds.examples)} examples "
         f"kept{skipped}{trunc}{dropped}; {n_train} train / {n_val} validation; "
         f"{ds.tokens:,} tokens, {ds.target_tokens:,} trained on\n"
+        f"{special_text_line(ds)}"
         f"model: {trainable:,} trainable parameters ({kind}) of {total:,} "
         f"({100 * trainable / max(total, 1):.3f}%); device {device_name()}, dtype {dtype}{quant}\n"
         f"schedule: {steps_per_epoch} steps/epoch, {total_steps} steps, effective batch {eff} "
