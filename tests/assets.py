@@ -157,3 +157,68 @@ def vocab_vectors() -> dict[str, tuple[Path, Path, Path]]:
         if inp.is_file() and res.is_file():
             out[g.stem.removeprefix("ggml-vocab-")] = (g, inp, res)
     return out
+
+
+def smollm2_tokenizer_dir() -> Path:
+    """SmolLM2-135M-Instruct's Hugging Face tokenizer, rebuilt from its GGUF (GPT-2 byte-level BPE:
+    vocabulary, merges, the 17 control tokens, chat template; pre-tokenizer = single digits, then
+    byte-level with the GPT-2 regex, as llama.cpp's ``smollm`` type) and cached beside it.
+    It tokenizes like llama.cpp's reading of the same GGUF (checked when it is built)."""
+    final = cache_dir() / "smollm2" / "tokenizer"
+    if (final / "tokenizer.json").is_file():
+        return final
+    gguf_path = smollm2_gguf()
+    with _locked("smollm2-tokenizer"):
+        if (final / "tokenizer.json").is_file():
+            return final
+        from gguf import GGUFReader
+        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+
+        fields = GGUFReader(str(gguf_path)).fields
+
+        def get(key: str):
+            return fields[key].contents()
+
+        tokens, kinds = get("tokenizer.ggml.tokens"), get("tokenizer.ggml.token_type")
+        merges = [tuple(m.split(" ", 1)) for m in get("tokenizer.ggml.merges")]
+        backend = Tokenizer(models.BPE({t: i for i, t in enumerate(tokens)}, merges))
+        backend.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            ]
+        )
+        backend.decoder = decoders.ByteLevel()
+        control = [t for t, k in zip(tokens, kinds, strict=True) if k == 3]
+        backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
+        tok = PreTrainedTokenizerFast(
+            tokenizer_object=backend,
+            **{
+                f"{name}_token": tokens[get(f"tokenizer.ggml.{key}_token_id")]
+                for name, key in (
+                    ("bos", "bos"),
+                    ("eos", "eos"),
+                    ("unk", "unknown"),
+                    ("pad", "padding"),
+                )
+            },
+        )
+        tok.chat_template = get("tokenizer.chat_template")
+        try:
+            from llama_cpp import Llama
+
+            llm = Llama(str(gguf_path), vocab_only=True, verbose=False)
+            probe = "<|im_start|>user\nHi 2024, naïve 甄嬛 🚀 they'll\n\n  x<|im_end|>\n"
+            want = llm.tokenize(probe.encode(), add_bos=False, special=True)
+            if tok(probe, add_special_tokens=False)["input_ids"] != want:
+                raise RuntimeError("the rebuilt SmolLM2 tokenizer disagrees with llama.cpp")
+        except ImportError:
+            pass
+        tmp = Path(tempfile.mkdtemp(prefix=".smollm2-tok-", dir=cache_dir()))
+        try:
+            tok.save_pretrained(str(tmp / "tokenizer"))
+            os.replace(tmp / "tokenizer", final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
