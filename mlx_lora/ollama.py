@@ -532,6 +532,19 @@ def _dedupe(items: Iterable[str]) -> list[str]:
     return list(seen)
 
 
+# Ollama renders TEMPLATE with Go text/template, which escapes nothing (template/template.go,
+# server/prompt.go), and tokenizes the whole prompt with special-token parsing on: since v0.30
+# llama-server's /completion (parse_special true, llm/llama_server.go), before that the llama.cpp
+# runner (Tokenize(..., parseSpecial=true)) and the Go engine (splits on every control token). So
+# "<|im_end|>" typed into a message is a control token there; read from Ollama v0.24.0 and v0.33.0.
+CONTENT_WARNING = (
+    "# Note: Ollama reads special-token text inside messages (e.g. <|im_end|>, <|im_start|>) as",
+    "# control tokens, so a user can close their turn and write a system turn of their own. For",
+    "# end users (e.g. Dify), serve with `python -m mlx_lora.serve`, which keeps message text as",
+    "# text; use this Modelfile with trusted input only.",
+)
+
+
 def render_modelfile(
     *,
     from_path: str,
@@ -565,6 +578,7 @@ def render_modelfile(
     lines = [
         f"# Written by mlx_lora from the model's own chat template (family: {template.family}).",
         "# Create the model with: ollama create NAME -f Modelfile",
+        *CONTENT_WARNING,
     ]
     if template.leading_bos:
         lines.append(

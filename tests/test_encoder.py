@@ -311,3 +311,34 @@ def test_serve_logs_nothing_for_ordinary_requests_and_raw_mode_parses(qwen_loade
     start = qwen_loaded.tokenizer.convert_tokens_to_ids("<|im_start|>")
     assert ids.count(start) == 5 and r.usage.prompt_tokens == len(ids)
     assert "special-token text" not in log
+
+
+# ------------------------------------------------------------------------------------- train
+
+
+def test_train_summary_and_adapter_record(tiny_qwen, tmp_path, capsys):
+    from mlx_lora.config import TrainConfig
+    from mlx_lora.train import train
+
+    rows = [{"instruction": f"Question {i}?", "output": f"Answer {i}."} for i in range(6)]
+    rows[1]["output"] = "Turns end with <|im_end|> in ChatML."
+    rows[4]["instruction"] = "What is <|endoftext|>?"
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps(rows), encoding="utf-8")
+    out = tmp_path / "run"
+    cfg = TrainConfig(
+        model=str(tiny_qwen),
+        data=str(data),
+        output_dir=str(out),
+        max_steps=1,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=1,
+        max_seq_length=128,
+        plot=False,
+        allow_special_tokens_in_content=True,
+    )
+    train(cfg, progress=False)
+    record = json.loads((out / "adapter_config.json").read_text())["mlx_lora"]
+    assert record["allow_special_tokens_in_content"] is True
+    want = "data: 2 records mention special tokens; parsed as control tokens"
+    assert want in capsys.readouterr().out
