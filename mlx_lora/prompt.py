@@ -350,27 +350,32 @@ class _TextMode:
         return ids, [(s + start, e + start) for s, e in offs]
 
 
-def tokenize_chat(tokenizer: Any, chat: RenderedChat) -> tuple[list[int], list[tuple[int, int]]]:
-    """Ids of a rendered conversation and each token's character span in ``chat.text``."""
+def tokenize_chat(
+    tokenizer: Any, chat: RenderedChat, *, offsets: bool = True
+) -> tuple[list[int], list[tuple[int, int]]]:
+    """Ids of a rendered conversation and each token's character span in ``chat.text`` (spans
+    only with ``offsets``: Python-only tokenizers have none, and prompts do not need them)."""
     tok = hf_tokenizer(tokenizer)
     if chat.controls is None:
+        if not offsets:
+            return list(tok(chat.text, add_special_tokens=False)["input_ids"]), []
         enc = tok(chat.text, add_special_tokens=False, return_offsets_mapping=True)
         return list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
     text_mode: _TextMode = _cached(tok, "text_mode", lambda: _TextMode(tok))
     ids: list[int] = []
-    offsets: list[tuple[int, int]] = []
+    spans: list[tuple[int, int]] = []
     pos = 0
     for start, end, token_id in [*chat.controls, (len(chat.text), len(chat.text), None)]:
         if start > pos:
-            piece_ids, piece_offsets = text_mode.piece(chat.text[pos:start], pos)
+            piece_ids, piece_spans = text_mode.piece(chat.text[pos:start], pos)
             _check_no_control(tok, piece_ids)
             ids += piece_ids
-            offsets += piece_offsets
+            spans += piece_spans
         if token_id is not None:
             ids.append(token_id)
-            offsets.append((start, end))
+            spans.append((start, end))
         pos = end
-    return ids, offsets
+    return ids, spans
 
 
 def encode_content(
@@ -424,7 +429,7 @@ def encode_chat(
         add_generation_prompt=add_generation_prompt,
         allow_special=allow_special,
     )
-    return ChatIds(tokenize_chat(tokenizer, chat)[0], chat.escaped)
+    return ChatIds(tokenize_chat(tokenizer, chat, offsets=False)[0], chat.escaped)
 
 
 def encode_prompt(
