@@ -300,7 +300,7 @@ def load_dataset(
             ds.dropped_no_target += 1
             continue
         ds.examples.append(enc)
-        ds.sources.append(to_messages(rec, fmt))
+        ds.sources.append(item)
     if not ds.examples:
         why = (
             f"all {ds.records} records were skipped (missing or empty fields for format {fmt}); "

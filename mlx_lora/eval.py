@@ -83,6 +83,7 @@ def _held_out(adapter: Adapter, data: str | None, tokenizer: Any) -> tuple[str, 
         "fmt": rec.get("format") or "auto",
         "system_prompt": rec.get("system_prompt"),
         "max_seq_length": rec.get("max_seq_length") or 2048,
+        "allow_special": bool(rec.get("allow_special_tokens_in_content")),  # as it was trained
     }
     if data is None and rec.get("eval_data"):
         data = rec["eval_data"]
