@@ -342,3 +342,20 @@ def test_train_summary_and_adapter_record(tiny_qwen, tmp_path, capsys):
     assert record["allow_special_tokens_in_content"] is True
     want = "data: 2 records mention special tokens; parsed as control tokens"
     assert want in capsys.readouterr().out
+
+
+def test_eval_encodes_held_out_data_as_the_run_was_trained(tmp_path):
+    from types import SimpleNamespace
+
+    from mlx_lora.eval import _held_out
+
+    tok = _tokenizer("qwen")
+    rows = [{"instruction": "What ends a turn?", "output": "The text <|im_end|> does."}] * 2
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps(rows), encoding="utf-8")
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+    for allow, ends in ((False, 1), (True, 2)):
+        record = {"format": "alpaca", "allow_special_tokens_in_content": allow}
+        run = SimpleNamespace(extra=record, directory=tmp_path)
+        _, examples, _ = _held_out(run, str(data), tok)
+        assert _masked(examples[0]).count(eot) == ends
