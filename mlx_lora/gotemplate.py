@@ -172,10 +172,9 @@ def _turns(chat_template: str, special: Mapping[str, Any]) -> tuple[str, str, st
 def _measure_turn(chat_template: str, special: Mapping[str, Any]) -> _Structure:
     """System text as a turn of its own; in the first user turn when the template refuses it."""
     head_u, sep_ua, sep_au, tail_u = _turns(chat_template, special)
-    try:
-        head_s, sep_su, tail = probe(chat_template, ["system", "user"], special)
-    except UnrecognisedTemplate:  # raise_exception('System role not supported') and the like
+    if _refuses_system(chat_template, special):  # raise_exception('System role not supported')
         return _Structure(head_u, head_u, "\n\n", sep_ua, sep_au, tail_u, "", "first_user")
+    head_s, sep_su, tail = probe(chat_template, ["system", "user"], special)
     if tail != tail_u:
         raise UnrecognisedTemplate("the generation prompt changes when there is a system message")
     try:
@@ -185,6 +184,16 @@ def _measure_turn(chat_template: str, special: Mapping[str, Any]) -> _Structure:
     except UnrecognisedTemplate:
         tail_s = ""
     return _Structure(head_u, head_s, sep_su, sep_ua, sep_au, tail_u, tail_s)
+
+
+def _refuses_system(chat_template: str, special: Mapping[str, Any]) -> bool:
+    """Whether the template raises for a conversation that starts with a system message."""
+    msgs = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]
+    try:
+        render_template(chat_template, msgs, add_generation_prompt=True, **special)
+    except MlxLoraError:
+        return True
+    return False
 
 
 def _measure_last_user(chat_template: str, special: Mapping[str, Any]) -> _Structure:
