@@ -94,7 +94,9 @@ class GoTemplate:
     whitespace around message contents, which Go templates cannot do: prompts then agree only for
     contents without leading/trailing whitespace. ``think`` is True when the template reacts to
     ``enable_thinking`` and the Go template follows Ollama's ``think`` option. ``starts_with_bos``:
-    the Jinja template's prompts start with the BOS text.
+    the Jinja template's prompts start with the BOS text. ``ollama_prefers_gguf``: the Jinja
+    template declares tools or thinking by Ollama's reading, so Ollama >= 0.30 runs the GGUF's own
+    chat template (in llama-server) instead of this TEMPLATE unless ``OLLAMA_GO_TEMPLATE=1``.
     """
 
     template: str
@@ -109,6 +111,7 @@ class GoTemplate:
     system_placement: str = "turn"
     think: bool = False
     starts_with_bos: bool = False
+    ollama_prefers_gguf: bool = False
 
     @property
     def raw(self) -> bool:
@@ -620,6 +623,20 @@ def _go_source(sts: Mapping[str, _Structure], strip: str) -> str:
     )
 
 
+def ollama_prefers_gguf_template(chat_template: str) -> bool:
+    """Ollama's test (server/images.go, v0.30+) for a GGUF chat template with tools or thinking
+    capabilities; a Go TEMPLATE without ``.Tools``/``.Thinking`` then has fewer, so Ollama sets
+    PreferChatTemplate and bypasses the TEMPLATE (see its "template selection" log line)."""
+    tools = "tools" in chat_template or "tool_call" in chat_template
+    thinking = "<think>" in chat_template and "</think>" in chat_template
+    split = "content.split('</think>')" in chat_template or 'content.split("</think>")' in (
+        chat_template
+    )
+    if split and "reasoning_content" not in chat_template and "<SPECIAL_12>" not in chat_template:
+        thinking = True
+    return tools or thinking
+
+
 def go_template_for(
     chat_template: str,
     bos_token: str | None,
@@ -659,6 +676,7 @@ def go_template_for(
         system_placement=st.placement,
         think=len(set(a.structures.values())) > 1,
         starts_with_bos=starts_with_bos,
+        ollama_prefers_gguf=ollama_prefers_gguf_template(chat_template),
     )
 
 

@@ -202,6 +202,11 @@ def _header(t: GoTemplate) -> list[str]:
             f"# Note: the GGUF says add_bos_token = true, so llama.cpp puts {t.bos} before every "
             "prompt, although the chat template does not start with it."
         )
+    if t.ollama_prefers_gguf:
+        lines.append(
+            "# Ollama >= 0.30 runs the GGUF's own chat template instead of this TEMPLATE (that "
+            "template declares tools/thinking); OLLAMA_GO_TEMPLATE=1 makes it use this one."
+        )
     if t.think:
         lines.append(
             "# Ollama's think option: none = the chat template's default, false = "

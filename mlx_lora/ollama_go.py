@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from mlx_lora.errors import MlxLoraError
+from mlx_lora.files import atomic_file
 
 GO_SOURCE = Path(__file__).resolve().parent / "go" / "render_template"
 INSTALL_HINT = "install Go (Debian/Ubuntu: apt-get install golang-go; else https://go.dev/dl)"
@@ -67,20 +68,18 @@ def build(out_dir: Path | None = None) -> Path:
     env.setdefault("GOCACHE", str(folder / "gocache"))
     if "HOME" not in os.environ:
         env["GOPATH"] = str(folder / "gopath")
-    tmp = folder / f".render_template.{os.getpid()}"
-    proc = subprocess.run(
-        [shutil.which("go") or "go", "build", "-o", str(tmp), "."],
-        cwd=GO_SOURCE,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    if proc.returncode != 0:
-        tmp.unlink(missing_ok=True)
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
-        raise MlxLoraError(f"`go build` of {GO_SOURCE} failed: {tail[0]}; check the Go install")
-    os.replace(tmp, exe)  # atomic: a concurrent build never sees half an executable
+    with atomic_file(exe) as tmp:  # a concurrent build never sees half an executable
+        proc = subprocess.run(
+            [shutil.which("go") or "go", "build", "-o", str(tmp), "."],
+            cwd=GO_SOURCE,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        if proc.returncode != 0:
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+            raise MlxLoraError(f"`go build` of {GO_SOURCE} failed: {tail[0]}; check the Go install")
     return exe
 
 

@@ -328,3 +328,17 @@ def test_smollm2_token_ids_through_llama_cpp(go: GoRenderer) -> None:
                 ok_old += got == want
     assert want[0] == 1  # <|im_start|>, SmolLM2's BOS id
     assert (ok_good, ok_old) == (len(convs), 0)
+
+
+def test_which_templates_ollama_bypasses(templates: dict[str, str]) -> None:
+    """Ollama >= 0.30 prefers the GGUF's chat template when it declares tools or thinking (our
+    TEMPLATEs declare neither); the Modelfile says so."""
+    qwen = go_template_for(templates["Qwen-Qwen3-0.6B"], None, "<|im_end|>", add_bos=False)
+    gemma = go_template_for(templates["google-gemma-2-2b-it"], "<bos>", "<eos>", add_bos=True)
+    phi = go_template_for(
+        templates["microsoft-Phi-3.5-mini-instruct"], "<s>", "<|endoftext|>", add_bos=False
+    )
+    assert qwen.ollama_prefers_gguf and not gemma.ollama_prefers_gguf
+    assert not phi.ollama_prefers_gguf
+    assert "OLLAMA_GO_TEMPLATE=1" in render_modelfile(from_path="./q.gguf", template=qwen)
+    assert "OLLAMA_GO_TEMPLATE" not in render_modelfile(from_path="./g.gguf", template=gemma)
