@@ -186,14 +186,19 @@ def _check(cfg: ExportConfig) -> None:
         raise MlxLoraError(f"unknown --dtype {cfg.dtype!r}; choose {', '.join(DTYPES)}")
 
 
-def _template(cfg: ExportConfig, tokenizer: Any) -> Any:
+def _template(cfg: ExportConfig, tokenizer: Any, base_dir: Path) -> Any:
+    """The Modelfile TEMPLATE: measured from the chat template for the add-BOS rule the GGUF will
+    record (llama.cpp adds BOS only when it says so), ``{{ .Prompt }}`` without a chat template,
+    or the user's ``--template FILE``."""
+    from mlx_lora.gguf_vocab import adds_bos
     from mlx_lora.ollama import go_template_for_tokenizer, load_template_file
 
+    add_bos = adds_bos(tokenizer, base_dir)
     if cfg.template is None:
-        return go_template_for_tokenizer(tokenizer)
+        return go_template_for_tokenizer(tokenizer, add_bos=add_bos)
     default_system = None
     try:  # the chat template's own default system prompt, when mlx_lora can read the template
-        default_system = go_template_for_tokenizer(tokenizer).default_system
+        default_system = go_template_for_tokenizer(tokenizer, add_bos=add_bos).default_system
     except MlxLoraError:
         pass
     return load_template_file(Path(cfg.template), default_system=default_system)
@@ -294,7 +299,7 @@ def _prepare(cfg: ExportConfig) -> _Job:
     tokenizer = load_hf_tokenizer(base_dir)
     model = cfg.model or (adapter.base_model if adapter else None) or str(base_dir)
     name = cfg.name or default_name(str(model), adapter.directory if adapter else None)
-    job = _Job(cfg, adapter, base_dir, name, tokenizer, _template(cfg, tokenizer))
+    job = _Job(cfg, adapter, base_dir, name, tokenizer, _template(cfg, tokenizer, base_dir))
     existing = [p for p in job.artifacts if p.exists()]
     if existing and not cfg.overwrite:
         raise MlxLoraError(
@@ -429,6 +434,8 @@ def export(cfg: ExportConfig, *, progress: bool = True, log: bool = True) -> Exp
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     job = _prepare(cfg)
+    if log and getattr(job.template, "raw", False):
+        print("no chat template (a base model): Modelfile TEMPLATE is the raw prompt {{ .Prompt }}")
     with _no_partial_export(job.out, job.artifacts):  # a failed export leaves none of its files
         hf_dir = _write_ggufs(job, progress, log, timings)
         result = _write_modelfile(job, hf_dir)

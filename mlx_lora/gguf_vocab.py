@@ -269,11 +269,28 @@ def _special_ids(tok: Any, hf_dir: Path, n_vocab: int) -> tuple[int | None, int 
 
     bos = tok.bos_token_id if tok.bos_token_id is not None else cfg_id("bos_token_id")
     eos = tok.eos_token_id if tok.eos_token_id is not None else cfg_id("eos_token_id")
-    # What HF really does when asked to add special tokens, not what a config flag claims.
+    add_bos, add_eos = _adds_specials(tok, bos, eos)
+    return bos, eos, add_bos, add_eos
+
+
+def _adds_specials(tok: Any, bos: int | None, eos: int | None) -> tuple[bool, bool]:
+    """What HF really does when asked to add special tokens, not what a config flag claims."""
     probe = tok("a")["input_ids"]
     add_bos = bool(probe) and bos is not None and probe[0] == bos
     add_eos = bool(probe) and eos is not None and probe[-1] == eos and len(probe) > 1
-    return bos, eos, add_bos, add_eos
+    return add_bos, add_eos
+
+
+def adds_bos(tokenizer: Any, hf_dir: Path | None = None) -> bool:
+    """The ``tokenizer.ggml.add_bos_token`` :func:`read_vocab` records for this tokenizer (of the
+    folder ``hf_dir``, whose config.json may name the bos id): whether llama.cpp, and so Ollama,
+    puts BOS in front of every prompt by itself."""
+    from mlx_lora.prompt import hf_tokenizer
+
+    tok = hf_tokenizer(tokenizer)
+    if hf_dir is not None:
+        return _special_ids(tok, Path(hf_dir), max(tok.get_vocab().values()) + 1)[2]
+    return _adds_specials(tok, tok.bos_token_id, tok.eos_token_id)[0]
 
 
 def read_vocab(hf_dir: Path, n_vocab: int | None = None) -> GgufVocab:

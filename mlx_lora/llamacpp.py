@@ -98,5 +98,8 @@ def llama_greedy(llm: Any, ids: list[int], n: int) -> list[int]:
     return out
 
 
-def llama_tokenize(llm: Any, text: str) -> list[int]:
-    return list(llm.tokenize(text.encode("utf-8"), add_bos=False, special=True))
+def llama_tokenize(llm: Any, text: str, *, add_special: bool = False) -> list[int]:
+    """llama.cpp's ids for ``text``, special tokens parsed. ``add_special=True`` is how
+    llama-server (and so Ollama) tokenizes a prompt: BOS/EOS added as the GGUF's
+    ``tokenizer.ggml.add_bos_token``/``add_eos_token`` say."""
+    return list(llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=True))

@@ -1,21 +1,9 @@
-"""An Ollama Modelfile derived from the model's own chat template, and ``ollama create``.
+"""An Ollama Modelfile for an export, and ``ollama create``.
 
-The seed wrote its Modelfile by hand and put Llama-3 tokens on a Qwen model, so Ollama served
-prompts the model had never seen. Here the TEMPLATE is *measured*, not chosen by name: probe
-conversations with unique markers are rendered through the Jinja chat template, the text between
-the markers gives the pieces every turn is made of (a head before the first message, a separator
-for each pair of neighbouring roles, a tail with the generation prompt), and the resulting model is
-checked against the Jinja template on a set of conversations (system or not, several turns, Chinese,
-emoji, newlines) before a Go ``text/template`` is written from the same pieces. The pieces then name
-the family (ChatML/Qwen, Llama-3, Llama-2, Mistral, Gemma); anything else is refused with a pointer
-to ``--template FILE``.
-
-How Ollama runs that TEMPLATE (its ``server/routes.go`` and ``template/template.go``): when a chat
-request does not start with a system message and the Modelfile has a SYSTEM, a system message with
-that text is put first; consecutive messages of one role are joined with a blank line; a template
-that mentions ``.Messages`` is executed once with ``.Messages`` (each ``.Role``, ``.Content``),
-``.System`` (all system contents joined) and ``.Response`` = "". The template itself must therefore
-add the generation prompt after the last user message.
+The TEMPLATE comes from :mod:`mlx_lora.gotemplate` (measured from the model's own chat template and
+checked against it); SYSTEM is the training system prompt or the template's own default; stops are
+the template family's end/turn tokens plus the model's end tokens; sampling PARAMETERs come from
+``generation_config.json``. ``{{ .Prompt }}`` serves a model without a chat template.
 
 How Ollama reads a Modelfile (its ``parser/parser.go``): a value is a bare word, ``"..."`` or
 ``\"\"\"...\"\"\"``; there are **no escape sequences**. A quoted value ends at the first line end
@@ -28,7 +16,6 @@ quote).
 
 from __future__ import annotations
 
-import functools
 import math
 import re
 import shlex
@@ -37,358 +24,21 @@ import subprocess
 import sys
 import unicodedata
 from collections import deque
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from mlx_lora.errors import MlxLoraError
 from mlx_lora.files import write_text_atomic
+from mlx_lora.gotemplate import (
+    FAMILIES,
+    GoTemplate,
+    detect_template_family,
+    go_template_for,
+    go_template_for_tokenizer,
+    raw_prompt_template,
+)
 from mlx_lora.meta import sampling_defaults
-from mlx_lora.prompt import (
-    UnrecognisedTemplate,
-    chat_template_of,
-    hf_tokenizer,
-    probe,
-    render_template,
-)
-
-FAMILIES = ("chatml", "llama3", "llama2", "mistral", "gemma")
-
-# End-of-turn and turn-start tokens per family: Ollama stops on these strings so the model cannot
-# run on into a turn of its own invention (the seed's Qwen Modelfile stopped on Llama-3 tokens).
-_FAMILY_STOPS = {
-    "chatml": ["<|im_end|>", "<|endoftext|>", "<|im_start|>"],
-    "llama3": ["<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>"],
-    "llama2": ["[INST]", "[/INST]", "<<SYS>>", "<</SYS>>"],
-    "mistral": ["[INST]", "[/INST]"],
-    "gemma": ["<end_of_turn>", "<start_of_turn>"],
-}
-
-_TEMPLATE_HINT = (
-    "write the Ollama TEMPLATE yourself (Go text/template using .Messages) and pass it with "
-    "--template FILE"
-)
-
-
-@dataclass(frozen=True)
-class GoTemplate:
-    """An Ollama TEMPLATE plus what the Modelfile needs to go with it.
-
-    ``template`` is Go ``text/template`` over ``.Messages``; ``default_system`` is the system prompt
-    the chat template adds by itself when a conversation has none (Qwen1.5: "You are a helpful
-    assistant"); ``stops`` are the end/turn tokens generation must stop on. ``leading_bos`` is the
-    BOS text the Jinja template starts every prompt with and that the Go template leaves out,
-    because llama.cpp/Ollama prepend BOS themselves when the GGUF says ``add_bos_token`` (writing it
-    too would give two BOS tokens). ``system_role`` is False when the Jinja template refuses system
-    messages (Gemma 1/2, Mistral v0.1): the Go template then puts a system text before the first
-    user message, separated by a blank line, as Gemma 3 does. ``trims_content`` is True when the
-    Jinja template strips whitespace around message contents, which Go templates cannot do: prompts
-    then agree only for contents without leading/trailing whitespace.
-    """
-
-    template: str
-    default_system: str | None
-    stops: list[str]
-    family: str = "custom"
-    leading_bos: str | None = None
-    system_role: bool = True
-    trims_content: bool = False
-
-
-# ---------------------------------------------------------------------------------------------
-# Rendering the Jinja chat template exactly as transformers does
-
-
-# Measuring the template's structure
-
-
-@dataclass(frozen=True)
-class _Structure:
-    """Prompt = head(first role) + c0 + sep(r0, r1) + c1 + ... + cN + tail(last role)."""
-
-    head_user: str
-    head_system: str
-    sep_system_user: str
-    sep_user_assistant: str
-    sep_assistant_user: str
-    tail_user: str
-    tail_system: str
-    system_role: bool
-
-
-def _measure(chat_template: str, special: Mapping[str, Any]) -> _Structure:
-    """The pieces every prompt of ``chat_template`` is made of, from marker conversations."""
-    head_u, tail_u = probe(chat_template, ["user"], special)
-    p = probe(chat_template, ["user", "assistant", "user2"], special)
-    if p[0] != head_u or p[3] != tail_u:
-        raise UnrecognisedTemplate(
-            "the first or last turn changes with the length of the conversation"
-        )
-    sep_ua, sep_au = p[1], p[2]
-    try:
-        head_s, sep_su, tail = probe(chat_template, ["system", "user"], special)
-    except UnrecognisedTemplate:  # raise_exception('System role not supported') and the like
-        # Gemma 3's convention (and later Mistral templates'): the system text opens the first user
-        # message, followed by a blank line. Only used if an Ollama request brings a system message.
-        return _Structure(head_u, head_u, "\n\n", sep_ua, sep_au, tail_u, "", False)
-    if tail != tail_u:
-        raise UnrecognisedTemplate("the generation prompt changes when there is a system message")
-    try:
-        head_s2, tail_s = probe(chat_template, ["system"], special)
-        if head_s2 != head_s:
-            tail_s = ""
-    except UnrecognisedTemplate:
-        tail_s = ""
-    return _Structure(head_u, head_s, sep_su, sep_ua, sep_au, tail_u, tail_s, True)
-
-
-def _render_structure(st: _Structure, messages: Sequence[Mapping[str, str]]) -> str:
-    """What the Go template written by :func:`_go_source` produces (kept in step with it)."""
-    out: list[str] = []
-    prev = ""
-    for i, msg in enumerate(messages):
-        role = msg["role"]
-        if i == 0:
-            out.append(st.head_system if role == "system" else st.head_user)
-        elif prev == "system" and role == "user":
-            out.append(st.sep_system_user)
-        elif role == "assistant":
-            out.append(st.sep_user_assistant)
-        else:
-            out.append(st.sep_assistant_user)
-        out.append(msg["content"])
-        prev = role
-    if prev == "user":
-        out.append(st.tail_user)
-    elif prev == "system":
-        out.append(st.tail_system)
-    return "".join(out)
-
-
-# Contents for the check: newlines inside, CJK, emoji, quotes, braces, Jinja and Go delimiters.
-# No leading/trailing whitespace: templates that trim contents agree on these too.
-_CHECK_TEXTS = [
-    "你好，请介绍一下你自己。",
-    "Hello!\nHow are you today?",
-    "嬛嬛，朕今日甚是想念你 🌸",
-    'She said "yes" and {{ left }} {% raw %} <b>bold</b>',
-    "Line one\n\nLine three\twith a tab",
-    "👍🏽 done — 100% sure \\ backslash",
-    "多轮对话\n第二行",
-    "OK",
-]
-_CHECK_SYSTEMS = ["You are Zhen Huan, a consort of the Yongzheng Emperor.", "系统：\n简洁回答。"]
-
-
-def _check_conversations(with_system: bool) -> list[list[dict[str, str]]]:
-    texts = _CHECK_TEXTS
-    convs: list[list[dict[str, str]]] = []
-    for turns in (1, 2, 3, 4):
-        for offset in (0, 3):
-            conv = []
-            for t in range(turns):
-                conv.append({"role": "user", "content": texts[(offset + 2 * t) % len(texts)]})
-                if t < turns - 1:
-                    conv.append(
-                        {"role": "assistant", "content": texts[(offset + 2 * t + 1) % len(texts)]}
-                    )
-            convs.append(conv)
-    if with_system:
-        convs += [
-            [{"role": "system", "content": _CHECK_SYSTEMS[i % 2]}, *c] for i, c in enumerate(convs)
-        ]
-    return convs
-
-
-def _classify(st: _Structure) -> str:
-    text = st.head_user + st.sep_user_assistant + st.sep_assistant_user + st.tail_user
-    if "<|im_start|>" in text and "<|im_end|>" in text:
-        return "chatml"
-    if "<|start_header_id|>" in text and "<|eot_id|>" in text:
-        return "llama3"
-    if "<start_of_turn>" in text and "<end_of_turn>" in text:
-        return "gemma"
-    if "[INST]" in text and "[/INST]" in text:
-        sys_text = st.head_system + st.sep_system_user if st.system_role else ""
-        return "llama2" if "<<SYS>>" in sys_text else "mistral"
-    raise UnrecognisedTemplate(
-        "its turn markers are not ChatML, Llama-3, Llama-2/Mistral or Gemma ones"
-    )
-
-
-@dataclass(frozen=True)
-class _Analysis:
-    family: str
-    structure: _Structure
-    default_system: str | None
-    trims_content: bool
-
-
-@functools.lru_cache(maxsize=16)
-def _analyse(chat_template: str, bos: str | None, eos: str | None) -> _Analysis:
-    if not isinstance(chat_template, str) or not chat_template.strip():
-        raise MlxLoraError(
-            f"the model has no chat template to derive an Ollama TEMPLATE from; {_TEMPLATE_HINT}"
-        )
-    special = {"bos_token": bos, "eos_token": eos}
-    try:
-        st = _measure(chat_template, special)
-        for conv in _check_conversations(st.system_role):
-            want = render_template(chat_template, conv, add_generation_prompt=True, **special)
-            got = _render_structure(st, conv)
-            if got != want:
-                raise UnrecognisedTemplate(
-                    f"its output depends on more than the neighbouring roles "
-                    f"(for {len(conv)} messages it gives {want!r}, turn by turn {got!r})"
-                )
-        family = _classify(st)
-    except UnrecognisedTemplate as e:
-        raise MlxLoraError(f"unrecognised chat template structure: {e}; {_TEMPLATE_HINT}") from None
-    except MlxLoraError as e:  # a check conversation the template refuses
-        raise MlxLoraError(f"unrecognised chat template structure: {e}; {_TEMPLATE_HINT}") from None
-    return _Analysis(family, st, _default_system(st), _trims(chat_template, st, special))
-
-
-def _default_system(st: _Structure) -> str | None:
-    """The system prompt the template adds when a conversation has none (Qwen1.5's "You are a
-    helpful assistant"): what the user-first head holds between the system head and separator."""
-    h, s = st.head_system, st.sep_system_user
-    if not st.system_role or len(st.head_user) < len(h) + len(s):
-        return None
-    if st.head_user.startswith(h) and st.head_user.endswith(s):
-        return st.head_user[len(h) : len(st.head_user) - len(s)] or None
-    return None
-
-
-def _trims(chat_template: str, st: _Structure, special: dict) -> bool:
-    """Whether the template strips whitespace around contents (Go templates cannot)."""
-    padded = [{"role": "user", "content": " padded \n"}]
-    try:
-        want = render_template(chat_template, padded, add_generation_prompt=True, **special)
-    except MlxLoraError:
-        return True
-    return want != _render_structure(st, padded)
-
-
-def detect_template_family(chat_template: str, bos_token: str | None, eos_token: str | None) -> str:
-    """The family of ``chat_template`` ("chatml", "llama3", "llama2", "mistral" or "gemma").
-
-    Decided from what the template renders for probe conversations, never from a model name, and
-    only after the measured structure reproduced the template on a set of check conversations.
-    Unknown structure raises :class:`MlxLoraError` pointing at ``--template FILE``.
-    """
-    return _analyse(chat_template, bos_token, eos_token).family
-
-
-# ---------------------------------------------------------------------------------------------
-# Writing the Go template
-
-
-def _go_string(s: str) -> str:
-    """A Go string literal for ``s`` (printable ASCII kept, everything else as \\U escapes)."""
-    out = ['"']
-    for ch in s:
-        if ch in '"\\':
-            out.append("\\" + ch)
-        elif " " <= ch <= "~":
-            out.append(ch)
-        else:
-            out.append(f"\\U{ord(ch):08x}")
-    out.append('"')
-    return "".join(out)
-
-
-def _lit(s: str) -> str:
-    """``s`` as template text; through an action when it would be read as (part of) a delimiter."""
-    if "{{" in s or s.endswith("{"):
-        return "{{ " + _go_string(s) + " }}"
-    return s
-
-
-def _go_source(st: _Structure, strip: str) -> str:
-    """The Go template for ``st``; ``strip`` is removed from the start of the two heads."""
-
-    def head(s: str) -> str:
-        return s[len(strip) :] if strip and s.startswith(strip) else s
-
-    return "\n".join(
-        [
-            '{{- $prev := "" }}',
-            "{{- range $i, $m := .Messages }}",
-            "{{- if eq $i 0 }}",
-            '{{- if eq $m.Role "system" }}'
-            + _lit(head(st.head_system))
-            + "{{ else }}"
-            + _lit(head(st.head_user))
-            + "{{ end }}",
-            '{{- else if and (eq $prev "system") (eq $m.Role "user") }}'
-            + _lit(st.sep_system_user)
-            + '{{ else if eq $m.Role "assistant" }}'
-            + _lit(st.sep_user_assistant)
-            + "{{ else }}"
-            + _lit(st.sep_assistant_user)
-            + "{{ end }}",
-            "{{- $m.Content }}",
-            "{{- $prev = $m.Role }}",
-            "{{- end }}",
-            '{{- if eq $prev "user" }}'
-            + _lit(st.tail_user)
-            + '{{ else if eq $prev "system" }}'
-            + _lit(st.tail_system)
-            + "{{ end }}",
-        ]
-    )
-
-
-def go_template_for(
-    chat_template: str,
-    bos_token: str | None,
-    eos_token: str | None,
-    *,
-    keep_leading_bos: bool = False,
-) -> GoTemplate:
-    """An Ollama TEMPLATE equivalent to ``chat_template`` (with ``add_generation_prompt=True``).
-
-    For every conversation ending in a user message, with or without a system message, the Go
-    template executed the way Ollama executes it gives the Jinja template's text, except that a
-    BOS at the very start is left to the runtime (see :class:`GoTemplate`; ``keep_leading_bos``
-    keeps it, for byte-for-byte comparisons). When the last message is the assistant's, the Go
-    template leaves it open, which is how Ollama continues a partial answer.
-    """
-    a = _analyse(chat_template, bos_token, eos_token)
-    st = a.structure
-    strip = ""
-    if (
-        not keep_leading_bos
-        and bos_token
-        and st.head_user.startswith(bos_token)
-        and st.head_system.startswith(bos_token)
-    ):
-        strip = bos_token
-    stops = list(_FAMILY_STOPS[a.family])
-    if eos_token and eos_token not in stops:
-        stops.append(eos_token)
-    return GoTemplate(
-        template=_go_source(st, strip),
-        default_system=a.default_system,
-        stops=stops,
-        family=a.family,
-        leading_bos=strip or None,
-        system_role=st.system_role,
-        trims_content=a.trims_content,
-    )
-
-
-def go_template_for_tokenizer(tokenizer: Any, *, keep_leading_bos: bool = False) -> GoTemplate:
-    """:func:`go_template_for` with the template and special tokens of an HF/mlx-lm tokenizer."""
-    tok = hf_tokenizer(tokenizer)
-    return go_template_for(
-        chat_template_of(tok) or "",
-        getattr(tok, "bos_token", None),
-        getattr(tok, "eos_token", None),
-        keep_leading_bos=keep_leading_bos,
-    )
 
 
 def load_template_file(
@@ -545,6 +195,39 @@ CONTENT_WARNING = (
 )
 
 
+def _header(t: GoTemplate) -> list[str]:
+    """Comment lines: where the TEMPLATE came from and who writes the prompt's BOS."""
+    if t.raw:
+        return ["# Written by mlx_lora. The model has no chat template: prompts are sent as is."]
+    lines = [f"# Written by mlx_lora from the model's own chat template (family: {t.family})."]
+    if t.leading_bos:
+        lines.append(
+            f"# The GGUF says add_bos_token = true: llama.cpp puts the prompt's leading "
+            f"{t.leading_bos} in front, so the TEMPLATE leaves it out."
+        )
+    elif t.starts_with_bos and t.add_bos is False:
+        lines.append(
+            f"# The GGUF says add_bos_token = false: the TEMPLATE writes the prompt's leading "
+            f"{t.bos} itself."
+        )
+    elif t.bos and t.add_bos and not t.starts_with_bos:
+        lines.append(
+            f"# Note: the GGUF says add_bos_token = true, so llama.cpp puts {t.bos} before every "
+            "prompt, although the chat template does not start with it."
+        )
+    if t.ollama_prefers_gguf:
+        lines.append(
+            "# Ollama >= 0.30 runs the GGUF's own chat template instead of this TEMPLATE (that "
+            "template declares tools/thinking); OLLAMA_GO_TEMPLATE=1 makes it use this one."
+        )
+    if t.think:
+        lines.append(
+            "# Ollama's think option: none = the chat template's default, false = "
+            "enable_thinking false (true is refused: this TEMPLATE has no .Thinking)."
+        )
+    return lines
+
+
 def render_modelfile(
     *,
     from_path: str,
@@ -576,15 +259,10 @@ def render_modelfile(
     params.pop("num_ctx", None)
 
     lines = [
-        f"# Written by mlx_lora from the model's own chat template (family: {template.family}).",
+        *_header(template),
         "# Create the model with: ollama create NAME -f Modelfile",
         *CONTENT_WARNING,
     ]
-    if template.leading_bos:
-        lines.append(
-            f"# The prompt's leading {template.leading_bos} is added by Ollama (GGUF "
-            "add_bos_token)."
-        )
     lines.append(f"FROM {quote_value(from_path, 'FROM path')}")
     if adapter_path:
         lines.append(f"ADAPTER {quote_value(adapter_path, 'ADAPTER path')}")
@@ -683,6 +361,7 @@ __all__ = [
     "generation_params",
     "go_template_for",
     "go_template_for_tokenizer",
+    "raw_prompt_template",
     "load_template_file",
     "ollama_create",
     "quote_value",

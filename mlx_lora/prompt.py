@@ -18,9 +18,11 @@ cut in two. For contents without special-token text the ids are those of ``apply
 from __future__ import annotations
 
 import re
+import threading
 import weakref
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -471,25 +473,68 @@ MARKERS = {
 }
 
 
+# What strftime_now(fmt) renders while probing: a marker naming the format, so the pieces show where
+# a template puts today's date (Llama 3.2 does) instead of freezing today's value into them.
+DATE_MARKER = re.compile(r"Zq8date\[([^\]]*)\]Zq8end")
+
+
+class _MarkedTime:
+    def strftime(self, fmt: str) -> str:
+        return f"Zq8date[{fmt}]Zq8end"
+
+
+class _MarkedClock:
+    @staticmethod
+    def now(*_: Any, **__: Any) -> _MarkedTime:
+        return _MarkedTime()
+
+
+@contextmanager
+def _marked_clock() -> Iterator[None]:
+    """transformers' ``strftime_now`` reads its module's ``datetime``; point it at the marker clock
+    for the duration of one probe, and refuse if that no longer works (the pieces would otherwise
+    hold today's date as if it were constant)."""
+    import transformers.utils.chat_template_utils as ctu
+
+    with _CLOCK_LOCK:
+        real = getattr(ctu, "datetime", None)
+        ctu.datetime = _MarkedClock
+        try:
+            check = render_template("{{ strftime_now('%Y') }}", [])
+            if not DATE_MARKER.fullmatch(check):
+                raise UnrecognisedTemplate("this transformers version hides the template's clock")
+            yield
+        finally:
+            ctu.datetime = real
+
+
+_CLOCK_LOCK = threading.Lock()
+
+
 def probe(
     chat_template: str,
     roles: Sequence[str],
     special: Mapping[str, Any],
     *,
     add_generation_prompt: bool = True,
+    text_order: Sequence[str] | None = None,
 ) -> list[str]:
     """Render a conversation of markers (``roles`` name :data:`MARKERS` keys) and return the text
-    around them: ``len(roles) + 1`` pieces. Raises :class:`UnrecognisedTemplate` when the template
-    fails on it or does not reproduce each marker exactly once, in order."""
+    around them: ``len(roles) + 1`` pieces. The markers must appear exactly once each, in the order
+    of ``roles`` or of ``text_order`` (a template may move a message, e.g. Mistral puts the system
+    text into the last user turn), else :class:`UnrecognisedTemplate`; so does a template that
+    fails on the conversation. A date the template formats shows as :data:`DATE_MARKER`."""
     messages = [{"role": r.rstrip("2"), "content": MARKERS[r]} for r in roles]
+    uses_clock = "strftime_now" in chat_template
     try:
-        text = render_template(
-            chat_template, messages, add_generation_prompt=add_generation_prompt, **special
-        )
+        with _marked_clock() if uses_clock else nullcontext():
+            text = render_template(
+                chat_template, messages, add_generation_prompt=add_generation_prompt, **special
+            )
     except MlxLoraError as e:
         raise UnrecognisedTemplate(str(e)) from None
     pieces, rest = [], text
-    for r in roles:
+    for r in text_order or roles:
         mark = MARKERS[r]
         if text.count(mark) != 1 or mark not in rest:
             raise UnrecognisedTemplate(

@@ -11,9 +11,12 @@ garbled answers). Each hop is checked here with figures instead:
 (c) logits of prompts built with :func:`mlx_lora.prompt.build_prompt` in MLX (fp32) and in
     llama.cpp (f32 KV cache), plus a greedy continuation; in adapter mode llama.cpp runs the base
     GGUF with the GGUF LoRA adapter and MLX the base with the PEFT adapter;
-(d) the fused folder against base + adapter, both in MLX.
+(d) the fused folder against base + adapter, both in MLX;
+(e) the Modelfile: its TEMPLATE executed by Go as Ollama does, the text tokenized by llama.cpp with
+    the GGUF's add-BOS rule, against ``apply_chat_template(tokenize=True)`` on 24 conversations
+    (needs ``go`` on PATH; skipped with the reason otherwise).
 
-(b) and (c) need llama-cpp-python (``pip install "mlx_lora[verify]"``); without it they are
+(b), (c) and (e) need llama-cpp-python (``pip install "mlx_lora[verify]"``); without it they are
 reported as skipped. Thresholds depend on the GGUF type: f32 must agree within 1e-3; f16 and bf16
 within a rounding budget scaled by the logit range; q8_0 (and the rest) must keep the top-1 token
 wherever MLX's choice is not a near-tie.
@@ -459,18 +462,44 @@ def _greedy_check(ref: MlxRun, theirs: list[int], kind: str) -> Check:
     return Check(f"greedy {n} tokens", status, figures, values)
 
 
+def check_modelfile_template(modelfile: Path, gguf_path: Path, tokenizer: Any) -> Check:
+    """(e) Ollama's prompt ids for the Modelfile (TEMPLATE run by Go, llama.cpp tokenization with
+    the GGUF's add-BOS rule) against the HF chat template's, on every check conversation."""
+    from mlx_lora.template_check import check_modelfile_prompts
+
+    name = "Modelfile template vs HF template"
+    r = check_modelfile_prompts(Path(modelfile), Path(gguf_path), tokenizer, PLAIN_PROBES)
+    if r.skipped:
+        return Check(name, "skipped", r.skipped)
+    figures = f"{r.identical}/{r.total} {r.unit} identical"
+    if r.example:
+        figures += f"; e.g. {r.example}"
+    values = {"identical": r.identical, "total": r.total, "unit": r.unit}
+    return Check(name, "ok" if r.ok else "FAIL", figures, values)
+
+
 def _check_llama(
-    report: Report, gguf_path: Path, lora_gguf: Path | None, tokenizer: Any, ref: MlxRun
+    report: Report,
+    gguf_path: Path,
+    lora_gguf: Path | None,
+    tokenizer: Any,
+    ref: MlxRun,
+    modelfile: Path | None = None,
 ) -> None:
-    """(b) tokenization and (c) logits and greedy continuation in llama.cpp."""
+    """(b) tokenization, (e) the Modelfile's prompts, (c) logits and greedy continuation."""
     if not have_llama_cpp():
-        for name in ("tokenization", "logits llama.cpp vs MLX"):
+        names = ["tokenization", "logits llama.cpp vs MLX"]
+        if modelfile is not None:
+            names.insert(1, "Modelfile template vs HF template")
+        for name in names:
             report.checks.append(
                 Check(name, "skipped", f"llama-cpp-python is not installed: {INSTALL_HINT}")
             )
         report.notes.append(f"llama.cpp checks skipped; get them with {INSTALL_HINT}")
         return
     report.checks.append(check_tokenization(gguf_path, tokenizer))
+    if modelfile is not None:
+        report.checks.append(check_modelfile_template(modelfile, gguf_path, tokenizer))
     n_ctx = max(len(p) for p in ref.prompts) + len(ref.greedy) + 8
     llm = open_llama(gguf_path, n_ctx=n_ctx, lora_path=Path(lora_gguf) if lora_gguf else None)
     cmp = compare_logits(ref.logits, [llama_logits(llm, p) for p in ref.prompts], report.gguf_type)
@@ -491,6 +520,7 @@ def verify_gguf(
     gguf_type: str | None = None,
     lora_gguf: Path | None = None,
     greedy_tokens: int = GREEDY_TOKENS,
+    modelfile: Path | None = None,
 ) -> Report:
     """Check a GGUF export against the MLX model it stands for.
 
@@ -499,12 +529,13 @@ def verify_gguf(
     recorded base) the fused folder is also compared with base + adapter in MLX. Adapter mode
     (``lora_gguf`` set): ``hf_dir`` is the base, ``gguf_path`` its GGUF, and llama.cpp's base +
     LoRA is compared with MLX's base + ``adapter_dir``. ``gguf_type`` defaults to the GGUF's own.
+    With ``modelfile``, the prompts Ollama builds from it are compared with the chat template's.
     """
     import gguf
 
     hf_dir, gguf_path = Path(hf_dir), Path(gguf_path)
     adapter_dir = Path(adapter_dir) if adapter_dir is not None else None
-    _check_inputs((hf_dir, gguf_path, adapter_dir, lora_gguf), adapter_dir, lora_gguf)
+    _check_inputs((hf_dir, gguf_path, adapter_dir, lora_gguf, modelfile), adapter_dir, lora_gguf)
     reader = gguf.GGUFReader(gguf_path)
     report = Report(gguf_path, gguf_type or _gguf_type_of(reader))
     # The MLX reference: what llama.cpp must reproduce (in adapter mode: base + PEFT adapter).
@@ -522,7 +553,7 @@ def verify_gguf(
         _check_fused(report, hf_dir, adapter_dir, base_dir, ref)
     elif (hf_dir / FUSED_INFO).is_file() and lora_gguf is None:
         report.notes.append("fused vs base+adapter not checked: pass the adapter (--adapter)")
-    _check_llama(report, gguf_path, lora_gguf, tokenizer, ref)
+    _check_llama(report, gguf_path, lora_gguf, tokenizer, ref, modelfile)
     return report
 
 
@@ -547,6 +578,7 @@ def verify_export(export: Any) -> Report:
         base_dir=path("base_dir"),
         gguf_type=m.get("gguf_type"),
         lora_gguf=path("lora_gguf"),
+        modelfile=path("modelfile"),
     )
 
 
@@ -579,6 +611,11 @@ class VerifyConfig:
     gguf_type: str | None = opt(
         None, "threshold set to use (default: the GGUF's own file type)", choices=list(TOLERANCES)
     )
+    modelfile: str | None = opt(
+        None,
+        "an Ollama Modelfile for --gguf: its TEMPLATE run by Go as Ollama does, tokenized by "
+        "llama.cpp, vs the chat template (needs go on PATH)",
+    )
 
 
 DESCRIPTION = """Check that a GGUF export is the model you trained: GGUF metadata vs the HF folder,
@@ -607,6 +644,7 @@ def main(argv: list[str] | None = None) -> Report:
             base_dir=Path(c.base) if c.base else None,
             gguf_type=c.gguf_type,
             lora_gguf=Path(c.lora_gguf) if c.lora_gguf else None,
+            modelfile=Path(c.modelfile) if c.modelfile else None,
         )
     else:
         raise MlxLoraError("pass --export-dir OUT, or --gguf FILE with --hf-dir DIR")

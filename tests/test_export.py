@@ -42,8 +42,8 @@ SYSTEM = "你是甄嬛，家父是大理寺少卿甄远道。"
 STORY_TEMPLATE = "{{- range .Messages }}{{ .Content }}{{ end }}"
 
 
-def _export(**kw) -> object:
-    return export(ExportConfig(**kw), progress=False, log=False)
+def _export(log: bool = False, **kw) -> object:
+    return export(ExportConfig(**kw), progress=False, log=log)
 
 
 def _llama_logits(
@@ -152,6 +152,9 @@ def test_qwen_f32_tokenization_logits_and_greedy_identical(qwen_f32):
     assert len(greedy["mlx"]) == 32 and greedy["llama_cpp"] == greedy["mlx"]
     fused = r.get("fused (float32) vs base+adapter").values
     assert fused["max_abs"] <= 1e-4
+    if r.get("Modelfile template").status != "skipped":  # needs go on PATH
+        mf = r.get("Modelfile template").values
+        assert mf["identical"] == mf["total"] == 24 and mf["unit"] == "conversations"
 
 
 @needs_llama_cpp
@@ -350,18 +353,102 @@ def test_modelfile_adapter_mode_template_file_and_system_override(
     ]
 
 
-def test_no_adapter_converts_model_as_is_and_refuses_unknown_template(stories, tiny_model, work):
+def test_no_adapter_converts_model_as_is(stories, tiny_model, work):
     r = _export(model=str(tiny_model), output_dir=str(work / "plain"), gguf_type="f16")
     assert r.gguf.name == "tiny.gguf" and r.fused_dir is None and r.hf_dir == tiny_model.resolve()
     text = r.modelfile.read_text()
     assert 'SYSTEM "You are a helpful assistant"' in text  # the template's own default
     with pytest.raises(MlxLoraError, match="already exists.*--overwrite"):
         _export(model=str(tiny_model), output_dir=str(work / "plain"), gguf_type="f16")
-    with pytest.raises(MlxLoraError, match="no chat template.*--template FILE"):
-        _export(model=str(stories), output_dir=str(work / "no-template"))
-    assert not (work / "no-template").exists()  # refused before anything was written
     with pytest.raises(MlxLoraError, match="--mode adapter needs --adapter"):
         _export(model=str(stories), output_dir=str(work / "x"), mode="adapter")
+
+
+@pytest.mark.parametrize("mode", ["full", "adapter"])
+def test_base_model_without_chat_template_gets_raw_prompt_template(
+    stories,
+    stories_adapter,
+    work,
+    mode,
+    capsys,
+    go,  # noqa: F811 - the session fixture imported above
+):
+    """Issue 11.5: stories260K (no chat template) exports with no --template: TEMPLATE is
+    {{ .Prompt }}, said in one line, and Ollama sends a request's text unchanged."""
+    out = work / f"raw-{mode}"
+    kw = {"adapter": str(stories_adapter), "mode": mode} if mode == "adapter" else {}
+    r = _export(model=str(stories), output_dir=str(out), gguf_type="f16", log=True, **kw)
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if "{{ .Prompt }}" in ln]
+    assert lines == [
+        "no chat template (a base model): Modelfile TEMPLATE is the raw prompt {{ .Prompt }}"
+    ]
+    cmds = _parse_modelfile(go, r.modelfile)
+    assert cmds["template"] == ["{{ .Prompt }}"] and cmds["stop"] == ["</s>"]
+    assert ("adapter" in cmds) == (mode == "adapter")
+    (out_prompt,) = go.render(
+        [{"template": cmds["template"][0], "messages": [{"role": "user", "content": "Once upon"}]}]
+    )
+    assert out_prompt["prompt"] == "Once upon"
+
+
+@pytest.fixture(scope="module")
+def smol_like(work) -> Path:
+    """A tiny llama with SmolLM2's situation (issue 10): BOS is <|im_start|>, the tokenizer does
+    not add it, and the chat template (SmolLM2's own, from its GGUF) starts with it."""
+    import gguf
+    from assets import smollm2_gguf
+    from conftest import make_tiny_model
+
+    model = make_tiny_model(work / "smol-like", arch="llama")
+    reader = gguf.GGUFReader(smollm2_gguf())
+    cfg_path = model / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    cfg["chat_template"] = reader.fields["tokenizer.chat_template"].contents()
+    cfg["bos_token"] = "<|im_start|>"
+    cfg_path.write_text(json.dumps(cfg, ensure_ascii=False), encoding="utf-8")
+    return model
+
+
+@needs_llama_cpp
+def test_verify_catches_a_template_that_leaves_bos_to_the_runtime(
+    smol_like,
+    work,
+    go,  # noqa: F811 - the session fixture imported above
+):
+    """Issue 10 end to end: the GGUF says add_bos_token = false, so the TEMPLATE keeps the leading
+    <|im_start|> and Ollama's prompt ids (Go + llama.cpp) equal apply_chat_template's on all 24
+    conversations; the TEMPLATE of the old rule (BOS stripped) fails all of them."""
+    import gguf
+
+    from mlx_lora.ollama import go_template_for_tokenizer, render_modelfile
+    from mlx_lora.prompt import load_hf_tokenizer
+
+    r = _export(model=str(smol_like), output_dir=str(work / "smol-out"), gguf_type="f32")
+    reader = gguf.GGUFReader(r.gguf)
+    assert reader.fields["tokenizer.ggml.add_bos_token"].contents() is False
+    text = r.modelfile.read_text(encoding="utf-8")
+    assert "TEMPLATE writes the prompt's leading <|im_start|> itself" in text
+    report = verify_gguf(r.hf_dir, r.gguf, modelfile=r.modelfile, greedy_tokens=0)
+    check = report.get("Modelfile template vs HF template")
+    assert (check.status, check.figures) == ("ok", "24/24 conversations identical")
+
+    old = go_template_for_tokenizer(load_hf_tokenizer(smol_like), add_bos=True)
+    assert old.leading_bos == "<|im_start|>"  # what the Modelfile used to say Ollama adds
+    bad = work / "smol-out" / "Modelfile.old"
+    bad.write_text(render_modelfile(from_path=f"./{r.gguf.name}", template=old), encoding="utf-8")
+    report = verify_gguf(r.hf_dir, r.gguf, modelfile=bad, greedy_tokens=0)
+    check = report.get("Modelfile template vs HF template")
+    assert check.status == "FAIL" and check.values["identical"] == 0 and not report.ok
+    assert check.figures.startswith("0/24 conversations identical; e.g.")
+
+
+@needs_llama_cpp
+def test_modelfile_check_skips_without_go(smol_like, work, monkeypatch):
+    r = _export(model=str(smol_like), output_dir=str(work / "smol-nogo"), gguf_type="f32")
+    monkeypatch.setenv("PATH", str(work / "empty-path"))
+    report = verify_gguf(r.hf_dir, r.gguf, modelfile=r.modelfile, greedy_tokens=0)
+    check = report.get("Modelfile template vs HF template")
+    assert check.status == "skipped" and "`go` is not on PATH" in check.figures and report.ok
 
 
 def test_verify_without_llama_cpp_runs_the_rest(
@@ -382,6 +469,7 @@ def test_verify_without_llama_cpp_runs_the_rest(
     assert report.get("GGUF read back").status == "ok"
     assert report.get("fused (float32) vs base+adapter").status == "ok"
     assert report.get("tokenization").status == "skipped"
+    assert report.get("Modelfile template").status == "skipped"
     assert report.get("logits").status == "skipped"
     assert 'pip install "mlx_lora[verify]"' in report.table()
 

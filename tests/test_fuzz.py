@@ -461,7 +461,7 @@ def test_modelfile_from_any_generation_config(gen, stops, system, num_ctx):
     tokens."""
     from mlx_lora.ollama import generation_params, go_template_for, render_modelfile
 
-    template = go_template_for(_CHATML, "<s>", "<|im_end|>")
+    template = go_template_for(_CHATML, "<s>", "<|im_end|>", add_bos=False)
     try:
         text = render_modelfile(
             from_path="./m.gguf",

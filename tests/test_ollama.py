@@ -1,23 +1,22 @@
 """mlx_lora.ollama: the Modelfile TEMPLATE gives the model's own prompts when Ollama runs it.
 
-The Go side is tests/go/render_template, a stdlib-only Go program that executes a TEMPLATE with
-Go's text/template the way Ollama does (SYSTEM put first when a request has none; .System,
-.Messages with .Role/.Content) and reads Modelfiles with the quoting rules of Ollama's parser. It is
-built once per session; the Go tests skip when `go` is not installed (Debian: golang-go).
+The Go side is mlx_lora/go/render_template (run through mlx_lora.ollama_go), a stdlib-only Go
+program that executes a TEMPLATE with Go's text/template the way Ollama does (SYSTEM put first when
+a request has none; .System, .Messages with .Role/.Content/.Thinking; .Think/.IsThinkSet; legacy
+.Prompt templates) and reads Modelfiles with the quoting rules of Ollama's parser. It is built once
+and cached; the Go tests skip when `go` is not installed (Debian: golang-go).
 
 The Jinja side is transformers' own renderer with add_generation_prompt=True, i.e. the text the
-model was trained on. Templates other than the real Qwen1.5 fixture are the public templates of
+model was trained on. Templates here are the real Qwen1.5 fixture, the public templates of
 Meta-Llama-3-8B-Instruct, Llama-2-7b-chat-hf, Mixtral-8x7B-Instruct-v0.1, gemma-7b-it and
-gemma-3-4b-it, written here as data.
+gemma-3-4b-it written as data, and (tests at the end) every real template llama.cpp ships in the
+llama-cpp-python sdist plus SmolLM2's from its GGUF (tests/assets.py).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import stat
-import subprocess
 import sys
 from pathlib import Path
 
@@ -38,12 +37,12 @@ from mlx_lora.ollama import (
     render_modelfile,
     write_modelfile,
 )
+from mlx_lora.ollama_go import GoRenderer, go_missing
 from mlx_lora.prompt import render_template
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 QWEN_TOK = SHARED / "fixtures" / "qwen15-tokenizer"
-GO_SRC = Path(__file__).resolve().parent / "go" / "render_template"
 
 LLAMA3 = (
     "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
@@ -140,74 +139,64 @@ def _qwen_template() -> str:
     return json.loads(path.read_text(encoding="utf-8"))["chat_template"]
 
 
-# name -> (template or loader, bos, eos, family)
+# Phi-3-style turns
+PHI3 = (
+    "{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + "
+    "'<|end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+# Mistral v0.3-style: the system text goes into the *last* user turn
+SYSTEM_IN_LAST_TURN = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set sys = "
+    "messages[0]['content'] %}"
+    "{% set loop_messages = messages[1:] %}{% else %}{% set loop_messages = messages %}{% "
+    "endif %}"
+    "{% for message in loop_messages %}{% if message['role'] == 'user' %}"
+    "{% if loop.last and sys is defined %}{{ '[INST] ' + sys + '\n\n' + message['content'] + "
+    "'[/INST]' }}{% else %}{{ '[INST] ' + message['content'] + '[/INST]' }}{% endif %}"
+    "{% else %}{{ ' ' + message['content'] + eos_token }}{% endif %}{% endfor %}"
+)
+
+# name -> (template or loader, bos, eos, family, add_bos of the model's GGUF)
 TEMPLATES = {
-    "qwen15": (_qwen_template, None, "<|im_end|>", "chatml"),
-    "chatml_bos": (CHATML_BOS, "<s>", "<|im_end|>", "chatml"),
-    "llama3": (LLAMA3, "<|begin_of_text|>", "<|eot_id|>", "llama3"),
-    "llama2": (LLAMA2, "<s>", "</s>", "llama2"),
-    "mistral": (MISTRAL, "<s>", "</s>", "mistral"),
-    "gemma": (GEMMA, "<bos>", "<eos>", "gemma"),
-    "gemma3": (GEMMA3, "<bos>", "<eos>", "gemma"),
+    "qwen15": (_qwen_template, None, "<|im_end|>", "chatml", False),
+    "chatml_bos": (CHATML_BOS, "<s>", "<|im_end|>", "chatml", True),
+    "llama3": (LLAMA3, "<|begin_of_text|>", "<|eot_id|>", "llama3", True),
+    "llama2": (LLAMA2, "<s>", "</s>", "llama2", True),
+    "mistral": (MISTRAL, "<s>", "</s>", "mistral", True),
+    "gemma": (GEMMA, "<bos>", "<eos>", "gemma", True),
+    "gemma3": (GEMMA3, "<bos>", "<eos>", "gemma", True),
+    "phi3": (PHI3, "<s>", "<|endoftext|>", "phi3", False),
+    "system_in_last_turn": (SYSTEM_IN_LAST_TURN, "<s>", "</s>", "mistral", True),
 }
 
 
 def _template(name: str) -> tuple[str, str | None, str | None, str]:
-    tpl, bos, eos, family = TEMPLATES[name]
+    tpl, bos, eos, family, _ = TEMPLATES[name]
     return (tpl() if callable(tpl) else tpl), bos, eos, family
+
+
+def _go_template(name: str, add_bos: bool | None = None) -> GoTemplate:
+    """The derived TEMPLATE for the GGUF add-BOS rule ``add_bos`` (default: the model's own)."""
+    tpl, bos, eos, _ = _template(name)
+    return go_template_for(
+        tpl, bos, eos, add_bos=TEMPLATES[name][4] if add_bos is None else add_bos
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # The Go harness
 
 
-class Harness:
-    def __init__(self, exe: Path) -> None:
-        self.exe = exe
-
-    def _run(self, mode: str, payload: list) -> list:
-        proc = subprocess.run(
-            [str(self.exe), mode],
-            input=json.dumps(payload, ensure_ascii=False).encode("utf-8"),
-            capture_output=True,
-            timeout=60,
-        )
-        assert proc.returncode == 0, proc.stderr.decode("utf-8", "replace")
-        return json.loads(proc.stdout.decode("utf-8"))
-
-    def render(self, cases: list[dict]) -> list[dict]:
-        return self._run("render", cases)
-
-    def parse(self, modelfiles: list[str]) -> list[dict]:
-        return self._run("parse", modelfiles)
+class Harness(GoRenderer):
+    """The package's Go renderer (tests call render/parse on it directly)."""
 
 
 @pytest.fixture(scope="session")
-def go(tmp_path_factory: pytest.TempPathFactory) -> Harness:
-    exe = shutil.which("go")
-    if exe is None:
-        pytest.skip("Go is not installed (apt-get install golang-go)")
-    out_dir = tmp_path_factory.mktemp("go-harness")
-    env = {
-        **os.environ,
-        "GOTOOLCHAIN": "local",
-        "GOPROXY": "off",
-        "GOFLAGS": "-mod=mod",
-        "CGO_ENABLED": "0",
-    }
-    env.setdefault("GOCACHE", str(out_dir / "cache"))
-    if "HOME" not in os.environ:
-        env["GOPATH"] = str(out_dir / "gopath")
-    proc = subprocess.run(
-        [exe, "build", "-o", str(out_dir / "render_template"), "."],
-        cwd=GO_SRC,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, f"go build failed:\n{proc.stderr}"
-    return Harness(out_dir / "render_template")
+def go() -> Harness:
+    reason = go_missing()
+    if reason:
+        pytest.skip(reason)
+    return Harness()
 
 
 def _commands(parsed: dict) -> dict[str, list[str]]:
@@ -284,8 +273,7 @@ def test_family_is_recognised_from_rendered_structure(name: str) -> None:
 
 
 def test_qwen_template_facts() -> None:
-    tpl, bos, eos, _ = _template("qwen15")
-    g = go_template_for(tpl, bos, eos)
+    g = _go_template("qwen15")
     assert g.family == "chatml"
     assert g.default_system == "You are a helpful assistant"
     for s in ("<|im_end|>", "<|endoftext|>", "<|im_start|>"):
@@ -296,33 +284,37 @@ def test_qwen_template_facts() -> None:
 
 
 def test_other_template_facts() -> None:
-    l3 = go_template_for(*_template("llama3")[:3])
+    l3 = _go_template("llama3")
     assert l3.default_system is None and l3.leading_bos == "<|begin_of_text|>"
     assert {"<|eot_id|>", "<|start_header_id|>"} <= set(l3.stops)
     assert l3.trims_content  # its template trims contents; Go templates cannot
-    gemma = go_template_for(*_template("gemma")[:3])
+    gemma = _go_template("gemma")
     assert not gemma.system_role and "<end_of_turn>" in gemma.stops and "<eos>" in gemma.stops
-    assert go_template_for(*_template("gemma3")[:3]).system_role
-    assert not go_template_for(*_template("mistral")[:3]).system_role
-    assert "<<SYS>>" in go_template_for(*_template("llama2")[:3]).template
+    assert _go_template("gemma3").system_role
+    assert not _go_template("mistral").system_role
+    assert "<<SYS>>" in _go_template("llama2").template
+    nemo = _go_template("system_in_last_turn")
+    assert nemo.system_placement == "last_user" and nemo.family == "mistral"
+    assert _go_template("phi3").stops[:2] == ["<|end|>", "<|user|>"]
 
 
 UNKNOWN = {
-    # Phi-3-style turns: regular, but not a family we know
-    "phi3": (
-        "{% for message in messages %}{{ '<|' + message['role'] + '|>\n' + message['content'] + "
-        "'<|end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+    # regular turns, but no special token ends one: nothing to stop generation on
+    "plain_words": (
+        "{% for message in messages %}{{ message['role'] + ': ' + message['content'] + '\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}"
     ),
-    # Mistral v0.3-style: the system text goes into the *last* user turn
-    "system_in_last_turn": (
-        "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{% set sys = "
-        "messages[0]['content'] %}"
-        "{% set loop_messages = messages[1:] %}{% else %}{% set loop_messages = messages %}{% "
-        "endif %}"
-        "{% for message in loop_messages %}{% if message['role'] == 'user' %}"
-        "{% if loop.last and sys is defined %}{{ '[INST] ' + sys + '\n\n' + message['content'] + "
-        "'[/INST]' }}{% else %}{{ '[INST] ' + message['content'] + '[/INST]' }}{% endif %}"
-        "{% else %}{{ ' ' + message['content'] + eos_token }}{% endif %}{% endfor %}"
+    # the system text in the middle of the first user turn: no placement measures that
+    "system_mid_turn": (
+        "{% set sys = messages[0]['content'] if messages[0]['role'] == 'system' else '' %}"
+        "{% for m in messages if m['role'] != 'system' %}<|im_start|>{{ m['role'] }}\n"
+        "{% if loop.first %}{{ m['content'][:1] + sys + m['content'][1:] }}{% else %}"
+        "{{ m['content'] }}{% endif %}<|im_end|>\n{% endfor %}<|im_start|>assistant\n"
+    ),
+    # today's date in a format Ollama's currentDate cannot give
+    "weekday": (
+        "{{ strftime_now('%A') }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+        "{{ m['content'] }}<|im_end|>\n{% endfor %}<|im_start|>assistant\n"
     ),
     "json_dump": "{{ messages | tojson }}",
     "raises": "{{ raise_exception('no chat here') }}",
@@ -337,10 +329,11 @@ UNKNOWN = {
 
 @pytest.mark.parametrize("name", list(UNKNOWN))
 def test_unknown_template_is_refused_with_template_hint(name: str) -> None:
-    with pytest.raises(MlxLoraError, match="--template FILE"):
+    with pytest.raises(MlxLoraError, match="--template FILE") as e:
         detect_template_family(UNKNOWN[name], "<s>", "</s>")
+    assert "\n" not in str(e.value)
     with pytest.raises(MlxLoraError, match="--template FILE"):
-        go_template_for(UNKNOWN[name], "<s>", "</s>")
+        go_template_for(UNKNOWN[name], "<s>", "</s>", add_bos=False)
 
 
 def test_rendering_matches_the_tokenizer() -> None:
@@ -354,7 +347,7 @@ def test_rendering_matches_the_tokenizer() -> None:
         want = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
         assert render_template(tpl, conv, bos_token=None, eos_token=tok.eos_token) == want
     g = go_template_for_tokenizer(tok)
-    assert g == go_template_for(tpl, tok.bos_token, tok.eos_token)
+    assert g == go_template_for(tpl, tok.bos_token, tok.eos_token, add_bos=False)
     from mlx_lm.tokenizer_utils import TokenizerWrapper
 
     assert go_template_for_tokenizer(TokenizerWrapper(tok)) == g  # what mlx_lm.load returns
@@ -364,11 +357,12 @@ def test_rendering_matches_the_tokenizer() -> None:
 # Go prompts == Jinja prompts
 
 
-def _family_cases(name: str, keep_bos: bool) -> tuple[list[dict], list[str]]:
+def _family_cases(name: str, add_bos: bool) -> tuple[list[dict], list[str]]:
     """Harness cases and the prompts they must give, for one template."""
     tpl, bos, eos, _ = _template(name)
-    g = go_template_for(tpl, bos, eos, keep_leading_bos=keep_bos)
+    g = _go_template(name, add_bos)
     strip = g.leading_bos or ""
+    assert strip == (bos if add_bos and g.starts_with_bos else "")
     convs = _conversations(g.system_role)
     assert len(convs) >= 20
     cases, want = [], []
@@ -389,11 +383,11 @@ def _family_cases(name: str, keep_bos: bool) -> tuple[list[dict], list[str]]:
     return cases, want
 
 
-@pytest.mark.parametrize("keep_bos", [False, True], ids=["bos-by-runtime", "bos-in-template"])
-def test_go_prompts_are_byte_identical(go: Harness, keep_bos: bool) -> None:
+@pytest.mark.parametrize("add_bos", [True, False], ids=["bos-by-runtime", "bos-in-template"])
+def test_go_prompts_are_byte_identical(go: Harness, add_bos: bool) -> None:
     cases, want, names = [], [], []
     for name in TEMPLATES:
-        c, w = _family_cases(name, keep_bos)
+        c, w = _family_cases(name, add_bos)
         cases += c
         want += w
         names += [name] * len(c)
@@ -408,7 +402,7 @@ def test_go_prompts_are_byte_identical(go: Harness, keep_bos: bool) -> None:
 def test_modelfile_round_trip_through_go(go: Harness, name: str) -> None:
     """Full path: render_modelfile → Ollama's quoting rules → TEMPLATE/SYSTEM executed in Go."""
     tpl, bos, eos, _ = _template(name)
-    g = go_template_for(tpl, bos, eos)
+    g = _go_template(name)
     system = TRAIN_SYSTEM if g.system_role else None
     text = render_modelfile(
         from_path="./huanhuan.gguf",
@@ -434,8 +428,7 @@ def test_modelfile_round_trip_through_go(go: Harness, name: str) -> None:
 
 
 def test_assistant_last_is_left_open_for_continuation(go: Harness) -> None:
-    tpl, bos, eos, _ = _template("llama3")
-    g = go_template_for(tpl, bos, eos)
+    g = _go_template("llama3")
     conv = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hel"}]
     (out,) = go.render([{"template": g.template, "system": "", "messages": conv}])
     assert out["prompt"].endswith("<|start_header_id|>assistant<|end_header_id|>\n\nHel")
@@ -443,7 +436,7 @@ def test_assistant_last_is_left_open_for_continuation(go: Harness) -> None:
 
 def test_gemma_system_goes_into_first_user_turn(go: Harness) -> None:
     """Gemma 1/2 refuse system turns; Ollama requests may still bring one: Gemma 3's layout."""
-    g1 = go_template_for(GEMMA, "<bos>", "<eos>")
+    g1 = _go_template("gemma")
     conv = [{"role": "user", "content": "Hi"}]
     (out,) = go.render([{"template": g1.template, "system": "Be brief.", "messages": conv}])
     want = render_template(GEMMA3, _with_system(conv, "Be brief."), bos_token="<bos>")
@@ -455,7 +448,7 @@ def test_gemma_system_goes_into_first_user_turn(go: Harness) -> None:
 
 
 def _chatml() -> GoTemplate:
-    return go_template_for(CHATML_BOS, "<s>", "<|im_end|>")
+    return go_template_for(CHATML_BOS, "<s>", "<|im_end|>", add_bos=True)
 
 
 def test_full_and_adapter_modes(go: Harness) -> None:
@@ -751,7 +744,8 @@ def test_ollama_parses_special_text_in_contents_our_encoder_does_not(go: Harness
 
     llama_cpp = pytest.importorskip("llama_cpp")
     tok = AutoTokenizer.from_pretrained(str(smollm2_tokenizer_dir()))
-    g = go_template_for(tok.chat_template, tok.bos_token, tok.eos_token)
+    # SmolLM2's GGUF says add_bos_token = false: the TEMPLATE writes its leading <|im_start|>
+    g = go_template_for(tok.chat_template, tok.bos_token, tok.eos_token, add_bos=False)
     text = render_modelfile(from_path="./m.gguf", template=g, system="Be polite.")
     assert "# Note: Ollama reads special-token text inside messages" in text
     assert "python -m mlx_lora.serve" in text
@@ -761,7 +755,8 @@ def test_ollama_parses_special_text_in_contents_our_encoder_does_not(go: Harness
     conv = [{"role": "user", "content": attack}]
     (out,) = go.render([{"template": g.template, "system": "Be polite.", "messages": conv}])
     assert attack in out["prompt"]  # no escaping
-    prompt = (g.leading_bos or "") + out["prompt"]  # SmolLM2's <|im_start|> is also its BOS
+    prompt = out["prompt"]
+    assert prompt.startswith("<|im_start|>system")
     llm = llama_cpp.Llama(str(smollm2_gguf()), vocab_only=True, verbose=False)
     ollama_ids = llm.tokenize(prompt.encode(), add_bos=False, special=True)
     start = tok.convert_tokens_to_ids("<|im_start|>")

@@ -1,22 +1,28 @@
-// render_template executes Ollama TEMPLATEs and reads Modelfiles the way Ollama does, for tests.
+// render_template executes Ollama TEMPLATEs and reads Modelfiles the way Ollama does.
 //
-// Standard library only. Written for mlx_lora's tests from what Ollama's server/routes.go,
-// template/template.go and parser/parser.go do (facts, not their code):
+// Standard library only; built on demand by mlx_lora.ollama_go (verify's Modelfile check and the
+// tests). Written from what Ollama's server/routes.go, template/template.go and parser/parser.go
+// do (facts, not their code):
 //
 //   - a chat request that does not start with a system message gets the Modelfile's SYSTEM
 //     (when non-empty) as a leading system message;
 //   - consecutive messages of one role are joined with "\n\n"; .System is all system contents
 //     joined with "\n\n";
-//   - a template that mentions .Messages is executed once with System, Messages (Role, Content),
-//     Tools, Response "", Think, IsThinkSet, Query, Document, Instruction, with missingkey=zero
-//     and a "json" function;
+//   - a template that mentions .Messages is executed once with System, Messages (Role, Content,
+//     Thinking, ...), Tools, Response "", Think, ThinkLevel, IsThinkSet, with missingkey=zero and
+//     the functions json, currentDate and yesterdayDate (dates as 2006-01-02, local time);
+//   - any other template is a legacy one: {{ .Response }} is appended when it names neither
+//     .Messages nor .Response; it runs once per system/user/assistant group with .System, .Prompt
+//     and .Response, and the last run stops where .Response first appears;
+//   - think: null leaves Think false and IsThinkSet false; true gives Think, ThinkLevel "medium";
 //   - a Modelfile value is a bare word, "..." or """...""" without escapes; it ends at the first
 //     line end where the trimmed text so far is complete; runes that strconv.IsPrint rejects are
 //     dropped unless they are spaces, tabs or line ends inside an unfinished value.
 //
 // Usage:
 //
-//	render_template render  < [{"template": "...", "system": "...", "messages": [{"role", "content"}]}]
+//	render_template render  < [{"template", "system", "messages": [{"role", "content", "thinking"}],
+//	                            "think": null|true|false}]
 //	                        > [{"prompt": "...", "error": "..."}]
 //	render_template parse   < ["Modelfile text", ...]
 //	                        > [{"commands": [{"name", "args"}], "error": "..."}]
@@ -33,17 +39,31 @@ import (
 	"strings"
 	"text/template"
 	"text/template/parse"
+	"time"
 )
 
 type message struct {
-	Role    string `json:"role"`
-	Content string `json:"content"`
+	Role     string `json:"role"`
+	Content  string `json:"content"`
+	Thinking string `json:"thinking"`
+}
+
+// templateMessage has the fields Ollama gives a template for each message.
+type templateMessage struct {
+	Role       string
+	Content    string
+	Thinking   string
+	Images     []string
+	ToolCalls  []any
+	ToolName   string
+	ToolCallID string
 }
 
 type renderCase struct {
 	Template string    `json:"template"`
 	System   string    `json:"system"`
 	Messages []message `json:"messages"`
+	Think    *bool     `json:"think"`
 }
 
 type renderResult struct {
@@ -103,6 +123,71 @@ func branch(b *parse.BranchNode) []string {
 	return out
 }
 
+var funcs = template.FuncMap{
+	"json": func(v any) string {
+		b, _ := json.Marshal(v)
+		return string(b)
+	},
+	"currentDate": func(args ...string) string {
+		return time.Now().Format("2006-01-02")
+	},
+	"yesterdayDate": func(args ...string) string {
+		return time.Now().AddDate(0, 0, -1).Format("2006-01-02")
+	},
+	"toTypeScriptType": func(v any) string { return "any" },
+}
+
+func uses(tmpl *template.Template, name string) bool {
+	for _, t := range tmpl.Templates() {
+		for _, id := range identifiers(t.Root) {
+			if strings.ToLower(id) == name {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// cutAtResponse keeps the nodes of list that come before the first {{ .Response }}: the text a
+// legacy template gives for the turn the model is about to write. It reports whether it cut.
+func cutAtResponse(list *parse.ListNode) bool {
+	for i, n := range list.Nodes {
+		switch n := n.(type) {
+		case *parse.ActionNode:
+			for _, id := range identifiers(n.Pipe) {
+				if id == "Response" {
+					list.Nodes = list.Nodes[:i]
+					return true
+				}
+			}
+		case *parse.IfNode:
+			if cutBranch(&n.BranchNode) {
+				list.Nodes = list.Nodes[:i+1]
+				return true
+			}
+		case *parse.RangeNode:
+			if cutBranch(&n.BranchNode) {
+				list.Nodes = list.Nodes[:i+1]
+				return true
+			}
+		case *parse.WithNode:
+			if cutBranch(&n.BranchNode) {
+				list.Nodes = list.Nodes[:i+1]
+				return true
+			}
+		}
+	}
+	return false
+}
+
+func cutBranch(b *parse.BranchNode) bool {
+	cut := cutAtResponse(b.List)
+	if b.ElseList != nil && cutAtResponse(b.ElseList) {
+		cut = true
+	}
+	return cut
+}
+
 func render(c renderCase) (string, error) {
 	msgs := append([]message(nil), c.Messages...)
 	if c.System != "" && (len(msgs) == 0 || msgs[0].Role != "system") {
@@ -110,50 +195,91 @@ func render(c renderCase) (string, error) {
 	}
 
 	var systems []string
-	var collated []*message
-	for i := range msgs {
-		m := msgs[i]
+	var collated []*templateMessage
+	for _, m := range msgs {
 		if m.Role == "system" {
 			systems = append(systems, m.Content)
 		}
 		if n := len(collated); n > 0 && collated[n-1].Role == m.Role && m.Role != "tool" {
 			collated[n-1].Content += "\n\n" + m.Content
 		} else {
-			collated = append(collated, &m)
+			collated = append(collated, &templateMessage{
+				Role: m.Role, Content: m.Content, Thinking: m.Thinking,
+			})
 		}
 	}
 
-	funcs := template.FuncMap{"json": func(v any) string {
-		b, _ := json.Marshal(v)
-		return string(b)
-	}}
 	tmpl, err := template.New("").Option("missingkey=zero").Funcs(funcs).Parse(c.Template)
 	if err != nil {
 		return "", err
 	}
-	usesMessages := false
-	for _, t := range tmpl.Templates() {
-		for _, id := range identifiers(t.Root) {
-			if strings.ToLower(id) == "messages" {
-				usesMessages = true
-			}
-		}
+	think := c.Think != nil && *c.Think
+	level := ""
+	if think {
+		level = "medium"
 	}
-	if !usesMessages {
-		return "", errors.New("template does not use .Messages (Ollama would run it in legacy prompt/response mode)")
+	values := map[string]any{
+		"Response":   "",
+		"Think":      think,
+		"ThinkLevel": level,
+		"IsThinkSet": c.Think != nil,
 	}
 	var sb strings.Builder
-	err = tmpl.Execute(&sb, map[string]any{
-		"System":      strings.Join(systems, "\n\n"),
-		"Messages":    collated,
-		"Tools":       nil,
-		"Response":    "",
-		"Think":       false,
-		"IsThinkSet":  false,
-		"Query":       "",
-		"Document":    "",
-		"Instruction": "",
-	})
+	if uses(tmpl, "messages") {
+		values["System"] = strings.Join(systems, "\n\n")
+		values["Messages"] = collated
+		values["Tools"] = nil
+		err = tmpl.Execute(&sb, values)
+		return sb.String(), err
+	}
+	if !uses(tmpl, "response") {
+		tmpl.Tree.Root.Nodes = append(tmpl.Tree.Root.Nodes, &parse.ActionNode{
+			NodeType: parse.NodeAction,
+			Pipe: &parse.PipeNode{NodeType: parse.NodePipe, Cmds: []*parse.CommandNode{{
+				NodeType: parse.NodeCommand,
+				Args:     []parse.Node{&parse.FieldNode{NodeType: parse.NodeField, Ident: []string{"Response"}}},
+			}}},
+		})
+	}
+	return renderLegacy(tmpl, collated, values)
+}
+
+// renderLegacy runs a template without .Messages once per system/user/assistant group.
+func renderLegacy(tmpl *template.Template, msgs []*templateMessage, values map[string]any) (string, error) {
+	var sb strings.Builder
+	system, prompt, response := "", "", ""
+	run := func(t *template.Template) error {
+		values["System"], values["Prompt"], values["Response"] = system, prompt, response
+		system, prompt, response = "", "", ""
+		return t.Execute(&sb, values)
+	}
+	for _, m := range msgs {
+		switch m.Role {
+		case "system":
+			if prompt != "" || response != "" {
+				if err := run(tmpl); err != nil {
+					return "", err
+				}
+			}
+			system = m.Content
+		case "user":
+			if response != "" {
+				if err := run(tmpl); err != nil {
+					return "", err
+				}
+			}
+			prompt = m.Content
+		case "assistant":
+			response = m.Content
+		}
+	}
+	tree := &parse.Tree{Name: "last", Root: tmpl.Tree.Root.CopyList()}
+	cutAtResponse(tree.Root)
+	last, err := template.New("last").Option("missingkey=zero").Funcs(funcs).AddParseTree("last", tree)
+	if err != nil {
+		return "", err
+	}
+	err = run(last)
 	return sb.String(), err
 }
 
