@@ -465,10 +465,13 @@ def quantization_name(meta: dict, plans: list[_Tensor]) -> str | None:
     return quantized.most_common(1)[0][0]
 
 
-def convert_gguf(gguf_path: Path, out_dir: Path, *, progress: bool = False) -> dict:
+def convert_gguf(
+    gguf_path: Path, out_dir: Path, *, progress: bool = False, note: str | None = None
+) -> dict:
     """Write the Hugging Face folder of ``gguf_path`` into the (empty) folder ``out_dir``.
 
-    Returns the record also saved as ``gguf_source.json`` (source, quantization, dtype, time).
+    Everything a bad file can fail on is checked before anything is written; then ``note`` (if
+    any) is printed. Returns the record also saved as ``gguf_source.json``.
     """
     t0 = time.perf_counter()
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
@@ -481,12 +484,14 @@ def convert_gguf(gguf_path: Path, out_dir: Path, *, progress: bool = False) -> d
             f"{source}: architecture {arch!r} is not supported as a base model; supported: "
             f"{', '.join(sorted(SUPPORTED))}"
         )
-    tok_json, tok_config = build_tokenizer(meta, source)  # before the slow part: fail early
+    tok_json, tok_config = build_tokenizer(meta, source)
     hp = _hparams(meta, arch, source)
     plans = _plan_tensors(reader, arch, hp, source)
     _check_sizes(reader, gguf_path)
     dtype = _output_dtype(plans)
     config = hf_config(meta, arch, reader, plans, dtype, hp)
+    if note:
+        print(note, file=sys.stderr)
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_safetensors(plans, out_dir, dtype, progress)
     write_json_atomic(out_dir / "config.json", config)
@@ -503,7 +508,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path, *, progress: bool = False) -> d
         "importer_version": IMPORT_VERSION,
         "seconds": round(time.perf_counter() - t0, 2),
     }
-    write_json_atomic(out_dir / SOURCE_RECORD, record)
+    write_json_atomic(out_dir / SOURCE_RECORD, record)  # last: its presence marks a whole folder
     return record
 
 
@@ -581,15 +586,14 @@ def import_gguf(gguf_path: Path, *, key: str | None = None, progress: bool = Tru
             shutil.rmtree(stale, ignore_errors=True)
         if final.exists():  # incomplete (no record): not trusted
             shutil.rmtree(final)
-        if progress:
-            mb = gguf_path.stat().st_size / 1e6
-            print(
-                f"converting {gguf_path.name} ({mb:,.0f} MB) to a Hugging Face folder in "
-                f"{final} (once; reused afterwards)",
-                file=sys.stderr,
-            )
+        mb = gguf_path.stat().st_size / 1e6
+        note = (
+            f"converting {gguf_path.name} ({mb:,.0f} MB) into a Hugging Face folder, once: {final}"
+            if progress
+            else None
+        )
         with atomic_dir(final) as tmp:
-            convert_gguf(gguf_path, tmp, progress=progress)
+            convert_gguf(gguf_path, tmp, progress=progress, note=note)
     return final
 
 
