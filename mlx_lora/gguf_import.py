@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import json
 import math
 import os
 import shutil
@@ -41,8 +40,9 @@ import gguf
 import numpy as np
 
 from mlx_lora.errors import MlxLoraError
-from mlx_lora.files import atomic_dir, write_json_atomic
+from mlx_lora.files import atomic_dir, read_json, remove_temporaries, write_json_atomic
 from mlx_lora.gguf_tokenizer import build_tokenizer, end_token_ids, special_ids
+from mlx_lora.meta import GENERATION_CONFIG, sampling_generation_config
 from mlx_lora.weights import INDEX_FILE, StreamedTensor, save_streamed
 
 IMPORT_VERSION = 1  # bump when the produced folder changes: old cache entries are then ignored
@@ -169,11 +169,7 @@ def _plan_tensors(reader: gguf.GGUFReader, arch: str, hp: dict, source: str) -> 
             )
         if base == "rope_freqs":
             continue  # becomes rope_scaling in config.json
-        if t.tensor_type not in _FLOATS and t.tensor_type not in gguf.quants._type_traits:
-            raise MlxLoraError(
-                f"{source}: tensor {t.name} uses {t.tensor_type.name}, which cannot be "
-                "dequantized; use a file quantized to a common type (Q4_K_M, Q8_0, F16)"
-            )
+        _check_dequantizable(t, source)
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
         rows = None
         if arch == "llama" and parts[-1] in ("attn_q", "attn_k"):
@@ -186,6 +182,18 @@ def _plan_tensors(reader: gguf.GGUFReader, arch: str, hp: dict, source: str) -> 
             f"{source}: tensors for {', '.join(missing[:4])} are missing; the file is incomplete"
         )
     return plans
+
+
+def _check_dequantizable(t: Any, source: str) -> None:
+    """Try one row: the gguf package has no dequantizer for every type llama.cpp knows."""
+    row = np.asarray(t.data if t.data.ndim == 1 else t.data[:1])
+    try:
+        gguf.quants.dequantize(row, t.tensor_type)
+    except NotImplementedError:
+        raise MlxLoraError(
+            f"{source}: tensor {t.name} uses {t.tensor_type.name}, which this gguf package cannot "
+            "dequantize; use a file quantized to a common type (Q4_K_M, Q8_0, F16)"
+        ) from None
 
 
 def _missing(plans: list[_Tensor], hp: dict) -> list[str]:
@@ -428,21 +436,20 @@ def generation_config(meta: dict) -> dict:
         out["eos_token_id"] = ends[0] if len(ends) == 1 else ends
     if "pad" in ids:
         out["pad_token_id"] = ids["pad"]
-    for key, name in (
-        ("top_k", "top_k"),
-        ("top_p", "top_p"),
-        ("min_p", "min_p"),
-        ("penalty_repeat", "repetition_penalty"),
-    ):
-        v = meta.get(f"general.sampling.{key}")
-        if isinstance(v, int | float) and not isinstance(v, bool):
-            out[name] = int(v) if key == "top_k" else float(v)
-    temp = meta.get("general.sampling.temp")
-    if isinstance(temp, int | float) and not isinstance(temp, bool):
-        out["do_sample"] = temp > 0
-        if temp > 0:
-            out["temperature"] = float(temp)
-    return out
+    names = {
+        "temp": "temperature",
+        "top_k": "top_k",
+        "top_p": "top_p",
+        "min_p": "min_p",
+        "penalty_repeat": "repetition_penalty",
+    }
+    sampling = {
+        name: v
+        for key, name in names.items()
+        if isinstance(v := meta.get(f"general.sampling.{key}"), int | float)
+        and not isinstance(v, bool)
+    }
+    return {**out, **sampling_generation_config(sampling)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -495,7 +502,7 @@ def convert_gguf(
     out_dir.mkdir(parents=True, exist_ok=True)
     _write_safetensors(plans, out_dir, dtype, progress)
     write_json_atomic(out_dir / "config.json", config)
-    write_json_atomic(out_dir / "generation_config.json", generation_config(meta))
+    write_json_atomic(out_dir / GENERATION_CONFIG, generation_config(meta))
     write_json_atomic(out_dir / "tokenizer.json", tok_json)
     write_json_atomic(out_dir / "tokenizer_config.json", tok_config)
     record = {
@@ -540,15 +547,14 @@ def file_sha256(path: Path) -> str:
     memo_path = cache_root() / "hashes.json"
     stamp = [st.st_size, st.st_mtime_ns, st.st_ino]
     try:
-        memo = json.loads(memo_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        memo = read_json(memo_path)
+    except MlxLoraError:  # a damaged memo is only a cache: start a new one
         memo = {}
-    hit = memo.get(str(path)) if isinstance(memo, dict) else None
+    hit = memo.get(str(path))
     if isinstance(hit, dict) and hit.get("stamp") == stamp and isinstance(hit.get("sha256"), str):
         return hit["sha256"]
     with open(path, "rb") as f:
         digest = hashlib.file_digest(f, "sha256").hexdigest()
-    memo = memo if isinstance(memo, dict) else {}
     memo[str(path)] = {"stamp": stamp, "sha256": digest}
     memo_path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(memo_path, memo)
@@ -582,8 +588,7 @@ def import_gguf(gguf_path: Path, *, key: str | None = None, progress: bool = Tru
     with _locked(root, final.name):
         if (final / SOURCE_RECORD).is_file():
             return final  # another process converted it meanwhile
-        for stale in root.glob(f".{final.name}.tmp-*"):  # a killed conversion's leftovers
-            shutil.rmtree(stale, ignore_errors=True)
+        remove_temporaries(final)  # a killed conversion's leftovers
         if final.exists():  # incomplete (no record): not trusted
             shutil.rmtree(final)
         mb = gguf_path.stat().st_size / 1e6
@@ -603,8 +608,8 @@ _ANNOUNCED: set[str] = set()
 def announce_quantization(folder: Path) -> None:
     """Say once per process that a fine-tune of a quantized file starts from its quality."""
     try:
-        record = json.loads((Path(folder) / SOURCE_RECORD).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        record = read_json(Path(folder) / SOURCE_RECORD)
+    except MlxLoraError:
         return
     quant = record.get("quantization")
     if quant and str(folder) not in _ANNOUNCED:
@@ -687,12 +692,9 @@ def ollama_blob(name: str) -> tuple[Path, str]:
             f"Ollama model {name!r} is not installed in {root} (installed: {listed}); run "
             f"`ollama pull {name}`"
         )
-    try:
-        layers = json.loads(manifest.read_text(encoding="utf-8"))["layers"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise MlxLoraError(
-            f"{manifest}: unreadable Ollama manifest ({e}); re-pull the model"
-        ) from None
+    layers = read_json(manifest).get("layers")
+    if not isinstance(layers, list) or not all(isinstance(x, dict) for x in layers):
+        raise MlxLoraError(f"{manifest}: an Ollama manifest without layers; re-pull the model")
     kinds = [layer.get("mediaType") for layer in layers]
     if _ADAPTER_LAYER in kinds:
         raise MlxLoraError(

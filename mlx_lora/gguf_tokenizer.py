@@ -21,7 +21,6 @@ llama.cpp does); ``[PADn]`` fillers that converters append up to the embedding s
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -430,11 +429,3 @@ def _tokenizer_config(
     if template is not None:
         config["chat_template"] = template
     return config
-
-
-def filler_free(tokens: list[str]) -> int:
-    """Number of tokens before the trailing ``[PADn]`` fillers (the real vocabulary size)."""
-    n = len(tokens)
-    while n and re.fullmatch(rf"\[PAD{n - 1}\]", tokens[n - 1]):
-        n -= 1
-    return n

@@ -160,6 +160,59 @@ def test_llama3_rope_scaling_inverts_rope_freqs():
     np.testing.assert_allclose(again, factors, rtol=1e-5)
 
 
+# (llama.cpp's file type, its main tensor type, bound on |imported - original| / rms(original))
+QUANTS = [
+    ("F16", "F16", 1e-3),
+    ("BF16", "BF16", 1e-2),
+    ("Q8_0", "Q8_0", 0.02),
+    ("Q5_0", "Q5_0", 0.1),
+    ("Q5_1", "Q5_1", 0.1),
+    ("Q4_0", "Q4_0", 0.2),
+    ("Q4_1", "Q4_1", 0.2),
+    ("Q6_K", "Q6_K", 0.05),
+    ("Q5_K_M", "Q5_K", 0.1),
+    ("Q4_K_M", "Q4_K", 0.2),
+]
+
+
+@pytest.fixture(scope="session")
+def wide_llama(tmp_path_factory) -> tuple[Path, Path]:
+    """A llama model wide enough for K-quants (rows of 256), and its f32 GGUF."""
+    root = tmp_path_factory.mktemp("wide")
+    src = make_tiny_model(
+        root / "hf", arch="llama", hidden_size=256, intermediate_size=512, heads=4, layers=1
+    )
+    return src, write_gguf(src, root / "f32.gguf", "f32", progress=False)
+
+
+@pytest.mark.parametrize("ftype,main_type,bound", QUANTS)
+def test_quantized_files_dequantize_to_the_original(ftype, main_type, bound, wide_llama, tmp_path):
+    """llama.cpp quantizes our f32 export; the import is the original up to quantization error
+    (a wrong block layout, name or q/k row order would be off by the size of the weights)."""
+    import llama_cpp
+
+    from mlx_lora.llamacpp import quiet_stderr
+
+    src, f32 = wide_llama
+    path = tmp_path / f"{ftype}.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
+    with quiet_stderr():
+        rc = llama_cpp.llama_model_quantize(str(f32).encode(), str(path).encode(), params)
+    assert rc == 0
+    record = convert_gguf(path, tmp_path / "hf")
+    assert main_type in record["tensor_types"], record
+    quantized = main_type not in ("F16", "BF16")
+    assert record["quantization"] == (ftype if quantized else None)
+    a, b = folder_tensors(src), folder_tensors(tmp_path / "hf")
+    assert sorted(a) == sorted(b)
+    for name in a:
+        x, y = a[name].f32(), b[name].f32()
+        rms = float(np.sqrt(np.mean(x**2)))
+        assert float(np.abs(x - y).max()) <= bound * max(rms, 1e-6) * 8, name
+        assert float(np.sqrt(np.mean((x - y) ** 2))) <= bound * rms, name
+
+
 # ------------------------------------------------------------------------------- a real model
 
 
