@@ -259,7 +259,8 @@ def _output_dtype(plans: list[_Tensor]) -> str:
         return "float16"
     if kinds == {_QT.BF16}:
         return "bfloat16"
-    return "bfloat16" if _bf16_exact(plans) else "float32"
+    all_f32 = all(p.qtype == _QT.F32 for p in plans)
+    return "bfloat16" if all_f32 and _bf16_exact(plans) else "float32"
 
 
 def _write_safetensors(plans: list[_Tensor], out_dir: Path, dtype: str, progress: bool) -> None:
