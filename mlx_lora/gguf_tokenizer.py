@@ -33,7 +33,6 @@ _NORMAL = int(gguf.TokenType.NORMAL)
 _UNKNOWN = int(gguf.TokenType.UNKNOWN)
 _CONTROL = int(gguf.TokenType.CONTROL)
 _USER_DEFINED = int(gguf.TokenType.USER_DEFINED)
-_BYTE = int(gguf.TokenType.BYTE)
 _ADDED = (_UNKNOWN, _CONTROL, _USER_DEFINED)
 
 # llama.cpp pre-tokenizer names that apply the split of a PRE_TOKENIZERS entry, with llama.cpp's
@@ -53,7 +52,7 @@ _PRE_ALIASES: dict[str, tuple[str, bool]] = {
     "deepseek-coder": ("deepseek-coder", False),
 }
 # llama.cpp adds BOS by default (no tokenizer.ggml.add_bos_token) for SentencePiece and these.
-_ADD_BOS_BY_DEFAULT = {"llama-bpe", "llama3", "llama-v3", "falcon3", "falcon-h1", "tekken"}
+_ADD_BOS_BY_DEFAULT = {"llama-bpe", "llama3", "llama-v3", "falcon3", "falcon-h1"}
 
 # Tokens llama.cpp treats as end of generation by their text (besides the eos/eot/eom ids).
 END_TOKEN_TEXTS = (
