@@ -30,7 +30,9 @@ def opt(default: Any, help: str, **kw: Any) -> Any:
 @dataclass
 class TrainConfig:
     model: str = opt(
-        DEFAULT_MODEL, "base model: a local Hugging Face folder, or a ModelScope/Hugging Face id"
+        DEFAULT_MODEL,
+        "base model: a local Hugging Face folder, a ModelScope/Hugging Face id, a .gguf file or "
+        "ollama:NAME[:TAG] (converted once into a cached folder)",
     )
     data: str = opt(
         "dataset/huanhuan.json",
@@ -163,7 +165,9 @@ class TrainConfig:
 @dataclass
 class ChatConfig:
     model: str | None = opt(
-        None, "base model (id or folder) or a fused folder; default: the adapter's recorded base"
+        None,
+        "base model (id, folder, .gguf or ollama:NAME) or a fused folder; default: the adapter's "
+        "recorded base",
     )
     adapter: str | None = opt(None, "adapter folder (a training --output-dir or checkpoint-N)")
     prompt: str | None = opt(None, "answer this one prompt and exit (otherwise: interactive)")

@@ -80,6 +80,13 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         raise
 
 
+def remove_temporaries(final: Path) -> None:
+    """Delete what a killed :func:`atomic_dir` left beside ``final`` (call it under a lock that
+    keeps every other writer of ``final`` out)."""
+    for tmp in Path(final).parent.glob(f".{Path(final).name}.tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def read_json(path: Path, *, required: bool = False) -> dict:
     """A JSON object from ``path``; ``{}`` when the file is absent (unless ``required``).
 

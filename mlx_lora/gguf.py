@@ -439,6 +439,31 @@ def write_gguf(
     return _write_file(out_path, setup, plans, progress, arch)
 
 
+def write_vocab_gguf(hf_dir: Path, out_path: Path, arch: str = "llama") -> Path:
+    """A vocabulary-only GGUF of the tokenizer in ``hf_dir`` (llama.cpp ``vocab_only`` loads it).
+
+    It carries exactly the ``tokenizer.*`` keys :func:`write_gguf` writes, plus placeholder
+    hyperparameters, so tokenizer tests can check our vocabulary code against llama.cpp without
+    weights.
+    """
+    hf_dir = Path(hf_dir)
+    vocab = read_vocab(hf_dir)
+    placeholder = {
+        "hidden_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 1,
+        "intermediate_size": 64,
+    }
+
+    def setup(w: gguf.GGUFWriter) -> None:
+        w.add_type(gguf.GGUFType.MODEL)
+        w.add_name(hf_dir.resolve().name)
+        _add_hparams(w, placeholder, arch, gguf.LlamaFileType.ALL_F32, len(vocab.tokens))
+        add_vocab(w, vocab)
+
+    return _write_file(Path(out_path), setup, [], False, arch)
+
+
 def _lora_target(module: str, tmap: Any, cfg: dict, base_shapes: dict, where: Path) -> str:
     """The GGUF name of the weight ``module`` adapts, refusing what a GGUF adapter cannot hold."""
     if module.endswith("embed_tokens"):

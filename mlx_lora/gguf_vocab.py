@@ -33,16 +33,29 @@ _LLAMA3_REGEX = (
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"""
     r"""| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
 )
-_DIGITS = "<digits>"  # Digits(individual_digits=true), i.e. llama.cpp's leading \p{N} split
+_QWEN35_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}"""
+    r"""| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+_DIGIT = r"\p{N}"  # Digits(individual_digits=true): every digit on its own
+_DIGIT_RUN = r"\p{N}+"  # Digits(individual_digits=false): runs of digits
+_DEEPSEEK_CODER_STEPS = ("[\r\n]", r"\s?\p{L}+", r"\s?\p{P}+", "[一-龥ࠀ-一가-퟿]+", _DIGIT)
 
-# (split steps, ignore_merges) → llama.cpp pre-tokenizer name. ignore_merges=None: either.
-_KNOWN_PRE_TOKENIZERS: list[tuple[tuple[str, ...], bool | None, str]] = [
-    ((_QWEN2_REGEX,), None, "qwen2"),
-    ((_LLAMA3_REGEX,), True, "llama-bpe"),  # llama.cpp: llama3 regex + ignore_merges
-    ((_LLAMA3_REGEX,), False, "smaug-bpe"),  # same regex, merges always applied
-    ((_GPT2_REGEX,), None, "gpt-2"),
-    ((_DIGITS, _GPT2_REGEX), None, "starcoder"),
-]
+# llama.cpp pre-tokenizer name → (split steps in order, ignore_merges (None: either), clean_spaces).
+# The steps are the regexes tokenizer.json spells (ByteLevel(use_regex=true) is the GPT-2 one).
+# Names that share a split differ only in llama.cpp's clean_spaces (how it detokenizes), which is
+# the tokenizer's clean_up_tokenization_spaces. The importer (gguf_tokenizer) reads this table the
+# other way round, so a GGUF we import exports back under the same name.
+PRE_TOKENIZERS: dict[str, tuple[tuple[str, ...], bool | None, bool]] = {
+    "qwen2": ((_QWEN2_REGEX,), None, False),
+    "qwen35": ((_QWEN35_REGEX,), None, False),
+    "llama-bpe": ((_LLAMA3_REGEX,), True, True),  # llama.cpp: llama3 regex + ignore_merges
+    "smaug-bpe": ((_LLAMA3_REGEX,), False, True),  # same regex, merges always applied
+    "gpt-2": ((_GPT2_REGEX,), None, True),
+    "starcoder": ((_DIGIT, _GPT2_REGEX), None, True),
+    "smollm": ((_DIGIT, _GPT2_REGEX), None, False),
+    "deepseek-coder": (_DEEPSEEK_CODER_STEPS, None, False),
+}
 
 # Without tokenizer.json the tokenizer class defines the split (transformers builds it in code).
 _PRE_TOKENIZER_BY_CLASS = {
@@ -78,6 +91,7 @@ class GgufVocab:
     add_eos: bool = False
     add_space_prefix: bool | None = None
     chat_template: Any = None
+    hf_json: str | None = None  # tokenizer.json verbatim, for an exact import back
 
 
 def _flatten(node: dict | None, key: str) -> list[dict]:
@@ -92,11 +106,15 @@ def _flatten(node: dict | None, key: str) -> list[dict]:
     return [node]
 
 
-def identify_pre_tokenizer(definition: dict | None, tokenizer_class: str = "") -> str:
+def identify_pre_tokenizer(
+    definition: dict | None, tokenizer_class: str = "", clean_spaces: bool | None = None
+) -> str:
     """llama.cpp's pre-tokenizer name for a byte-level BPE tokenizer, from its own definition.
 
     ``definition`` is tokenizer.json as a dict (None when the folder has none; then the tokenizer
-    class decides, e.g. Qwen2Tokenizer → "qwen2"). Raises MlxLoraError naming an unknown split.
+    class decides, e.g. Qwen2Tokenizer → "qwen2"). When several names share the split,
+    ``clean_spaces`` (the tokenizer's clean_up_tokenization_spaces) picks the one that detokenizes
+    alike. Raises MlxLoraError naming an unknown split.
     """
     if definition is None:
         name = _PRE_TOKENIZER_BY_CLASS.get(tokenizer_class)
@@ -127,21 +145,21 @@ def identify_pre_tokenizer(definition: dict | None, tokenizer_class: str = "") -
             if step.get("use_regex", True):
                 steps.append(_GPT2_REGEX)
         elif kind == "Digits":
-            if not step.get("individual_digits"):
-                raise MlxLoraError(
-                    "tokenizer pre-tokenizer Digits(individual_digits=false) is not supported by "
-                    "llama.cpp"
-                )
-            steps.append(_DIGITS)
+            steps.append(_DIGIT if step.get("individual_digits") else _DIGIT_RUN)
         else:
             raise MlxLoraError(
                 f"tokenizer pre-tokenizer step {kind!r} is not supported by llama.cpp's BPE "
                 "tokenizer"
             )
     ignore_merges = bool(definition.get("model", {}).get("ignore_merges", False))
-    for known_steps, known_ignore, name in _KNOWN_PRE_TOKENIZERS:
-        if tuple(steps) == known_steps and known_ignore in (None, ignore_merges):
-            return name
+    names = [
+        name
+        for name, (known_steps, known_ignore, _) in PRE_TOKENIZERS.items()
+        if tuple(steps) == known_steps and known_ignore in (None, ignore_merges)
+    ]
+    if names:
+        alike = [n for n in names if PRE_TOKENIZERS[n][2] == clean_spaces]
+        return (alike or names)[0]
     shown = " + ".join(steps) if steps else "(none)"
     raise MlxLoraError(
         f'unknown BPE pre-tokenizer split "{shown}" (ignore_merges={ignore_merges}); llama.cpp '
@@ -312,10 +330,12 @@ def read_vocab(hf_dir: Path, n_vocab: int | None = None) -> GgufVocab:
         result.add_space_prefix = _spm_add_space_prefix(full_def)
     else:
         cls_name = type(tok).__name__
+        clean = getattr(tok, "clean_up_tokenization_spaces", None)
         if file_def is None and cls_name not in _PRE_TOKENIZER_BY_CLASS:
-            pre = identify_pre_tokenizer(full_def)  # the split transformers built for this class
+            # the split transformers built for this class
+            pre = identify_pre_tokenizer(full_def, clean_spaces=clean)
         else:
-            pre = identify_pre_tokenizer(file_def, cls_name)
+            pre = identify_pre_tokenizer(file_def, cls_name, clean)
         tokens, types, _ = _token_table(tok, n_vocab, None)
         result = GgufVocab("gpt2", pre, tokens, types, merges=merges)
     result.bos_id, result.eos_id, result.add_bos, result.add_eos = _special_ids(
@@ -326,6 +346,8 @@ def read_vocab(hf_dir: Path, n_vocab: int | None = None) -> GgufVocab:
     if isinstance(template, dict):
         template = [{"name": k, "template": v} for k, v in template.items()]
     result.chat_template = template
+    if file_def is not None:
+        result.hf_json = (hf_dir / "tokenizer.json").read_text(encoding="utf-8")
     return result
 
 
@@ -352,3 +374,5 @@ def add_vocab(w: gguf.GGUFWriter, v: GgufVocab) -> None:
         w.add_add_space_prefix(v.add_space_prefix)
     if v.chat_template:
         w.add_chat_template(v.chat_template)
+    if v.hf_json:  # llama.cpp ignores it; mlx_lora.gguf_tokenizer imports it back exactly
+        w.add_string(gguf.Keys.Tokenizer.HF_JSON, v.hf_json)

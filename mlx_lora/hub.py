@@ -1,4 +1,5 @@
-"""Resolve ``--model``: a local folder, or an id fetched from ModelScope or Hugging Face.
+"""Resolve ``--model``: a local folder, a GGUF file or Ollama model (converted once, see
+:mod:`mlx_lora.gguf_import`), or an id fetched from ModelScope or Hugging Face.
 
 The seed downloads ``qwen/Qwen1.5-4B-Chat`` from ModelScope, so ModelScope is the default source.
 Only the files a model needs are fetched (weights, configs, tokenizer, template), both hubs keep
@@ -89,6 +90,10 @@ def resolve_model(model: str, source: str = "auto") -> Path:
     """
     if source not in SOURCES:
         raise MlxLoraError(f"unknown --model-source {source!r}; choose one of {', '.join(SOURCES)}")
+    from mlx_lora.gguf_import import is_gguf_model, resolve_gguf_model
+
+    if is_gguf_model(model):  # model.gguf or ollama:NAME[:TAG] → a cached converted folder
+        return check_model_dir(resolve_gguf_model(model))
     if looks_like_path(model):
         return check_model_dir(Path(model).expanduser().resolve())
     order = ["modelscope", "huggingface"] if source == "auto" else [source]

@@ -63,6 +63,20 @@ def sampling_defaults(gen: dict) -> dict[str, float | int]:
     return out
 
 
+def sampling_generation_config(sampling: dict[str, float | int]) -> dict:
+    """The inverse of :func:`sampling_defaults`: settings by their Hugging Face names as
+    ``generation_config.json`` keys, temperature 0 as ``do_sample: false``."""
+    out: dict[str, Any] = {
+        k: _SAMPLING_KEYS[k](v) for k, v in sampling.items() if k in _SAMPLING_KEYS
+    }
+    temp = out.pop("temperature", None)
+    if temp is not None:
+        out["do_sample"] = temp > 0
+        if temp > 0:
+            out["temperature"] = temp
+    return out
+
+
 def eos_ids(gen: dict) -> list[int]:
     """``eos_token_id`` of a generation config (a number or a list) as a list."""
     eos = gen.get("eos_token_id")

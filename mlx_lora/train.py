@@ -303,6 +303,14 @@ def uses_dora(cfg: TrainConfig) -> bool:
     return cfg.use_dora or cfg.finetune_type == "dora"
 
 
+def _base_name(cfg: TrainConfig, model_dir: Path) -> str:
+    """The base a run records: a hub id as given, a folder by its path, a GGUF file by its path
+    (not its converted cache folder, which is disposable)."""
+    if cfg.model.lower().endswith(".gguf"):
+        return str(Path(cfg.model).expanduser().resolve())
+    return cfg.model if not Path(cfg.model).expanduser().exists() else str(model_dir)
+
+
 def _record(cfg: TrainConfig, ds: Dataset, model_dir: Path, config: dict) -> dict:
     """What chat, export, eval and resume need to know about this run (``mlx_lora`` section of
     ``adapter_config.json``, or ``mlx_lora.json`` of a full fine-tune)."""
@@ -313,7 +321,7 @@ def _record(cfg: TrainConfig, ds: Dataset, model_dir: Path, config: dict) -> dic
         "format": ds.format,
         "quantize": cfg.quantize,
         "max_seq_length": cfg.max_seq_length,
-        "base_model": cfg.model if not Path(cfg.model).expanduser().exists() else str(model_dir),
+        "base_model": _base_name(cfg, model_dir),
         "allow_special_tokens_in_content": cfg.allow_special_tokens_in_content,
         "base_model_dir": str(model_dir),
         "base_model_type": config.get("model_type"),

@@ -9,6 +9,10 @@ checkpoints ship in.
 
 from __future__ import annotations
 
+import json
+import math
+import struct
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -114,3 +118,48 @@ def save_tensors(path: Path, tensors: dict[str, mx.array], metadata: dict | None
     """Write a safetensors file atomically (PyTorch's ``format: pt`` marker by default)."""
     with atomic_file(Path(path)) as tmp:
         mx.save_safetensors(str(tmp), tensors, metadata=metadata or {"format": "pt"})
+
+
+@dataclass(frozen=True)
+class StreamedTensor:
+    """A tensor to write without holding it: its header entry and a source of its bytes."""
+
+    name: str
+    dtype: str  # safetensors' name: F32, F16, BF16
+    shape: tuple[int, ...]
+    chunks: Callable[[], Iterator[bytes]]  # the data, row-major, in pieces
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * _DTYPE_BYTES[self.dtype]
+
+
+_DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
+
+
+def save_streamed(path: Path, tensors: list[StreamedTensor]) -> None:
+    """Write a safetensors file tensor by tensor, so memory stays near one chunk (atomic).
+
+    For checkpoints larger than memory (a dequantized GGUF); :func:`save_tensors` needs every
+    tensor in memory at once.
+    """
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for t in tensors:
+        header[t.name] = {
+            "dtype": t.dtype,
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + t.nbytes],
+        }
+        offset += t.nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
+    with atomic_file(Path(path)) as tmp, open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for t in tensors:
+            written = 0
+            for piece in t.chunks():
+                f.write(piece)
+                written += len(piece)
+            if written != t.nbytes:
+                raise ValueError(f"{t.name}: {written} bytes written, {t.nbytes} expected")
