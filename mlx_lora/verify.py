@@ -88,7 +88,12 @@ TOLERANCES: dict[str, tuple[float, float] | None] = {
     "f16": (5e-2, 1e-2),
     "bf16": (2.5e-1, 4e-2),
     "q8_0": None,
+    "f32-gelu": (1e-3, 5e-4),  # f32 weights, GELU looked up in ggml's f16 table (see below)
 }
+# ggml's CPU GELU reads an f16 table (each activation rounded to f16: relative error up to 2^-11,
+# which Gemma's post-feed-forward norm scales back up), so at f32 the GELU families differ from
+# MLX's exact GELU by more than summation order. Their greedy continuation may then flip a near-tie.
+GELU_TABLE_ARCHS = ("gemma2", "gemma3")
 TIE_FRACTION_Q = 2e-2  # near-tie width for types without a max|Δ| bound (fraction of max|logit|)
 
 
@@ -113,6 +118,15 @@ class Report:
     gguf_type: str
     checks: list[Check] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    arch: str | None = None  # general.architecture
+    long_rope_ctx: int | None = None  # LongRoPE: context above which llama.cpp uses long factors
+
+    @property
+    def logit_kind(self) -> str:
+        """The tolerance set for llama.cpp's logits (the GGUF type, GELU families aside)."""
+        if self.gguf_type == "f32" and self.arch in GELU_TABLE_ARCHS:
+            return "f32-gelu"
+        return self.gguf_type
 
     @property
     def ok(self) -> bool:
@@ -255,6 +269,15 @@ def _vocab_problems(reader: Any, tok: Any, n_vocab: int) -> list[str]:
             "chat template missing" if g_template is None else "chat template differs from HF's"
         )
     return problems
+
+
+def _long_rope(reader: Any) -> int | None:
+    """The original context of a LongRoPE GGUF (None: no rope_factors_long tensor)."""
+    if not any(t.name.startswith("rope_factors_long") for t in reader.tensors):
+        return None
+    arch = _field(reader, "general.architecture")
+    original = _field(reader, f"{arch}.rope.scaling.original_context_length")
+    return int(original) if original is not None else None
 
 
 def check_metadata(hf_dir: Path, reader: Any, tokenizer: Any) -> Check:
@@ -472,14 +495,27 @@ def _check_llama(
         return
     report.checks.append(check_tokenization(gguf_path, tokenizer))
     n_ctx = max(len(p) for p in ref.prompts) + len(ref.greedy) + 8
+    if report.long_rope_ctx is not None:  # mlx-lm applies LongRoPE's long factors at any length
+        n_ctx = max(n_ctx, report.long_rope_ctx + 1)
+        report.notes.append(
+            f"LongRoPE: llama.cpp run with a {n_ctx}-token context, where it uses the long "
+            "factors as mlx-lm always does (below that context llama.cpp, like HF, uses the short "
+            "ones)"
+        )
     llm = open_llama(gguf_path, n_ctx=n_ctx, lora_path=Path(lora_gguf) if lora_gguf else None)
-    cmp = compare_logits(ref.logits, [llama_logits(llm, p) for p in ref.prompts], report.gguf_type)
+    kind = report.logit_kind
+    if kind != report.gguf_type:
+        report.notes.append(
+            f"{report.arch}: llama.cpp computes GELU through an f16 table, so the f32 bound adds "
+            f"{TOLERANCES[kind][1]:g} x max|logit|"
+        )
+    cmp = compare_logits(ref.logits, [llama_logits(llm, p) for p in ref.prompts], kind)
     what = "llama.cpp base+LoRA vs MLX base+adapter" if lora_gguf else "logits llama.cpp vs MLX"
     name = f"{what} ({len(ref.prompts)} prompts)"
     report.checks.append(Check(name, "ok" if cmp.ok else "FAIL", cmp.figures(), cmp.values()))
     if ref.greedy:
         theirs = llama_greedy(llm, ref.prompts[0], len(ref.greedy))
-        report.checks.append(_greedy_check(ref, theirs, report.gguf_type))
+        report.checks.append(_greedy_check(ref, theirs, kind))
 
 
 def verify_gguf(
@@ -507,6 +543,7 @@ def verify_gguf(
     _check_inputs((hf_dir, gguf_path, adapter_dir, lora_gguf), adapter_dir, lora_gguf)
     reader = gguf.GGUFReader(gguf_path)
     report = Report(gguf_path, gguf_type or _gguf_type_of(reader))
+    report.arch, report.long_rope_ctx = _field(reader, "general.architecture"), _long_rope(reader)
     # The MLX reference: what llama.cpp must reproduce (in adapter mode: base + PEFT adapter).
     model, tokenizer = load_mlx(hf_dir, adapter_dir if lora_gguf is not None else None)
     report.checks.append(check_metadata(hf_dir, reader, tokenizer))
@@ -577,7 +614,7 @@ class VerifyConfig:
         None, "a GGUF LoRA adapter to apply on top of --gguf (adapter mode)"
     )
     gguf_type: str | None = opt(
-        None, "threshold set to use (default: the GGUF's own file type)", choices=list(TOLERANCES)
+        None, "threshold set to use (default: the GGUF's own file type)", choices=list(GGUF_TYPES)
     )
 
 
