@@ -35,6 +35,7 @@ from mlx_lora.gguf_arch import (
     Family,
     family_name,
     family_of,
+    general_name,
     head_counts,
     longrope_factors,
     rope_dims,
@@ -429,7 +430,7 @@ def write_gguf(
 
     def setup(w: gguf.GGUFWriter) -> None:
         w.add_type(gguf.GGUFType.MODEL)
-        w.add_name(name or hf_dir.resolve().name)
+        w.add_name(general_name(family, name or hf_dir.resolve().name, vocab.rstrip_specials))
         _add_hparams(w, cfg, family, ftype, n_vocab)
         _add_sampling(w, hf_dir)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)

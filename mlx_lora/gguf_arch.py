@@ -266,6 +266,17 @@ HF_ARCHITECTURES: dict[str, str] = {
 }
 
 
+def general_name(family: Family, name: str, rstrip_specials: tuple[str, ...]) -> str:
+    """general.name, which llama.cpp also reads as a switch: only when it contains "phi3" or
+    "phi-3" does llama.cpp let Phi-3's special tokens swallow the whitespace after them, as HF's
+    ``rstrip`` tokens do. Without it, a chat rendered as ``<|user|>\nHi<|end|>\n`` would get extra
+    tokens in llama.cpp and Ollama that the model never saw in training."""
+    says_phi3 = "phi3" in name.lower() or "phi-3" in name.lower()
+    if family.name == "phi3" and rstrip_specials and not says_phi3:
+        return f"{name} (phi3)"
+    return name
+
+
 def family_name(cfg: dict) -> str | None:
     """The GGUF architecture of an HF config (None: not one mlx_lora writes)."""
     archs = cfg.get("architectures") or [None]

@@ -429,6 +429,24 @@ def check_tokenization(gguf_path: Path, tokenizer: Any, texts: Sequence[str] = T
     )
 
 
+def check_chat_tokenization(gguf_path: Path, tokenizer: Any, system: str | None) -> Check | None:
+    """The probe chats rendered to text, tokenized by llama.cpp (as Ollama tokenizes the text
+    its TEMPLATE renders) and by HF. A figure, not a verdict: verify feeds llama.cpp the ids MLX
+    used, so logits agree either way; a difference here (e.g. SentencePiece's space prefix after
+    a special token) means Ollama's chat input differs from the training input."""
+    from mlx_lora.prompt import render, with_system
+
+    if not has_chat_template(tokenizer):
+        return None
+    texts = [
+        render(tokenizer, with_system(list(p), system), add_generation_prompt=True) for p in PROBES
+    ]
+    check = check_tokenization(gguf_path, tokenizer, texts)
+    check.name = f"chat prompts as text ({len(texts)})"
+    check.status = "ok" if check.status == "ok" else "info"
+    return check
+
+
 # --------------------------------------------------------------------------------- verify
 
 
@@ -483,7 +501,12 @@ def _greedy_check(ref: MlxRun, theirs: list[int], kind: str) -> Check:
 
 
 def _check_llama(
-    report: Report, gguf_path: Path, lora_gguf: Path | None, tokenizer: Any, ref: MlxRun
+    report: Report,
+    gguf_path: Path,
+    lora_gguf: Path | None,
+    tokenizer: Any,
+    ref: MlxRun,
+    system: str | None = None,
 ) -> None:
     """(b) tokenization and (c) logits and greedy continuation in llama.cpp."""
     if not have_llama_cpp():
@@ -494,6 +517,9 @@ def _check_llama(
         report.notes.append(f"llama.cpp checks skipped; get them with {INSTALL_HINT}")
         return
     report.checks.append(check_tokenization(gguf_path, tokenizer))
+    chat = check_chat_tokenization(gguf_path, tokenizer, system)
+    if chat is not None:
+        report.checks.append(chat)
     n_ctx = max(len(p) for p in ref.prompts) + len(ref.greedy) + 8
     if report.long_rope_ctx is not None:  # mlx-lm applies LongRoPE's long factors at any length
         n_ctx = max(n_ctx, report.long_rope_ctx + 1)
@@ -551,7 +577,8 @@ def verify_gguf(
     if lora_gguf is not None:
         report.checks.append(check_lora_metadata(adapter_dir, Path(lora_gguf), hf_dir))
     lora = read_adapter(adapter_dir) if adapter_dir is not None else None
-    prompts = probe_prompts(tokenizer, training_system_prompt(hf_dir, lora))
+    system = training_system_prompt(hf_dir, lora)
+    prompts = probe_prompts(tokenizer, system)
     ref = run_mlx(model, prompts, greedy_tokens)
     del model
     _free()
@@ -559,7 +586,7 @@ def verify_gguf(
         _check_fused(report, hf_dir, adapter_dir, base_dir, ref)
     elif (hf_dir / FUSED_INFO).is_file() and lora_gguf is None:
         report.notes.append("fused vs base+adapter not checked: pass the adapter (--adapter)")
-    _check_llama(report, gguf_path, lora_gguf, tokenizer, ref)
+    _check_llama(report, gguf_path, lora_gguf, tokenizer, ref, system)
     return report
 
 

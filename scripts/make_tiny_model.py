@@ -456,6 +456,7 @@ SPM_KINDS = {
     "spm-gemma": _SpmKind(
         {"pad": 0, "eos": 1, "bos": 2, "unk": 3},
         {"unk": "<unk>", "bos": "<bos>", "eos": "<eos>", "pad": "<pad>"},
+        control=("<mask>",),  # transformers' GemmaTokenizer adds one when the vocabulary has none
         user_defined=("<start_of_turn>", "<end_of_turn>"),
         dummy_prefix=False,
         tokenizer_class="GemmaTokenizer",
