@@ -33,8 +33,8 @@ import shutil
 import struct
 import sys
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -201,8 +201,7 @@ def hello(name: str) -> str:
 # sliding_window_pattern, so the configs use those, as the released checkpoints do).
 
 
-@dataclass(frozen=True)
-class Family:
+class Family(NamedTuple):
     """One ``--arch``: what its config.json, weights and tokenizer look like."""
 
     hf_class: str
@@ -434,8 +433,7 @@ def _added_token_entry(content: str, special: bool, rstrip: bool = False) -> dic
 # ------------------------------------------------------------------ SentencePiece BPE
 
 
-@dataclass(frozen=True)
-class _SpmKind:
+class _SpmKind(NamedTuple):
     """A SentencePiece tokenizer layout as the family's real checkpoints have it."""
 
     ids: dict[str, int]  # meta pieces: unk, bos, eos, pad (-1: none)
@@ -675,8 +673,7 @@ def _padded_vocab_size(n_tokens: int, tok_src: Path | None, multiple: int = 128)
 # ------------------------------------------------------------------------ config.json
 
 
-@dataclass(frozen=True)
-class Dims:
+class Dims(NamedTuple):
     vocab_size: int
     hidden_size: int
     layers: int
