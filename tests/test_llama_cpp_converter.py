@@ -499,7 +499,6 @@ def test_other_architecture_converts_with_llama_cpp(work):
 
     from mlx_lora.llamacpp import llama_logits, open_llama
     from mlx_lora.model import load_base
-
     from mlx_lora.prompt import load_hf_tokenizer
 
     base = make_tiny_model(work / "olmo2-base", arch="olmo2", tokenizer=QWEN_TOKENIZER)
