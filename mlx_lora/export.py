@@ -30,7 +30,8 @@ from typing import Any
 from mlx_lora.config import opt, parse_config
 from mlx_lora.errors import MlxLoraError
 from mlx_lora.files import read_json, write_error_detail, write_json_atomic
-from mlx_lora.gguf import GGUF_TYPES, write_gguf, write_lora_gguf
+from mlx_lora.gguf import GGUF_TYPES, gguf_arch, write_gguf, write_lora_gguf
+from mlx_lora.gguf_arch import family_of
 from mlx_lora.hub import SOURCES
 from mlx_lora.lora import Adapter, check_base, read_adapter
 from mlx_lora.meta import end_tokens, generation_config, training_system_prompt
@@ -316,6 +317,31 @@ def _prepare(cfg: ExportConfig) -> _Job:
     return job
 
 
+def _refuse_other_architecture(job: _Job, log: bool) -> None:
+    """An architecture mlx_lora does not write as GGUF: still write the fused folder (a complete
+    HF model), then stop with one line naming llama.cpp's converter on it as the way on."""
+    config = read_json(job.base_dir / "config.json", required=True)
+    if gguf_arch(config) is not None:
+        return
+    folder = job.base_dir
+    if job.fused_dir is not None:
+        from mlx_lora.fuse import fuse
+
+        _stage(f"fusing {job.adapter.directory} into {job.base_dir.name} → {job.fused_dir}", log)
+        dtype = job.cfg.dtype or ("float32" if job.cfg.gguf_type == "f32" else None)
+        folder = fuse(
+            str(job.base_dir), job.adapter.directory, job.fused_dir, dtype=dtype, overwrite=True
+        )
+    elif job.adapter is not None:  # adapter mode: the base and the adapter convert separately
+        raise MlxLoraError(
+            f"{job.base_dir}: architecture {(config.get('architectures') or [None])[0]!r} is not "
+            "written to GGUF directly; export --mode full (mlx_lora writes the fused folder), or "
+            "convert the base with llama.cpp's convert_hf_to_gguf.py and the adapter with its "
+            "convert_lora_to_gguf.py"
+        )
+    family_of(config, Path(folder))  # raises the one-line refusal naming the converter
+
+
 def _write_ggufs(job: _Job, progress: bool, log: bool, timings: dict[str, float]) -> Path:
     """Fuse if needed, write the GGUF(s); returns the folder the model GGUF was written from."""
     cfg, hf_dir = job.cfg, job.base_dir
@@ -436,6 +462,7 @@ def export(cfg: ExportConfig, *, progress: bool = True, log: bool = True) -> Exp
     job = _prepare(cfg)
     if log and getattr(job.template, "raw", False):
         print("no chat template (a base model): Modelfile TEMPLATE is the raw prompt {{ .Prompt }}")
+    _refuse_other_architecture(job, log)
     with _no_partial_export(job.out, job.artifacts):  # a failed export leaves none of its files
         hf_dir = _write_ggufs(job, progress, log, timings)
         result = _write_modelfile(job, hf_dir)

@@ -8,12 +8,13 @@ from the tokenizer's own definition (its split regex and settings), so any token
 known pre-tokenizer converts. Ollama accepts safetensors LoRA adapters only for llama/gemma2, so a
 Qwen adapter has to be a GGUF adapter: :func:`write_lora_gguf` writes one.
 
-Facts taken from llama.cpp (``convert_hf_to_gguf.py``, ``convert_lora_to_gguf.py``,
-``src/llama-vocab.cpp``): llama-architecture q/k rows are permuted from HF's rotate-half RoPE
-layout to GGUF's interleaved one (qwen2 uses NeoX RoPE and needs none); norms, biases and other
-1-D tensors stay f32; a matrix whose rows do not split into 32-element blocks falls back to f16
-under q8_0; LoRA tensors are ``<name>.weight.lora_a`` = A ``[r, in]`` and ``.lora_b`` = B
-``[out, r]``, scaled by ``adapter.lora.alpha / r`` at run time.
+What each architecture needs (tensors, hyper-parameters, norm offsets, q/k row order) lives in
+:mod:`mlx_lora.gguf_arch`; other architectures are refused with one line naming llama.cpp's
+converter. Facts taken from llama.cpp (``convert_hf_to_gguf.py``, ``convert_lora_to_gguf.py``,
+``src/llama-vocab.cpp``): norms, biases and other 1-D tensors stay f32; a matrix whose rows do
+not split into 32-element blocks falls back to f16 under q8_0; LoRA tensors are
+``<name>.weight.lora_a`` = A ``[r, in]`` and ``.lora_b`` = B ``[out, r]``, scaled by
+``adapter.lora.alpha / r`` at run time.
 """
 
 from __future__ import annotations
@@ -30,17 +31,20 @@ import numpy as np
 
 from mlx_lora.errors import MlxLoraError
 from mlx_lora.files import atomic_file, read_json
+from mlx_lora.gguf_arch import (
+    Family,
+    family_name,
+    family_of,
+    general_name,
+    head_counts,
+    longrope_factors,
+    rope_dims,
+    rope_params,
+)
 from mlx_lora.gguf_vocab import add_vocab, read_vocab
 from mlx_lora.lora import Adapter, read_adapter
 from mlx_lora.meta import generation_config, sampling_defaults
 from mlx_lora.weights import folder_tensors
-
-# HF `architectures` entry → GGUF architecture.
-SUPPORTED_ARCHITECTURES: dict[str, str] = {
-    "Qwen2ForCausalLM": "qwen2",
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "llama",
-}
 
 # --gguf-type → (tensor type for matrices, general.file_type)
 GGUF_TYPES: dict[str, tuple[gguf.GGMLQuantizationType, gguf.LlamaFileType]] = {
@@ -50,8 +54,6 @@ GGUF_TYPES: dict[str, tuple[gguf.GGMLQuantizationType, gguf.LlamaFileType]] = {
     "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
 }
 
-_ARCH_ENUM = {"qwen2": gguf.MODEL_ARCH.QWEN2, "llama": gguf.MODEL_ARCH.LLAMA}
-
 _CHUNK_ELEMENTS = 1 << 24  # convert big matrices ~64 MB (f32) at a time
 
 
@@ -60,20 +62,14 @@ _CHUNK_ELEMENTS = 1 << 24  # convert big matrices ~64 MB (f32) at a time
 # --------------------------------------------------------------------------------------------
 
 
-def _load_config(hf_dir: Path) -> tuple[dict, str]:
-    """config.json (text_config merged up) and the GGUF architecture name."""
+def _load_config(hf_dir: Path) -> tuple[dict, Family]:
+    """config.json (text_config merged up) and the GGUF family it is written as."""
     if not hf_dir.is_dir():
         raise MlxLoraError(f"{hf_dir} is not a folder; pass a Hugging Face model folder")
     cfg = read_json(hf_dir / "config.json", required=True)
     if isinstance(cfg.get("text_config"), dict):
         cfg = {**cfg, **cfg["text_config"]}
-    archs = cfg.get("architectures") or []
-    hf_arch = archs[0] if archs else None
-    if hf_arch not in SUPPORTED_ARCHITECTURES:
-        raise MlxLoraError(
-            f"{hf_dir / 'config.json'}: architecture {hf_arch!r} is not supported for GGUF export; "
-            f"supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
-        )
+    family = family_of(cfg, hf_dir)
     for key in ("quantization", "quantization_config"):
         if cfg.get(key):
             raise MlxLoraError(
@@ -85,32 +81,20 @@ def _load_config(hf_dir: Path) -> tuple[dict, str]:
             raise MlxLoraError(
                 f"{hf_dir / 'config.json'}: {key} is missing; the config is incomplete"
             )
-    return cfg, SUPPORTED_ARCHITECTURES[hf_arch]
+    kind = rope_params(cfg)["rope_type"]
+    if kind not in family.rope_types:
+        raise MlxLoraError(
+            f"{hf_dir / 'config.json'}: rope scaling type {kind!r} is not supported for a "
+            f"{family.name} GGUF (supported: {', '.join(family.rope_types)})"
+        )
+    return cfg, family
 
 
-def _rope(cfg: dict) -> dict:
-    """Rope settings, whether the config says ``rope_scaling`` (≤4.x) or ``rope_parameters``."""
-    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
-    params = dict(params.get("full_attention", params))
-    if "rope_theta" not in params:
-        params["rope_theta"] = cfg.get("rope_theta", 10000.0)
-    rope_type = params.get("rope_type", params.get("type")) or "default"
-    params["rope_type"] = rope_type
-    return params
-
-
-def _head_counts(cfg: dict) -> tuple[int, int, int]:
-    n_head = cfg["num_attention_heads"]
-    n_kv = cfg.get("num_key_value_heads") or n_head
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_head
-    return n_head, n_kv, head_dim
-
-
-def _rope_perm(arch: str, hf_name: str, n_rows: int, cfg: dict) -> np.ndarray | None:
+def _rope_perm(family: Family, hf_name: str, n_rows: int, cfg: dict) -> np.ndarray | None:
     """The q/k row order llama.cpp's llama arch expects (None: keep HF's order)."""
-    if arch != "llama":
+    if not family.rope_permute:
         return None
-    n_head, n_kv, _ = _head_counts(cfg)
+    n_head, n_kv, _ = head_counts(cfg)
     if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
         return _llama_rope_rows(n_rows, n_head)
     if hf_name.endswith(("k_proj.weight", "k_proj.bias")):
@@ -145,7 +129,8 @@ class _Planned:
     source: Callable[[], mx.array] | None = None  # the whole source tensor, lazily
     perm: np.ndarray | None = None  # row order (llama's q/k RoPE layout)
     scale: float = 1.0
-    data: np.ndarray | None = None  # computed values (rope_freqs)
+    shift: float = 0.0  # added after scaling (Gemma's norm offset)
+    data: np.ndarray | None = None  # computed values (rope_freqs, rope factors)
 
     @property
     def nbytes(self) -> int:
@@ -182,7 +167,8 @@ def _encode(plan: _Planned) -> np.ndarray:
     def rows_f32(rows: slice) -> np.ndarray:
         idx = rows if plan.perm is None else mx.array(plan.perm[rows])
         out = np.array(x[idx].astype(mx.float32))
-        return out * np.float32(plan.scale) if plan.scale != 1.0 else out
+        out = out * np.float32(plan.scale) if plan.scale != 1.0 else out
+        return out + np.float32(plan.shift) if plan.shift else out
 
     n_rows = plan.shape[0]
     row_elems = max(1, math.prod(plan.shape[1:]))
@@ -222,45 +208,43 @@ def _block_id(name: str) -> int:
     return -1
 
 
-def _plan_model_tensors(
-    hf_dir: Path, cfg: dict, arch: str, wanted: gguf.GGMLQuantizationType
-) -> list[_Planned]:
+def _map_weights(
+    hf_dir: Path, cfg: dict, family: Family, wanted: gguf.GGMLQuantizationType
+) -> dict[str, _Planned]:
+    """Every HF tensor of the folder under its GGUF name (norm offsets and q/k order applied)."""
     weights = folder_tensors(hf_dir)
-    n_layers = cfg["num_hidden_layers"]
-    n_head, n_kv, _ = _head_counts(cfg)
-    tmap = gguf.get_tensor_name_map(_ARCH_ENUM[arch], n_layers)
+    tmap = gguf.get_tensor_name_map(family.arch, cfg["num_hidden_layers"])
     planned: dict[str, _Planned] = {}
     for hf_name in sorted(weights, key=lambda n: (_block_id(n), n)):
         if hf_name.endswith((".rotary_emb.inv_freq", ".attention.masked_bias")):
             continue
+        if hf_name == "lm_head.weight" and family.head_unused:
+            if cfg.get("tie_word_embeddings", True) is False:
+                raise MlxLoraError(
+                    f"{hf_dir}: a separate lm_head cannot be stored in a {family.name} GGUF "
+                    "(llama.cpp always uses the embedding as the output matrix)"
+                )
+            continue  # a saved copy of the tied embedding
         gname = tmap.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if gname is None:
             raise MlxLoraError(
-                f"{hf_dir}: tensor {hf_name!r} has no GGUF counterpart for {arch}; the checkpoint "
-                "has layers llama.cpp cannot load"
+                f"{hf_dir}: tensor {hf_name!r} has no GGUF counterpart for {family.name}; the "
+                "checkpoint has layers llama.cpp cannot load"
             )
         src = weights[hf_name]
-        perm = _rope_perm(arch, hf_name, src.shape[0], cfg)
+        perm = _rope_perm(family, hf_name, src.shape[0], cfg)
         qtype = _tensor_qtype(gname, src.shape, wanted)
-        planned[gname] = _Planned(gname, src.shape, qtype, src.load, perm)
+        shift = family.norm_shift if hf_name.endswith("norm.weight") else 0.0
+        planned[gname] = _Planned(gname, src.shape, qtype, src.load, perm, shift=shift)
+    return planned
 
+
+def _check_complete(hf_dir: Path, cfg: dict, family: Family, planned: dict) -> None:
     required = ["token_embd.weight", "output_norm.weight"]
-    per_block = [
-        "attn_norm",
-        "attn_q",
-        "attn_k",
-        "attn_v",
-        "attn_output",
-        "ffn_norm",
-        "ffn_gate",
-        "ffn_up",
-        "ffn_down",
-    ]
-    for b in range(n_layers):
-        required += [f"blk.{b}.{t}.weight" for t in per_block]
-        if arch == "qwen2":
-            required += [f"blk.{b}.{t}.bias" for t in ("attn_q", "attn_k", "attn_v")]
-    if not cfg.get("tie_word_embeddings", False):
+    for b in range(cfg["num_hidden_layers"]):
+        required += [f"blk.{b}.{t}.weight" for t in family.block]
+        required += [f"blk.{b}.{t}.bias" for t in family.block_bias]
+    if not cfg.get("tie_word_embeddings", False) and not family.head_unused:
         required.append("output.weight")
     missing = [n for n in required if n not in planned]
     if missing:
@@ -270,24 +254,36 @@ def _plan_model_tensors(
             "incomplete, re-download or re-fuse it"
         )
 
-    order = ["token_embd.weight"]
-    rope = _rope(cfg)
+
+def _computed_tensors(cfg: dict) -> dict[str, np.ndarray]:
+    """Tensors llama.cpp wants that the checkpoint holds as config: rope frequency factors."""
+    rope = rope_params(cfg)
     if rope["rope_type"] == "llama3":
-        _, _, head_dim = _head_counts(cfg)
-        factors = _llama3_rope_factors(rope, head_dim)
-        planned["rope_freqs.weight"] = _Planned(
-            "rope_freqs.weight", factors.shape, gguf.GGMLQuantizationType.F32, data=factors
-        )
-        order.append("rope_freqs.weight")
+        _, _, head_dim = head_counts(cfg)
+        return {"rope_freqs.weight": _llama3_rope_factors(rope, head_dim)}
+    if rope["rope_type"] == "longrope":
+        return longrope_factors(cfg)
+    return {}
+
+
+def _plan_model_tensors(
+    hf_dir: Path, cfg: dict, family: Family, wanted: gguf.GGMLQuantizationType
+) -> list[_Planned]:
+    planned = _map_weights(hf_dir, cfg, family, wanted)
+    _check_complete(hf_dir, cfg, family, planned)
+    order = ["token_embd.weight"]
+    for name, data in _computed_tensors(cfg).items():
+        planned[name] = _Planned(name, data.shape, gguf.GGMLQuantizationType.F32, data=data)
+        order.append(name)
     rest = [n for n in planned if n not in order]
     rest.sort(key=lambda n: (n.startswith("output"), _block_id(n), n))
     return [planned[n] for n in order + rest]
 
 
 def _add_hparams(
-    w: gguf.GGUFWriter, cfg: dict, arch: str, ftype: gguf.LlamaFileType, n_vocab: int
+    w: gguf.GGUFWriter, cfg: dict, family: Family, ftype: gguf.LlamaFileType, n_vocab: int
 ) -> None:
-    n_head, n_kv, head_dim = _head_counts(cfg)
+    n_head, n_kv, head_dim = head_counts(cfg)
     w.add_context_length(int(cfg.get("max_position_embeddings") or 4096))
     w.add_embedding_length(cfg["hidden_size"])
     w.add_block_count(cfg["num_hidden_layers"])
@@ -295,14 +291,21 @@ def _add_hparams(
     w.add_head_count(n_head)
     w.add_head_count_kv(n_kv)
     w.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
-    rope = _rope(cfg)
+    rope = rope_params(cfg)
     w.add_rope_freq_base(float(rope["rope_theta"]))
-    w.add_rope_dimension_count(head_dim)
-    if cfg.get("head_dim"):
+    w.add_rope_dimension_count(rope_dims(cfg))
+    if cfg.get("head_dim") and family.name not in ("gemma2", "gemma3"):  # theirs: family keys
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
-    if arch == "llama":
+    if family.name == "llama":
         w.add_vocab_size(n_vocab)
+    _add_rope_scaling(w, cfg, rope)
+    family.keys(w, cfg)
+    w.add_file_type(int(ftype))
+
+
+def _add_rope_scaling(w: gguf.GGUFWriter, cfg: dict, rope: dict) -> None:
+    """linear and yarn as keys; llama3 and longrope are carried by tensors (and family keys)."""
     kind = rope["rope_type"]
     if kind == "linear":
         w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
@@ -313,14 +316,8 @@ def _add_hparams(
         w.add_rope_scaling_orig_ctx_len(
             int(rope.get("original_max_position_embeddings") or cfg.get("max_position_embeddings"))
         )
-    elif kind == "llama3" and arch == "llama":
-        pass  # carried by the rope_freqs tensor
-    elif kind != "default":
-        raise MlxLoraError(
-            f"rope scaling type {kind!r} in config.json is not supported for GGUF export "
-            "(supported: linear, yarn, llama3)"
-        )
-    w.add_file_type(int(ftype))
+    elif kind == "longrope":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LONGROPE)
 
 
 def _add_sampling(w: gguf.GGUFWriter, hf_dir: Path) -> None:
@@ -389,22 +386,25 @@ def _write_file(
 def planned_tensors(hf_dir: Path) -> dict[str, tuple[int, ...]]:
     """GGUF tensor name → shape (numpy order) that :func:`write_gguf` writes for ``hf_dir``;
     verify reads a GGUF back against this."""
-    cfg, arch = _load_config(Path(hf_dir))
-    plans = _plan_model_tensors(Path(hf_dir), cfg, arch, gguf.GGMLQuantizationType.F32)
+    cfg, family = _load_config(Path(hf_dir))
+    plans = _plan_model_tensors(Path(hf_dir), cfg, family, gguf.GGMLQuantizationType.F32)
     return {p.name: p.shape for p in plans}
 
 
 def planned_lora_tensors(adapter: Adapter, base_hf_dir: Path) -> dict[str, tuple[int, ...]]:
     """GGUF tensor name → shape that :func:`write_lora_gguf` writes for ``adapter``."""
-    cfg, arch = _load_config(Path(base_hf_dir))
-    plans = _plan_lora_tensors(adapter, Path(base_hf_dir), cfg, arch, gguf.GGMLQuantizationType.F32)
+    cfg, family = _load_config(Path(base_hf_dir))
+    plans = _plan_lora_tensors(
+        adapter, Path(base_hf_dir), cfg, family, gguf.GGMLQuantizationType.F32
+    )
     return {p.name: p.shape for p in plans}
 
 
 def gguf_arch(config: dict) -> str | None:
     """The GGUF architecture of an HF config (None: not one mlx_lora writes)."""
-    archs = config.get("architectures") or [None]
-    return SUPPORTED_ARCHITECTURES.get(archs[0])
+    if isinstance(config.get("text_config"), dict):
+        config = {**config, **config["text_config"]}
+    return family_name(config)
 
 
 def write_gguf(
@@ -423,20 +423,20 @@ def write_gguf(
     """
     wanted, ftype = _gguf_type(gguf_type)
     hf_dir = Path(hf_dir)
-    cfg, arch = _load_config(hf_dir)
-    plans = _plan_model_tensors(hf_dir, cfg, arch, wanted)
+    cfg, family = _load_config(hf_dir)
+    plans = _plan_model_tensors(hf_dir, cfg, family, wanted)
     n_vocab = next(p.shape[0] for p in plans if p.name == "token_embd.weight")
     vocab = read_vocab(hf_dir, n_vocab)
 
     def setup(w: gguf.GGUFWriter) -> None:
         w.add_type(gguf.GGUFType.MODEL)
-        w.add_name(name or hf_dir.resolve().name)
-        _add_hparams(w, cfg, arch, ftype, n_vocab)
+        w.add_name(general_name(family, name or hf_dir.resolve().name, vocab.rstrip_specials))
+        _add_hparams(w, cfg, family, ftype, n_vocab)
         _add_sampling(w, hf_dir)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         add_vocab(w, vocab)
 
-    return _write_file(out_path, setup, plans, progress, arch)
+    return _write_file(out_path, setup, plans, progress, family.name)
 
 
 def write_vocab_gguf(hf_dir: Path, out_path: Path, arch: str = "llama") -> Path:
@@ -472,9 +472,17 @@ def _lora_target(module: str, tmap: Any, cfg: dict, base_shapes: dict, where: Pa
             "without it"
         )
     gname = tmap.get_name(module + ".weight", try_suffixes=(".weight",))
-    if gname is None:
-        raise MlxLoraError(f"{where}: module {module!r} has no GGUF counterpart")
     tied = cfg.get("tie_word_embeddings", False) and "lm_head.weight" not in base_shapes
+    if module.endswith("lm_head") and (tied or gname is None):
+        raise MlxLoraError(
+            f"{where}: LoRA on lm_head cannot apply to a model with tied embeddings; retrain "
+            "without lm_head"
+        )
+    if gname is None:
+        raise MlxLoraError(
+            f"{where}: module {module!r} has no GGUF counterpart; retrain without it (or export "
+            "--mode full)"
+        )
     if gname == "output.weight" and tied:
         raise MlxLoraError(
             f"{where}: LoRA on lm_head cannot apply to a model with tied embeddings; retrain "
@@ -484,13 +492,13 @@ def _lora_target(module: str, tmap: Any, cfg: dict, base_shapes: dict, where: Pa
 
 
 def _plan_lora_tensors(
-    lora: Adapter, base_hf_dir: Path, cfg: dict, arch: str, wanted: gguf.GGMLQuantizationType
+    lora: Adapter, base_hf_dir: Path, cfg: dict, family: Family, wanted: gguf.GGMLQuantizationType
 ) -> list[_Planned]:
     try:
         base_shapes = {k: v.shape for k, v in folder_tensors(base_hf_dir).items()}
     except MlxLoraError:
         base_shapes = {}  # config-only base: shapes cannot be cross-checked
-    tmap = gguf.get_tensor_name_map(_ARCH_ENUM[arch], cfg["num_hidden_layers"])
+    tmap = gguf.get_tensor_name_map(family.arch, cfg["num_hidden_layers"])
     pairs = lora.pairs()
     if not pairs:
         raise MlxLoraError(f"{lora.directory} holds no LoRA tensors; train an adapter first")
@@ -506,7 +514,7 @@ def _plan_lora_tensors(
             )
         # llama.cpp applies alpha / rank; PEFT's own factor (rsLoRA, patterns) is folded into B
         fold = lora.scale(module) * a.shape[0] / lora.alpha
-        perm = _rope_perm(arch, module + ".weight", b.shape[0], cfg)
+        perm = _rope_perm(family, module + ".weight", b.shape[0], cfg)
         for part, x, p, scale in (("lora_a", a, None, 1.0), ("lora_b", b, perm, fold)):
             name = f"{gname}.{part}"
             qtype = _tensor_qtype(name, tuple(x.shape), wanted)
@@ -537,8 +545,8 @@ def write_lora_gguf(
             "applies plain LoRA); export with --mode full, which fuses DoRA exactly"
         )
     base_hf_dir = Path(base_hf_dir)
-    cfg, arch = _load_config(base_hf_dir)
-    plans = _plan_lora_tensors(lora, base_hf_dir, cfg, arch, wanted)
+    cfg, family = _load_config(base_hf_dir)
+    plans = _plan_lora_tensors(lora, base_hf_dir, cfg, family, wanted)
 
     def setup(w: gguf.GGUFWriter) -> None:
         w.add_type(gguf.GGUFType.ADAPTER)
@@ -548,4 +556,4 @@ def write_lora_gguf(
         w.add_file_type(int(ftype))
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
-    return _write_file(out_path, setup, plans, progress, arch)
+    return _write_file(out_path, setup, plans, progress, family.name)

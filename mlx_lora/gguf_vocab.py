@@ -92,6 +92,7 @@ class GgufVocab:
     add_space_prefix: bool | None = None
     chat_template: Any = None
     hf_json: str | None = None  # tokenizer.json verbatim, for an exact import back
+    rstrip_specials: tuple[str, ...] = ()  # special tokens that swallow the whitespace after them
 
 
 def _flatten(node: dict | None, key: str) -> list[dict]:
@@ -234,9 +235,13 @@ def _tokenizer_definition(hf_dir: Path, tok: Any) -> tuple[dict | None, dict]:
 
 
 def _token_kind(i: int, text: str, tok: Any, spm: bool) -> int:
-    """llama.cpp's token type: control for special added tokens, byte for ``<0xNN>``, ..."""
+    """llama.cpp's token type: control for special added tokens, byte for ``<0xNN>``, ...
+
+    The unknown token is "unknown" unless tokenizer_config.json lists it as a special added token
+    (llama.cpp's converter then makes it a control token, as for every listed special token).
+    """
     added = tok.added_tokens_decoder  # id → AddedToken
-    if i == tok.unk_token_id:
+    if i == tok.unk_token_id and i not in getattr(tok, "_mlx_lora_listed_specials", ()):
         return _TOKEN_UNKNOWN
     if i in added:
         special = added[i].special or (text.startswith("<|") and text.endswith("|>"))
@@ -315,6 +320,10 @@ def read_vocab(hf_dir: Path, n_vocab: int | None = None) -> GgufVocab:
     """The full GGUF vocabulary of the tokenizer in ``hf_dir``, padded to ``n_vocab`` rows."""
     hf_dir = Path(hf_dir)
     tok = load_hf_tokenizer(hf_dir)
+    listed = read_json(hf_dir / "tokenizer_config.json").get("added_tokens_decoder") or {}
+    tok._mlx_lora_listed_specials = {
+        int(i) for i, t in listed.items() if isinstance(t, dict) and t.get("special")
+    }
     file_def, full_def = _tokenizer_definition(hf_dir, tok)
     size = max(tok.get_vocab().values()) + 1
     n_vocab = size if n_vocab is None else n_vocab
@@ -348,6 +357,9 @@ def read_vocab(hf_dir: Path, n_vocab: int | None = None) -> GgufVocab:
     result.chat_template = template
     if file_def is not None:
         result.hf_json = (hf_dir / "tokenizer.json").read_text(encoding="utf-8")
+    result.rstrip_specials = tuple(
+        t.content for t in tok.added_tokens_decoder.values() if t.special and t.rstrip
+    )
     return result
 
 

@@ -8,16 +8,22 @@ torch-free). Compared with ``gguf.GGUFReader``: tensor names, types, shapes and 
 q8_0 for the llama model: identical), the hyper-parameters and the whole tokenizer; for adapters
 ``convert_lora_to_gguf.py`` against :func:`mlx_lora.gguf.write_lora_gguf`.
 
-Models: a tiny Qwen2 with the real Qwen1.5 tokenizer, and the really trained stories260K llama
-(SentencePiece), each with a random nonzero adapter fused in fp32.
+Models: a tiny Qwen2 with the real Qwen1.5 tokenizer, the really trained stories260K llama
+(SentencePiece), and a tiny model of every other family mlx_lora writes (``--arch`` qwen3 with the
+Qwen1.5 tokenizer, whose hash llama.cpp knows; mistral, smollm, gemma2, gemma3_text, phi3 and a
+LongRoPE phi3 with SentencePiece vocabularies), each with a random nonzero adapter fused in fp32.
+For an architecture mlx_lora does not write (olmo2), the fused folder converts with llama.cpp's
+converter, the way on the export error names.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -36,16 +42,28 @@ LLAMA_CPP = CONVERTER_DIR / "llama.cpp"
 CONVERT_HF = LLAMA_CPP / "convert_hf_to_gguf.py"
 CONVERT_LORA = LLAMA_CPP / "convert_lora_to_gguf.py"
 
+
+def _rope_dims_default(f: dict) -> int:
+    """llama.cpp's n_rot when the file has none: the key length, else hidden / heads."""
+    arch = f["general.architecture"]
+    key_length = f.get(f"{arch}.attention.key_length")
+    return key_length or f[f"{arch}.embedding_length"] // f[f"{arch}.attention.head_count"]
+
+
+def _swa_pattern_default(n: int) -> Callable[[dict], list[bool]]:
+    """llama.cpp's default sliding-window layers: all but every n-th (gemma2: 2, gemma3: 6)."""
+    return lambda f: [i % n < n - 1 for i in range(f[f"{f['general.architecture']}.block_count"])]
+
+
 # Keys only one writer may set, with the value llama.cpp assumes when the key is absent: when only
 # our GGUF has one, it must equal that default (so llama.cpp loads both files the same way).
 # Callables get the other fields of our file (for defaults derived from hyper-parameters).
 IMPLIED_DEFAULTS = {
-    "qwen2.rope.dimension_count": lambda f: (
-        f["qwen2.embedding_length"] // f["qwen2.attention.head_count"]
-    ),
-    "llama.rope.dimension_count": lambda f: (
-        f["llama.embedding_length"] // f["llama.attention.head_count"]
-    ),
+    **{f"{a}.rope.dimension_count": _rope_dims_default for a in ("qwen2", "qwen3", "llama")},
+    **{f"{a}.rope.dimension_count": _rope_dims_default for a in ("gemma2", "gemma3")},
+    "gemma2.rope.freq_base": lambda f: 10000.0,  # llama.cpp's default base
+    "gemma2.attention.sliding_window_pattern": _swa_pattern_default(2),
+    "gemma3.attention.sliding_window_pattern": _swa_pattern_default(6),
     "tokenizer.ggml.add_bos_token": lambda f: (
         f["tokenizer.ggml.model"] == "llama"
     ),  # SPM: yes; qwen2 BPE: no
@@ -115,12 +133,20 @@ def _short(value) -> str:
 
 
 def compare_gguf(
-    theirs: Path, ours: Path, *, required: list[str], spm_scores: bool = False
+    theirs: Path,
+    ours: Path,
+    *,
+    required: list[str],
+    spm_scores: bool = False,
+    ours_only: dict | None = None,
 ) -> tuple[list[str], dict]:
     """Assert the two files hold the same tensors and metadata.
 
-    Returns the tolerated differences (to print) and our file's metadata.
+    ``ours_only``: keys llama.cpp's converter leaves out although llama.cpp's default is wrong for
+    this config, with the value ours must have. Returns the tolerated differences (to print) and
+    our file's metadata.
     """
+    ours_only = ours_only or {}
     from gguf import GGUFReader
 
     a, b = GGUFReader(str(theirs)), GGUFReader(str(ours))
@@ -151,6 +177,10 @@ def compare_gguf(
                 notes.append(_check_spm_scores(fa, fb))
             else:
                 pytest.fail(f"{key}: llama.cpp writes {_short(fa[key])}, ours {_short(fb[key])}")
+        elif key in fb and key in ours_only:
+            assert fb[key] == ours_only[key], (key, fb[key], ours_only[key])
+            notes.append(f"{key}: only ours ({_short(fb[key])}, from config.json; llama.cpp's "
+                         f"default would be {_short(IMPLIED_DEFAULTS[key](fb))})")  # fmt: skip
         elif key in fb and key in IMPLIED_DEFAULTS:
             default = IMPLIED_DEFAULTS[key](fb)
             assert fb[key] == default, (
@@ -205,6 +235,8 @@ def _model_keys(arch: str) -> list[str]:
         "attention.layer_norm_rms_epsilon",
         "context_length",
     ]
+    if arch == "gemma2":  # llama.cpp's converter leaves the (default) rope base out
+        per_arch.remove("rope.freq_base")
     return [
         "general.architecture",
         "general.type",
@@ -332,3 +364,153 @@ def test_converter_venv_is_separate():
     _need_converter()
     assert importlib.util.find_spec("torch") is None, "torch is importable in the test venv"
     assert Path(sys.prefix).resolve() != (CONVERTER_PY.parent.parent).resolve()
+
+
+# ------------------------------------------------------------------ the other families
+
+# case → (make_tiny_model arguments, LoRA targets, keys both files must carry besides the common)
+FAMILY_CASES: dict[str, tuple[dict, tuple[str, ...], list[str]]] = {
+    "qwen3": (
+        {"arch": "qwen3", "tokenizer": QWEN_TOKENIZER},
+        ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        ["qwen3.attention.key_length", "qwen3.attention.value_length"],
+    ),
+    "mistral": (
+        {"arch": "mistral"},
+        ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        ["llama.attention.key_length", "llama.vocab_size", "llama.rope.dimension_count"],
+    ),
+    "smollm": (
+        {"arch": "smollm", "tokenizer_kind": "spm-llama"},  # SmolLM2's BPE: no known hash
+        ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        ["llama.vocab_size", "llama.rope.dimension_count"],
+    ),
+    "gemma2": (
+        {"arch": "gemma2"},
+        ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        [
+            "gemma2.attention.key_length",
+            "gemma2.attn_logit_softcapping",
+            "gemma2.final_logit_softcapping",
+            "gemma2.attention.sliding_window",
+        ],
+    ),
+    "gemma3_text": (
+        {"arch": "gemma3_text"},
+        ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+        [
+            "gemma3.attention.key_length",
+            "gemma3.rope.freq_base_swa",
+            "gemma3.rope.scaling.type",
+            "gemma3.rope.scaling.factor",
+            "gemma3.attention.sliding_window",
+        ],
+    ),
+    "phi3": (
+        {"arch": "phi3"},
+        ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
+        [
+            "phi3.rope.dimension_count",
+            "phi3.rope.scaling.original_context_length",
+            "phi3.attention.sliding_window",
+        ],
+    ),
+    "phi3-longrope": (
+        {
+            "arch": "phi3",
+            "config_overrides": {
+                "max_position_embeddings": 131072,
+                "rope_scaling": {
+                    "type": "longrope",
+                    "long_factor": [1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5],
+                    "short_factor": [1.0, 1.0, 1.1, 1.1, 1.2, 1.2, 1.3, 1.3],
+                },
+            },
+        },
+        ("qkv_proj", "gate_up_proj"),
+        ["phi3.rope.scaling.attn_factor", "phi3.rope.scaling.original_context_length"],
+    ),
+}
+
+
+@pytest.fixture(scope="module", params=list(FAMILY_CASES))
+def family(request, work) -> dict:
+    case = request.param
+    kw, targets, keys = FAMILY_CASES[case]
+    if kw.get("tokenizer") is not None:
+        need(kw["tokenizer"])
+    base = make_tiny_model(work / f"{case}-base", **kw)
+    adapter = random_adapter(base, work / f"{case}-adapter", targets=targets)
+    fused = fuse(str(base), adapter, work / f"{case}-fused", dtype="float32")
+    arch = json.loads((base / "config.json").read_text())["model_type"]
+    gguf_arch = {"mistral": "llama", "gemma3_text": "gemma3"}.get(arch, arch)
+    return {"case": case, "base": base, "adapter": adapter, "fused": fused, "arch": gguf_arch,
+            "keys": keys, "config": json.loads((base / "config.json").read_text())}  # fmt: skip
+
+
+def test_family_fused_folder_converts_and_matches(family, work):
+    """Every tensor byte-identical to llama.cpp's converter, every shared key equal."""
+    case, arch = family["case"], family["arch"]
+    theirs, ours = work / f"{case}-llama-cpp.gguf", work / f"{case}-ours.gguf"
+    _run_converter(CONVERT_HF, family["fused"], "--outtype", "f32", "--outfile", theirs)
+    write_gguf(family["fused"], ours, "f32", progress=False)
+    ours_only = {}
+    if arch == "gemma3":  # the converter leaves the pattern to llama.cpp's default (every 6th)
+        types = family["config"]["layer_types"]
+        ours_only[f"{arch}.attention.sliding_window_pattern"] = [
+            t == "sliding_attention" for t in types
+        ]
+    notes, f = compare_gguf(
+        theirs,
+        ours,
+        required=[*_model_keys(arch), *family["keys"]],
+        spm_scores=f"{case}" != "qwen3",
+        ours_only=ours_only,
+    )
+    _report(f"{case} fused f32: llama.cpp vs mlx_lora", notes)
+    assert f["general.architecture"] == arch
+
+
+def test_family_lora_adapter_matches(family, work):
+    """LoRA on every projection kind (Phi-3: the fused ones), as convert_lora_to_gguf.py writes."""
+    case = family["case"]
+    theirs, ours = work / f"{case}-lora-llama-cpp.gguf", work / f"{case}-lora-ours.gguf"
+    _run_converter(
+        CONVERT_LORA,
+        family["adapter"],
+        "--base",
+        family["base"],
+        "--outtype",
+        "f32",
+        "--outfile",
+        theirs,
+    )
+    write_lora_gguf(family["adapter"], family["base"], ours, "f32")
+    notes, _ = compare_gguf(theirs, ours, required=LORA_KEYS)
+    _report(f"{case} LoRA adapter: llama.cpp vs mlx_lora", notes)
+
+
+def test_other_architecture_converts_with_llama_cpp(work):
+    """The way on that export's error names: llama.cpp's converter takes our fused olmo2 folder,
+    and llama.cpp runs it like mlx-lm (the Qwen1.5 tokenizer: a BPE whose hash llama.cpp knows)."""
+    need(QWEN_TOKENIZER)
+    pytest.importorskip("llama_cpp")
+    import mlx.core as mx
+
+    from mlx_lora.llamacpp import llama_logits, open_llama
+    from mlx_lora.model import load_base
+    from mlx_lora.prompt import load_hf_tokenizer
+
+    base = make_tiny_model(work / "olmo2-base", arch="olmo2", tokenizer=QWEN_TOKENIZER)
+    # transformers builds Qwen's tokenizer from vocab.json/merges.txt only for Qwen model types
+    load_hf_tokenizer(QWEN_TOKENIZER).backend_tokenizer.save(str(base / "tokenizer.json"))
+    adapter = random_adapter(base, work / "olmo2-adapter", targets=("q_proj", "v_proj"))
+    fused = fuse(str(base), adapter, work / "olmo2-fused", dtype="float32")
+    out = work / "olmo2-llama-cpp.gguf"
+    _run_converter(CONVERT_HF, fused, "--outtype", "f32", "--outfile", out)
+    model, tok, _ = load_base(fused, dtype=mx.float32)
+    ids = tok.encode("你好，世界！Hello world.")
+    ref = np.array(model(mx.array([ids]))[0])
+    delta = float(np.abs(llama_logits(open_llama(out, n_ctx=64), ids) - ref).max())
+    print(f"\n[olmo2 via convert_hf_to_gguf.py] max|Δlogit| {delta:.2e}")
+    assert delta <= 1e-4

@@ -282,9 +282,61 @@ def test_failure_leaves_nothing(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"arch": "gpt2"}, {"heads": 3}, {"kv_heads": 3}, {"layers": 0}],
+    [
+        {"arch": "gpt2"},
+        {"heads": 3},
+        {"kv_heads": 3},
+        {"layers": 0},
+        {"tokenizer_kind": "wordpiece"},
+    ],
 )
 def test_bad_arguments(tmp_path: Path, kwargs: dict) -> None:
     with pytest.raises(MlxLoraError):
         mtm.make_tiny_model(tmp_path / "bad", **kwargs)
     assert not (tmp_path / "bad").exists()
+
+
+# ---------------------------------------------------------------- SentencePiece families
+
+SPM_TEXTS = [
+    "Hello world! It's 'quoted' and I'll go.",
+    "你好，世界！今天天气怎么样？",
+    "emoji 🦙🚀😶‍🌫️ 👍🏽 ok",
+    "def f(x):\n    return x**2  # square\n",
+    "digits 1234567 3.14159 2024-01-01",
+    "tab\tseparated  and   spaces\r\n",
+]
+
+
+@pytest.mark.parametrize(
+    "arch,specials,bos_added",
+    [
+        ("gemma2", ["<start_of_turn>", "<end_of_turn>", "<mask>"], True),
+        ("mistral", ["[INST]", "[/INST]"], True),
+        ("phi3", ["<|user|>", "<|assistant|>", "<|end|>", "<|endoftext|>"], False),
+    ],
+)
+def test_sentencepiece_tokenizer_json_equals_tokenizer_model(
+    arch: str, specials: list[str], bos_added: bool, tmp_path: Path
+) -> None:
+    """tokenizer.json (what transformers and mlx-lm use) tokenizes like tokenizer.model (what
+    llama.cpp's converter reads): byte fallback for rare characters, one id per special token."""
+    spm = pytest.importorskip("sentencepiece")
+    out = mtm.make_tiny_model(tmp_path / arch, arch=arch)
+    sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
+    tok = _auto_tokenizer(out)
+    for text in SPM_TEXTS:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert ids == sp.encode(text), text
+        assert tok.decode(ids) == text
+    assert any(sp.is_byte(i) for i in sp.encode("🦙"))  # byte fallback
+    for s in specials:
+        assert len(tok.encode(s, add_special_tokens=False)) == 1, s
+    assert (tok("a")["input_ids"][0] == tok.bos_token_id) == bos_added
+    cfg = _read_json(out / "config.json")
+    assert cfg["vocab_size"] >= len(tok)
+    if arch == "gemma2":  # Gemma: no padding rows, no dummy prefix
+        assert cfg["vocab_size"] == len(tok)
+        assert sp.id_to_piece(sp.encode("Hello")[0]).startswith("H")
+    else:
+        assert sp.id_to_piece(sp.encode("Hello")[0]).startswith("\u2581")
