@@ -149,6 +149,7 @@ def _answers(loaded: Any, convs: list[list[dict]], max_tokens: int) -> list[dict
 def evaluate_adapter(cfg: EvalConfig) -> EvalResult:
     """Score base and tuned on the held-out examples, answer the prompts, write the reports."""
     from mlx_lora.generate import check_max_tokens
+    from mlx_lora.loss import training_path
     from mlx_lora.model import load_for_inference
     from mlx_lora.train import evaluate
 
@@ -163,10 +164,11 @@ def evaluate_adapter(cfg: EvalConfig) -> EvalResult:
     data, examples, sources = _held_out(adapter, cfg.data, loaded.tokenizer)
     max_len = int(adapter.extra.get("max_seq_length") or 2048)
     pad = loaded.tokenizer.pad_token_id or 0
-    tuned = evaluate(loaded.model, examples, cfg.batch_size, max_len, True, pad)
+    path = training_path(loaded.config.get("model_type"))
+    tuned = evaluate(loaded.model, examples, cfg.batch_size, max_len, True, pad, path=path)
     set_active(loaded.model, False)
     try:
-        base = evaluate(loaded.model, examples, cfg.batch_size, max_len, True, pad)
+        base = evaluate(loaded.model, examples, cfg.batch_size, max_len, True, pad, path=path)
     finally:
         set_active(loaded.model, True)
     answers = []

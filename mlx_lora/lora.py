@@ -145,17 +145,41 @@ def apply_lora(
         raise MlxLoraError(f"--lora-r must be a positive integer, got {r}")
     linears = linear_paths(model, layers)
     available = sorted({p.rsplit(".", 1)[-1] for p in linears})
-    unknown = [t for t in targets if t not in available]
-    if unknown:
-        raise MlxLoraError(
-            f"unknown target module(s) {', '.join(unknown)}; this model has: {', '.join(available)}"
-        )
+    targets = resolve_targets(targets, available)
     model.freeze()
     wrapped = [p for p in linears if p.rsplit(".", 1)[-1] in targets]
     model.update_modules(
         _unflatten({p: LoRALinear(linears[p], r, alpha, dropout, dora) for p in wrapped})
     )
     return wrapped
+
+
+# Where an architecture fuses or renames what the seed's q,k,v,o,gate,up,down mean: Phi-3 keeps
+# q/k/v in one qkv_proj and gate/up in gate_up_proj; StarCoder2's MLP is c_fc → c_proj.
+TARGET_ALIASES = {
+    "q_proj": ("qkv_proj",),
+    "k_proj": ("qkv_proj",),
+    "v_proj": ("qkv_proj",),
+    "gate_proj": ("gate_up_proj", "c_fc"),
+    "up_proj": ("gate_up_proj", "c_fc"),
+    "down_proj": ("c_proj",),
+}
+
+
+def resolve_targets(targets: list[str], available: list[str]) -> list[str]:
+    """The module names of this model that ``targets`` mean (aliases for fused or renamed ones);
+    a name the model has in no form is an error listing what it has."""
+    out, unknown = [], []
+    for t in targets:
+        found = [t] if t in available else [a for a in TARGET_ALIASES.get(t, ()) if a in available]
+        out += found[:1]
+        if not found:
+            unknown.append(t)
+    if unknown:
+        raise MlxLoraError(
+            f"unknown target module(s) {', '.join(unknown)}; this model has: {', '.join(available)}"
+        )
+    return list(dict.fromkeys(out))
 
 
 def _unflatten(flat: dict[str, Any]) -> dict:

@@ -1,4 +1,11 @@
-"""The training loss on packed rows, projected to the vocabulary only where it counts.
+"""The training loss: packed rows projected to the vocabulary only where it counts, or the model's
+own forward for every other architecture.
+
+Two paths compute the same loss (token cross-entropy summed over the answer tokens). The packed
+path drives the blocks of the architectures in :data:`PACKED_TYPES` layer by layer; every other
+architecture mlx-lm loads takes the general path: its own ``model(inputs)`` (so embedding scales,
+logit soft-capping, sliding windows are its own), one example per row, the loss gathered at the
+same target positions. Both are checked against mlx-lm's plain forward in the tests.
 
 A Qwen vocabulary has 151,936 entries; a ``[batch, seq, vocab]`` logits tensor is most of the
 memory of a small-model step, and most positions are prompt or padding. So the blocks run once
@@ -15,6 +22,16 @@ import mlx.core as mx
 import mlx.nn as nn
 
 LOSS_CHUNK = 128  # rows of [chunk, vocab] logits alive at once: 78 MB for Qwen's vocab in fp32
+
+# Architectures whose blocks are (embed → layers(x, mask, cache) → norm → head): the packed path
+# drives them with its own block-diagonal mask, minding what mlx-lm's Model does around the blocks
+# (Gemma's embedding scale and final logit soft-capping, Gemma 3's sliding-window layers).
+PACKED_TYPES = ("qwen2", "qwen3", "llama", "mistral", "phi3", "gemma2", "gemma3_text")
+
+
+def training_path(model_type: str | None) -> str:
+    """``packed`` for :data:`PACKED_TYPES`, else ``general``."""
+    return "packed" if model_type in PACKED_TYPES else "general"
 
 
 def attention_mask(segments: mx.array) -> mx.array:
@@ -38,22 +55,53 @@ def _checkpointed(layer: nn.Module):
     return call
 
 
+def _embed(model: nn.Module, inputs: mx.array) -> mx.array:
+    """The embedding as the model's own forward scales it (Gemma: by √hidden; Gemma 3 rounds the
+    factor to bf16 first, as mlx-lm does)."""
+    inner = model.model
+    h = inner.embed_tokens(inputs)
+    kind = getattr(model, "model_type", None)
+    if kind == "gemma2":
+        h = h * (inner.args.hidden_size**0.5)
+    elif kind == "gemma3_text":
+        h = h * mx.array(inner.args.hidden_size**0.5, mx.bfloat16).astype(h.dtype)
+    return h
+
+
+def _layer_masks(model: nn.Module, mask: mx.array) -> list[mx.array]:
+    """Per block: ``mask``, narrowed to the sliding window on Gemma 3's local layers."""
+    inner = model.model
+    layers = inner.layers
+    if getattr(model, "model_type", None) == "gemma2" and layers[0].self_attn.repeats > 1:
+        mask = mask[:, :, None]  # its attention groups query heads as [B, kv, repeats, L, L]
+    pattern = getattr(inner, "sliding_window_pattern", 1)
+    if getattr(model, "model_type", None) != "gemma3_text" or pattern <= 1:
+        return [mask] * len(layers)
+    n = mask.shape[-1]
+    pos = mx.arange(n)
+    window = mx.logical_and(mask, (pos[:, None] - pos[None, :]) < inner.window_size)
+    return [mask if i % pattern == pattern - 1 else window for i in range(len(layers))]
+
+
 def hidden_states(
     model: nn.Module, inputs: mx.array, mask: mx.array, checkpoint: bool = False
 ) -> mx.array:
     """Final-norm hidden states of a standard decoder (embed → blocks → norm) under ``mask``."""
     inner = model.model
-    h = inner.embed_tokens(inputs)
-    for layer in inner.layers:
-        h = _checkpointed(layer)(h, mask) if checkpoint else layer(h, mask, None)
+    h = _embed(model, inputs)
+    for layer, m in zip(inner.layers, _layer_masks(model, mask), strict=True):
+        h = _checkpointed(layer)(h, m) if checkpoint else layer(h, m, None)
     return inner.norm(h)
 
 
 def project(model: nn.Module, h: mx.array) -> mx.array:
-    """The output head: ``lm_head`` or the tied embedding."""
-    if hasattr(model, "lm_head"):
-        return model.lm_head(h)
-    return model.model.embed_tokens.as_linear(h)
+    """The output head: ``lm_head`` or the tied embedding, soft-capped where the model caps."""
+    if "lm_head" in model and not getattr(model, "tie_word_embeddings", False):
+        out = model.lm_head(h)
+    else:
+        out = model.model.embed_tokens.as_linear(h)
+    cap = getattr(model, "final_logit_softcapping", None)
+    return mx.tanh(out / cap) * cap if cap else out
 
 
 def loss_sum(
@@ -90,3 +138,46 @@ def reference_loss_sum(model: nn.Module, inputs: mx.array, loss_mask: mx.array) 
     logits = model(inputs[:, :-1]).astype(mx.float32)
     ce = nn.losses.cross_entropy(logits, inputs[:, 1:])
     return (ce * loss_mask[:, 1:]).sum()
+
+
+def general_loss_sum(
+    model: nn.Module,
+    inputs: mx.array,
+    segments: mx.array,
+    targets: mx.array,
+    labels: mx.array,
+    weights: mx.array,
+    checkpoint: bool = False,
+    chunk: int = LOSS_CHUNK,
+) -> mx.array:
+    """:func:`loss_sum` through the model's own forward (rows hold one example each, padded on
+    the right, so its own causal mask is the right one); ``checkpoint`` is applied by
+    :func:`checkpoint_layers` beforehand."""
+    logits = model(inputs)
+    flat = logits.reshape(-1, logits.shape[-1])[targets].astype(mx.float32)
+    return (nn.losses.cross_entropy(flat, labels) * weights).sum()
+
+
+_CHECKPOINTED: dict[type, type] = {}
+
+
+def checkpoint_layers(model: nn.Module) -> None:
+    """Gradient checkpointing for a model the general path runs: each block instance gets a
+    subclass whose call recomputes its activations in the backward pass. Parameter names (and so
+    the PEFT names of the adapter) stay as they are, and no other model is touched."""
+    for layer in model.layers:
+        cls = type(layer)
+        if cls in _CHECKPOINTED.values():
+            continue
+        if cls not in _CHECKPOINTED:
+            call = cls.__call__
+
+            def checkpointed(self: nn.Module, *args: Any, _call: Any = call, **kw: Any) -> Any:
+                def inner(params: Any, *a: Any) -> Any:
+                    self.update(params)
+                    return _call(self, *a, **kw)
+
+                return mx.checkpoint(inner)(self.trainable_parameters(), *args)
+
+            _CHECKPOINTED[cls] = type(cls.__name__, (cls,), {"__call__": checkpointed})
+        layer.__class__ = _CHECKPOINTED[cls]

@@ -29,9 +29,6 @@ from mlx_lora.meta import (
 )
 from mlx_lora.weights import save_tensors
 
-# Architectures whose blocks are (embed → layers(x, mask, cache) → norm → head): the ones training
-# drives layer by layer for packing and target-only vocabulary projection.
-TRAINABLE_TYPES = ("qwen2", "qwen3", "llama", "mistral")
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 

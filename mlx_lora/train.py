@@ -45,8 +45,8 @@ from mlx_lora.errors import MlxLoraError
 from mlx_lora.files import write_error_detail, write_json_atomic
 from mlx_lora.hub import resolve_model
 from mlx_lora.lora import adapter_config, apply_lora, normalize_targets
-from mlx_lora.loss import loss_sum
-from mlx_lora.model import TRAINABLE_TYPES, compute_dtype, device_name, load_base
+from mlx_lora.loss import checkpoint_layers, general_loss_sum, loss_sum, training_path
+from mlx_lora.model import compute_dtype, device_name, load_base
 from mlx_lora.report import Fanout, Reporter, default_reporter, human_bytes, plot_losses
 from mlx_lora.trackers import open_trackers, parse_report_to, save_tracker_state
 
@@ -202,15 +202,18 @@ def evaluate(
     packing: bool,
     pad_id: int,
     group: mx.distributed.Group | None = None,
+    path: str = "packed",
 ) -> float:
-    """Mean token cross-entropy over the validation examples (packed as in training, by rank)."""
+    """Mean token cross-entropy over the validation examples (laid out as in training, by rank);
+    ``path`` is :func:`mlx_lora.loss.training_path`'s."""
     rank, world = (group.rank(), group.size()) if group is not None else (0, 1)
     model.eval()
     total, count = 0.0, 0
     mine = examples[rank::world]
+    fn = loss_sum if path == "packed" else general_loss_sum
     for i in range(0, len(mine), batch_size):
-        b = make_batch(mine[i : i + batch_size], max_len, packing, pad_id)
-        loss = loss_sum(model, *batch_arrays(b))
+        b = make_batch(mine[i : i + batch_size], max_len, packing and path == "packed", pad_id)
+        loss = fn(model, *batch_arrays(b))
         total += loss.item()
         count += b.n_target_tokens
     model.train()
@@ -240,6 +243,11 @@ class Run:
     summary: str
     loss_and_grad: Callable = field(repr=False, default=None)  # type: ignore[assignment]
     trackers: list = field(default_factory=list)
+    path: str = "packed"  # mlx_lora.loss.training_path: packed, or the model's own forward
+
+    @property
+    def packing(self) -> bool:
+        return self.cfg.packing and self.path == "packed"
 
     @property
     def rank(self) -> int:
@@ -275,8 +283,9 @@ def _split_data(cfg: TrainConfig, ds: Dataset, tokenizer: Any) -> tuple[list, li
     return [ds.examples[i] for i in train_idx], [ds.examples[i] for i in val_idx]
 
 
-def _wrap(cfg: TrainConfig, model: nn.Module, config: dict) -> list[int] | None:
-    """LoRA on the target modules of every block, or of the last ``--lora-layers`` blocks."""
+def _wrap(cfg: TrainConfig, model: nn.Module, config: dict) -> tuple[list[int] | None, list[str]]:
+    """LoRA on the target modules of every block, or of the last ``--lora-layers`` blocks;
+    returns the blocks and the module names wrapped (fused ones where the model fuses)."""
     n_layers = len(model.layers)
     layers = None
     if cfg.lora_layers is not None:
@@ -286,17 +295,16 @@ def _wrap(cfg: TrainConfig, model: nn.Module, config: dict) -> list[int] | None:
                 f"{cfg.lora_layers}"
             )
         layers = list(range(n_layers - cfg.lora_layers, n_layers))
-    targets = normalize_targets(cfg.target_modules)
-    apply_lora(
+    wrapped = apply_lora(
         model,
-        targets,
+        normalize_targets(cfg.target_modules),
         cfg.lora_r,
         cfg.lora_alpha,
         cfg.lora_dropout,
         layers=layers,
         dora=uses_dora(cfg),
     )
-    return layers
+    return layers, list(dict.fromkeys(p.rsplit(".", 1)[-1] for p in wrapped))
 
 
 def uses_dora(cfg: TrainConfig) -> bool:
@@ -344,13 +352,13 @@ def _prepare_model(
     if cfg.finetune_type == "full":
         model.unfreeze()
         return ModelSaver(model_dir, record)
-    layers = _wrap(cfg, model, config)
+    layers, targets = _wrap(cfg, model, config)
     return AdapterSaver(
         adapter_config(
             r=cfg.lora_r,
             alpha=cfg.lora_alpha,
             dropout=cfg.lora_dropout,
-            targets=normalize_targets(cfg.target_modules),
+            targets=targets,
             base_model=record["base_model"],
             extra=record,
             layers=layers,
@@ -364,11 +372,6 @@ def _load(cfg: TrainConfig) -> tuple[nn.Module, Any, dict, Path]:
     model, tokenizer, config = load_base(
         model_dir, dtype=compute_dtype(cfg.dtype), quantize=cfg.quantize
     )
-    if config.get("model_type") not in TRAINABLE_TYPES:
-        raise MlxLoraError(
-            f"training {config.get('model_type')!r} models is not supported; supported: "
-            f"{', '.join(TRAINABLE_TYPES)}"
-        )
     return model, tokenizer, config, model_dir
 
 
@@ -392,9 +395,14 @@ def _compile_step(run: Run) -> Callable:
     padded to multiples of 32, so shapes repeat); the model and the RNG (dropout) are the state
     the compiled graph reads and updates."""
     checkpoint = run.cfg.gradient_checkpointing
-    value_and_grad = nn.value_and_grad(
-        run.model, lambda m, *a: loss_sum(m, *a, checkpoint=checkpoint)
-    )
+    if run.path == "packed":
+        value_and_grad = nn.value_and_grad(
+            run.model, lambda m, *a: loss_sum(m, *a, checkpoint=checkpoint)
+        )
+    else:
+        if checkpoint:
+            checkpoint_layers(run.model)
+        value_and_grad = nn.value_and_grad(run.model, general_loss_sum)
     state = [run.model.state, mx.random.state]
     return mx.compile(lambda *a: value_and_grad(run.model, *a), inputs=state, outputs=state)
 
@@ -446,7 +454,9 @@ def setup(cfg: TrainConfig) -> tuple[Run, Path | None]:
     }
     state = TrainerState(max_steps=total, num_train_epochs=total / steps_per_epoch, run=run_keys)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    path = training_path(config.get("model_type"))
     text = summary(cfg, ds, len(train_ex), len(val_ex), model, steps_per_epoch, total, group.size())
+    text += "\n" + _path_line(path, config)
     run = Run(
         cfg,
         out,
@@ -463,6 +473,7 @@ def setup(cfg: TrainConfig) -> tuple[Run, Path | None]:
         pad_id,
         text,
     )
+    run.path = path
     if resume_from is not None:
         _resume(run, resume_from)
     run.loss_and_grad = _compile_step(run)
@@ -480,6 +491,16 @@ def special_text_line(ds: Dataset) -> str:
     )
     records = "1 record mentions" if ds.special_text == 1 else f"{ds.special_text} records mention"
     return f"data: {records} special tokens; {how}\n"
+
+
+def _path_line(path: str, config: dict) -> str:
+    kind = config.get("model_type")
+    if path == "packed":
+        return f"path: packed rows, target-only vocabulary projection ({kind} blocks driven here)"
+    return (
+        f"path: general — {kind} runs its own forward, one example per row (no packing; the "
+        "packed path drives qwen2, qwen3, llama and mistral blocks only)"
+    )
 
 
 def summary(
@@ -557,7 +578,7 @@ def train_step(run: Run, meter: Meter) -> tuple[float, float]:
     bs = cfg.per_device_train_batch_size
     micro = [
         make_batch(
-            [run.train_ex[j] for j in ids[i : i + bs]], cfg.max_seq_length, cfg.packing, run.pad_id
+            [run.train_ex[j] for j in ids[i : i + bs]], cfg.max_seq_length, run.packing, run.pad_id
         )
         for i in range(0, len(ids), bs)
     ]
@@ -629,6 +650,7 @@ def _evaluate_and_save(run: Run, meter: Meter, reporter: Reporter, stopping: boo
             cfg.packing,
             run.pad_id,
             run.group,
+            run.path,
         )
         record = {"eval_loss": meter.last_eval, "epoch": round(state.epoch, 4)}
         reporter.log(record, step)

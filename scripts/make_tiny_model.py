@@ -528,7 +528,6 @@ def _spm_tokenizer_json(model_proto: bytes, kind: _SpmKind):
         decoders,
         models,
         normalizers,
-        pre_tokenizers,
         processors,
     )
 
@@ -550,8 +549,13 @@ def _spm_tokenizer_json(model_proto: bytes, kind: _SpmKind):
         )
     )
     steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
-    if kind.dummy_prefix:  # "always": llama.cpp adds the prefix after special tokens too
-        tok.pre_tokenizer = pre_tokenizers.Metaspace("▁", prepend_scheme="always", split=False)
+    if kind.dummy_prefix:
+        # As Llama-2/Mistral v0.1 ship it (legacy): every text segment, also one right after a
+        # special token, gets the "▁" prefix, which is exactly what llama.cpp's add_space_prefix
+        # does (a Metaspace pre-tokenizer would skip segments already starting with a space).
+        tok.normalizer = normalizers.Sequence(
+            [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]
+        )
         steps.append(decoders.Strip(" ", 1, 0))
     else:
         tok.normalizer = normalizers.Replace(" ", "▁")

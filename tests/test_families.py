@@ -50,19 +50,8 @@ OTHER_ARCHS = (
     "starcoder2",
 )  # mlx-lm trains them; GGUF via llama.cpp's converter
 
+
 # Ollama TEMPLATEs for chat formats mlx_lora.ollama does not derive (yet).
-GO_TEMPLATES = {
-    "phi3": (
-        "{{- if .System }}<|system|>\n{{ .System }}<|end|>\n{{ end }}"
-        "{{- range .Messages }}<|{{ .Role }}|>\n{{ .Content }}<|end|>\n{{ end }}<|assistant|>\n"
-    ),
-    "mistral": (
-        '{{- range .Messages }}{{- if eq .Role "user" }}[INST] {{ .Content }}[/INST]'
-        '{{- else if eq .Role "assistant" }} {{ .Content }}</s>{{- end }}{{- end }}'
-    ),
-}
-
-
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("families")
@@ -366,11 +355,7 @@ def test_export_of_other_architecture_writes_fused_folder_and_names_converter(bu
 def _export_cmd(arch: str, base: Path, adapter: Path, out: Path, mode: str, work: Path) -> list:
     cmd = [sys.executable, "-m", "mlx_lora.export", "--model", str(base), "--adapter"]
     cmd += [str(adapter), "--output-dir", str(out), "--mode", mode]
-    cmd += ["--gguf-type", "f32", "--verify"]
-    if arch in GO_TEMPLATES:
-        template = work / f"{arch}.tmpl"
-        template.write_text(GO_TEMPLATES[arch])
-        cmd += ["--template", str(template)]
+    cmd += ["--gguf-type", "f32", "--verify"]  # the TEMPLATE derived from the chat template
     return cmd
 
 
