@@ -39,6 +39,19 @@ def atomic_file(final: Path) -> Iterator[Path]:
         raise
 
 
+@contextmanager
+def scratch_file(beside: Path, label: str) -> Iterator[Path]:
+    """A temporary file path beside ``beside`` (same disk), removed afterwards whatever happens:
+    for intermediates such as the f16 GGUF llama.cpp's quantizer reads."""
+    beside = Path(beside)
+    beside.parent.mkdir(parents=True, exist_ok=True)
+    tmp = beside.with_name(f".{beside.stem}.tmp-{os.getpid()}-{label}{beside.suffix}")
+    try:
+        yield tmp
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_bytes_atomic(path: Path, data: bytes) -> None:
     with atomic_file(path) as tmp:
         tmp.write_bytes(data)

@@ -54,6 +54,38 @@ GGUF_TYPES: dict[str, tuple[gguf.GGMLQuantizationType, gguf.LlamaFileType]] = {
     "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
 }
 
+# Every --gguf-type export accepts, and who writes it: "writer" = this module, directly (the types
+# of GGUF_TYPES); "llama.cpp" = this module writes f16 (f32 for a float32 model), then llama.cpp's
+# own quantizer (``llama_model_quantize``, what ``llama-quantize`` runs) turns it into the type,
+# with llama.cpp's per-tensor mix (q4_k_m keeps attn_v/ffn_down partly at q6_k, the output at q6_k)
+# and its fallbacks for rows that do not split into its blocks (256 for K-quants). The value is
+# the file type llama.cpp records in general.file_type.
+GGUF_EXPORT_TYPES: dict[str, tuple[str, gguf.LlamaFileType]] = {
+    **{name: ("writer", ftype) for name, (_, ftype) in GGUF_TYPES.items()},
+    **{
+        name: ("llama.cpp", gguf.LlamaFileType[f"MOSTLY_{name.upper()}"])
+        for name in (
+            "q4_0",
+            "q4_1",
+            "q5_0",
+            "q5_1",
+            "q2_k",
+            "q3_k_s",
+            "q3_k_m",
+            "q3_k_l",
+            "q4_k_s",
+            "q4_k_m",
+            "q5_k_s",
+            "q5_k_m",
+            "q6_k",
+            "iq4_nl",
+            "iq4_xs",
+        )
+    },
+}
+WRITER_TYPES = tuple(n for n, (who, _) in GGUF_EXPORT_TYPES.items() if who == "writer")
+LLAMA_CPP_TYPES = tuple(n for n, (who, _) in GGUF_EXPORT_TYPES.items() if who == "llama.cpp")
+
 _CHUNK_ELEMENTS = 1 << 24  # convert big matrices ~64 MB (f32) at a time
 
 

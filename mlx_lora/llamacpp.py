@@ -10,8 +10,10 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -103,3 +105,129 @@ def llama_tokenize(llm: Any, text: str, *, add_special: bool = False) -> list[in
     llama-server (and so Ollama) tokenizes a prompt: BOS/EOS added as the GGUF's
     ``tokenizer.ggml.add_bos_token``/``add_eos_token`` say."""
     return list(llm.tokenize(text.encode("utf-8"), add_bos=add_special, special=True))
+
+
+def token_scores(llm: Any, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """What perplexity and agreement need from one text, without keeping ``[n, vocab]`` logits:
+    the log-probability of each next token (``ids[1:]``) and the top-1 token at every position."""
+    logits = llama_logits(llm, ids)
+    return next_token_logprobs(logits, ids), logits.argmax(-1)
+
+
+def next_token_logprobs(logits: np.ndarray, ids: list[int]) -> np.ndarray:
+    """``log p(ids[i + 1] | ids[:i + 1])`` from logits ``[len(ids), vocab]`` (float64 sums)."""
+    x = np.asarray(logits[:-1], dtype=np.float64)
+    peak = x.max(-1, keepdims=True)
+    log_z = peak[:, 0] + np.log(np.exp(x - peak).sum(-1))
+    return x[np.arange(len(x)), np.asarray(ids[1:])] - log_z
+
+
+_TENSOR_LINE = re.compile(r"\[\s*(\d+)/\s*(\d+)\]\s+(\S+)")
+_FALLBACK = re.compile(
+    r"warning:\s+(\S+)\s+- ncols\s+(\d+) not divisible by\s+(\d+) \(required for type\s+(\S+)\)"
+    r".*?falling back to\s+(\S+)"
+)
+
+
+@dataclass
+class QuantizeLog:
+    """What llama.cpp's quantizer said: the tensors it passed, and which fell back to another type
+    because their rows do not split into the type's blocks (256 values for K-quants)."""
+
+    text: str = ""
+    fallbacks: list[dict] = field(default_factory=list)
+
+    def parse(self) -> None:
+        for m in _FALLBACK.finditer(self.text.replace("\n->", " ->")):
+            name, ncols, block, wanted, got = m.groups()
+            self.fallbacks.append(
+                {
+                    "tensor": name,
+                    "ncols": int(ncols),
+                    "block": int(block),
+                    "wanted": wanted,
+                    "used": got,
+                }
+            )
+
+    def last_error(self) -> str:
+        lines = [ln.strip() for ln in self.text.splitlines() if ln.strip()]
+        errors = [ln for ln in lines if "error" in ln.lower() or "failed" in ln.lower()]
+        return (errors or lines or ["no message"])[-1]
+
+
+def llama_quantize(
+    src: Path,
+    dst: Path,
+    ftype: int,
+    *,
+    imatrix: dict[str, np.ndarray] | None = None,
+    on_tensor: Callable[[int, int, str], None] | None = None,
+) -> QuantizeLog:
+    """Quantize the GGUF ``src`` into ``dst`` with llama.cpp's own quantizer (what
+    ``llama-quantize`` runs), optionally with an importance matrix (GGUF tensor name → per-column
+    weights). ``on_tensor(i, n, name)`` is called as each tensor starts (progress)."""
+    import ctypes
+
+    import llama_cpp
+
+    log = QuantizeLog()
+
+    @llama_cpp.llama_log_callback
+    def collect(level: int, text: bytes, user_data: Any) -> None:
+        try:
+            piece = text.decode("utf-8", "replace")
+            log.text += piece
+            m = _TENSOR_LINE.search(piece)
+            if m and on_tensor is not None:
+                on_tensor(int(m.group(1)), int(m.group(2)), m.group(3))
+        except Exception:  # noqa: BLE001 - an exception must never cross into C
+            pass
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = int(ftype)
+    params.nthread = os.cpu_count() or 1
+    keep = _imatrix_array(imatrix) if imatrix else None
+    if keep is not None:
+        params.imatrix = keep[0]
+    llama_cpp.llama_log_set(collect, ctypes.c_void_p(0))
+    try:
+        rc = llama_cpp.llama_model_quantize(
+            str(src).encode(), str(dst).encode(), ctypes.byref(params)
+        )
+    finally:
+        _restore_llama_log(llama_cpp)
+    log.parse()
+    if rc != 0:
+        raise MlxLoraError(f"llama.cpp could not quantize {src}: {log.last_error()}")
+    return log
+
+
+def _imatrix_array(imatrix: dict[str, np.ndarray]) -> tuple[Any, list]:
+    """A NULL-terminated ``llama_model_imatrix_data`` array (and the buffers it points into)."""
+    import ctypes
+
+    import llama_cpp
+
+    entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
+    buffers: list = []
+    for i, (name, values) in enumerate(sorted(imatrix.items())):
+        arr = np.ascontiguousarray(values, dtype=np.float32)
+        buffers += [arr, name.encode()]
+        entries[i].name = buffers[-1]
+        entries[i].data = arr.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        entries[i].size = arr.size
+    entries[len(imatrix)].name = None
+    return entries, buffers
+
+
+def _restore_llama_log(llama_cpp: Any) -> None:
+    """Give llama-cpp-python its own log callback back (its ``verbose`` flag then works again)."""
+    import ctypes
+
+    try:
+        from llama_cpp import _logger
+
+        llama_cpp.llama_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+    except (ImportError, AttributeError):
+        llama_cpp.llama_log_set(None, ctypes.c_void_p(0))
