@@ -6,7 +6,12 @@ already prove themselves: :func:`mlx_lora.fuse.fuse` (the one merge), :mod:`mlx_
 :mod:`mlx_lora.ollama` (the TEMPLATE measured from the model's own chat template) and
 :mod:`mlx_lora.verify`.
 
-Two modes. **full**: fuse into ``OUT/NAME-hf`` → ``OUT/NAME.gguf`` → ``FROM ./NAME.gguf``.
+Two formats. **gguf** (default) for llama.cpp and Ollama: f32/f16/bf16/q8_0 are written directly,
+the smaller types (q4_K_M, q5_K_M, q6_K, q4_0, ...) by llama.cpp's own quantizer from our f16
+(:mod:`mlx_lora.gguf_quant`). **mlx**: ``OUT/NAME-mlx``, an MLX folder (4- or 8-bit) that
+``mlx_lm.generate``/``mlx_lm.server``/LM Studio open unchanged (:mod:`mlx_lora.mlx_export`).
+
+Two GGUF modes. **full**: fuse into ``OUT/NAME-hf`` → ``OUT/NAME.gguf`` → ``FROM ./NAME.gguf``.
 **adapter**: the base model's GGUF (``OUT/NAME-base.gguf``) + a GGUF LoRA adapter
 (``OUT/NAME-lora.gguf``) → ``FROM`` + ``ADAPTER``; Ollama accepts safetensors adapters only for
 llama/gemma2, so a Qwen adapter has to be a GGUF one. Without ``--adapter`` the model is converted
@@ -22,16 +27,22 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mlx_lora.config import opt, parse_config
 from mlx_lora.errors import MlxLoraError
-from mlx_lora.files import read_json, write_error_detail, write_json_atomic
-from mlx_lora.gguf import GGUF_TYPES, gguf_arch, write_gguf, write_lora_gguf
+from mlx_lora.files import read_json, scratch_file, write_error_detail, write_json_atomic
+from mlx_lora.gguf import GGUF_EXPORT_TYPES, gguf_arch, write_gguf, write_lora_gguf
 from mlx_lora.gguf_arch import family_of
+from mlx_lora.gguf_quant import (
+    made_by_llama_cpp,
+    normalize_type,
+    require_quantizer,
+    write_quantized_gguf,
+)
 from mlx_lora.hub import SOURCES
 from mlx_lora.lora import Adapter, check_base, read_adapter
 from mlx_lora.meta import end_tokens, generation_config, training_system_prompt
@@ -39,6 +50,8 @@ from mlx_lora.model import DTYPES, base_model_dir
 from mlx_lora.prompt import load_hf_tokenizer
 
 MODES = ("full", "adapter")
+FORMATS = ("gguf", "mlx")
+UNQUANTIZED = ("f32", "f16", "bf16")
 MODELFILE = "Modelfile"
 MANIFEST = "export.json"  # what was written; `python -m mlx_lora.verify --export-dir` reads it
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -60,8 +73,31 @@ class ExportConfig:
         "folder for the GGUF file(s), the Modelfile, export.json and (full mode) the fused "
         "NAME-hf folder",
     )
+    format: str = opt(
+        "gguf",
+        "gguf: GGUF + Modelfile for llama.cpp/Ollama; mlx: a quantized MLX folder NAME-mlx for "
+        "mlx_lm.generate/mlx_lm.server/LM Studio",
+        choices=list(FORMATS),
+    )
     gguf_type: str = opt(
-        "f16", "GGUF weight type (norms and biases stay f32)", choices=list(GGUF_TYPES)
+        "f16",
+        "GGUF weight type (norms and biases stay f32); f32/f16/bf16/q8_0 are written directly, "
+        "the others by llama.cpp's quantizer (needs llama-cpp-python)",
+        choices=list(GGUF_EXPORT_TYPES),
+    )
+    imatrix: str | None = opt(
+        None, "importance matrix (llama-imatrix output, .gguf or .dat) for llama.cpp's quantizer"
+    )
+    q_bits: int | None = opt(
+        None, "--format mlx: bits per weight (default 4)", choices=[2, 3, 4, 5, 6, 8]
+    )
+    q_group_size: int | None = opt(
+        None, "--format mlx: weights per quantization group (default 64)", choices=[32, 64, 128]
+    )
+    eval_data: str | None = opt(
+        None,
+        "held-out texts (a dataset file) for --verify's quality figures; default: the training "
+        "run's validation split",
     )
     name: str | None = opt(
         None,
@@ -117,8 +153,8 @@ class ExportResult:
     name: str
     mode: str
     gguf_type: str
-    gguf: Path  # the model GGUF (full) or the base GGUF (adapter mode)
-    modelfile: Path
+    gguf: Path | None  # the model GGUF (full) or the base GGUF (adapter mode); None: --format mlx
+    modelfile: Path | None
     manifest: Path
     hf_dir: Path  # the folder the GGUF was written from: fused folder, or the base
     base_dir: Path
@@ -130,14 +166,21 @@ class ExportResult:
     ollama_created: bool = False
     report: Any = None  # mlx_lora.verify.Report when --verify
     timings: dict[str, float] = field(default_factory=dict)
+    format: str = "gguf"
+    mlx_dir: Path | None = None
+    quantization: dict | None = None  # llama.cpp's quantizer (GGUF) or MLX's (mlx folder)
 
     @property
     def artifacts(self) -> list[Path]:
-        return [
-            p
-            for p in (self.fused_dir, self.gguf, self.lora_gguf, self.modelfile, self.manifest)
-            if p is not None
-        ]
+        paths = (
+            self.fused_dir,
+            self.gguf,
+            self.lora_gguf,
+            self.mlx_dir,
+            self.modelfile,
+            self.manifest,
+        )
+        return [p for p in paths if p is not None]
 
 
 GENERIC_DIRS = {"output", "outputs", "adapter", "adapters", "lora", "out", "checkpoint"}
@@ -162,9 +205,37 @@ def default_name(model: str, adapter: Path | None) -> str:
     return slug(raw) or f"{base}-lora"
 
 
+def _check_format(cfg: ExportConfig) -> None:
+    """Flags that belong to the other format are refused rather than silently ignored."""
+    from mlx_lora.mlx_export import check_quantization
+
+    if cfg.format not in FORMATS:
+        raise MlxLoraError(f"unknown --format {cfg.format!r}; choose gguf or mlx")
+    cfg.gguf_type = normalize_type(cfg.gguf_type)
+    if cfg.format == "mlx":
+        if cfg.mode != "full" or cfg.ollama_create or cfg.ollama_quantize or cfg.imatrix:
+            raise MlxLoraError(
+                "--format mlx writes one fused MLX folder: drop --mode adapter, --ollama-create, "
+                "--ollama-quantize and --imatrix (they are for --format gguf)"
+            )
+        if cfg.gguf_type != "f16":
+            raise MlxLoraError("--gguf-type is for --format gguf; use --q-bits with --format mlx")
+        check_quantization(cfg.q_bits or 4, cfg.q_group_size or 64)
+        return
+    if cfg.q_bits is not None or cfg.q_group_size is not None:
+        raise MlxLoraError("--q-bits/--q-group-size are for --format mlx; use --gguf-type for GGUF")
+    if cfg.imatrix and not made_by_llama_cpp(cfg.gguf_type):
+        raise MlxLoraError(
+            f"--imatrix is used by llama.cpp's quantizer; --gguf-type {cfg.gguf_type} is written "
+            "without it (pick a type such as q4_k_m)"
+        )
+    if cfg.imatrix and not Path(cfg.imatrix).is_file():
+        raise MlxLoraError(f"--imatrix {cfg.imatrix} does not exist; pass a llama-imatrix file")
+    require_quantizer(cfg.gguf_type)
+
+
 def _check(cfg: ExportConfig) -> None:
-    if cfg.gguf_type not in GGUF_TYPES:
-        raise MlxLoraError(f"unknown --gguf-type {cfg.gguf_type!r}; choose {', '.join(GGUF_TYPES)}")
+    _check_format(cfg)
     if cfg.mode not in MODES:
         raise MlxLoraError(f"unknown --mode {cfg.mode!r}; choose full or adapter")
     if cfg.mode == "adapter" and not cfg.adapter:
@@ -178,10 +249,10 @@ def _check(cfg: ExportConfig) -> None:
         )
     if not isinstance(cfg.num_ctx, int) or cfg.num_ctx <= 0:
         raise MlxLoraError(f"--num-ctx must be a positive number of tokens, got {cfg.num_ctx}")
-    if cfg.ollama_quantize and cfg.gguf_type == "q8_0":
+    if cfg.ollama_quantize and cfg.gguf_type not in UNQUANTIZED:
         raise MlxLoraError(
-            "--ollama-quantize needs an unquantized GGUF: use --gguf-type f16 (Ollama quantizes "
-            "from it)"
+            f"--ollama-quantize needs an unquantized GGUF, but --gguf-type {cfg.gguf_type} is "
+            "already quantized: drop --ollama-quantize (or use --gguf-type f16)"
         )
     if cfg.dtype is not None and cfg.dtype not in DTYPES:
         raise MlxLoraError(f"unknown --dtype {cfg.dtype!r}; choose {', '.join(DTYPES)}")
@@ -251,7 +322,8 @@ class _Job:
     base_dir: Path
     name: str
     tokenizer: Any
-    template: Any  # mlx_lora.ollama.GoTemplate
+    template: Any  # mlx_lora.ollama.GoTemplate; None for --format mlx
+    quantization: dict | None = None
 
     @property
     def out(self) -> Path:
@@ -266,7 +338,13 @@ class _Job:
         return self.out / f"{self.name}-hf" if self.full and self.adapter is not None else None
 
     @property
-    def gguf(self) -> Path:
+    def mlx(self) -> bool:
+        return self.cfg.format == "mlx"
+
+    @property
+    def gguf(self) -> Path | None:
+        if self.mlx:
+            return None
         return self.out / (f"{self.name}.gguf" if self.full else f"{self.name}-base.gguf")
 
     @property
@@ -274,12 +352,21 @@ class _Job:
         return None if self.full else self.out / f"{self.name}-lora.gguf"
 
     @property
+    def mlx_dir(self) -> Path | None:
+        return self.out / f"{self.name}-mlx" if self.mlx else None
+
+    @property
+    def modelfile(self) -> Path | None:
+        return None if self.mlx else self.out / MODELFILE
+
+    @property
     def artifacts(self) -> list[Path]:
         paths = (
             self.fused_dir,
             self.gguf,
             self.lora_gguf,
-            self.out / MODELFILE,
+            self.mlx_dir,
+            self.modelfile,
             self.out / MANIFEST,
         )
         return [p for p in paths if p is not None]
@@ -300,7 +387,8 @@ def _prepare(cfg: ExportConfig) -> _Job:
     tokenizer = load_hf_tokenizer(base_dir)
     model = cfg.model or (adapter.base_model if adapter else None) or str(base_dir)
     name = cfg.name or default_name(str(model), adapter.directory if adapter else None)
-    job = _Job(cfg, adapter, base_dir, name, tokenizer, _template(cfg, tokenizer, base_dir))
+    template = None if cfg.format == "mlx" else _template(cfg, tokenizer, base_dir)
+    job = _Job(cfg, adapter, base_dir, name, tokenizer, template)
     existing = [p for p in job.artifacts if p.exists()]
     if existing and not cfg.overwrite:
         raise MlxLoraError(
@@ -342,20 +430,34 @@ def _refuse_other_architecture(job: _Job, log: bool) -> None:
     family_of(config, Path(folder))  # raises the one-line refusal naming the converter
 
 
-def _write_ggufs(job: _Job, progress: bool, log: bool, timings: dict[str, float]) -> Path:
-    """Fuse if needed, write the GGUF(s); returns the folder the model GGUF was written from."""
-    cfg, hf_dir = job.cfg, job.base_dir
-    if job.fused_dir is not None:
-        from mlx_lora.fuse import fuse
+def _fuse(job: _Job, log: bool, timings: dict[str, float]) -> Path:
+    """The folder the exported model is written from: fused (fuse's one merge, into the original
+    base) when there is an adapter in full mode, else the base itself."""
+    if job.fused_dir is None:
+        return job.base_dir
+    from mlx_lora.fuse import fuse
 
-        t = _stage(
-            f"fusing {job.adapter.directory} into {job.base_dir.name} → {job.fused_dir}", log
-        )
-        dtype = cfg.dtype or ("float32" if cfg.gguf_type == "f32" else None)
-        hf_dir = fuse(
-            str(job.base_dir), job.adapter.directory, job.fused_dir, dtype=dtype, overwrite=True
-        )
-        timings["fuse"] = time.perf_counter() - t
+    cfg = job.cfg
+    t = _stage(f"fusing {job.adapter.directory} into {job.base_dir.name} → {job.fused_dir}", log)
+    dtype = cfg.dtype or ("float32" if cfg.gguf_type == "f32" and not job.mlx else None)
+    hf_dir = fuse(
+        str(job.base_dir), job.adapter.directory, job.fused_dir, dtype=dtype, overwrite=True
+    )
+    timings["fuse"] = time.perf_counter() - t
+    return Path(hf_dir)
+
+
+def _write_ggufs(
+    job: _Job,
+    hf_dir: Path,
+    progress: bool,
+    log: bool,
+    timings: dict[str, float],
+    reference: Path | None = None,
+) -> None:
+    """The GGUF LoRA adapter (adapter mode) and the model GGUF: written directly, or f16 by our
+    writer then quantized by llama.cpp (the LoRA adapter stays f16/f32 either way)."""
+    cfg = job.cfg
     if job.lora_gguf is not None:  # first: it checks the adapter against the base in seconds
         t = _stage(f"writing the GGUF LoRA adapter {job.lora_gguf}", log)
         lora_type = "f32" if cfg.gguf_type == "f32" else "f16"
@@ -369,19 +471,52 @@ def _write_ggufs(job: _Job, progress: bool, log: bool, timings: dict[str, float]
         )
         timings["lora_gguf"] = time.perf_counter() - t
     t = _stage(f"writing {job.gguf} ({cfg.gguf_type})", log)
-    write_gguf(hf_dir, job.gguf, cfg.gguf_type, progress=progress, name=job.name)
+    if made_by_llama_cpp(cfg.gguf_type):
+        job.quantization = write_quantized_gguf(
+            hf_dir,
+            job.gguf,
+            cfg.gguf_type,
+            progress=progress,
+            name=job.name,
+            imatrix=Path(cfg.imatrix) if cfg.imatrix else None,
+            reference=reference,
+        )
+        if log and job.quantization.get("fallback_note"):
+            print(f"  note: {job.quantization['fallback_note']}", flush=True)
+    else:
+        write_gguf(hf_dir, job.gguf, cfg.gguf_type, progress=progress, name=job.name)
     timings["gguf"] = time.perf_counter() - t
-    return Path(hf_dir)
 
 
-def _write_modelfile(job: _Job, hf_dir: Path) -> ExportResult:
-    """The Modelfile (TEMPLATE, SYSTEM, stops, sampling) and the ``export.json`` manifest."""
+def _write_mlx(job: _Job, hf_dir: Path, log: bool, timings: dict[str, float]) -> None:
+    from mlx_lora.mlx_export import write_mlx_model
+
+    cfg = job.cfg
+    bits, group = cfg.q_bits or 4, cfg.q_group_size or 64
+    t = _stage(f"writing the {bits}-bit MLX folder {job.mlx_dir}", log)
+    job.quantization = write_mlx_model(
+        hf_dir,
+        job.mlx_dir,
+        bits=bits,
+        group_size=group,
+        dtype=cfg.dtype,
+        system_prompt=_system_prompt(job, hf_dir),
+    )
+    timings["mlx"] = time.perf_counter() - t
+
+
+def _system_prompt(job: _Job, hf_dir: Path) -> str | None:
+    if job.cfg.system_prompt is not None:
+        return job.cfg.system_prompt
+    return training_system_prompt(hf_dir, job.adapter)
+
+
+def _write_modelfile(job: _Job, hf_dir: Path) -> tuple[str | None, list[str]]:
+    """The Modelfile (TEMPLATE, SYSTEM, stops, sampling); returns its system prompt and stops."""
     from mlx_lora.ollama import generation_params, write_modelfile
 
     cfg = job.cfg
-    system = cfg.system_prompt
-    if system is None:
-        system = training_system_prompt(hf_dir, job.adapter)
+    system = _system_prompt(job, hf_dir)
     gen = generation_config(hf_dir)
     stops = list(dict.fromkeys([*job.template.stops, *end_tokens(job.tokenizer, gen)]))
     write_modelfile(
@@ -394,41 +529,63 @@ def _write_modelfile(job: _Job, hf_dir: Path) -> ExportResult:
         params=generation_params(gen),
         adapter_path=f"./{job.lora_gguf.name}" if job.lora_gguf else None,
     )
+    return system or job.template.default_system, stops
+
+
+def _result(job: _Job, hf_dir: Path) -> ExportResult:
+    """The Modelfile (GGUF) and the ``export.json`` manifest; the result lists every artifact."""
+    cfg = job.cfg
+    if job.mlx:
+        gen = generation_config(hf_dir)
+        system, stops = _system_prompt(job, hf_dir), list(end_tokens(job.tokenizer, gen))
+    else:
+        system, stops = _write_modelfile(job, hf_dir)
+
+    def resolved(p: Path | None) -> Path | None:
+        return p.resolve() if p is not None else None
+
     r = ExportResult(
         output_dir=job.out.resolve(),
         name=job.name,
         mode=cfg.mode,
         gguf_type=cfg.gguf_type,
-        gguf=job.gguf.resolve(),
-        modelfile=(job.out / MODELFILE).resolve(),
+        gguf=resolved(job.gguf),
+        modelfile=resolved(job.modelfile),
         manifest=(job.out / MANIFEST).resolve(),
         hf_dir=hf_dir.resolve(),
         base_dir=job.base_dir.resolve(),
         adapter=job.adapter.directory.resolve() if job.adapter else None,
-        fused_dir=job.fused_dir.resolve() if job.fused_dir else None,
-        lora_gguf=job.lora_gguf.resolve() if job.lora_gguf else None,
-        system_prompt=system or job.template.default_system,
+        fused_dir=resolved(job.fused_dir),
+        lora_gguf=resolved(job.lora_gguf),
+        system_prompt=system,
         stops=stops,
+        format=cfg.format,
+        mlx_dir=resolved(job.mlx_dir),
+        quantization=job.quantization,
     )
-    write_json_atomic(r.manifest, _manifest(r, cfg.num_ctx))
+    write_json_atomic(r.manifest, _manifest(r, cfg))
     return r
 
 
-def _manifest(r: ExportResult, num_ctx: int) -> dict:
+def _manifest(r: ExportResult, cfg: ExportConfig) -> dict:
     out = r.output_dir
     return {
         "name": r.name,
+        "format": r.format,
         "mode": r.mode,
-        "gguf_type": r.gguf_type,
+        "gguf_type": r.gguf_type if r.format == "gguf" else None,
         "gguf": _rel(r.gguf, out),
         "lora_gguf": _rel(r.lora_gguf, out),
+        "mlx_dir": _rel(r.mlx_dir, out),
         "hf_dir": _rel(r.hf_dir, out),
         "base_dir": str(r.base_dir),
         "adapter": str(r.adapter) if r.adapter else None,
         "modelfile": _rel(r.modelfile, out),
-        "num_ctx": num_ctx,
+        "num_ctx": cfg.num_ctx if r.format == "gguf" else None,
         "system_prompt": r.system_prompt,
         "stops": r.stops,
+        "quantization": r.quantization,
+        "eval_data": str(Path(cfg.eval_data).resolve()) if cfg.eval_data else None,
     }
 
 
@@ -454,27 +611,43 @@ def _ollama(cfg: ExportConfig, result: ExportResult, log: bool) -> None:
         print(f"created the Ollama model {name}; chat with: ollama run {name}")
 
 
+def _write_all(
+    job: _Job, progress: bool, log: bool, timings: dict, reference: Path | None
+) -> ExportResult:
+    with _no_partial_export(job.out, job.artifacts):  # a failed export leaves none of its files
+        hf_dir = _fuse(job, log, timings)
+        if job.mlx:
+            _write_mlx(job, hf_dir, log, timings)
+        else:
+            _write_ggufs(job, hf_dir, progress, log, timings, reference)
+        return _result(job, hf_dir)
+
+
 def export(cfg: ExportConfig, *, progress: bool = True, log: bool = True) -> ExportResult:
-    """Fuse (if needed), write the GGUF(s) and the Modelfile, then verify / ``ollama create``."""
+    """Fuse (if needed), write the GGUF(s) and the Modelfile (or the MLX folder), then verify /
+    ``ollama create``."""
     _check(cfg)
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     job = _prepare(cfg)
     if log and getattr(job.template, "raw", False):
         print("no chat template (a base model): Modelfile TEMPLATE is the raw prompt {{ .Prompt }}")
-    _refuse_other_architecture(job, log)
-    with _no_partial_export(job.out, job.artifacts):  # a failed export leaves none of its files
-        hf_dir = _write_ggufs(job, progress, log, timings)
-        result = _write_modelfile(job, hf_dir)
-    result.timings = timings
-    if cfg.verify:
-        from mlx_lora.verify import verify_export
+    if not job.mlx:  # an MLX folder takes any architecture mlx-lm loads
+        _refuse_other_architecture(job, log)
+    with ExitStack() as keep:
+        reference = None  # verify compares the quantized GGUF with the f16 llama.cpp read
+        if cfg.verify and not job.mlx and made_by_llama_cpp(cfg.gguf_type):
+            reference = keep.enter_context(scratch_file(job.gguf, "reference"))
+        result = _write_all(job, progress, log, timings, reference)
+        result.timings = timings
+        if cfg.verify:
+            from mlx_lora.verify import verify_export
 
-        t = _stage("verifying (GGUF read back, tokenization, logits)", log)
-        result.report = verify_export(result)
-        timings["verify"] = time.perf_counter() - t
-        if log:
-            print(result.report.table())
+            t = _stage("verifying (read back, tokenization, logits, quality)", log)
+            result.report = verify_export(result, reference_gguf=reference)
+            timings["verify"] = time.perf_counter() - t
+            if log:
+                print(result.report.table())
     if log:
         print(summary(result))
     _ollama(cfg, result, log)
@@ -489,6 +662,7 @@ def summary(r: ExportResult) -> str:
         ("fused HF folder", r.fused_dir),
         ("GGUF" if r.mode == "full" else "base GGUF", r.gguf),
         ("GGUF LoRA adapter", r.lora_gguf),
+        ("MLX folder", r.mlx_dir),
         ("Modelfile", r.modelfile),
         ("manifest", r.manifest),
     ]
@@ -496,6 +670,11 @@ def summary(r: ExportResult) -> str:
         if path is not None:
             size = _size(path)
             lines.append(f"  {label:<18} {path}{f'  ({size})' if size else ''}")
+    if r.mlx_dir is not None:
+        from mlx_lora.mlx_export import run_commands
+
+        commands = run_commands(r.mlx_dir, r.system_prompt)
+        return "\n".join([*lines, f"next: {commands[0]}", *(f"      {c}" for c in commands[1:])])
     create = shlex.join(["ollama", "create", r.name, "-f", str(r.modelfile)])
     lines.append(f"next: {create}" if not r.ollama_created else "ollama model created")
     lines.append(f"      ollama run {r.name}")

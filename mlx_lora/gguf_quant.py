@@ -15,7 +15,6 @@ actually written are read back from the file, so the export says what it really 
 
 from __future__ import annotations
 
-import struct
 import time
 from collections import Counter
 from pathlib import Path
@@ -80,7 +79,7 @@ def read_imatrix(path: Path) -> dict[str, np.ndarray]:
         magic = f.read(4)
     try:
         data = _read_gguf_imatrix(path) if magic == b"GGUF" else _read_legacy_imatrix(path)
-    except (ValueError, struct.error, KeyError, IndexError, OSError) as e:
+    except (ValueError, KeyError, IndexError, OSError) as e:
         raise MlxLoraError(
             f"--imatrix {path} is not an importance matrix llama.cpp can read ({e}); "
             "write it with llama-imatrix"
@@ -117,16 +116,20 @@ def _read_gguf_imatrix(path: Path) -> dict[str, np.ndarray]:
 
 
 def _read_legacy_imatrix(path: Path) -> dict[str, np.ndarray]:
+    """int32 count; per entry: int32 name length, name, int32 calls, int32 values, float32s."""
     raw = path.read_bytes()
-    (n,), pos, out = struct.unpack_from("<i", raw, 0), 4, {}
+
+    def ints(pos: int, n: int) -> list[int]:
+        return [int(x) for x in np.frombuffer(raw, dtype="<i4", count=n, offset=pos)]
+
+    (n,), pos, out = ints(0, 1), 4, {}
     if n < 1 or n > 1_000_000:
         raise ValueError(f"{n} entries")
     for _ in range(n):
-        (length,) = struct.unpack_from("<i", raw, pos)
+        (length,) = ints(pos, 1)
         name = raw[pos + 4 : pos + 4 + length].decode("utf-8")
-        pos += 4 + length
-        ncall, nval = struct.unpack_from("<ii", raw, pos)
-        pos += 8
+        ncall, nval = ints(pos + 4 + length, 2)
+        pos += 12 + length
         if nval < 1:
             raise ValueError(f"entry {name} has {nval} values")
         values = np.frombuffer(raw, dtype="<f4", count=nval, offset=pos).astype(np.float32)

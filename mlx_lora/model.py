@@ -137,7 +137,7 @@ def load_for_inference(
     """Base (+ PEFT adapter) or a fused folder; ``model`` defaults to the adapter's base."""
     recorded = read_adapter(Path(adapter)) if adapter is not None else None
     model_dir = base_model_dir(model, recorded, source)
-    m, tok, config = load_base(model_dir, dtype=compute_dtype(dtype))
+    m, tok, config = load_base(model_dir, dtype=_inference_dtype(model_dir, dtype))
     gen = generation_config(model_dir)
     sampling_defaults(gen)  # a broken generation_config.json fails here, not at the first answer
     loaded_adapter = load_adapter(m, recorded, config) if recorded is not None else None
@@ -190,3 +190,13 @@ def save_model_folder(folder: Path, model: nn.Module, base_dir: Path, info: dict
     config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
     config["torch_dtype"] = dtype_name(next(iter(weights.values())).dtype)
     write_model_files(folder, base_dir, config, info)
+
+
+def _inference_dtype(model_dir: Path, flag: str) -> mx.Dtype | None:
+    """The compute dtype rule, except that an MLX-quantized folder (``mlx_lora.export --format
+    mlx``, mlx-community models) runs at the dtype it was saved in under ``auto``: that is what
+    ``mlx_lm.generate``, ``mlx_lm.server`` and LM Studio run, so chat and serve give their answers
+    token for token. None keeps the stored dtype."""
+    if flag == "auto" and "quantization" in read_json(Path(model_dir) / "config.json"):
+        return None
+    return compute_dtype(flag)

@@ -16,10 +16,18 @@ garbled answers). Each hop is checked here with figures instead:
     the GGUF's add-BOS rule, against ``apply_chat_template(tokenize=True)`` on 24 conversations
     (needs ``go`` on PATH; skipped with the reason otherwise).
 
-(b), (c) and (e) need llama-cpp-python (``pip install "mlx_lora[verify]"``); without it they are
-reported as skipped. Thresholds depend on the GGUF type: f32 must agree within 1e-3; f16 and bf16
-within a rounding budget scaled by the logit range; q8_0 (and the rest) must keep the top-1 token
-wherever MLX's choice is not a near-tie.
+(f) for a quantized GGUF (q8_0 and llama.cpp's types: q4_K_M, q6_K, ...): what quantization cost,
+    measured by :mod:`mlx_lora.quality` — perplexity of the quantized GGUF and of the f16/f32
+    GGUF it was made from (both through llama.cpp) on held-out text, and their top-1 agreement
+    with MLX; the f16/f32 reference itself must match MLX like an f16/f32 export;
+(g) an MLX export (``--format mlx``): the folder (``quantization`` entry, tokenizer files), that
+    ``mlx_lm.load`` opens it, and its greedy continuation, top-1 and perplexity against the
+    full-precision model.
+
+(b), (c), (e) and (f) need llama-cpp-python (``pip install "mlx_lora[verify]"``); without it they
+are reported as skipped. Thresholds depend on the GGUF type: f32 must agree within 1e-3; f16 and
+bf16 within a rounding budget scaled by the logit range; q8_0 (and the rest) must keep the top-1
+token wherever MLX's choice is not a near-tie (llama.cpp's types: measured, see (f)).
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ from __future__ import annotations
 import gc
 import sys
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,8 +45,14 @@ import numpy as np
 from mlx_lora.config import opt, parse_config
 from mlx_lora.errors import MlxLoraError
 from mlx_lora.export import MANIFEST
-from mlx_lora.files import read_json
-from mlx_lora.gguf import GGUF_TYPES, gguf_arch, planned_lora_tensors, planned_tensors
+from mlx_lora.files import read_json, scratch_file, write_json_atomic
+from mlx_lora.gguf import (
+    GGUF_EXPORT_TYPES,
+    LLAMA_CPP_TYPES,
+    gguf_arch,
+    planned_lora_tensors,
+    planned_tensors,
+)
 from mlx_lora.llamacpp import (
     INSTALL_HINT,
     have_llama_cpp,
@@ -131,6 +146,8 @@ class Report:
             return "f32-gelu"
         return self.gguf_type
 
+    quality: Any = None  # mlx_lora.quality.Quality for quantized exports
+
     @property
     def ok(self) -> bool:
         return all(c.status != "FAIL" for c in self.checks)
@@ -149,6 +166,8 @@ class Report:
         for c in self.checks:
             lines.append(f"  {c.name:<{width}}  {c.status:<7}  {c.figures}")
         lines += [f"  note: {n}" for n in self.notes]
+        if self.quality is not None:
+            lines.append(self.quality.table())
         lines.append(
             "  result: " + ("all checks passed" if self.ok else "MISMATCH (see FAIL lines)")
         )
@@ -223,7 +242,7 @@ def _field(reader: Any, key: str) -> Any:
 
 
 def _gguf_type_of(reader: Any) -> str:
-    file_types = {int(ftype): name for name, (_, ftype) in GGUF_TYPES.items()}
+    file_types = {int(ftype): name for name, (_, ftype) in GGUF_EXPORT_TYPES.items()}
     ft = _field(reader, "general.file_type")
     return file_types.get(int(ft), f"file_type {ft}") if ft is not None else "unknown"
 
@@ -563,10 +582,73 @@ def _check_llama(
     cmp = compare_logits(ref.logits, [llama_logits(llm, p) for p in ref.prompts], kind)
     what = "llama.cpp base+LoRA vs MLX base+adapter" if lora_gguf else "logits llama.cpp vs MLX"
     name = f"{what} ({len(ref.prompts)} prompts)"
-    report.checks.append(Check(name, "ok" if cmp.ok else "FAIL", cmp.figures(), cmp.values()))
+    status, figures = ("ok" if cmp.ok else "FAIL"), cmp.figures()
+    if not cmp.ok and report.gguf_type in LLAMA_CPP_TYPES:  # measured below, not a verdict
+        status, figures = "info", figures + " (llama.cpp's quantization; see quality)"
+    report.checks.append(Check(name, status, figures, cmp.values()))
     if ref.greedy:
         theirs = llama_greedy(llm, ref.prompts[0], len(ref.greedy))
         report.checks.append(_greedy_check(ref, theirs, kind))
+
+
+QUANTIZED_SKIP = ("f32", "f16", "bf16")  # the references themselves: no quality section
+
+
+def _run_adapter(hf_dir: Path, lora: Any) -> Any:
+    """The adapter whose run recorded the validation split: given, or named by fuse's record."""
+    if lora is not None:
+        return lora
+    recorded = read_json(hf_dir / FUSED_INFO).get("adapter")
+    if recorded and Path(recorded).is_dir():
+        try:
+            return read_adapter(Path(recorded))
+        except MlxLoraError:
+            return None
+    return None
+
+
+def _quality_gguf(
+    report: Report,
+    gguf_path: Path,
+    lora_gguf: Path | None,
+    hf_dir: Path,
+    evals: Any,
+    mlx: Any,
+    ref: MlxRun,
+    reference_gguf: Path | None,
+) -> None:
+    """(e) the quantized GGUF and its f16/f32 reference, both through llama.cpp, against MLX."""
+    from mlx_lora.gguf import write_gguf
+    from mlx_lora.gguf_quant import reference_type
+    from mlx_lora.quality import Quality, gguf_row, llama_scores
+
+    ref_type = reference_type(hf_dir)
+    lora = Path(lora_gguf) if lora_gguf else None
+    with ExitStack() as stack:
+        if reference_gguf is None or not Path(reference_gguf).is_file():
+            reference_gguf = stack.enter_context(scratch_file(gguf_path, "reference"))
+            write_gguf(hf_dir, reference_gguf, ref_type, progress=False)
+        n_ctx = max(len(x) for x in ref.prompts) + 8
+        llm = open_llama(Path(reference_gguf), n_ctx=n_ctx, lora_path=lora)
+        cmp = compare_logits(ref.logits, [llama_logits(llm, x) for x in ref.prompts], ref_type)
+        del llm
+        name = f"reference {ref_type} GGUF vs MLX ({len(ref.prompts)} prompts)"
+        report.checks.append(Check(name, "ok" if cmp.ok else "FAIL", cmp.figures(), cmp.values()))
+        rows = [
+            gguf_row(
+                gguf_path.name, report.gguf_type, gguf_path, llama_scores(gguf_path, evals, lora)
+            ),
+            gguf_row(
+                f"{ref_type} reference",
+                ref_type,
+                Path(reference_gguf),
+                llama_scores(Path(reference_gguf), evals, lora),
+                reference=True,
+            ),
+        ]
+    report.quality = Quality(
+        evals, rows, mlx, "MLX fp32 (" + ("base+adapter" if lora else "model") + ")"
+    )
 
 
 def verify_gguf(
@@ -579,6 +661,8 @@ def verify_gguf(
     lora_gguf: Path | None = None,
     greedy_tokens: int = GREEDY_TOKENS,
     modelfile: Path | None = None,
+    eval_data: Path | None = None,
+    reference_gguf: Path | None = None,
 ) -> Report:
     """Check a GGUF export against the MLX model it stands for.
 
@@ -588,8 +672,12 @@ def verify_gguf(
     (``lora_gguf`` set): ``hf_dir`` is the base, ``gguf_path`` its GGUF, and llama.cpp's base +
     LoRA is compared with MLX's base + ``adapter_dir``. ``gguf_type`` defaults to the GGUF's own.
     With ``modelfile``, the prompts Ollama builds from it are compared with the chat template's.
+    A quantized GGUF also gets the quality section (held-out text: ``eval_data``, else the run's
+    validation split); ``reference_gguf`` is the f16/f32 GGUF it was made from, if still at hand.
     """
     import gguf
+
+    from mlx_lora.quality import eval_set, mlx_scores
 
     hf_dir, gguf_path = Path(hf_dir), Path(gguf_path)
     adapter_dir = Path(adapter_dir) if adapter_dir is not None else None
@@ -607,6 +695,11 @@ def verify_gguf(
     system = training_system_prompt(hf_dir, lora)
     prompts = probe_prompts(tokenizer, system)
     ref = run_mlx(model, prompts, greedy_tokens)
+    evals = mlx = None
+    if report.gguf_type not in QUANTIZED_SKIP and have_llama_cpp():
+        run = _run_adapter(hf_dir, lora)
+        evals = eval_set(tokenizer, adapter=run, eval_data=eval_data, system_prompt=system)
+        mlx = mlx_scores(model, evals)
     del model
     _free()
     if adapter_dir is not None and lora_gguf is None:
@@ -614,11 +707,105 @@ def verify_gguf(
     elif (hf_dir / FUSED_INFO).is_file() and lora_gguf is None:
         report.notes.append("fused vs base+adapter not checked: pass the adapter (--adapter)")
     _check_llama(report, gguf_path, lora_gguf, tokenizer, ref, modelfile, system)
+    if evals is not None:
+        _quality_gguf(report, gguf_path, lora_gguf, hf_dir, evals, mlx, ref, reference_gguf)
     return report
 
 
-def verify_export(export: Any) -> Report:
-    """Verify an export folder (or an :class:`mlx_lora.export.ExportResult`) from its manifest."""
+def verify_mlx(
+    hf_dir: Path,
+    mlx_dir: Path,
+    *,
+    bits: int,
+    group_size: int,
+    adapter_dir: Path | None = None,
+    eval_data: Path | None = None,
+    greedy_tokens: int = GREEDY_TOKENS,
+) -> Report:
+    """(f) An MLX export against the full-precision model it was quantized from, both in MLX."""
+    from mlx_lora.mlx_export import mlx_folder_problems
+    from mlx_lora.quality import Quality, Row, eval_set, folder_size, mlx_scores
+
+    hf_dir, mlx_dir = Path(hf_dir), Path(mlx_dir)
+    _check_inputs((hf_dir, mlx_dir, adapter_dir), None, None)
+    report = Report(mlx_dir, f"mlx {bits}-bit")
+    problems = mlx_folder_problems(mlx_dir, hf_dir, bits, group_size)
+    report.checks.append(
+        Check(
+            "MLX folder (config, tokenizer files)",
+            "FAIL" if problems else "ok",
+            "; ".join(problems)
+            or f"bits {bits}, group size {group_size}, tokenizer files identical",
+        )
+    )
+    report.checks.append(_check_mlx_load(mlx_dir, hf_dir))
+    if report.checks[-1].status == "FAIL":
+        return report
+    lora = read_adapter(Path(adapter_dir)) if adapter_dir is not None else None
+    model, tokenizer = load_mlx(hf_dir)
+    system = training_system_prompt(hf_dir, lora)
+    prompts = probe_prompts(tokenizer, system)
+    evals = eval_set(
+        tokenizer, adapter=_run_adapter(hf_dir, lora), eval_data=eval_data, system_prompt=system
+    )
+    full, ref = mlx_scores(model, evals), run_mlx(model, prompts[:1], greedy_tokens)
+    del model
+    _free()
+    quant, _ = load_quantized(mlx_dir)
+    got, ours = mlx_scores(quant, evals), mlx_greedy(quant, prompts[0], greedy_tokens)
+    del quant
+    _free()
+    check = _greedy_check(ref, ours, "mlx")
+    check.name = f"greedy {len(ref.greedy)} tokens vs full precision (MLX)"
+    report.checks.append(check)
+    agree = got.agreement(full)
+    report.checks.append(
+        Check(
+            "top-1 vs full precision (MLX)",
+            "info",
+            f"{100 * agree:.1f}% of {sum(len(t) for t in got.top1)} positions",
+            {"top1_agreement": agree},
+        )
+    )
+    q = read_json(mlx_dir / "config.json").get("quantization") or {}
+    rows = [
+        Row(mlx_dir.name, f"mlx {q.get('bits')}-bit", got, folder_size(mlx_dir)),
+        Row("full precision", "fp32", full, folder_size(hf_dir), reference=True),
+    ]
+    report.quality = Quality(evals, rows, full, "MLX fp32 (top-1 referee)")
+    return report
+
+
+def _check_mlx_load(mlx_dir: Path, hf_dir: Path) -> Check:
+    """The contract: ``mlx_lm.load`` opens the folder unchanged, with the model's chat template."""
+    from mlx_lm.utils import load as mlx_lm_load
+
+    from mlx_lora.prompt import load_hf_tokenizer
+
+    name = "mlx_lm.load opens it"
+    try:
+        model, tok = mlx_lm_load(str(mlx_dir))
+    except Exception as e:  # noqa: BLE001 - whatever mlx-lm raises is the finding
+        return Check(name, "FAIL", f"{type(e).__name__}: {str(e)[:200]}")
+    del model
+    _free()
+    ours = getattr(hf_tokenizer(tok), "chat_template", None)
+    same = ours == getattr(load_hf_tokenizer(hf_dir), "chat_template", None)
+    figures = "chat template equal" if same else "chat template differs from the model's"
+    return Check(name, "ok" if same else "FAIL", figures)
+
+
+def load_quantized(mlx_dir: Path) -> tuple[Any, Any]:
+    """An MLX folder as chat and serve load it (its own dtype: what mlx_lm runs)."""
+    from mlx_lora.model import load_for_inference
+
+    loaded = load_for_inference(str(mlx_dir))
+    return loaded.model, loaded.tokenizer
+
+
+def verify_export(export: Any, *, reference_gguf: Path | None = None) -> Report:
+    """Verify an export folder (or an :class:`mlx_lora.export.ExportResult`) from its manifest;
+    the quality figures are added to its ``export.json``."""
     out = Path(getattr(export, "output_dir", export))
     manifest = out / MANIFEST
     if not manifest.is_file():
@@ -631,15 +818,31 @@ def verify_export(export: Any) -> Report:
         v = m.get(key)
         return None if v is None else (out / v if not Path(v).is_absolute() else Path(v))
 
-    return verify_gguf(
-        path("hf_dir"),
-        path("gguf"),
-        adapter_dir=path("adapter"),
-        base_dir=path("base_dir"),
-        gguf_type=m.get("gguf_type"),
-        lora_gguf=path("lora_gguf"),
-        modelfile=path("modelfile"),
-    )
+    if m.get("format") == "mlx":
+        q = m.get("quantization") or {}
+        report = verify_mlx(
+            path("hf_dir"),
+            path("mlx_dir"),
+            bits=q.get("bits", 4),
+            group_size=q.get("group_size", 64),
+            adapter_dir=path("adapter"),
+            eval_data=path("eval_data"),
+        )
+    else:
+        report = verify_gguf(
+            path("hf_dir"),
+            path("gguf"),
+            adapter_dir=path("adapter"),
+            base_dir=path("base_dir"),
+            gguf_type=m.get("gguf_type"),
+            lora_gguf=path("lora_gguf"),
+            modelfile=path("modelfile"),
+            eval_data=path("eval_data"),
+            reference_gguf=reference_gguf,
+        )
+    if report.quality is not None:
+        write_json_atomic(manifest, {**m, "quality": report.quality.to_json()})
+    return report
 
 
 # ------------------------------------------------------------------------------------ CLI
@@ -669,7 +872,9 @@ class VerifyConfig:
         None, "a GGUF LoRA adapter to apply on top of --gguf (adapter mode)"
     )
     gguf_type: str | None = opt(
-        None, "threshold set to use (default: the GGUF's own file type)", choices=list(GGUF_TYPES)
+        None,
+        "threshold set to use (default: the GGUF's own file type)",
+        choices=list(GGUF_EXPORT_TYPES),
     )
     modelfile: str | None = opt(
         None,
