@@ -15,6 +15,7 @@ actually written are read back from the file, so the export says what it really 
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 from pathlib import Path
@@ -141,12 +142,86 @@ def _read_legacy_imatrix(path: Path) -> dict[str, np.ndarray]:
 # ------------------------------------------------------------------------------ quantizing
 
 
-def tensor_types(path: Path) -> dict[str, int]:
-    """Type name → number of tensors, read back from a GGUF file (what it really holds)."""
+# GGUF metadata value types → byte size (8: string, 9: array; see the GGUF spec)
+_SCALAR_SIZE = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def gguf_tensors(path: Path) -> list[tuple[str, str, int, int]]:
+    """(name, type, elements, bytes) of every tensor in a GGUF, from its header alone.
+
+    ``gguf.GGUFReader`` parses every metadata field into numpy views first, which takes tens of
+    seconds for a 150k-token vocabulary; this skips the metadata and reads only the tensor list.
+    """
     import gguf
 
-    reader = gguf.GGUFReader(path)
-    return dict(Counter(t.tensor_type.name.lower() for t in reader.tensors).most_common())
+    with open(path, "rb") as f:
+        raw = f.read(1 << 20)
+        pos = 24
+
+        def need(n: int) -> None:
+            nonlocal raw
+            while pos + n > len(raw):
+                more = f.read(max(1 << 20, n))
+                if not more:
+                    raise ValueError(f"{path} ends inside its header")
+                raw += more
+
+        def u(n_bytes: int) -> int:
+            nonlocal pos
+            need(n_bytes)
+            v = int.from_bytes(raw[pos : pos + n_bytes], "little")
+            pos += n_bytes
+            return v
+
+        def skip_value(vtype: int) -> None:
+            nonlocal pos
+            if vtype == 8:
+                n = u(8)
+                need(n)
+                pos += n
+            elif vtype == 9:
+                item, count = u(4), u(8)
+                if item in _SCALAR_SIZE:
+                    need(count * _SCALAR_SIZE[item])
+                    pos += count * _SCALAR_SIZE[item]
+                else:
+                    for _ in range(count):
+                        skip_value(item)
+            else:
+                need(_SCALAR_SIZE[vtype])
+                pos += _SCALAR_SIZE[vtype]
+
+        need(24)
+        if raw[:4] != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file")
+        n_tensors, n_kv = (int.from_bytes(raw[8 + 8 * i : 16 + 8 * i], "little") for i in (0, 1))
+        for _ in range(n_kv):
+            skip_value(8)  # the key
+            skip_value(u(4))
+        out = []
+        for _ in range(n_tensors):
+            n = u(8)
+            need(n)
+            name = raw[pos : pos + n].decode("utf-8")
+            pos += n
+            dims = [u(8) for _ in range(u(4))]
+            qtype = gguf.GGMLQuantizationType(u(4))
+            u(8)  # offset
+            block, size = gguf.GGML_QUANT_SIZES[qtype]
+            elements = math.prod(dims)
+            out.append((name, qtype.name.lower(), elements, elements // block * size))
+    return out
+
+
+def tensor_types(path: Path) -> dict[str, int]:
+    """Type name → number of tensors, read back from a GGUF file (what it really holds)."""
+    return dict(Counter(t for _, t, _, _ in gguf_tensors(path)).most_common())
+
+
+def bits_per_weight(path: Path) -> float:
+    """Bits per weight of a GGUF's tensors (metadata excluded)."""
+    infos = gguf_tensors(path)
+    return 8 * sum(b for *_, b in infos) / max(1, sum(n for _, _, n, _ in infos))
 
 
 def _fallback_note(fallbacks: list[dict]) -> str | None:

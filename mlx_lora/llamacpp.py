@@ -115,11 +115,12 @@ def token_scores(llm: Any, ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def next_token_logprobs(logits: np.ndarray, ids: list[int]) -> np.ndarray:
-    """``log p(ids[i + 1] | ids[:i + 1])`` from logits ``[len(ids), vocab]`` (float64 sums)."""
-    x = np.asarray(logits[:-1], dtype=np.float64)
+    """``log p(ids[i + 1] | ids[:i + 1])`` from logits ``[len(ids), vocab]`` (sums in float64)."""
+    x = np.asarray(logits[:-1], dtype=np.float32)
     peak = x.max(-1, keepdims=True)
-    log_z = peak[:, 0] + np.log(np.exp(x - peak).sum(-1))
-    return x[np.arange(len(x)), np.asarray(ids[1:])] - log_z
+    z = np.exp(x - peak).sum(-1, dtype=np.float64)
+    picked = x[np.arange(len(x)), np.asarray(ids[1:])].astype(np.float64)
+    return picked - peak[:, 0] - np.log(z)
 
 
 _TENSOR_LINE = re.compile(r"\[\s*(\d+)/\s*(\d+)\]\s+(\S+)")

@@ -246,20 +246,11 @@ def _human(n: float) -> str:
     return ""
 
 
-def gguf_bits_per_weight(path: Path) -> float:
-    """Bits per weight of a GGUF's tensors (metadata excluded)."""
-    import gguf
-
-    reader = gguf.GGUFReader(path)
-    n_bytes = sum(int(t.n_bytes) for t in reader.tensors)
-    n = sum(int(t.n_elements) for t in reader.tensors)
-    return 8 * n_bytes / max(1, n)
-
-
 def gguf_row(label: str, kind: str, path: Path, scores: Scores, reference: bool = False) -> Row:
-    return Row(
-        label, kind, scores, Path(path).stat().st_size, gguf_bits_per_weight(path), reference
-    )
+    from mlx_lora.gguf_quant import bits_per_weight
+
+    size = Path(path).stat().st_size
+    return Row(label, kind, scores, size, bits_per_weight(path), reference)
 
 
 def folder_size(folder: Path) -> int:
