@@ -630,9 +630,11 @@ def _quality_gguf(
             write_gguf(hf_dir, reference_gguf, ref_type, progress=False)
         n_ctx = max(len(x) for x in ref.prompts) + 8
         llm = open_llama(Path(reference_gguf), n_ctx=n_ctx, lora_path=lora)
-        cmp = compare_logits(ref.logits, [llama_logits(llm, x) for x in ref.prompts], ref_type)
+        kind = "f16" if lora else ref_type  # a quantized base's GGUF LoRA adapter is f16
+        cmp = compare_logits(ref.logits, [llama_logits(llm, x) for x in ref.prompts], kind)
         del llm
-        name = f"reference {ref_type} GGUF vs MLX ({len(ref.prompts)} prompts)"
+        what = f"reference {ref_type} GGUF{' + LoRA' if lora else ''} vs MLX"
+        name = f"{what} ({len(ref.prompts)} prompts)"
         report.checks.append(Check(name, "ok" if cmp.ok else "FAIL", cmp.figures(), cmp.values()))
         rows = [
             gguf_row(
