@@ -61,27 +61,6 @@ def _pick(examples: list[Encoded], max_texts: int, max_tokens: int) -> list[Enco
     return [e for e in cut if len(e.ids) > 1 and any(e.mask[1:])]
 
 
-def _validation_split(tokenizer: Any, adapter: Any) -> tuple[str, list[Encoded]] | None:
-    """The run's own held-out examples, rebuilt exactly as train split them (None: not recorded)."""
-    from mlx_lora.data import load_dataset, split
-
-    rec = adapter.extra if adapter is not None else {}
-    kw = {
-        "fmt": rec.get("format") or "auto",
-        "system_prompt": rec.get("system_prompt"),
-        "max_seq_length": int(rec.get("max_seq_length") or 2048),
-    }
-    if rec.get("eval_data") and Path(rec["eval_data"]).is_file():
-        ds = load_dataset(Path(rec["eval_data"]), tokenizer, **kw)
-        return f"the run's --eval-data {rec['eval_data']}", ds.examples
-    data, frac = rec.get("data"), float(rec.get("val_split") or 0.0)
-    if not data or frac <= 0 or not Path(data).is_file():
-        return None
-    ds = load_dataset(Path(data), tokenizer, **kw)
-    _, val_idx = split(len(ds.examples), frac, int(rec.get("seed") or 0))
-    return f"the validation split of {adapter.directory}", [ds.examples[i] for i in val_idx]
-
-
 def eval_set(
     tokenizer: Any,
     *,
@@ -91,16 +70,25 @@ def eval_set(
     max_texts: int = MAX_TEXTS,
     max_tokens: int = MAX_TOKENS,
 ) -> EvalSet:
-    """``--eval-data``, else the run's validation split, else the built-in texts."""
+    """``--eval-data``, else the run's validation split, else the built-in texts. With a training
+    run, the held-out texts are encoded as that run encoded them (:mod:`mlx_lora.eval`'s rule)."""
     from mlx_lora.data import encode_plain, load_dataset
+    from mlx_lora.eval import _held_out
 
-    if eval_data is not None:
-        if not Path(eval_data).is_file():
-            raise MlxLoraError(f"--eval-data {eval_data} does not exist; pass a dataset file")
+    if eval_data is not None and not Path(eval_data).is_file():
+        raise MlxLoraError(f"--eval-data {eval_data} does not exist; pass a dataset file")
+    found: tuple[str, list[Encoded]] | None = None
+    if adapter is not None:
+        try:
+            source, examples, _ = _held_out(
+                adapter, str(eval_data) if eval_data else None, tokenizer
+            )
+            found = (source, examples)
+        except MlxLoraError:  # the run recorded no split (and no --eval-data was given)
+            found = None
+    elif eval_data is not None:
         ds = load_dataset(Path(eval_data), tokenizer, system_prompt=system_prompt)
-        found: tuple[str, list[Encoded]] | None = (f"--eval-data {eval_data}", ds.examples)
-    else:
-        found = _validation_split(tokenizer, adapter)
+        found = (str(eval_data), ds.examples)
     if found is None:
         found = (
             "built-in texts (no validation split recorded; pass --eval-data)",

@@ -185,7 +185,7 @@ def test_qwen_kquants_apply_load_and_cost_what_they_should(qwen_kquants):
         "q6_k"
         in json.loads(qwen_kquants["q6_k"].manifest.read_text())["quantization"]["tensor_types"]
     )
-    assert m["quality"]["eval_source"].startswith("--eval-data")
+    assert m["quality"]["eval_source"].endswith("eval.json")
     _assert_sane(qwen_kquants, PPL_TOLERANCE)
 
 
@@ -243,7 +243,7 @@ def test_stories_quality_on_the_runs_validation_split(stories_kquants):
         print("\n" + r.report.table())
         assert r.report.ok, kind
         q = json.loads(r.manifest.read_text())["quality"]
-        assert q["eval_source"].startswith("the validation split of"), q["eval_source"]
+        assert q["eval_source"].endswith("(validation split 0.5)"), q["eval_source"]
         assert q["texts"] == 4  # val_split 0.5 of 8 texts, rebuilt as train split them
     # hidden 64: llama.cpp has no 256-value block to use; the export says what it did instead
     q4 = json.loads(stories_kquants["q4_k_m"].manifest.read_text())["quantization"]
