@@ -164,10 +164,12 @@ def llama_quantize(
     *,
     imatrix: dict[str, np.ndarray] | None = None,
     on_tensor: Callable[[int, int, str], None] | None = None,
+    dry_run: bool = False,
 ) -> QuantizeLog:
     """Quantize the GGUF ``src`` into ``dst`` with llama.cpp's own quantizer (what
     ``llama-quantize`` runs), optionally with an importance matrix (GGUF tensor name → per-column
-    weights). ``on_tensor(i, n, name)`` is called as each tensor starts (progress)."""
+    weights). ``on_tensor(i, n, name)`` is called as each tensor starts (progress). ``dry_run``:
+    only compute the sizes (llama.cpp logs them; nothing is written)."""
     import ctypes
 
     import llama_cpp
@@ -188,6 +190,7 @@ def llama_quantize(
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = int(ftype)
     params.nthread = os.cpu_count() or 1
+    params.dry_run = dry_run
     keep = _imatrix_array(imatrix) if imatrix else None
     if keep is not None:
         params.imatrix = keep[0]
