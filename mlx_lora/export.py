@@ -703,13 +703,27 @@ EPILOG = """examples:
   python -m mlx_lora.export --adapter output/huanhuan --output-dir export/hh \
       --mode adapter --gguf-type q8_0
   python -m mlx_lora.export --adapter output/huanhuan --output-dir export/hh \
-      --ollama-create --ollama-quantize q4_K_M
+      --gguf-type q4_k_m --verify
+  python -m mlx_lora.export --adapter output/huanhuan --output-dir export/hh-mlx \
+      --format mlx --q-bits 4
 
 files: OUT/NAME.gguf (or NAME-base.gguf + NAME-lora.gguf), OUT/Modelfile, OUT/export.json,
-       OUT/NAME-hf/ (full mode)"""
+       OUT/NAME-hf/ (full mode), OUT/NAME-mlx/ (--format mlx)"""
+
+
+def _lower_type(argv: list[str]) -> list[str]:
+    """``--gguf-type Q4_K_M`` (llama.cpp's and Ollama's spelling) means q4_k_m."""
+    out = list(argv)
+    for i, a in enumerate(out):
+        if a.startswith("--gguf-type="):
+            out[i] = a.lower()
+        elif a == "--gguf-type" and i + 1 < len(out):
+            out[i + 1] = out[i + 1].lower()
+    return out
 
 
 def main(argv: list[str] | None = None) -> ExportResult:
+    argv = _lower_type(sys.argv[1:] if argv is None else argv)
     cfg: ExportConfig = parse_config(
         ExportConfig, argv, "python -m mlx_lora.export", DESCRIPTION, EPILOG
     )
