@@ -755,6 +755,7 @@ def verify_mlx(
     _free()
     quant, _ = load_quantized(mlx_dir)
     got, ours = mlx_scores(quant, evals), mlx_greedy(quant, prompts[0], greedy_tokens)
+    bpw = _bits_per_weight(quant)
     del quant
     _free()
     check = _greedy_check(ref, ours, "mlx")
@@ -771,7 +772,7 @@ def verify_mlx(
     )
     q = read_json(mlx_dir / "config.json").get("quantization") or {}
     rows = [
-        Row(mlx_dir.name, f"mlx {q.get('bits')}-bit", got, folder_size(mlx_dir)),
+        Row(mlx_dir.name, f"mlx {q.get('bits')}-bit", got, folder_size(mlx_dir), bpw),
         Row("full precision", "fp32", full, folder_size(hf_dir), reference=True),
     ]
     report.quality = Quality(evals, rows, full, "MLX fp32 (top-1 referee)")
@@ -794,7 +795,15 @@ def _check_mlx_load(mlx_dir: Path, hf_dir: Path) -> Check:
     ours = getattr(hf_tokenizer(tok), "chat_template", None)
     same = ours == getattr(load_hf_tokenizer(hf_dir), "chat_template", None)
     figures = "chat template equal" if same else "chat template differs from the model's"
+    if same and ours is None:
+        figures = "no chat template (as the model)"
     return Check(name, "ok" if same else "FAIL", figures)
+
+
+def _bits_per_weight(model: Any) -> float:
+    from mlx_lm.utils import compute_bits_per_weight
+
+    return float(compute_bits_per_weight(model))
 
 
 def load_quantized(mlx_dir: Path) -> tuple[Any, Any]:
