@@ -814,7 +814,9 @@ def load_quantized(mlx_dir: Path) -> tuple[Any, Any]:
     return loaded.model, loaded.tokenizer
 
 
-def verify_export(export: Any, *, reference_gguf: Path | None = None) -> Report:
+def verify_export(
+    export: Any, *, reference_gguf: Path | None = None, eval_data: Path | None = None
+) -> Report:
     """Verify an export folder (or an :class:`mlx_lora.export.ExportResult`) from its manifest;
     the quality figures are added to its ``export.json``."""
     out = Path(getattr(export, "output_dir", export))
@@ -837,7 +839,7 @@ def verify_export(export: Any, *, reference_gguf: Path | None = None) -> Report:
             bits=q.get("bits", 4),
             group_size=q.get("group_size", 64),
             adapter_dir=path("adapter"),
-            eval_data=path("eval_data"),
+            eval_data=eval_data or path("eval_data"),
         )
     else:
         report = verify_gguf(
@@ -848,7 +850,7 @@ def verify_export(export: Any, *, reference_gguf: Path | None = None) -> Report:
             gguf_type=m.get("gguf_type"),
             lora_gguf=path("lora_gguf"),
             modelfile=path("modelfile"),
-            eval_data=path("eval_data"),
+            eval_data=eval_data or path("eval_data"),
             reference_gguf=reference_gguf,
         )
     if report.quality is not None:
@@ -892,6 +894,11 @@ class VerifyConfig:
         "an Ollama Modelfile for --gguf: its TEMPLATE run by Go as Ollama does, tokenized by "
         "llama.cpp, vs the chat template (needs go on PATH)",
     )
+    eval_data: str | None = opt(
+        None,
+        "held-out texts (a dataset file) for the quality section of a quantized export; default: "
+        "the one export recorded, else the training run's validation split",
+    )
 
 
 DESCRIPTION = """Check that a GGUF export is the model you trained: GGUF metadata vs the HF folder,
@@ -911,7 +918,9 @@ def main(argv: list[str] | None = None) -> Report:
         VerifyConfig, argv, "python -m mlx_lora.verify", DESCRIPTION, EPILOG
     )
     if c.export_dir:
-        report = verify_export(Path(c.export_dir))
+        report = verify_export(
+            Path(c.export_dir), eval_data=Path(c.eval_data) if c.eval_data else None
+        )
     elif c.gguf and c.hf_dir:
         report = verify_gguf(
             Path(c.hf_dir),
@@ -921,6 +930,7 @@ def main(argv: list[str] | None = None) -> Report:
             gguf_type=c.gguf_type,
             lora_gguf=Path(c.lora_gguf) if c.lora_gguf else None,
             modelfile=Path(c.modelfile) if c.modelfile else None,
+            eval_data=Path(c.eval_data) if c.eval_data else None,
         )
     else:
         raise MlxLoraError("pass --export-dir OUT, or --gguf FILE with --hf-dir DIR")

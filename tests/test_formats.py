@@ -29,7 +29,6 @@ from mlx_lora.gguf import GGUF_EXPORT_TYPES, GGUF_TYPES, LLAMA_CPP_TYPES
 
 HAVE_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
 needs_llama_cpp = pytest.mark.skipif(not HAVE_LLAMA_CPP, reason="llama-cpp-python not installed")
-STORY_TEMPLATE = "{{- range .Messages }}{{ .Content }}{{ end }}"
 STORY_TEXTS = (
     "Once upon a time, there was a little girl named Lily. She loved to play outside in the sun.",
     "One day, a big dog came to the park. The dog was very happy and wanted to play with Lily.",
@@ -222,15 +221,12 @@ def stories_run(stories, story_data, work) -> Path:
 def stories_kquants(stories, stories_run, work):
     if not HAVE_LLAMA_CPP:
         pytest.skip("llama-cpp-python not installed")
-    template = work / "story.tmpl"
-    template.write_text(STORY_TEMPLATE)
     return {
         kind: _export(
             model=str(stories),
             adapter=str(stories_run),
             output_dir=str(work / f"stories-{kind}"),
             gguf_type=kind,
-            template=str(template),
             verify=True,
         )
         for kind in TYPES
@@ -256,15 +252,12 @@ def test_stories_quality_on_the_runs_validation_split(stories_kquants):
 def test_adapter_mode_quantizes_the_base_and_keeps_the_lora_f16(stories, stories_run, work):
     from mlx_lora.gguf_quant import tensor_types
 
-    template = work / "story2.tmpl"
-    template.write_text(STORY_TEMPLATE)
     r = _export(
         model=str(stories),
         adapter=str(stories_run),
         output_dir=str(work / "stories-adapter-q4"),
         mode="adapter",
         gguf_type="q4_k_m",
-        template=str(template),
         verify=True,
     )
     print("\n" + r.report.table())
