@@ -631,6 +631,8 @@ def _quality_gguf(
         n_ctx = max(len(x) for x in ref.prompts) + 8
         llm = open_llama(Path(reference_gguf), n_ctx=n_ctx, lora_path=lora)
         kind = "f16" if lora else ref_type  # a quantized base's GGUF LoRA adapter is f16
+        if kind == "f32" and report.arch in GELU_TABLE_ARCHS:
+            kind = "f32-gelu"  # llama.cpp's GELU lookup table, as for an f32 export
         cmp = compare_logits(ref.logits, [llama_logits(llm, x) for x in ref.prompts], kind)
         del llm
         what = f"reference {ref_type} GGUF{' + LoRA' if lora else ''} vs MLX"
