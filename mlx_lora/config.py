@@ -97,8 +97,11 @@ class TrainConfig:
     early_stopping_patience: int | None = opt(
         None, "stop after this many evaluations without a lower eval_loss; the best adapter is kept"
     )
-    gradient_checkpointing: bool = opt(
-        True, "recompute activations in the backward pass to save memory"
+    gradient_checkpointing: bool | None = opt(
+        None,
+        "recompute activations in the backward pass to save memory: auto (default) = off when the "
+        "run fits in memory without it, on otherwise; on; off",
+        tristate=True,
     )
     packing: bool = opt(
         True,
@@ -197,6 +200,27 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+TRISTATE = {"auto": None, "on": True, "true": True, "yes": True, "off": False, "false": False}
+TRISTATE |= {"no": False}
+
+
+def tristate(value: Any) -> bool | None:
+    """auto → None, on/true/yes → True, off/false/no → False (flags, YAML, Python callers)."""
+    if value is None or isinstance(value, bool):
+        return value
+    key = str(value).strip().lower()
+    if key not in TRISTATE:
+        raise ValueError(f"expected auto, on or off, got {value!r}")
+    return TRISTATE[key]
+
+
+def _tristate_arg(value: str) -> bool | None:
+    try:
+        return tristate(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _base_type(tp: Any) -> Any:
     args = [a for a in get_args(tp) if a is not type(None)]
     return args[0] if get_origin(tp) is not None and args else tp
@@ -233,7 +257,19 @@ def build_parser(
             f" (default: {f.default})" if f.default not in (None, "") else ""
         )
         tp = _base_type(hints[f.name])
-        if tp is bool:
+        if meta.pop("tristate", False):  # --flag [auto|on|off], --no-flag
+            parser.add_argument(
+                _flag(f.name),
+                nargs="?",
+                const=True,
+                type=_tristate_arg,
+                metavar="{auto,on,off}",
+                help=help_text.replace(" (default: None)", ""),
+            )
+            parser.add_argument(
+                "--no-" + _flag(f.name)[2:], dest=f.name, action="store_const", const=False
+            )
+        elif tp is bool:
             parser.add_argument(
                 _flag(f.name), action=argparse.BooleanOptionalAction, help=help_text
             )
@@ -253,6 +289,11 @@ def _coerce(cls: type, key: str, value: Any, source: str) -> Any:
     tp = _base_type(hints[key])
     if value is None:
         return None
+    if next(f for f in dataclasses.fields(cls) if f.name == key).metadata.get("tristate"):
+        try:
+            return tristate(value)
+        except ValueError as e:
+            raise MlxLoraError(f"{source}: {key}: {e}") from None
     if tp is str and isinstance(value, list):  # target_modules: [q_proj, v_proj]
         return ",".join(str(v) for v in value)
     try:

@@ -360,10 +360,18 @@ def _round_up(x: int, m: int) -> int:
 
 
 def make_batch(
-    examples: list[Encoded], max_len: int, packing: bool = True, pad_id: int = 0
+    examples: list[Encoded],
+    max_len: int,
+    packing: bool = True,
+    pad_id: int = 0,
+    pad_to: int = 32,
+    lanes: int = 1,
 ) -> Batch:
-    """Lay ``examples`` out in rows: packed first-fit-decreasing into rows of ``max_len`` (or one
-    per row).
+    """Lay ``examples`` out in rows: packed into rows of at most ``max_len`` tokens (or one per
+    row); row length and target count rounded up to a multiple of ``pad_to`` (32: shapes repeat
+    for a step compiled per shape; 1: exact, for the eager step). ``lanes`` > 1 packs into at
+    least that many rows of balanced length (longest first, into the emptiest row), which the
+    forward runs side by side; otherwise first-fit decreasing.
 
     Packing changes only the layout: attention stays within each example (segment ids) and the
     loss sums the same target tokens, so a packed batch computes the same update.
@@ -373,14 +381,15 @@ def make_batch(
     fill: list[int] = []
     for i in order:
         n = len(examples[i].ids)
-        slot = next((r for r, f in enumerate(fill) if f + n <= max_len), None) if packing else None
-        if slot is None:
+        fits = [r for r, f in enumerate(fill) if f + n <= max_len] if packing else []
+        if not fits or len(rows) < lanes:
             rows.append([i])
             fill.append(n)
-        else:
-            rows[slot].append(i)
-            fill[slot] += n
-    length = min(_round_up(max(fill), 32), _round_up(max_len, 32))
+            continue
+        slot = min(fits, key=fill.__getitem__) if lanes > 1 else fits[0]
+        rows[slot].append(i)
+        fill[slot] += n
+    length = min(_round_up(max(fill), pad_to), _round_up(max_len, pad_to))
     inputs = np.full((len(rows), length), pad_id, dtype=np.int32)
     segments = np.full((len(rows), length), -1, dtype=np.int32)
     targets, labels = [], []
@@ -397,7 +406,7 @@ def make_batch(
                     labels.append(ex.ids[t])
             pos += n
     n_t = len(targets)
-    size = max(32, _round_up(n_t, 32))
+    size = max(pad_to, _round_up(n_t, pad_to))
     t = np.zeros(size, dtype=np.int32)
     y = np.zeros(size, dtype=np.int32)
     w = np.zeros(size, dtype=np.float32)

@@ -19,6 +19,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
+from mlx_lora import kernels
 from mlx_lora.errors import MlxLoraError
 from mlx_lora.files import read_json, write_json_atomic
 from mlx_lora.weights import load_tensors, save_tensors
@@ -97,10 +98,12 @@ class LoRALinear(nn.Module):
         y = self.base(x)
         if not self.active:
             return y
-        xd = self.dropout(x)
-        z = (xd.astype(mx.float32) @ self.lora_A.T) @ self.lora_B.T
+        # kernels.dropout: nn.Dropout's semantics with a cheaper generator
+        xd = kernels.dropout(x, 1 - self.dropout._p_1) if self.dropout.training else x
+        # the scale multiplies the rank-r activations, not the [tokens, out] product
+        z = ((xd.astype(mx.float32) @ self.lora_A.T) * self.scale) @ self.lora_B.T
         if not self.dora:
-            return y + (self.scale * z).astype(y.dtype)
+            return y + z.astype(y.dtype)
         w = dense_weight(self.base).astype(mx.float32)
         norm = mx.stop_gradient(row_norm(w + self.scale * (self.lora_B @ self.lora_A)))
         g = self.lora_magnitude_vector / norm
@@ -109,7 +112,7 @@ class LoRALinear(nn.Module):
         else:
             bias = self.base.bias if "bias" in self.base else 0.0
             base_out = (y - bias).astype(mx.float32)
-        return y + ((g - 1) * base_out + g * self.scale * z).astype(y.dtype)
+        return y + ((g - 1) * base_out + g * z).astype(y.dtype)
 
 
 def _layer_of(path: str) -> int | None:

@@ -9,9 +9,10 @@ same target positions. Both are checked against mlx-lm's plain forward in the te
 
 A Qwen vocabulary has 151,936 entries; a ``[batch, seq, vocab]`` logits tensor is most of the
 memory of a small-model step, and most positions are prompt or padding. So the blocks run once
-over the packed rows (attention confined to each example by a block-diagonal mask), the hidden
-states of target positions are gathered, and the cross-entropy is computed chunk by chunk (with
-gradient checkpointing, each chunk is recomputed in the backward pass instead of kept).
+over the packed rows (attention confined to each example: per example for the blocks
+:mod:`mlx_lora.forward` drives, by a block-diagonal mask for the others), the hidden states of
+target positions are gathered, and the cross-entropy is computed chunk by chunk (with gradient
+checkpointing, each chunk is recomputed in the backward pass instead of kept).
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
+
+from mlx_lora import forward, kernels
 
 LOSS_CHUNK = 128  # rows of [chunk, vocab] logits alive at once: 78 MB for Qwen's vocab in fp32
 
@@ -113,15 +117,46 @@ def loss_sum(
     weights: mx.array,
     checkpoint: bool = False,
     chunk: int = LOSS_CHUNK,
+    layout: forward.Layout | None = None,
 ) -> mx.array:
-    """Sum (not mean) of token cross-entropies: micro-batches add up to the large batch exactly."""
-    h = hidden_states(model, inputs, attention_mask(segments), checkpoint)
-    h = h.reshape(-1, h.shape[-1])[targets]
+    """Sum (not mean) of token cross-entropies: micro-batches add up to the large batch exactly.
+
+    Models :func:`mlx_lora.forward.fast_path` accepts run row by row, each row trimmed to its
+    examples, on its own lane (:func:`mlx_lora.forward.cpu_lanes`), attention per example; the
+    other packed architectures run all rows at once under the block-diagonal mask."""
+    if not forward.fast_path(model):
+        h = hidden_states(model, inputs, attention_mask(segments), checkpoint)
+        h = h.reshape(-1, h.shape[-1])[targets]
+        return _head_loss(model, h, labels, weights, checkpoint, chunk)
+    if layout is None or not layout.row_targets:
+        layout = forward.Layout.from_segments(
+            np.array(segments), np.array(targets), np.array(weights)
+        )
+    total = mx.array(0.0, dtype=mx.float32)
+    for r, (t0, t1) in enumerate(layout.row_targets):
+        if t1 == t0:  # a row without targets cannot change the loss
+            continue
+        with mx.stream(forward.lane_stream(r)):
+            row = layout.row(r)
+            h = forward.hidden_states(model, inputs[r : r + 1, : row.length], row, checkpoint)
+            h = h[0][targets[t0:t1] - r * layout.length]
+            total = total + _head_loss(model, h, labels[t0:t1], weights[t0:t1], checkpoint, chunk)
+    return total
+
+
+def _head_loss(
+    model: nn.Module,
+    h: mx.array,
+    labels: mx.array,
+    weights: mx.array,
+    checkpoint: bool,
+    chunk: int,
+) -> mx.array:
+    """Weighted cross-entropy sum of target hidden states ``h`` [n, hidden], chunk by chunk."""
 
     def chunk_ce(yc: mx.array, wc: mx.array):
         def ce(hc: mx.array) -> mx.array:  # labels/weights closed over: integers have no VJP
-            logits = project(model, hc).astype(mx.float32)
-            return (nn.losses.cross_entropy(logits, yc) * wc).sum()
+            return (kernels.cross_entropy(project(model, hc), yc) * wc).sum()
 
         # With gradient checkpointing each chunk's logits are recomputed in the backward pass
         # (memory stays at one chunk); without it they are kept (about 10% faster).

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +44,13 @@ from mlx_lora.config import TrainConfig, parse_config
 from mlx_lora.data import Batch, Dataset, Encoded, epoch_order, load_dataset, make_batch, split
 from mlx_lora.errors import MlxLoraError
 from mlx_lora.files import write_error_detail, write_json_atomic
+from mlx_lora.forward import Layout, cpu_lanes, fast_path, keep_buffers, lanes
 from mlx_lora.hub import resolve_model
 from mlx_lora.lora import adapter_config, apply_lora, normalize_targets
 from mlx_lora.loss import checkpoint_layers, general_loss_sum, loss_sum, training_path
 from mlx_lora.model import compute_dtype, device_name, load_base
+from mlx_lora.recompute import Decision
+from mlx_lora.recompute import decide as decide_checkpointing
 from mlx_lora.report import Fanout, Reporter, default_reporter, human_bytes, plot_losses
 from mlx_lora.trackers import open_trackers, parse_report_to, save_tracker_state
 
@@ -61,6 +65,7 @@ class TrainResult:
     tokens_per_second: float
     peak_memory_gb: float
     stopped_early: bool = False
+    gradient_checkpointing: bool | None = None  # what --gradient-checkpointing (auto) chose
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -211,8 +216,15 @@ def evaluate(
     total, count = 0.0, 0
     mine = examples[rank::world]
     fn = loss_sum if path == "packed" else general_loss_sum
+    eager = path == "packed" and fast_path(model)  # exact shapes, rows side by side
     for i in range(0, len(mine), batch_size):
-        b = make_batch(mine[i : i + batch_size], max_len, packing and path == "packed", pad_id)
+        chosen = mine[i : i + batch_size]
+        packed = packing and path == "packed"
+        b = (
+            make_batch(chosen, max_len, packed, pad_id, pad_to=1, lanes=lanes())
+            if eager
+            else make_batch(chosen, max_len, packed, pad_id)
+        )
         loss = fn(model, *batch_arrays(b))
         total += loss.item()
         count += b.n_target_tokens
@@ -244,6 +256,11 @@ class Run:
     loss_and_grad: Callable = field(repr=False, default=None)  # type: ignore[assignment]
     trackers: list = field(default_factory=list)
     path: str = "packed"  # mlx_lora.loss.training_path: packed, or the model's own forward
+    recompute: Decision = field(default_factory=lambda: Decision(False, "off"))
+    eager: bool = False  # the packed path through mlx_lora.forward: exact shapes, lanes, eager
+    lanes: int = 1
+    finish_grads: Callable = field(repr=False, default=None)  # type: ignore[assignment]
+    apply_update: Callable = field(repr=False, default=None)  # type: ignore[assignment]
 
     @property
     def packing(self) -> bool:
@@ -391,10 +408,25 @@ def _resume(run: Run, ckpt: Path) -> None:
 
 
 def _compile_step(run: Run) -> Callable:
-    """Loss and gradients of one micro-batch, compiled once per batch shape (rows and lengths are
+    """Loss and gradients of one micro-batch (a :class:`Batch`).
+
+    The packed path through :mod:`mlx_lora.forward` runs eagerly: every batch has its own exact
+    shapes and per-example attention, and its hot element-wise work is compiled kernels of its
+    own (:mod:`mlx_lora.kernels`). The others are compiled once per batch shape (rows and lengths
     padded to multiples of 32, so shapes repeat); the model and the RNG (dropout) are the state
     the compiled graph reads and updates."""
-    checkpoint = run.cfg.gradient_checkpointing
+    checkpoint = run.recompute.on
+    if run.eager:
+        value_and_grad = nn.value_and_grad(
+            run.model,
+            lambda m, *a, layout=None: loss_sum(m, *a, checkpoint=checkpoint, layout=layout),
+        )
+
+        def step(b: Batch):
+            layout = Layout.from_segments(b.segments, b.targets, b.weights)
+            return value_and_grad(run.model, *batch_arrays(b), layout=layout)
+
+        return step
     if run.path == "packed":
         value_and_grad = nn.value_and_grad(
             run.model, lambda m, *a: loss_sum(m, *a, checkpoint=checkpoint)
@@ -404,7 +436,43 @@ def _compile_step(run: Run) -> Callable:
             checkpoint_layers(run.model)
         value_and_grad = nn.value_and_grad(run.model, general_loss_sum)
     state = [run.model.state, mx.random.state]
-    return mx.compile(lambda *a: value_and_grad(run.model, *a), inputs=state, outputs=state)
+    compiled = mx.compile(lambda *a: value_and_grad(run.model, *a), inputs=state, outputs=state)
+    return lambda b: compiled(*batch_arrays(b))
+
+
+def _compile_update(run: Run) -> None:
+    """The per-tensor element-wise work of an update (hundreds of small LoRA tensors), compiled:
+    shapes never change, so each is traced once. Made after a resume replaced the state."""
+    run.finish_grads = mx.compile(partial(scale_and_clip, max_norm=run.cfg.max_grad_norm))
+    state = [run.model.state, run.optimizer.state]
+    run.apply_update = mx.compile(
+        lambda g: run.optimizer.update(run.model, g), inputs=state, outputs=state
+    )
+
+
+def scale_and_clip(grads: dict, inv: mx.array, max_norm: float) -> tuple[dict, mx.array]:
+    """Summed gradients → mean per target token, clipped to ``max_norm`` (0: not clipped)."""
+    grads = tree_map(lambda x: x * inv, grads)
+    if max_norm > 0:
+        return optim.clip_grad_norm(grads, max_norm)
+    return grads, mx.sqrt(sum((g * g).sum() for _, g in tree_flatten(grads)))
+
+
+def _decide_checkpointing(cfg: TrainConfig, model: nn.Module, config: dict, train_ex) -> Decision:
+    """``--gradient-checkpointing``: as asked, or (auto) whether the largest batch fits without.
+    :func:`mlx_lora.recompute.decide` is the estimate a full memory plan can replace."""
+    trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
+    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    dtype = compute_dtype(cfg.dtype)
+    return decide_checkpointing(
+        cfg.gradient_checkpointing,
+        config,
+        [len(e.ids) for e in train_ex],
+        [sum(e.mask[1:]) for e in train_ex],
+        cfg.per_device_train_batch_size,
+        weights + 3 * trainable * 4,  # + fp32 gradients and two optimizer moments
+        mx.finfo(dtype).bits // 8,
+    )
 
 
 def setup(cfg: TrainConfig) -> tuple[Run, Path | None]:
@@ -455,8 +523,19 @@ def setup(cfg: TrainConfig) -> tuple[Run, Path | None]:
     state = TrainerState(max_steps=total, num_train_epochs=total / steps_per_epoch, run=run_keys)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     path = training_path(config.get("model_type"))
-    text = summary(cfg, ds, len(train_ex), len(val_ex), model, steps_per_epoch, total, group.size())
-    text += "\n" + _path_line(path, config)
+    recompute = _decide_checkpointing(cfg, model, config, train_ex)
+    text = summary(
+        cfg,
+        ds,
+        len(train_ex),
+        len(val_ex),
+        model,
+        steps_per_epoch,
+        total,
+        group.size(),
+        recompute.reason,
+    )
+    text += "\n" + _path_line(path, config, path == "packed" and fast_path(model))
     run = Run(
         cfg,
         out,
@@ -474,9 +553,14 @@ def setup(cfg: TrainConfig) -> tuple[Run, Path | None]:
         text,
     )
     run.path = path
+    run.recompute = recompute
+    run.eager = path == "packed" and fast_path(model)
     if resume_from is not None:
         _resume(run, resume_from)
     run.loss_and_grad = _compile_step(run)
+    _compile_update(run)
+    if run.eager:
+        keep_buffers()
     return run, resume_from
 
 
@@ -493,10 +577,13 @@ def special_text_line(ds: Dataset) -> str:
     return f"data: {records} special tokens; {how}\n"
 
 
-def _path_line(path: str, config: dict) -> str:
+def _path_line(path: str, config: dict, eager: bool = False) -> str:
     kind = config.get("model_type")
     if path == "packed":
-        return f"path: packed rows, target-only vocabulary projection ({kind} blocks driven here)"
+        how = "; attention per example, rows side by side on the CPU" if eager else ""
+        return (
+            f"path: packed rows, target-only vocabulary projection ({kind} blocks driven here{how})"
+        )
     return (
         f"path: general — {kind} runs its own forward, one example per row (no packing; the "
         "packed path drives qwen2, qwen3, llama and mistral blocks only)"
@@ -512,6 +599,7 @@ def summary(
     steps_per_epoch: int,
     total_steps: int,
     world: int = 1,
+    checkpointing: str = "",
 ) -> str:
     """The start-up lines: data, model and schedule as this run will use them."""
     from mlx_lm.utils import get_total_parameters
@@ -540,7 +628,7 @@ def summary(
         f"schedule: {steps_per_epoch} steps/epoch, {total_steps} steps, effective batch {eff} "
         f"({cfg.per_device_train_batch_size} × {cfg.gradient_accumulation_steps} "
         f"accumulation{procs}), packing {'on' if cfg.packing else 'off'}, gradient "
-        f"checkpointing {'on' if cfg.gradient_checkpointing else 'off'}"
+        f"checkpointing {checkpointing or ('on' if cfg.gradient_checkpointing else 'off')}"
     )
 
 
@@ -576,9 +664,14 @@ def train_step(run: Run, meter: Meter) -> tuple[float, float]:
     ids = step_examples(step, len(run.train_ex), run.per_step, run.steps_per_epoch, cfg.seed)
     ids = rank_share(ids, run.rank, run.world)
     bs = cfg.per_device_train_batch_size
+    layout = {"pad_to": 1, "lanes": run.lanes} if run.eager else {}
     micro = [
         make_batch(
-            [run.train_ex[j] for j in ids[i : i + bs]], cfg.max_seq_length, run.packing, run.pad_id
+            [run.train_ex[j] for j in ids[i : i + bs]],
+            cfg.max_seq_length,
+            run.packing,
+            run.pad_id,
+            **layout,
         )
         for i in range(0, len(ids), bs)
     ]
@@ -586,7 +679,7 @@ def train_step(run: Run, meter: Meter) -> tuple[float, float]:
     mx.random.seed((cfg.seed * 1_000_003 + step) * 1_009 + run.rank)  # dropout: step and rank only
     grads, loss_total = None, 0.0
     for b in micro:
-        loss, g = run.loss_and_grad(*batch_arrays(b))
+        loss, g = run.loss_and_grad(b)
         grads = g if grads is None else tree_map(mx.add, grads, g)
         mx.eval(loss, grads)
         loss_total += loss.item()
@@ -597,12 +690,7 @@ def train_step(run: Run, meter: Meter) -> tuple[float, float]:
     if run.world > 1:  # sum over ranks = the gradient of the whole global batch
         grads = tree_map(lambda g: g * run.world, nn.average_gradients(grads, group=run.group))
         loss_total = all_sum(loss_total, run.group)
-    inv = 1.0 / max(n_targets, 1)
-    grads = tree_map(lambda x: x * inv, grads)
-    if cfg.max_grad_norm > 0:
-        grads, grad_norm = optim.clip_grad_norm(grads, cfg.max_grad_norm)
-    else:
-        grad_norm = mx.sqrt(sum((g * g).sum() for _, g in tree_flatten(grads)))
+    grads, grad_norm = run.finish_grads(grads, mx.array(1.0 / max(n_targets, 1)))
     step_loss, norm = loss_total / max(n_targets, 1), grad_norm.item()
     if not math.isfinite(step_loss) or not math.isfinite(norm):
         where = (
@@ -614,7 +702,7 @@ def train_step(run: Run, meter: Meter) -> tuple[float, float]:
             f"loss became {step_loss} at step {step + 1}; training stopped, {where}; lower "
             "--learning-rate and --resume"
         )
-    run.optimizer.update(run.model, grads)
+    run.apply_update(grads)
     mx.eval(run.model.parameters(), run.optimizer.state)
     return step_loss, norm
 
@@ -696,6 +784,14 @@ def loop(run: Run, reporter: Reporter, stop: dict) -> Meter:
     meter = Meter()
     existing = checkpoints(run.out)
     meter.last_good = existing[-1] if existing else None
+    with cpu_lanes(run.cfg.per_device_train_batch_size if run.eager else 1) as n_lanes:
+        run.lanes = n_lanes
+        _steps(run, meter, reporter, stop)
+    return meter
+
+
+def _steps(run: Run, meter: Meter, reporter: Reporter, stop: dict) -> None:
+    """The loop's body, step after step, inside the lanes :func:`loop` set up."""
     state = run.state
     while state.global_step < run.total_steps and not stop["flag"]:
         t_step = time.perf_counter()
@@ -712,7 +808,6 @@ def loop(run: Run, reporter: Reporter, stop: dict) -> Meter:
         _evaluate_and_save(run, meter, reporter, stop["flag"])
         if meter.stopped_early:
             break
-    return meter
 
 
 def finish(run: Run, meter: Meter, runtime: float) -> tuple[TrainResult, dict, str]:
@@ -724,7 +819,15 @@ def finish(run: Run, meter: Meter, runtime: float) -> tuple[TrainResult, dict, s
     train_loss = float(np.mean(losses)) if losses else float("nan")
     best = state.best_model_checkpoint
     result = TrainResult(
-        out, state.global_step, train_loss, meter.last_eval, best, tps, peak, meter.stopped_early
+        out,
+        state.global_step,
+        train_loss,
+        meter.last_eval,
+        best,
+        tps,
+        peak,
+        meter.stopped_early,
+        run.recompute.on,
     )
     final = {
         "train_runtime": round(runtime, 4),

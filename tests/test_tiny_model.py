@@ -340,3 +340,31 @@ def test_sentencepiece_tokenizer_json_equals_tokenizer_model(
         assert sp.id_to_piece(sp.encode("Hello")[0]).startswith("H")
     else:
         assert sp.id_to_piece(sp.encode("Hello")[0]).startswith("\u2581")
+
+
+def test_preset_shape_with_overrides_float32_and_tied_llama(tmp_path: Path) -> None:
+    """--config takes a real model's shape (here SmolLM2's, made small); flags override it."""
+    from mlx_lm.utils import load
+
+    assert mtm.shape_from_config("qwen2.5-0.5b")["kv_heads"] == 2
+    out = tmp_path / "smol"
+    rc = mtm.main(
+        ["--out", str(out), "--config", "smollm2-135m", "--layers", "1", "--hidden-size", "64"]
+        + ["--heads", "4", "--kv-heads", "2", "--intermediate-size", "96", "--dtype", "float32"]
+    )
+    assert rc == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert (cfg["model_type"], cfg["vocab_size"], cfg["num_hidden_layers"]) == ("llama", 49152, 1)
+    assert cfg["tie_word_embeddings"] is True and cfg["rope_theta"] == 100000.0
+    assert cfg["torch_dtype"] == "float32"
+    weights = mx.load(str(out / "model.safetensors"))
+    assert "lm_head.weight" not in weights
+    assert all(v.dtype == mx.float32 for v in weights.values())
+    model, _ = load(str(out))
+    assert model(mx.array([[1, 2, 3]])).shape == (1, 3, 49152)
+
+
+def test_vocab_size_below_the_tokenizer_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(MlxLoraError, match="--vocab-size 100 is smaller than the tokenizer"):
+        mtm.make_tiny_model(tmp_path / "v", vocab_size=100)
+    assert not (tmp_path / "v").exists()

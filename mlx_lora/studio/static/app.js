@@ -138,7 +138,8 @@ function buildForms() {
   $("t-model").value = d.model;
   $("t-data").value = d.data;
   $("t-output").value = d.output_dir;
-  $("t-gc").checked = d.gradient_checkpointing;
+  const gc = d.gradient_checkpointing;
+  $("t-gc").value = gc === null || gc === undefined ? "auto" : gc ? "on" : "off";
   $("t-plan").hidden = !state.info.plan;
   $("e-type").replaceChildren(...state.info.gguf_types.map((g) => el("option", { value: g }, g)));
   $("e-type").value = state.info.export_defaults.gguf_type;
