@@ -475,6 +475,50 @@ def _decide_checkpointing(cfg: TrainConfig, model: nn.Module, config: dict, trai
     )
 
 
+def _data(cfg: TrainConfig, tokenizer: Any, world: int) -> tuple[Dataset, list, list]:
+    """The encoded data set and its training / validation examples."""
+    ds = load_dataset(
+        Path(cfg.data),
+        tokenizer,
+        fmt=cfg.format,
+        system_prompt=cfg.system_prompt,
+        max_seq_length=cfg.max_seq_length,
+        allow_special=cfg.allow_special_tokens_in_content,
+    )
+    train_ex, val_ex = _split_data(cfg, ds, tokenizer)
+    if cfg.per_device_train_batch_size * world > len(train_ex):
+        raise MlxLoraError(
+            f"--per-device-train-batch-size {cfg.per_device_train_batch_size} × {world} "
+            f"process(es) is larger than the {len(train_ex)} training examples; lower it"
+        )
+    return ds, train_ex, val_ex
+
+
+def _schedule_state(
+    cfg: TrainConfig, model: nn.Module, n_train: int, group: Any
+) -> tuple[optim.Optimizer, TrainerState, int, int]:
+    """The optimizer over the trainable weights, and the trainer state of a fresh run (with the
+    settings a resume must not change)."""
+    per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * group.size()
+    steps_per_epoch = math.ceil(n_train / per_step)
+    total = (
+        cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
+    )
+    optimizer = make_optimizer(cfg, total)
+    optimizer.init(model.trainable_parameters())
+    run_keys = {
+        "train_examples": n_train,
+        "per_step": per_step,
+        "batch": cfg.per_device_train_batch_size,
+        "seed": cfg.seed,
+        "packing": cfg.packing,
+        "max_seq_length": cfg.max_seq_length,
+        "optim": optimizer.__class__.__name__,
+    }
+    state = TrainerState(max_steps=total, num_train_epochs=total / steps_per_epoch, run=run_keys)
+    return optimizer, state, steps_per_epoch, total
+
+
 def setup(cfg: TrainConfig) -> tuple[Run, Path | None]:
     """Output folder, model, data, LoRA, optimizer; returns the run and the checkpoint to resume."""
     validate(cfg)
@@ -487,40 +531,11 @@ def setup(cfg: TrainConfig) -> tuple[Run, Path | None]:
         else resume_point(out, cfg.resume)
     )
     model, tokenizer, config, model_dir = _load(cfg)
-    ds = load_dataset(
-        Path(cfg.data),
-        tokenizer,
-        fmt=cfg.format,
-        system_prompt=cfg.system_prompt,
-        max_seq_length=cfg.max_seq_length,
-        allow_special=cfg.allow_special_tokens_in_content,
-    )
-    train_ex, val_ex = _split_data(cfg, ds, tokenizer)
-    if cfg.per_device_train_batch_size * group.size() > len(train_ex):
-        raise MlxLoraError(
-            f"--per-device-train-batch-size {cfg.per_device_train_batch_size} × {group.size()} "
-            f"process(es) is larger than the {len(train_ex)} training examples; lower it"
-        )
+    ds, train_ex, val_ex = _data(cfg, tokenizer, group.size())
     mx.random.seed(cfg.seed)
     saver = _prepare_model(cfg, model, ds, model_dir, config)
     model.train()
-    per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * group.size()
-    steps_per_epoch = math.ceil(len(train_ex) / per_step)
-    total = (
-        cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * steps_per_epoch)
-    )
-    optimizer = make_optimizer(cfg, total)
-    optimizer.init(model.trainable_parameters())
-    run_keys = {
-        "train_examples": len(train_ex),
-        "per_step": per_step,
-        "batch": cfg.per_device_train_batch_size,
-        "seed": cfg.seed,
-        "packing": cfg.packing,
-        "max_seq_length": cfg.max_seq_length,
-        "optim": optimizer.__class__.__name__,
-    }
-    state = TrainerState(max_steps=total, num_train_epochs=total / steps_per_epoch, run=run_keys)
+    optimizer, state, steps_per_epoch, total = _schedule_state(cfg, model, len(train_ex), group)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     path = training_path(config.get("model_type"))
     recompute = _decide_checkpointing(cfg, model, config, train_ex)
