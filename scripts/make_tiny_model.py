@@ -34,6 +34,7 @@ import struct
 import sys
 import tempfile
 from pathlib import Path
+from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 import numpy as np
@@ -685,6 +686,7 @@ class Dims(NamedTuple):
     kv_heads: int
     intermediate_size: int
     head_dim: int
+    tied: bool  # one matrix for the embedding and the output head
 
 
 def _common_config(fam: Family, d: Dims, facts: dict) -> dict:
@@ -704,7 +706,7 @@ def _common_config(fam: Family, d: Dims, facts: dict) -> dict:
         "num_key_value_heads": d.kv_heads,
         "rms_norm_eps": 1e-06,
         "rope_theta": 1000000.0,
-        "tie_word_embeddings": fam.tied,
+        "tie_word_embeddings": d.tied,
         "torch_dtype": "bfloat16",
         "use_cache": True,
         "vocab_size": d.vocab_size,
@@ -910,40 +912,58 @@ def _weight_shapes(arch: str, d: Dims) -> list[tuple[str, tuple[int, ...], str]]
     for i in range(d.layers):
         out += _block_shapes(fam, d, f"model.layers.{i}.")
     out.append(("model.norm.weight", (d.hidden_size,), "norm_bias" if fam.layer_norm else "norm"))
-    if not fam.tied:
+    if not d.tied:
         out.append(("lm_head.weight", (d.vocab_size, d.hidden_size), "matrix"))
     return out
 
 
-def _init_weights(arch: str, d: Dims, seed: int, init: str) -> dict[str, np.ndarray]:
-    """Weights: normal(0, 0.02) matrices (embeddings and lm_head: 1/sqrt(hidden), unit-norm rows),
-    small nonzero biases; norms 1 for qwen2/llama, else 1 + N(0, 0.1) (Gemma: the offset, N(0,
-    0.1)), so a norm written to GGUF without its offset or with the wrong one cannot go unseen."""
+CHUNK_VALUES = 1 << 24  # values drawn at once: a 4B-shaped model is written in bounded memory
+
+
+def _init_values(arch: str, d: Dims, seed: int, init: str) -> Iterator[tuple[str, np.ndarray]]:
+    """(name, float32 values) in :func:`_weight_shapes` order, large matrices in row chunks (the
+    same numbers as one draw: the generator's stream is consumed in order).
+
+    Matrices: normal(0, 0.02) (embeddings and lm_head: 1/sqrt(hidden), unit-norm rows), small
+    nonzero biases; norms 1 for qwen2/llama, else 1 + N(0, 0.1) (Gemma: the offset, N(0, 0.1)),
+    so a norm written to GGUF without its offset or with the wrong one cannot go unseen."""
     fam = FAMILIES[arch]
     rng = np.random.default_rng(seed)
-    tensors: dict[str, np.ndarray] = {}
     for name, shape, kind in _weight_shapes(arch, d):
         if kind in ("norm", "norm_bias"):
             if fam.legacy_init:
-                tensors[name] = np.ones(shape, dtype=np.float32)
+                yield name, np.ones(shape, dtype=np.float32)
             else:
                 base = 0.0 if fam.gemma_norms else 1.0
-                tensors[name] = (base + rng.normal(0.0, 0.1, size=shape)).astype(np.float32)
+                yield name, (base + rng.normal(0.0, 0.1, size=shape)).astype(np.float32)
             if kind == "norm_bias":
                 bias = rng.normal(0.0, 0.01, size=shape).astype(np.float32)
-                tensors[name.removesuffix(".weight") + ".bias"] = bias
-        elif kind == "bias":  # small but nonzero, so bias handling is exercised
-            tensors[name] = rng.normal(0.0, 0.01, size=shape).astype(np.float32)
-        elif name.endswith(("embed_tokens.weight", "lm_head.weight")):
+                yield name.removesuffix(".weight") + ".bias", bias
+            continue
+        if kind == "bias":  # small but nonzero, so bias handling is exercised
+            yield name, rng.normal(0.0, 0.01, size=shape).astype(np.float32)
+            continue
+        if name.endswith(("embed_tokens.weight", "lm_head.weight")):
             # unit-norm rows: logits span a useful range, so fine-tuning visibly lowers the loss
             std = 1.0 / np.sqrt(d.hidden_size)
-            tensors[name] = rng.normal(0.0, std, size=shape).astype(np.float32)
         else:
             # small: N(0, 0.02) like HF's initializer_range. fan_in: N(0, 1/fan_in), so activations
             # keep their scale and a LoRA can steer the model within seconds (the demo uses it).
             std = 0.02 if init == "small" else 1.0 / np.sqrt(shape[-1])
-            tensors[name] = rng.normal(0.0, std, size=shape).astype(np.float32)
-    return tensors
+        rows = max(1, CHUNK_VALUES // int(np.prod(shape[1:], dtype=np.int64)))
+        for r in range(0, shape[0], rows):
+            n = min(rows, shape[0] - r)
+            yield name, rng.normal(0.0, std, size=(n, *shape[1:])).astype(np.float32)
+
+
+def _tensor_shapes(arch: str, d: Dims) -> dict[str, tuple[int, ...]]:
+    """Every tensor the file holds (a norm with a bias is two), by name."""
+    out: dict[str, tuple[int, ...]] = {}
+    for name, shape, kind in _weight_shapes(arch, d):
+        out[name] = shape
+        if kind == "norm_bias":
+            out[name.removesuffix(".weight") + ".bias"] = shape
+    return out
 
 
 def _to_bf16_bits(x: np.ndarray) -> np.ndarray:
@@ -953,31 +973,44 @@ def _to_bf16_bits(x: np.ndarray) -> np.ndarray:
     return (rounded >> np.uint32(16)).astype(np.uint16)
 
 
-def _write_safetensors(path: Path, tensors: dict[str, np.ndarray], dtype: str = "bfloat16") -> None:
+def _write_safetensors(
+    path: Path,
+    shapes: dict[str, tuple[int, ...]],
+    values: Iterable[tuple[str, np.ndarray]],
+    dtype: str = "bfloat16",
+) -> None:
     """Write bf16 (or f32) safetensors with metadata {"format": "pt"}, keys sorted, deterministic
-    bytes, one tensor in memory at a time.
+    bytes, one chunk in memory at a time.
 
     numpy has no bfloat16, so ``safetensors.numpy`` cannot write one; the format is a JSON header
-    plus raw little-endian data, simple enough to emit directly.
+    plus raw little-endian data, simple enough to emit directly. ``values`` yields (name, rows)
+    chunks in any tensor order; each chunk is written at its tensor's offset.
     """
     width = 2 if dtype == "bfloat16" else 4
     header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offsets: dict[str, int] = {}
     offset = 0
-    for name in sorted(tensors):
-        size = tensors[name].size * width
+    for name in sorted(shapes):
+        size = int(np.prod(shapes[name], dtype=np.int64)) * width
         header[name] = {
             "dtype": "BF16" if width == 2 else "F32",
-            "shape": list(tensors[name].shape),
+            "shape": list(shapes[name]),
             "data_offsets": [offset, offset + size],
         }
+        offsets[name] = offset
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # data must start 8-byte aligned
+    start = 8 + len(raw)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
-        for name in sorted(tensors):
-            x = tensors[name]
+        f.truncate(start + offset)
+        last = None
+        for name, x in values:
+            if name != last:
+                f.seek(start + offsets[name])
+                last = name
             f.write((_to_bf16_bits(x).astype("<u2") if width == 2 else x.astype("<f4")).tobytes())
 
 
@@ -1063,6 +1096,7 @@ def make_tiny_model(
     config_overrides: dict | None = None,
     vocab_size: int | None = None,
     dtype: str = "bfloat16",
+    tied: bool | None = None,
 ) -> Path:
     """Write a tiny random model + tokenizer to ``out`` and return ``out``.
 
@@ -1070,8 +1104,10 @@ def make_tiny_model(
     for a llama model llama.cpp's converter can read); ``head_dim`` overrides the family's;
     ``config_overrides`` replaces config.json keys (tests use it for e.g. soft-capping values);
     ``vocab_size`` pads the embedding past the tokenizer (a real model's row count); ``dtype``
-    float32 writes fp32 weights (benchmarks: both tools then compute in fp32 on a CPU).
-    All random values come from ``numpy.random.default_rng(seed)`` (see :func:`_init_weights`).
+    float32 writes fp32 weights (benchmarks: both tools then compute in fp32 on a CPU);
+    ``tied`` overrides the family's tied head (Qwen1.5-4B's is untied). Large matrices are
+    written in row chunks, so a real model's shape (several GB) is written in bounded memory.
+    All random values come from ``numpy.random.default_rng(seed)`` (see :func:`_init_values`).
     Raises MlxLoraError for bad arguments or a non-empty ``out`` without ``force``.
     """
     out = Path(out)
@@ -1098,13 +1134,14 @@ def make_tiny_model(
             )
         vocab_size = vocab_size or _padded_vocab_size(facts["len"], tokenizer, fam.vocab_multiple)
         hd = head_dim or fam.head_dim or hidden_size // heads
-        dims = Dims(vocab_size, hidden_size, layers, heads, kv_heads, intermediate_size, hd)
+        tie = fam.tied if tied is None else tied
+        dims = Dims(vocab_size, hidden_size, layers, heads, kv_heads, intermediate_size, hd, tie)
         overrides = {**({"torch_dtype": "float32"} if dtype == "float32" else {})}
         overrides.update(config_overrides or {})
         _write_json(tmp / "config.json", _model_config(arch, dims, facts, overrides))
         _write_json(tmp / "generation_config.json", _generation_config(facts))
-        weights = _init_weights(arch, dims, seed, init)
-        _write_safetensors(tmp / "model.safetensors", weights, dtype)
+        values = _init_values(arch, dims, seed, init)
+        _write_safetensors(tmp / "model.safetensors", _tensor_shapes(arch, dims), values, dtype)
         _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -1203,6 +1240,8 @@ def shape_from_config(config: str | Path | dict) -> dict:
     if arch not in FAMILIES:
         raise MlxLoraError(f"--config: model_type {arch!r} is not one of {', '.join(ARCHS)}")
     out = {arg: cfg[key] for key, arg in _SHAPE_KEYS.items() if cfg.get(key) is not None}
+    if cfg.get("tie_word_embeddings") is not None and arch not in ("llama", "smollm"):
+        out["tied"] = bool(cfg["tie_word_embeddings"])  # llama's tie is its family (smollm)
     overrides = {k: cfg[k] for k in _CONFIG_KEYS if cfg.get(k) is not None}
     return {"arch": arch, **out, **({"config_overrides": overrides} if overrides else {})}
 

@@ -368,3 +368,38 @@ def test_vocab_size_below_the_tokenizer_is_refused(tmp_path: Path) -> None:
     with pytest.raises(MlxLoraError, match="--vocab-size 100 is smaller than the tokenizer"):
         mtm.make_tiny_model(tmp_path / "v", vocab_size=100)
     assert not (tmp_path / "v").exists()
+
+
+def test_config_reproduces_a_real_models_shape_in_chunks(tmp_path: Path) -> None:
+    """``--config`` takes sizes, vocabulary and the untied head from a real config.json (the 4B
+    one, scaled down here); values are written in row chunks at their offsets, and the file is
+    the same as one written in large chunks: same bytes."""
+    real = {
+        "model_type": "qwen2",
+        "hidden_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "intermediate_size": 256,
+        "vocab_size": 2048,
+        "tie_word_embeddings": False,
+    }
+    (tmp_path / "config.json").write_text(json.dumps(real), encoding="utf-8")
+    out = tmp_path / "shaped"
+    assert mtm.main(["--out", str(out), "--config", str(tmp_path / "config.json")]) == 0
+    cfg = _read_json(out / "config.json")
+    assert (cfg["vocab_size"], cfg["tie_word_embeddings"], cfg["intermediate_size"]) == (
+        2048,
+        False,
+        256,
+    )
+    from mlx_lm.utils import load_model
+
+    model, _ = load_model(out)
+    assert model.lm_head.weight.shape == (2048, 128)
+    saved, mtm.CHUNK_VALUES = mtm.CHUNK_VALUES, 1000  # many small chunks: the same values
+    try:
+        again = mtm.make_tiny_model(tmp_path / "again", **mtm.shape_from_config(real))
+    finally:
+        mtm.CHUNK_VALUES = saved
+    assert (again / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
