@@ -163,6 +163,9 @@ class TrainConfig:
     )
     run_name: str | None = opt(None, "the run's name in the trackers (default: date and time)")
     project_name: str | None = opt(None, "the trackers' project (default: mlx_lora)")
+    force: bool = opt(
+        False, "train even when the memory plan (python -m mlx_lora.plan) says it will not fit"
+    )
 
 
 @dataclass
@@ -310,6 +313,17 @@ def parse_config(
     cls: type, argv: list[str] | None, prog: str, description: str, epilog: str | None = None
 ) -> Any:
     """Defaults < YAML file < command-line flags."""
+    return cls(**_given_values(cls, argv, prog, description, epilog))
+
+
+def given_fields(cls: type, argv: list[str] | None, prog: str = "", description: str = "") -> set:
+    """Names of the options set on the command line or in ``--config`` (not left at default)."""
+    return set(_given_values(cls, argv, prog, description))
+
+
+def _given_values(
+    cls: type, argv: list[str] | None, prog: str, description: str, epilog: str | None = None
+) -> dict[str, Any]:
     parser = build_parser(cls, prog, description, epilog)
     args = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))
     values: dict[str, Any] = {}
@@ -333,4 +347,4 @@ def parse_config(
                 raise MlxLoraError(f"{path}: unknown option {k!r}; see --help for the names")
             values[key] = _coerce(cls, key, v, str(path))
     values.update(args)
-    return cls(**values)
+    return values

@@ -359,6 +359,32 @@ def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
+def pack_rows(
+    lengths: list[int], max_len: int, packing: bool = True, pad_to: int = 32, lanes: int = 1
+) -> tuple[list[list[int]], int]:
+    """Rows (lists of example indices) and their padded length: the layout of :func:`make_batch`
+    (the memory plan, :mod:`mlx_lora.plan`, lays batches out with this same function)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    rows: list[list[int]] = []
+    fill: list[int] = []
+    for i in order:
+        n = lengths[i]
+        fits = [r for r, f in enumerate(fill) if f + n <= max_len] if packing else []
+        if not fits or len(rows) < lanes:
+            rows.append([i])
+            fill.append(n)
+            continue
+        slot = min(fits, key=fill.__getitem__) if lanes > 1 else fits[0]
+        rows[slot].append(i)
+        fill[slot] += n
+    return rows, min(_round_up(max(fill), pad_to), _round_up(max_len, pad_to))
+
+
+def padded_targets(n: int, pad_to: int = 32) -> int:
+    """Target slots of a batch: a multiple of ``pad_to`` (at least one), the padding weighted 0."""
+    return max(pad_to, _round_up(n, pad_to))
+
+
 def make_batch(
     examples: list[Encoded],
     max_len: int,
@@ -376,20 +402,7 @@ def make_batch(
     Packing changes only the layout: attention stays within each example (segment ids) and the
     loss sums the same target tokens, so a packed batch computes the same update.
     """
-    order = sorted(range(len(examples)), key=lambda i: -len(examples[i].ids))
-    rows: list[list[int]] = []
-    fill: list[int] = []
-    for i in order:
-        n = len(examples[i].ids)
-        fits = [r for r, f in enumerate(fill) if f + n <= max_len] if packing else []
-        if not fits or len(rows) < lanes:
-            rows.append([i])
-            fill.append(n)
-            continue
-        slot = min(fits, key=fill.__getitem__) if lanes > 1 else fits[0]
-        rows[slot].append(i)
-        fill[slot] += n
-    length = min(_round_up(max(fill), pad_to), _round_up(max_len, pad_to))
+    rows, length = pack_rows([len(e.ids) for e in examples], max_len, packing, pad_to, lanes)
     inputs = np.full((len(rows), length), pad_id, dtype=np.int32)
     segments = np.full((len(rows), length), -1, dtype=np.int32)
     targets, labels = [], []
@@ -406,7 +419,7 @@ def make_batch(
                     labels.append(ex.ids[t])
             pos += n
     n_t = len(targets)
-    size = max(pad_to, _round_up(n_t, pad_to))
+    size = padded_targets(n_t, pad_to)
     t = np.zeros(size, dtype=np.int32)
     y = np.zeros(size, dtype=np.int32)
     w = np.zeros(size, dtype=np.float32)

@@ -28,6 +28,8 @@ ALLOW_PATTERNS = [
     "*.jinja",
     "*.py",
 ]
+# What the memory plan reads: the configs and the tokenizer, no weights.
+METADATA_PATTERNS = [p for p in ALLOW_PATTERNS if p not in ("*.safetensors", "*.py")]
 
 
 def looks_like_path(model: str) -> bool:
@@ -56,7 +58,16 @@ def check_model_dir(path: Path) -> Path:
     return path
 
 
-def _from_modelscope(model_id: str, local_only: bool) -> Path:
+def check_config_dir(path: Path) -> Path:
+    """A folder with a readable ``config.json`` (weights not needed: the memory plan)."""
+    if not (path / "config.json").is_file():
+        raise MlxLoraError(
+            f"{path} has no config.json; pass --model DIR of a Hugging Face model folder or an id"
+        )
+    return path
+
+
+def _from_modelscope(model_id: str, local_only: bool, patterns: list[str]) -> Path:
     import logging
 
     from modelscope import snapshot_download
@@ -66,40 +77,39 @@ def _from_modelscope(model_id: str, local_only: bool) -> Path:
         "modelscope_hub",
     ):  # its retry warnings would bury our one-line error
         logging.getLogger(name).setLevel(logging.ERROR)
-    return Path(
-        snapshot_download(model_id, allow_patterns=ALLOW_PATTERNS, local_files_only=local_only)
-    )
+    return Path(snapshot_download(model_id, allow_patterns=patterns, local_files_only=local_only))
 
 
-def _from_huggingface(model_id: str, local_only: bool) -> Path:
+def _from_huggingface(model_id: str, local_only: bool, patterns: list[str]) -> Path:
     from huggingface_hub import snapshot_download
 
-    return Path(
-        snapshot_download(model_id, allow_patterns=ALLOW_PATTERNS, local_files_only=local_only)
-    )
+    return Path(snapshot_download(model_id, allow_patterns=patterns, local_files_only=local_only))
 
 
 _FETCHERS = {"modelscope": _from_modelscope, "huggingface": _from_huggingface}
 _NAMES = {"modelscope": "ModelScope", "huggingface": "Hugging Face"}
 
 
-def resolve_model(model: str, source: str = "auto") -> Path:
+def resolve_model(model: str, source: str = "auto", *, weights: bool = True) -> Path:
     """Return a local folder for ``model``, downloading it if it is a hub id.
 
     ``auto`` means: a cached copy from either hub, else ModelScope, else Hugging Face.
+    ``weights=False`` fetches only the configs and tokenizer (all the memory plan reads).
     """
     if source not in SOURCES:
         raise MlxLoraError(f"unknown --model-source {source!r}; choose one of {', '.join(SOURCES)}")
     from mlx_lora.gguf_import import is_gguf_model, resolve_gguf_model
 
+    check = check_model_dir if weights else check_config_dir
+    patterns = ALLOW_PATTERNS if weights else METADATA_PATTERNS
     if is_gguf_model(model):  # model.gguf or ollama:NAME[:TAG] → a cached converted folder
-        return check_model_dir(resolve_gguf_model(model))
+        return check(resolve_gguf_model(model))
     if looks_like_path(model):
-        return check_model_dir(Path(model).expanduser().resolve())
+        return check(Path(model).expanduser().resolve())
     order = ["modelscope", "huggingface"] if source == "auto" else [source]
     for name in order:  # a cached copy first: no network, no surprise re-download
         try:
-            return check_model_dir(_FETCHERS[name](model, True))
+            return check(_FETCHERS[name](model, True, patterns))
         except MlxLoraError:
             raise
         except Exception:  # noqa: BLE001 - any miss in the cache just means "not cached"
@@ -107,7 +117,7 @@ def resolve_model(model: str, source: str = "auto") -> Path:
     reasons = []
     for name in order:
         try:
-            return check_model_dir(_FETCHERS[name](model, False))
+            return check(_FETCHERS[name](model, False, patterns))
         except MlxLoraError:
             raise
         except Exception as e:  # noqa: BLE001 - network, auth, unknown id: all reported below

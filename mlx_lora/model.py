@@ -58,8 +58,21 @@ QUANT_GROUP = 64
 QUANT_CHUNK_BYTES = 64 << 20  # larger matrices (the embedding) are quantized in row blocks
 
 
+def load_base_tokenizer(model_dir: Path) -> Any:
+    """The tokenizer :func:`load_base` returns, without reading weights (train plans memory
+    with the tokenized data before it loads the model)."""
+    from mlx_lm.utils import load_config, load_tokenizer
+
+    eos = load_config(Path(model_dir)).get("eos_token_id")
+    return load_tokenizer(Path(model_dir), eos_token_ids=eos)
+
+
 def load_base(
-    model_dir: Path, *, dtype: mx.Dtype | None = None, quantize: int | None = None
+    model_dir: Path,
+    *,
+    dtype: mx.Dtype | None = None,
+    quantize: int | None = None,
+    tokenizer: Any = None,
 ) -> tuple[nn.Module, Any, dict]:
     """mlx-lm model + tokenizer + config from a local folder, cast to ``dtype``, maybe quantized.
 
@@ -72,7 +85,7 @@ def load_base(
         raise MlxLoraError(f"--quantize must be 4 or 8, got {quantize}")
     try:
         model, config = load_model(Path(model_dir), lazy=True)
-    except (ValueError, FileNotFoundError, KeyError) as e:
+    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as e:  # RuntimeError: mx.load
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise MlxLoraError(f"cannot load the model in {model_dir}: {msg}") from None
     except TypeError as e:  # config.json lacks what its model_type's ModelArgs require
@@ -83,8 +96,14 @@ def load_base(
         ) from None
     if quantize is not None and "quantization" in config:
         raise MlxLoraError(f"{model_dir} is already quantized; drop --quantize")
-    materialize(model, dtype=dtype, quantize=quantize)
-    tokenizer = load_tokenizer(Path(model_dir), eos_token_ids=config.get("eos_token_id"))
+    try:
+        materialize(model, dtype=dtype, quantize=quantize)
+    except RuntimeError as e:  # the weights are read here: a truncated file shows up now
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        hint = "see python -m mlx_lora.plan" if "memory" in msg else "re-download them"
+        raise MlxLoraError(f"cannot read the weights in {model_dir}: {msg}; {hint}") from None
+    if tokenizer is None:
+        tokenizer = load_tokenizer(Path(model_dir), eos_token_ids=config.get("eos_token_id"))
     return model, tokenizer, config
 
 
