@@ -214,6 +214,14 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
+def lane_count(examples_per_batch: int) -> int:
+    """How many rows :func:`cpu_lanes` runs side by side (the memory plan lays batches out so)."""
+    lanes = min(_cores(), examples_per_batch) if kernels.use_fast_kernels() else 1
+    if os.environ.get("MLX_LORA_LANES", "").isdigit():
+        lanes = int(os.environ["MLX_LORA_LANES"])
+    return max(1, lanes)
+
+
 @contextmanager
 def cpu_lanes(examples_per_batch: int):
     """Run a batch's rows side by side, one CPU thread each, with BLAS threads sharing the rest.
@@ -224,10 +232,7 @@ def cpu_lanes(examples_per_batch: int):
     runs on its own stream, and OpenBLAS gets cores // lanes threads. Yields the lane count.
     ``MLX_LORA_LANES=N`` overrides the count (1: one row, all cores to the matmuls).
     """
-    lanes = min(_cores(), examples_per_batch) if kernels.use_fast_kernels() else 1
-    if os.environ.get("MLX_LORA_LANES", "").isdigit():
-        lanes = int(os.environ["MLX_LORA_LANES"])
-    lanes = max(1, lanes)
+    lanes = lane_count(examples_per_batch)
     blas = _openblas()
     before = blas[1]() if blas else None
     _LANES["n"] = lanes

@@ -2,26 +2,24 @@
 
 The seed's author lost days to out-of-memory errors ("close the other apps"). The plan predicts
 the peak memory of ``python -m mlx_lora.train`` with the same flags from the model's
-``config.json`` alone (no weight is read): weights (per dtype / quantization), LoRA + optimizer,
-activations (with and without gradient checkpointing), the chunked loss, the load itself and the
-process around MLX; and compares it with this machine's memory (macOS: Metal's recommended working
-set; Linux: ``MemAvailable``; ``MLX_LORA_MEMORY_LIMIT=2GB`` stands in for a smaller machine).
-``train`` prints the same plan and stops before loading any weight when it does not fit, naming
-the cheapest change that does (``--force`` overrides).
+``config.json`` alone (no weight is read; :mod:`mlx_lora.footprint` has the parts): weights,
+LoRA + optimizer, activations (with and without gradient checkpointing), the loss, the load
+itself and the process around MLX; and compares it with this machine's memory
+(:func:`machine_budget`). ``train`` prints the same plan, decides ``--gradient-checkpointing
+auto`` with it, and stops before loading any weight when the run does not fit, naming the
+cheapest change that does (``--force`` overrides).
 
-Activations depend on the micro-batch's real shape (rows × padded length, target tokens).
-``train`` plans for the worst micro-batch of the run it is about to do (its batches are a pure
-function of the data and the seed); ``plan`` does the same when ``--data`` is given, and otherwise
-assumes every micro-batch is ``batch`` full ``--max-seq-length`` rows, all trained on: the most any
-data can need. The per-token coefficients were measured on this code (``scripts/bench_plan.py``
-compares whole predictions with measured peaks).
+Activations depend on the micro-batches' real shapes. ``train`` plans for the worst micro-batch
+of the run it is about to do (its batches are a pure function of the data and the seed); ``plan``
+does the same when ``--data`` is given, and otherwise assumes every micro-batch is ``batch``
+examples of ``--max-seq-length`` tokens, all trained on: the most any data can need.
 
-API (what ``train`` and ``--gradient-checkpointing auto`` use)::
+API::
 
-    p = plan(cfg)                        # TrainConfig -> Plan; examples=[Encoded] for real batches
-    p.fits                               # the run as configured fits (predicted peak + 10% margin)
+    p = plan(cfg, examples)              # TrainConfig (+ encoded examples) -> Plan
+    p.fits                               # fits (predicted peak + 10%), checkpointing as decided
+    p.checkpointing                      # the setting train uses (auto: off when it fits without)
     p.peak_bytes(checkpointing=False)    # predicted process peak with checkpointing off (or on)
-    p.fits_with(checkpointing=False)     # the same test for either setting
     p.report()                           # the text the CLI and train print
     suggest(cfg, examples)               # (TrainConfig, Plan) of the fastest config that fits
 """
@@ -34,276 +32,22 @@ import re
 import sys
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
+from mlx_lora import footprint as fp
 from mlx_lora.config import TrainConfig, given_fields, opt, parse_config
-from mlx_lora.data import pack_rows, padded_targets
 from mlx_lora.errors import MlxLoraError
-from mlx_lora.files import read_json
-from mlx_lora.loss import LOSS_CHUNK
-from mlx_lora.model import QUANT_CHUNK_BYTES, QUANT_GROUP, TRAINABLE_TYPES, on_gpu
+from mlx_lora.footprint import MicroBatch, ModelShape, dtype_name
 
 MARGIN = 0.10  # fits = predicted peak × 1.10 <= budget
-LIMIT_ENV = "MLX_LORA_MEMORY_LIMIT"
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-SHORT_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}
-SHORT_NAMES |= {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
-# Linears that read the same input (one saved copy without dropout, one each with dropout).
-INPUT_GROUPS = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "gate_proj": "mlp"}
-INPUT_GROUPS |= {"up_proj": "mlp", "o_proj": "o", "down_proj": "down"}
-OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "adamw_torch": 2, "adamw_hf": 2, "sgd": 1, "muon": 1}
+LIMIT_ENV = "MLX_LORA_MEMORY_LIMIT"  # e.g. "2GB": stands in for a smaller machine
 # The process outside MLX (Python, MLX, mlx-lm, transformers, OpenBLAS, the tokenizer and the
 # data): measured peak RSS − MLX peak of training runs, a base plus a tokenizer part.
 RUNTIME_BASE = 110e6
 RUNTIME_PER_VOCAB = 300
-
-# What MLX keeps for the backward pass, per token and block, in values of the compute dtype:
-# multiples of the hidden and MLP widths, of the distinct inputs of the adapted linears (fp32),
-# of each adapted linear's input again when LoRA dropout makes its own copy (fp32), and of the
-# attention scores (heads × row length). Fitted (least squares, relative) to 110 measured peaks
-# of the training step on 12 model shapes (hidden 256-1024, 2-16 blocks, rows of 128-1024
-# tokens, dropout 0/0.1, targets q,v or all, checkpointing on/off): 6% RMS error on the
-# activations alone; scripts/bench_plan.py checks whole predictions.
-ACT_HIDDEN = 7.67
-ACT_MLP = 4.35
-ACT_LORA_INPUT = 0.74
-ACT_DROPOUT = 0.77
-ACT_SCORES = 1.41
-ACT_EMBED = 2.6  # × hidden per token, once: embeddings, final norm, gathered target rows
-WORKSPACE = 0.9  # the backward pass of one block needs this many blocks' worth on top
-CKPT_WORKSPACE = 2.25  # checkpointing: one block recomputed and differentiated at a time
-CKPT_HIDDEN = 1.25  # checkpointing: × hidden per token and block (each block's input)
-# The loss: fp32 [target rows × vocabulary] values MLX keeps per target row. Measured (hidden
-# 256/512, 128-1024 targets): 3.6-4.3 without checkpointing; with it the chunks are recomputed
-# but MLX still evaluates them side by side: 2.5-4.6 per row, modelled as (targets + one chunk).
-LOSS_LOGITS = 3.9
-LOSS_LOGITS_CKPT = 2.4
-
-
-# ---------------------------------------------------------------- the model, from config.json
-
-
-@dataclass(frozen=True)
-class Matrix:
-    """A weight matrix: ``rows × cols`` (out × in), once or in every block."""
-
-    name: str
-    rows: int
-    cols: int
-    per_layer: bool = True
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """What the memory depends on, read from ``config.json`` as mlx-lm builds the model."""
-
-    model_type: str
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    intermediate: int
-    vocab: int
-    tied: bool
-    qkv_bias: bool  # qwen2; llama's attention_bias adds o_proj's too
-    o_bias: bool
-    mlp_bias: bool
-    qk_norm: bool  # qwen3
-    stored_bytes: int  # per weight in the files
-    stored_bits: int | None = None  # an already quantized folder
-
-    @property
-    def linears(self) -> dict[str, Matrix]:
-        """The seven linears of a block, by PEFT module name."""
-        d, f = self.hidden, self.intermediate
-        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        shapes = {"q_proj": (q, d), "k_proj": (kv, d), "v_proj": (kv, d), "o_proj": (d, q)}
-        shapes |= {"gate_proj": (f, d), "up_proj": (f, d), "down_proj": (d, f)}
-        return {name: Matrix(name, *rc) for name, rc in shapes.items()}
-
-    @property
-    def matrices(self) -> list[Matrix]:
-        out = [Matrix("embed_tokens", self.vocab, self.hidden, per_layer=False)]
-        out += self.linears.values()
-        if not self.tied:
-            out.append(Matrix("lm_head", self.vocab, self.hidden, per_layer=False))
-        return out
-
-    @property
-    def vectors(self) -> int:
-        """Weights outside the matrices (norms, biases): never quantized."""
-        d, f = self.hidden, self.intermediate
-        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        per_layer = 2 * d + (q + 2 * kv) * self.qkv_bias + d * self.o_bias
-        per_layer += (2 * f + d) * self.mlp_bias + 2 * self.head_dim * self.qk_norm
-        return self.layers * per_layer + d
-
-    def count(self, m: Matrix) -> int:
-        return m.rows * m.cols * (self.layers if m.per_layer else 1)
-
-    @property
-    def parameters(self) -> int:
-        return sum(self.count(m) for m in self.matrices) + self.vectors
-
-
-def read_shape(model_dir: Path) -> ModelShape:
-    """The model's shape from ``config.json`` (the defaults are mlx-lm's ModelArgs')."""
-    path = Path(model_dir) / "config.json"
-    c = read_json(path, required=True)
-    kind = c.get("model_type")
-    if kind not in TRAINABLE_TYPES:
-        raise MlxLoraError(
-            f"training {kind!r} models is not supported; supported: {', '.join(TRAINABLE_TYPES)}"
-        )
-    try:
-        d, heads = int(c["hidden_size"]), int(c["num_attention_heads"])
-        quant = c.get("quantization") or {}
-        llama = kind in ("llama", "mistral")
-        return ModelShape(
-            model_type=kind,
-            hidden=d,
-            layers=int(c["num_hidden_layers"]),
-            heads=heads,
-            kv_heads=int(c.get("num_key_value_heads") or heads),
-            head_dim=int(c.get("head_dim") or d // heads),
-            intermediate=int(c["intermediate_size"]),
-            vocab=int(c["vocab_size"]),
-            tied=bool(c.get("tie_word_embeddings", True)),
-            qkv_bias=kind == "qwen2" or (llama and bool(c.get("attention_bias"))),
-            o_bias=llama and bool(c.get("attention_bias")),
-            mlp_bias=llama and bool(c.get("mlp_bias")),
-            qk_norm=kind == "qwen3",
-            stored_bytes=DTYPE_BYTES.get(str(c.get("torch_dtype", "bfloat16")), 2),
-            stored_bits=int(quant["bits"]) if quant.get("bits") else None,
-        )
-    except (KeyError, TypeError, ValueError) as e:
-        raise MlxLoraError(f"{path}: missing or bad {e} for model_type {kind!r}") from None
-
-
-# ---------------------------------------------------------------- weights, adapter, optimizer
-
-
-def compute_bytes(cfg: TrainConfig, gpu: bool) -> int:
-    """Bytes per value of the compute dtype (``auto``: bf16 on the GPU, fp32 on the CPU)."""
-    if cfg.dtype == "auto":
-        return 2 if gpu else 4
-    return DTYPE_BYTES[cfg.dtype]
-
-
-def weight_bytes(shape: ModelShape, dtype_bytes: int, bits: int | None) -> dict[str, int]:
-    """Bytes of the loaded weights by storage kind. Quantized matrices keep ``bits`` per weight
-    plus a scale and a bias (compute dtype) per group of 64; the rest is in the compute dtype."""
-    parts: dict[str, int] = {}
-    for m in shape.matrices:
-        n = shape.count(m)
-        if bits and m.cols % QUANT_GROUP == 0:
-            key = f"{bits}-bit matrices (group {QUANT_GROUP})"
-            parts[key] = parts.get(key, 0) + n * bits // 8 + 2 * n // QUANT_GROUP * dtype_bytes
-        else:
-            key = f"{_dtype_name(dtype_bytes)} matrices"
-            parts[key] = parts.get(key, 0) + n * dtype_bytes
-    parts[f"{_dtype_name(dtype_bytes)} norms and biases"] = shape.vectors * dtype_bytes
-    return parts
-
-
-def _dtype_name(nbytes: int) -> str:
-    return "float32" if nbytes == 4 else "bfloat16"
-
-
-def load_extra_bytes(shape: ModelShape, dtype_bytes: int, bits: int | None) -> int:
-    """What loading needs on top of the final weights (:func:`mlx_lora.model.materialize` reads
-    one module at a time): the largest matrix as stored, plus its cast copy or one row block."""
-    biggest = max(shape.matrices, key=lambda m: m.rows * m.cols)
-    stored = biggest.rows * biggest.cols * shape.stored_bytes
-    if shape.stored_bits:
-        return biggest.rows * biggest.cols * shape.stored_bits // 8
-    cast = biggest.rows * biggest.cols * dtype_bytes if dtype_bytes != shape.stored_bytes else 0
-    if bits and biggest.cols % QUANT_GROUP == 0:
-        return stored + min(cast, QUANT_CHUNK_BYTES * dtype_bytes // 4)
-    return stored
-
-
-def lora_layers(cfg: TrainConfig, shape: ModelShape) -> int:
-    return min(cfg.lora_layers, shape.layers) if cfg.lora_layers else shape.layers
-
-
-def targets(cfg: TrainConfig, shape: ModelShape) -> list[Matrix]:
-    """The adapted linears of one block (``--target-modules``; unknown names are train's error)."""
-    names = [SHORT_NAMES.get(t.strip(), t.strip()) for t in cfg.target_modules.split(",")]
-    return [shape.linears[n] for n in dict.fromkeys(names) if n in shape.linears]
-
-
-def trainable_parameters(cfg: TrainConfig, shape: ModelShape) -> int:
-    """LoRA A and B (and DoRA's magnitudes) of every adapted block; every weight for ``full``."""
-    if cfg.finetune_type == "full":
-        return shape.parameters
-    dora = cfg.use_dora or cfg.finetune_type == "dora"
-    per = sum(cfg.lora_r * (m.rows + m.cols) + (m.rows if dora else 0) for m in targets(cfg, shape))
-    return per * lora_layers(cfg, shape)
-
-
-def optimizer_states(cfg: TrainConfig) -> float:
-    """Optimizer state per trainable value (Adafactor's factored state is about nothing)."""
-    return OPTIMIZER_STATES.get(cfg.optim, 0.05)
-
-
-# ---------------------------------------------------------------- batches
-
-
-@dataclass(frozen=True, order=True)
-class MicroBatch:
-    """The shape of one micro-batch as :func:`mlx_lora.data.make_batch` lays it out."""
-
-    rows: int
-    length: int  # padded to a multiple of 32
-    targets: int  # target slots (padded to a multiple of 32)
-
-    @property
-    def tokens(self) -> int:
-        return self.rows * self.length
-
-
-def worst_case_batch(cfg: TrainConfig) -> MicroBatch:
-    """``batch`` rows of ``--max-seq-length`` tokens, all trained on: the most any data needs."""
-    rows, length = pack_rows(
-        [cfg.max_seq_length] * cfg.per_device_train_batch_size, cfg.max_seq_length
-    )
-    return MicroBatch(len(rows), length, padded_targets(len(rows) * (cfg.max_seq_length - 1)))
-
-
-def run_batches(cfg: TrainConfig, examples: list, world: int = 1) -> list[MicroBatch]:
-    """The distinct micro-batch shapes of the run ``train`` will do with these examples: the same
-    steps (:func:`mlx_lora.train.step_examples`), rank shares and layout, without the tokens."""
-    from mlx_lora.data import epoch_order
-
-    n, bs = len(examples), cfg.per_device_train_batch_size
-    lengths = [min(len(e.ids), cfg.max_seq_length) for e in examples]
-    trained = [sum(e.mask[1 : cfg.max_seq_length]) for e in examples]
-    per_step = bs * cfg.gradient_accumulation_steps * world
-    per_epoch = math.ceil(n / per_step)
-    total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * per_epoch)
-    seen: set[tuple[int, ...]] = set()
-    shapes: set[MicroBatch] = set()
-    order: Any = None
-    for step in range(total):
-        epoch, pos = divmod(step, per_epoch)
-        if pos == 0 or order is None:
-            order = epoch_order(n, cfg.seed, epoch)
-        ids = order[pos * per_step : (pos + 1) * per_step]
-        per_rank = -(-len(ids) // world)
-        for r in range(world):
-            share = ids[r * per_rank : (r + 1) * per_rank]
-            for i in range(0, len(share), bs):
-                key = tuple(sorted(share[i : i + bs].tolist()))
-                if key in seen:
-                    continue
-                seen.add(key)
-                rows, length = pack_rows([lengths[j] for j in key], cfg.max_seq_length, cfg.packing)
-                shapes.add(
-                    MicroBatch(len(rows), length, padded_targets(sum(trained[j] for j in key)))
-                )
-    return sorted(shapes)
+CPU_NOTE = (
+    "  (coefficients measured on a CPU with MLX's peak counter; a GPU prediction uses the same "
+    "terms with bf16 activations and fused attention: derived, not measured)"
+)
 
 
 # ---------------------------------------------------------------- the machine
@@ -327,11 +71,14 @@ def parse_size(text: str) -> int:
 
 
 def machine_budget() -> Budget:
-    """``MLX_LORA_MEMORY_LIMIT``, else Metal's recommended working set (macOS), else what Linux
-    reports as available now (``MemAvailable``)."""
+    """The memory a run may use: ``MLX_LORA_MEMORY_LIMIT``, else Metal's recommended working set
+    (a Mac's GPU), else what Linux reports as available now (``MemAvailable``). The one reader:
+    the plan, ``train``'s refusal and ``--gradient-checkpointing auto`` all use it."""
     limit = os.environ.get(LIMIT_ENV)
     if limit:
         return Budget(parse_size(limit), f"{LIMIT_ENV}={limit}")
+    from mlx_lora.model import on_gpu
+
     if on_gpu():
         import mlx.core as mx
 
@@ -343,12 +90,8 @@ def machine_budget() -> Budget:
                 f"Metal's recommended working set of this {total:.0f} GB Mac",
             )
     try:
-        fields = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
-        kb = {
-            k: int(v.split()[0]) * 1024
-            for k, v in fields.items()
-            if k in ("MemAvailable", "MemTotal")
-        }
+        lines = Path("/proc/meminfo").read_text().splitlines()
+        kb = {k: int(v.split()[0]) * 1024 for k, v in (ln.split(":", 1) for ln in lines)}
         return Budget(
             kb["MemAvailable"], f"available now of {kb['MemTotal'] / 1e9:.1f} GB (/proc/meminfo)"
         )
@@ -356,46 +99,49 @@ def machine_budget() -> Budget:
         return Budget(None, "unknown (no Metal device information, no /proc/meminfo)")
 
 
+# ---------------------------------------------------------------- batches
+
+
+def worst_case_batch(cfg: TrainConfig, shape: ModelShape, lanes: int = 1) -> MicroBatch:
+    """``batch`` examples of ``--max-seq-length`` tokens, all trained on: the most data needs."""
+    n, bs = cfg.max_seq_length, cfg.per_device_train_batch_size
+    return fp.layout([n] * bs, [n - 1] * bs, n, shape.path, cfg.packing, lanes)
+
+
+def run_batches(
+    cfg: TrainConfig, shape: ModelShape, examples: list, world: int = 1, lanes: int = 1
+) -> list[MicroBatch]:
+    """The distinct micro-batches of the run ``train`` will do with these examples: the same
+    steps (:func:`mlx_lora.train.step_examples`), rank shares and layout, without the tokens."""
+    from mlx_lora.data import epoch_order
+
+    n, bs = len(examples), cfg.per_device_train_batch_size
+    lengths = [min(len(e.ids), cfg.max_seq_length) for e in examples]
+    trained = [sum(e.mask[1 : cfg.max_seq_length]) for e in examples]
+    per_step = bs * cfg.gradient_accumulation_steps * world
+    per_epoch = math.ceil(n / per_step)
+    total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * per_epoch)
+    seen: set[tuple[int, ...]] = set()
+    shapes: set[MicroBatch] = set()
+    for epoch in range(math.ceil(total / per_epoch)):
+        order = epoch_order(n, cfg.seed, epoch)
+        for pos in range(min(per_epoch, total - epoch * per_epoch)):
+            ids = order[pos * per_step : (pos + 1) * per_step]
+            per_rank = -(-len(ids) // world)
+            for r in range(world):
+                share = ids[r * per_rank : (r + 1) * per_rank]
+                for i in range(0, len(share), bs):
+                    key = tuple(sorted(share[i : i + bs].tolist()))
+                    if key not in seen:
+                        seen.add(key)
+                        ls, ts = [lengths[j] for j in key], [trained[j] for j in key]
+                        shapes.add(
+                            fp.layout(ls, ts, cfg.max_seq_length, shape.path, cfg.packing, lanes)
+                        )
+    return sorted(shapes)
+
+
 # ---------------------------------------------------------------- the plan
-
-
-def block_bytes(
-    cfg: TrainConfig, shape: ModelShape, mb: MicroBatch, nbytes: int, checkpointing: bool
-) -> int:
-    """Activations the blocks keep for the backward pass of micro-batch ``mb``, at its peak.
-
-    One block keeps ``saved`` (widths × tokens, attention scores × heads × rows × length², the
-    adapted linears' inputs); its backward pass needs ``WORKSPACE`` blocks' worth more. Without
-    checkpointing every trained block keeps its ``saved``; with it each keeps its input and one
-    block at a time is recomputed. Blocks below the first adapted one (``--lora-layers``) keep
-    nothing for the backward pass.
-    """
-    d, f = shape.hidden, shape.intermediate
-    full = cfg.finetune_type == "full"
-    adapted = list(shape.linears.values()) if full else targets(cfg, shape)
-    distinct = {INPUT_GROUPS[m.name]: m.cols for m in adapted}
-    per_token = (ACT_HIDDEN * d + ACT_MLP * f) * nbytes + ACT_LORA_INPUT * sum(
-        distinct.values()
-    ) * 4
-    if cfg.lora_dropout > 0 and not full:
-        per_token += ACT_DROPOUT * sum(m.cols for m in adapted) * 4
-    scores = ACT_SCORES * shape.heads * mb.rows * mb.length**2 * nbytes
-    saved = mb.tokens * per_token + scores
-    once = ACT_EMBED * mb.tokens * d * nbytes
-    trained = shape.layers if full else lora_layers(cfg, shape)
-    if checkpointing:
-        kept = trained * CKPT_HIDDEN * mb.tokens * d * nbytes
-        return int(kept + CKPT_WORKSPACE * saved + once)
-    return int((trained + WORKSPACE) * saved + once)
-
-
-def loss_bytes(shape: ModelShape, mb: MicroBatch, nbytes: int, checkpointing: bool) -> int:
-    """The vocabulary projection at the target rows (fp32 logits, ``LOSS_CHUNK`` rows at a time)
-    and the gathered hidden states."""
-    rows = (
-        LOSS_LOGITS_CKPT * (mb.targets + LOSS_CHUNK) if checkpointing else LOSS_LOGITS * mb.targets
-    )
-    return int(rows * shape.vocab * 4 + 2 * mb.targets * shape.hidden * nbytes)
 
 
 @dataclass
@@ -413,46 +159,64 @@ class Plan:
 
     @property
     def nbytes(self) -> int:
-        return compute_bytes(self.cfg, self.gpu)
+        """Bytes per value of the compute dtype (``auto``: bf16 on a GPU, fp32 on a CPU)."""
+        if self.cfg.dtype == "auto":
+            return 2 if self.gpu else 4
+        return fp.DTYPE_BYTES[self.cfg.dtype]
 
     @property
     def bits(self) -> int | None:
         return self.cfg.quantize or self.shape.stored_bits
 
     def weights(self) -> dict[str, int]:
-        return weight_bytes(self.shape, self.nbytes, self.bits)
+        return fp.weight_bytes(self.shape, self.nbytes, self.bits)
 
-    def trainable_bytes(self) -> int:
-        """Trainable values, their gradients (accumulated + current micro-batch) and optimizer
-        state. LoRA values are fp32; a full fine-tune trains the weights in the compute dtype."""
-        n = trainable_parameters(self.cfg, self.shape)
-        each = self.nbytes if self.cfg.finetune_type == "full" else 4
-        grads = 2 if self.cfg.gradient_accumulation_steps > 1 else 1
-        own = 0 if self.cfg.finetune_type == "full" else 1  # full: the weights are counted above
-        return int(n * each * (own + grads + optimizer_states(self.cfg)))
+    def state_bytes(self) -> tuple[int, int, int]:
+        """(trained values, their gradients, optimizer state) in bytes. LoRA values are fp32; a
+        full fine-tune trains the weights themselves (counted in :meth:`weights`)."""
+        shapes = fp.trained_shapes(self.cfg, self.shape)
+        full = self.cfg.finetune_type == "full"
+        each = self.nbytes if full else 4
+        n = sum(math.prod(s) for s in shapes)
+        return (
+            0 if full else n * each,
+            n * each,
+            fp.optimizer_values(self.cfg.optim, shapes) * each,
+        )
 
     def worst(self, checkpointing: bool) -> tuple[MicroBatch, int, int]:
         """The micro-batch with the largest activations + loss, and those two terms."""
-        best = None
+        best: tuple[MicroBatch, int, int] | None = None
         for mb in self.batches:
-            act = block_bytes(self.cfg, self.shape, mb, self.nbytes, checkpointing)
-            loss = loss_bytes(self.shape, mb, self.nbytes, checkpointing)
+            act, loss = fp.activation_bytes(
+                self.cfg, self.shape, mb, self.nbytes, checkpointing, self.gpu
+            )
             if best is None or act + loss > best[1] + best[2]:
                 best = (mb, act, loss)
         assert best is not None
         return best
 
     def train_bytes(self, checkpointing: bool) -> int:
+        """MLX's peak while training: during a backward pass (weights, state, the gradients
+        accumulated so far and being made, activations, loss) or during the update (new
+        values and optimizer state are made before the old ones are released)."""
+        own, grads, optim = self.state_bytes()
+        weights = sum(self.weights().values())
         _, act, loss = self.worst(checkpointing)
-        return sum(self.weights().values()) + self.trainable_bytes() + act + loss
+        accumulated = grads if self.cfg.gradient_accumulation_steps > 1 else 0
+        backward = weights + own + optim + accumulated + grads + act + loss
+        new_values = grads  # the updated values have the size of their gradients
+        update = weights + own + new_values + 2 * optim + grads
+        return max(backward, update)
 
     def load_bytes(self) -> int:
-        return sum(self.weights().values()) + load_extra_bytes(self.shape, self.nbytes, self.bits)
+        return sum(self.weights().values()) + fp.load_extra_bytes(
+            self.shape, self.nbytes, self.bits
+        )
 
     def mlx_peak_bytes(self, checkpointing: bool | None = None) -> int:
         """Predicted MLX peak (``mx.get_peak_memory()``): loading or training, whichever is more."""
-        ckpt = self._checkpointing(checkpointing)
-        return max(self.load_bytes(), self.train_bytes(ckpt))
+        return max(self.load_bytes(), self.train_bytes(self._ckpt(checkpointing)))
 
     def peak_bytes(self, checkpointing: bool | None = None) -> int:
         """Predicted peak of the whole process: MLX's peak plus Python, libraries, tokenizer."""
@@ -467,81 +231,98 @@ class Plan:
         return self.peak_bytes(checkpointing) * (1 + MARGIN) <= self.budget.bytes
 
     @property
-    def fits(self) -> bool:
-        return self.fits_with(None)
+    def checkpointing(self) -> bool:
+        """The setting train uses: as asked, or (auto) off when the run fits without it."""
+        setting = self.cfg.gradient_checkpointing
+        if setting is not None:
+            return setting
+        return not self.fits_with(False)
 
-    def _checkpointing(self, checkpointing: bool | None) -> bool:
-        if checkpointing is None:
-            return self.cfg.gradient_checkpointing is True
-        return checkpointing
+    @property
+    def fits(self) -> bool:
+        return self.fits_with(self.checkpointing)
+
+    def _ckpt(self, checkpointing: bool | None) -> bool:
+        return self.checkpointing if checkpointing is None else checkpointing
 
     def report(self) -> str:
         """The plan as printed by ``python -m mlx_lora.plan`` and at the start of ``train``."""
-        c, s, ckpt = self.cfg, self.shape, self._checkpointing(None)
+        lines = [self._head()] + [
+            f"  {name:<17}{gb(v):>9}  {note}" for name, v, note in self._rows()
+        ]
+        mb, _, _ = self.worst(self.checkpointing)
+        lines.append(f"  {'batches':<17}{'':>9}  {self._batch_note(mb)}; {self.data_note}")
+        ckpt = self.checkpointing
+        peak, alt = self.peak_bytes(ckpt), self.peak_bytes(not ckpt)
+        other = "without" if ckpt else "with"
+        lines.append(f"  {'peak':<17}{gb(peak):>9}  ({other} gradient checkpointing: {gb(alt)})")
+        if self.budget.bytes is None:
+            lines.append(f"  {'machine':<17}{'?':>9}  {self.budget.source}: not checked")
+        else:
+            lines.append(f"  {'machine':<17}{gb(self.budget.bytes):>9}  {self.budget.source}")
+            verdict = "fits" if self.fits else "does NOT fit"
+            lines.append(
+                f"  → {verdict}: peak + {MARGIN:.0%} = {gb(peak * (1 + MARGIN))} vs "
+                f"{gb(self.budget.bytes)}"
+            )
+        return "\n".join(lines + self.notes + [CPU_NOTE])
+
+    def _head(self) -> str:
+        s = self.shape
+        path = {"fast": "packed rows, attention per example", "packed": "packed rows, masked"}
+        return (
+            f"memory plan: {s.model_type}, {count(s.parameters)} parameters ({s.layers} blocks, "
+            f"hidden {s.hidden}, vocabulary {s.vocab:,}); {'gpu' if self.gpu else 'cpu'}, "
+            f"{dtype_name(self.nbytes)}; {path.get(s.path, 'general path, full logits')}"
+        )
+
+    def _rows(self) -> list[tuple[str, int, str]]:
+        c, ckpt = self.cfg, self.checkpointing
         weights = self.weights()
+        own, grads, optim = self.state_bytes()
         mb, act, loss = self.worst(ckpt)
         _, act_other, loss_other = self.worst(not ckpt)
         other = "without" if ckpt else "with"
-        rows = [
+        how = "as asked" if c.gradient_checkpointing is not None else "auto"
+        kind = {"lora": "LoRA", "dora": "DoRA", "full": "full fine-tune"}[c.finetune_type]
+        kind = "DoRA" if fp.uses_dora(c) else kind
+        return [
             (
                 "weights",
                 sum(weights.values()),
                 ", ".join(f"{gb(v)} {k}" for k, v in weights.items()),
             ),
-            (
-                "LoRA + optimizer" if c.finetune_type != "full" else "training state",
-                self.trainable_bytes(),
-                self._trainable_note(),
-            ),
+            (f"{kind} + optimizer", own + grads + optim, self._state_note()),
             (
                 "activations",
                 act,
-                f"gradient checkpointing {'on' if ckpt else 'off'} ({other} it: {gb(act_other)})",
+                f"gradient checkpointing {'on' if ckpt else 'off'} ({how}; {other} it: "
+                f"{gb(act_other)})",
             ),
             (
                 "loss",
                 loss,
-                f"vocabulary projection at {mb.targets:,} target rows, {LOSS_CHUNK} at a time "
-                f"({other} checkpointing: {gb(loss_other)})",
+                f"vocabulary projection of {mb.targets:,} rows ({other} checkpointing: "
+                f"{gb(loss_other)})",
             ),
-            (
-                "loading",
-                self.load_bytes(),
-                "quantized as read, one matrix at a time"
-                if self.bits
-                else "cast as read, one matrix at a time",
-            ),
+            ("loading", self.load_bytes(), "cast / quantized as read, one matrix at a time"),
             ("process", self.runtime_bytes(), "Python, MLX, tokenizer, data (outside MLX)"),
         ]
-        head = (
-            f"memory plan: {s.model_type}, {count(s.parameters)} parameters ({s.layers} "
-            f"blocks, hidden {s.hidden}, vocabulary {s.vocab:,}); {'gpu' if self.gpu else 'cpu'}, "
-            f"{_dtype_name(self.nbytes)}"
-        )
-        lines = [head] + [f"  {name:<17}{gb(v):>9}  {note}" for name, v, note in rows]
-        lines.append(
-            f"  {'batches':<17}{'':>9}  worst micro-batch {mb.rows} row(s) × {mb.length} tokens, "
-            f"{mb.targets:,} target slots; {self.data_note}"
-        )
-        peak, alt = self.peak_bytes(ckpt), self.peak_bytes(not ckpt)
-        lines.append(f"  {'peak':<17}{gb(peak):>9}  ({other} gradient checkpointing: {gb(alt)})")
-        if self.budget.bytes is None:
-            lines.append(f"  {'machine':<17}{'?':>9}  {self.budget.source}: not checked")
-            return "\n".join(lines + self.notes)
-        lines.append(f"  {'machine':<17}{gb(self.budget.bytes):>9}  {self.budget.source}")
-        verdict = "fits" if self.fits else "does NOT fit"
-        lines.append(
-            f"  → {verdict}: peak + {MARGIN:.0%} = {gb(peak * (1 + MARGIN))} vs "
-            f"{gb(self.budget.bytes)}"
-        )
-        return "\n".join(lines + self.notes)
 
-    def _trainable_note(self) -> str:
-        n = trainable_parameters(self.cfg, self.shape)
-        opt = self.cfg.optim
-        states = optimizer_states(self.cfg)
-        kind = "float32" if self.cfg.finetune_type != "full" else _dtype_name(self.nbytes)
-        return f"{count(n)} trainable {kind} values, gradients, {opt} state (×{states:g})"
+    def _state_note(self) -> str:
+        shapes = fp.trained_shapes(self.cfg, self.shape)
+        n = sum(math.prod(s) for s in shapes)
+        kind = "float32" if self.cfg.finetune_type != "full" else dtype_name(self.nbytes)
+        layers = len(fp.lora_layers(self.cfg, self.shape))
+        where = "" if self.cfg.finetune_type == "full" else f" in {layers} blocks"
+        return f"{count(n)} trained {kind} values{where}, gradients, {self.cfg.optim} state"
+
+    def _batch_note(self, mb: MicroBatch) -> str:
+        if self.shape.path == "fast":
+            return (
+                f"worst micro-batch {mb.tokens:,} tokens in {mb.rows} row(s) (longest {mb.length})"
+            )
+        return f"worst micro-batch {mb.rows} row(s) × {mb.length} tokens"
 
 
 def gb(n: float) -> str:
@@ -565,32 +346,36 @@ def plan(
     """The memory plan of ``train(cfg)``; reads ``config.json`` only.
 
     ``examples`` (the encoded training examples) gives the run's real micro-batches; without them
-    every micro-batch is assumed to be ``batch`` full ``--max-seq-length`` rows. ``budget`` and
-    ``gpu`` default to this machine (the README's "what fits" table passes a Mac's).
+    every micro-batch is assumed to be ``batch`` full ``--max-seq-length`` examples. ``budget``
+    and ``gpu`` default to this machine (the README's "what fits" table passes a Mac's).
     """
+    from mlx_lora.forward import lane_count
     from mlx_lora.hub import resolve_model
+    from mlx_lora.model import on_gpu
 
     if model_dir is None:
         model_dir = resolve_model(cfg.model, cfg.model_source, weights=False)
-    shape = read_shape(model_dir)
+    shape = fp.read_shape(model_dir)
+    if cfg.finetune_type != "full":
+        fp.adapted(cfg, shape)  # unknown --target-modules: train's own error, before anything
+    gpu = on_gpu() if gpu is None else gpu
+    lanes = 1 if gpu or shape.path != "fast" else lane_count(cfg.per_device_train_batch_size)
+    batches = _batches(cfg, shape, examples, world, lanes)
     if examples is None:
-        batches = [worst_case_batch(cfg)]
-        note = (
-            f"full --max-seq-length {cfg.max_seq_length} rows assumed (pass --data to plan "
-            "for your data's batches)"
-        )
+        note = f"{cfg.max_seq_length}-token examples assumed (pass --data to plan for your data)"
     else:
-        batches = run_batches(cfg, examples, world) or [worst_case_batch(cfg)]
         note = f"the worst of this run's {len(batches)} micro-batch shapes (from the data)"
     return Plan(
-        cfg,
-        shape,
-        machine_budget() if budget is None else budget,
-        batches,
-        note,
-        on_gpu() if gpu is None else gpu,
-        model_dir,
+        cfg, shape, machine_budget() if budget is None else budget, batches, note, gpu, model_dir
     )
+
+
+def _batches(
+    cfg: TrainConfig, shape: ModelShape, examples: list | None, world: int, lanes: int
+) -> list[MicroBatch]:
+    if examples is None:
+        return [worst_case_batch(cfg, shape, lanes)]
+    return run_batches(cfg, shape, examples, world, lanes) or [worst_case_batch(cfg, shape, lanes)]
 
 
 # ---------------------------------------------------------------- what to change
@@ -633,28 +418,37 @@ def suggest(
     """The fastest configuration that fits, preferring changes that keep the result the same;
     None when nothing does."""
     base = base or plan(cfg, examples, world=world)
+    from mlx_lora.forward import lane_count
+
     cache: dict[tuple[int, int], list[MicroBatch]] = {}
     for _, _, new in _variants(cfg, base.shape):
         key = (new.per_device_train_batch_size, new.max_seq_length)
         if key not in cache:
-            cache[key] = (
-                [worst_case_batch(new)] if examples is None else run_batches(new, examples, world)
-            )
-        p = replace(base, cfg=new, batches=cache[key] or [worst_case_batch(new)])
+            fast = not base.gpu and base.shape.path == "fast"
+            lanes = lane_count(new.per_device_train_batch_size) if fast else 1
+            shortened = None if examples is None else _truncated(examples, new.max_seq_length)
+            cache[key] = _batches(new, base.shape, shortened, world, lanes)
+        p = replace(base, cfg=new, batches=cache[key])
         if p.fits:
             return new, p
     return None
+
+
+def _truncated(examples: list, n: int) -> list:
+    """The examples as ``load_dataset`` would truncate them at ``--max-seq-length n``, without
+    those left with nothing to train on."""
+    from mlx_lora.prompt import Encoded
+
+    out = [Encoded(e.ids[:n], e.mask[:n]) for e in examples]
+    return [e for e in out if any(e.mask[1:])]
 
 
 def changes(old: TrainConfig, new: TrainConfig) -> str:
     """The flags that turn ``old`` into ``new``, as a user would type them."""
     flags = []
     if new.gradient_checkpointing != old.gradient_checkpointing:
-        flags.append(
-            "--gradient-checkpointing"
-            if new.gradient_checkpointing
-            else "--no-gradient-checkpointing"
-        )
+        on = new.gradient_checkpointing
+        flags.append(f"--gradient-checkpointing {'on' if on else 'off'}")
     if new.quantize != old.quantize:
         flags.append(f"--quantize {new.quantize}")
     if new.per_device_train_batch_size != old.per_device_train_batch_size:
@@ -682,6 +476,17 @@ def refusal(p: Plan, examples: list | None = None, world: int = 1) -> str:
     )
 
 
+def check(cfg: TrainConfig, model_dir: Path, examples: list, world: int = 1) -> Plan:
+    """``train``'s gate, before any weight is read: the plan of this run, or the one-line error
+    of a run that does not fit (unless ``--force``)."""
+    p = plan(cfg, examples, world=world, model_dir=model_dir)
+    if not p.fits and not cfg.force:
+        raise MlxLoraError(refusal(p, examples, world))
+    if not p.fits:
+        p.notes.append("  (--force: training anyway)")
+    return p
+
+
 # ---------------------------------------------------------------- the command
 
 
@@ -692,25 +497,16 @@ class PlanConfig(TrainConfig):
 
 def examples_for(cfg: TrainConfig, model_dir: Path) -> list:
     """The training examples ``train`` would use (tokenizer only, no weights)."""
-    from mlx_lora.data import load_dataset
-    from mlx_lora.prompt import load_hf_tokenizer
-    from mlx_lora.train import _split_data
+    from mlx_lora.model import load_base_tokenizer
+    from mlx_lora.train import _data
 
-    tokenizer = load_hf_tokenizer(model_dir)
-    ds = load_dataset(
-        Path(cfg.data),
-        tokenizer,
-        fmt=cfg.format,
-        system_prompt=cfg.system_prompt,
-        max_seq_length=cfg.max_seq_length,
-    )
-    return _split_data(cfg, ds, tokenizer)[0]
+    return _data(cfg, load_base_tokenizer(model_dir), 1)[1]
 
 
 DESCRIPTION = """The memory plan of a training run: will it fit this machine? (train's flags)
 
 Reads config.json only (no weights). With --data it lays out the run's real batches (tokenizer
-only); without, it assumes full --max-seq-length rows. train prints the same plan and refuses a
+only); without, it assumes --max-seq-length examples. train prints the same plan and refuses a
 run that does not fit (unless --force). MLX_LORA_MEMORY_LIMIT=8GB plans for a smaller machine."""
 
 EPILOG = """examples:
@@ -720,12 +516,13 @@ EPILOG = """examples:
 
 
 def main(argv: list[str] | None = None) -> Plan:
-    cfg = parse_config(PlanConfig, argv, "python -m mlx_lora.plan", DESCRIPTION, EPILOG)
+    prog = "python -m mlx_lora.plan"
+    cfg = parse_config(PlanConfig, argv, prog, DESCRIPTION, EPILOG)
     from mlx_lora.hub import resolve_model
 
     model_dir = resolve_model(cfg.model, cfg.model_source, weights=False)
     examples = None
-    if "data" in given_fields(PlanConfig, argv, "python -m mlx_lora.plan", DESCRIPTION):
+    if "data" in given_fields(PlanConfig, argv, prog, DESCRIPTION):
         examples = examples_for(cfg, model_dir)
     p = plan(cfg, examples, model_dir=model_dir)
     print(p.report())

@@ -48,7 +48,8 @@ from mlx_lora.forward import Layout, cpu_lanes, fast_path, keep_buffers, lanes
 from mlx_lora.hub import resolve_model
 from mlx_lora.lora import adapter_config, apply_lora, normalize_targets
 from mlx_lora.loss import checkpoint_layers, general_loss_sum, loss_sum, training_path
-from mlx_lora.model import compute_dtype, device_name, load_base
+from mlx_lora.model import compute_dtype, device_name, load_base, load_base_tokenizer
+from mlx_lora.plan import check as check_memory
 from mlx_lora.recompute import Decision
 from mlx_lora.recompute import decide as decide_checkpointing
 from mlx_lora.report import Fanout, Reporter, default_reporter, human_bytes, plot_losses
@@ -384,12 +385,11 @@ def _prepare_model(
     )
 
 
-def _load(cfg: TrainConfig) -> tuple[nn.Module, Any, dict, Path]:
-    model_dir = resolve_model(cfg.model, cfg.model_source)
-    model, tokenizer, config = load_base(
-        model_dir, dtype=compute_dtype(cfg.dtype), quantize=cfg.quantize
+def _load(cfg: TrainConfig, model_dir: Path, tokenizer: Any) -> tuple[nn.Module, dict]:
+    model, _, config = load_base(
+        model_dir, dtype=compute_dtype(cfg.dtype), quantize=cfg.quantize, tokenizer=tokenizer
     )
-    return model, tokenizer, config, model_dir
+    return model, config
 
 
 def _resume(run: Run, ckpt: Path) -> None:
@@ -458,23 +458,6 @@ def scale_and_clip(grads: dict, inv: mx.array, max_norm: float) -> tuple[dict, m
     return grads, mx.sqrt(sum((g * g).sum() for _, g in tree_flatten(grads)))
 
 
-def _decide_checkpointing(cfg: TrainConfig, model: nn.Module, config: dict, train_ex) -> Decision:
-    """``--gradient-checkpointing``: as asked, or (auto) whether the largest batch fits without.
-    :func:`mlx_lora.recompute.decide` is the estimate a full memory plan can replace."""
-    trainable = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
-    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
-    dtype = compute_dtype(cfg.dtype)
-    return decide_checkpointing(
-        cfg.gradient_checkpointing,
-        config,
-        [len(e.ids) for e in train_ex],
-        [sum(e.mask[1:]) for e in train_ex],
-        cfg.per_device_train_batch_size,
-        weights + 3 * trainable * 4,  # + fp32 gradients and two optimizer moments
-        mx.finfo(dtype).bits // 8,
-    )
-
-
 def _data(cfg: TrainConfig, tokenizer: Any, world: int) -> tuple[Dataset, list, list]:
     """The encoded data set and its training / validation examples."""
     ds = load_dataset(
@@ -525,20 +508,23 @@ def setup(cfg: TrainConfig) -> tuple[Run, Path | None]:
     group = mx.distributed.init()
     out = Path(cfg.output_dir)
     lead = group.rank() == 0
+    model_dir = resolve_model(cfg.model, cfg.model_source)
+    tokenizer = load_base_tokenizer(model_dir)
+    ds, train_ex, val_ex = _data(cfg, tokenizer, group.size())
+    memory = check_memory(cfg, model_dir, train_ex, group.size())  # before any weight is read
+    recompute = decide_checkpointing(cfg.gradient_checkpointing, memory)
     resume_from = (
         prepare_output_dir(out, cfg.resume, cfg.overwrite_output_dir)
         if lead
         else resume_point(out, cfg.resume)
     )
-    model, tokenizer, config, model_dir = _load(cfg)
-    ds, train_ex, val_ex = _data(cfg, tokenizer, group.size())
+    model, config = _load(cfg, model_dir, tokenizer)
     mx.random.seed(cfg.seed)
     saver = _prepare_model(cfg, model, ds, model_dir, config)
     model.train()
     optimizer, state, steps_per_epoch, total = _schedule_state(cfg, model, len(train_ex), group)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     path = training_path(config.get("model_type"))
-    recompute = _decide_checkpointing(cfg, model, config, train_ex)
     text = summary(
         cfg,
         ds,
@@ -551,6 +537,7 @@ def setup(cfg: TrainConfig) -> tuple[Run, Path | None]:
         recompute.reason,
     )
     text += "\n" + _path_line(path, config, path == "packed" and fast_path(model))
+    text += "\n" + memory.report()
     run = Run(
         cfg,
         out,
