@@ -43,6 +43,7 @@ if str(REPO) not in sys.path:
 from mlx_lora.config import opt, parse_config  # noqa: E402
 from mlx_lora.demo import SYSTEM_PROMPT  # noqa: E402
 from mlx_lora.errors import MlxLoraError  # noqa: E402
+from mlx_lora.files import write_json_atomic, write_text_atomic  # noqa: E402
 
 # Huanhuan-style questions for the side-by-side answers: one the data asks, two it does not.
 QUESTIONS = ("你是谁？", "小主，皇上今晚会来吗？", "娘娘觉得这宫里的日子如何？")
@@ -134,7 +135,7 @@ def training_data(cfg: RoadConfig, out: Path) -> Path:
         return data
     records = read_records(data)[: cfg.records]
     subset = out / f"{data.stem}-{len(records)}.json"
-    subset.write_text(json.dumps(records, ensure_ascii=False, indent=1), encoding="utf-8")
+    write_json_atomic(subset, records)
     return subset
 
 
@@ -195,7 +196,7 @@ def hop_eval(cfg: RoadConfig, adapter: Path, data: Path, out: Path) -> tuple[Any
 
     out.mkdir(parents=True, exist_ok=True)
     questions = out / "questions.txt"
-    questions.write_text("\n".join(QUESTIONS) + "\n", encoding="utf-8")
+    write_text_atomic(questions, "\n".join(QUESTIONS) + "\n")
     result = evaluate_adapter(
         EvalConfig(
             adapter=str(adapter),
