@@ -246,8 +246,9 @@ def weight_bytes(shape: ModelShape, nbytes: int, bits: int | None) -> dict[str, 
 
 def load_extra_bytes(shape: ModelShape, nbytes: int, bits: int | None) -> int:
     """Loading's peak above the final weights (:func:`mlx_lora.model.materialize` reads one
-    module at a time): the largest matrix as stored, its cast copy (or, quantized, one row block
-    of it and the quantized parts before they are joined)."""
+    module at a time): the largest matrix as stored while its cast copy (the final weight) is
+    made; quantized, also one compute-dtype row block of it (measured: 4B-shaped bf16 → 4-bit
+    loads at 3.00 GB for 2.22 GB of weights)."""
     biggest = max((p for p in shape.params if p.quantizable), key=lambda p: p.size)
     n = biggest.size
     if shape.stored_bits:
@@ -256,9 +257,8 @@ def load_extra_bytes(shape: ModelShape, nbytes: int, bits: int | None) -> int:
     cast = n * nbytes if nbytes != shape.stored_bytes else 0
     if bits and biggest.shape[-1] % QUANT_GROUP == 0:
         block = min(n * nbytes, QUANT_CHUNK_BYTES * nbytes // 4)
-        quantized = n * bits // 8 + 2 * n // QUANT_GROUP * nbytes
-        return stored + block + quantized
-    return stored + cast if cast else 0
+        return stored + block
+    return stored if cast else 0  # the cast copy is the final weight
 
 
 def lora_layers(cfg: Any, shape: ModelShape) -> list[int]:
@@ -350,11 +350,18 @@ INPUT_GROUPS = {"q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "qkv_proj"
 INPUT_GROUPS |= {"gate_proj": "mlp", "up_proj": "mlp", "gate_up_proj": "mlp", "c_fc": "mlp"}
 
 # Multipliers of the counted terms, per path and checkpointing (see activation_terms), fitted to
-# measured peaks on a CPU by scripts/calibrate_plan.py.
+# 92 measured step peaks on a CPU by scripts/calibrate_plan.py (rms error of the activations:
+# fast path 11.7% / 14.7% without / with checkpointing; the packed and general paths from 3 cases
+# each, so only their dominant terms).
+TERMS = ("blocks", "workspace", "embed", "row", "logits", "chunk")
 COEF: dict[tuple[str, bool], dict[str, float]] = {
-    (path, ckpt): {"blocks": 1.0, "workspace": 1.0, "embed": 2.0, "logits": 1.0, "chunk": 2.0}
-    for path in ("fast", "packed", "general")
-    for ckpt in (False, True)
+    # (path, checkpointing): blocks, workspace, embed, row, logits, chunk
+    ("fast", False): dict(zip(TERMS, (0.478, 0.0, 0.0, 111.035, 1.905, 2.428), strict=True)),
+    ("fast", True): dict(zip(TERMS, (1.0, 0.0, 0.0, 97.912, 1.726, 1.263), strict=True)),
+    ("packed", False): dict(zip(TERMS, (0.0, 0.0, 0.0, 0.0, 13.268, 0.0), strict=True)),
+    ("packed", True): dict(zip(TERMS, (1.0, 0.0, 0.0, 0.0, 6.873, 0.0), strict=True)),
+    ("general", False): dict(zip(TERMS, (0.598, 0.199, 0.0, 0.0, 4.172, 0.0), strict=True)),
+    ("general", True): dict(zip(TERMS, (1.0, 0.0, 0.0, 0.0, 3.823, 0.0), strict=True)),
 }
 
 
@@ -400,9 +407,12 @@ def activation_terms(
 
     ``blocks``: what every trained block keeps (all of it; with checkpointing, its input only);
     ``workspace``: one block's worth (the block being differentiated, or recomputed);
-    ``embed``: hidden states once (embedding, final norm); ``logits``: the fp32 vocabulary
-    projection kept for the cross-entropy's backward (``general``: the full logits and the
-    gathered fp32 rows); ``chunk``: one ``LOSS_CHUNK`` of it.
+    ``embed``: hidden states once (embedding, final norm); ``row``: hidden states of the longest
+    row (measured on the fast path: per-row workspace of the blocks, not accounted otherwise);
+    ``logits``: the fp32 vocabulary
+    projection of every target (``general``: also the full logits) — measured, the
+    cross-entropy's temporaries scale with it even with checkpointing, as MLX evaluates the
+    chunks of one micro-batch in one graph; ``chunk``: one ``LOSS_CHUNK`` of it.
     """
     trained = len(lora_layers(cfg, shape))
     per_token = token_bytes(cfg, shape, nbytes, gpu)
@@ -414,13 +424,12 @@ def activation_terms(
     logits = mb.targets * shape.vocab * 4
     if shape.path == "general":
         logits += mb.rows * mb.length * shape.vocab * nbytes
-    elif checkpointing:
-        logits = 0
     chunk = min(mb.targets, LOSS_CHUNK * max(1, mb.rows)) * shape.vocab * 4
     return {
         "blocks": blocks,
         "workspace": one_block,
         "embed": hidden,
+        "row": mb.length * shape.hidden * nbytes,
         "logits": logits,
         "chunk": chunk,
     }
@@ -432,6 +441,6 @@ def activation_bytes(
     """(blocks, loss) bytes of one micro-batch at its peak: the terms times ``COEF``."""
     terms = activation_terms(cfg, shape, mb, nbytes, checkpointing, gpu)
     coef = COEF[(shape.path, checkpointing)]
-    loss = terms["logits"] * coef["logits"] + terms["chunk"] * coef["chunk"]
-    blocks = sum(terms[k] * coef[k] for k in ("blocks", "workspace", "embed"))
+    loss = sum(terms[k] * coef[k] for k in ("logits", "chunk"))
+    blocks = sum(terms[k] * coef[k] for k in ("blocks", "workspace", "embed", "row"))
     return int(blocks), int(loss)

@@ -13,6 +13,7 @@ weights, the real 4B ``config.json``; about 8 GB written once into ``--work``).
 
     python scripts/bench_plan.py --work /tmp/bench-plan           # the README table
     python scripts/bench_plan.py --work /tmp/bench-plan --no-4b   # without the 4B-shaped model
+    python scripts/bench_plan.py --work /tmp/bench-plan --reuse   # re-plan, measurements kept
     python scripts/bench_plan.py --fits                           # "what fits on an 8/16/24 GB Mac"
 """
 
@@ -37,14 +38,26 @@ TARGET = 0.15
 # name, model, TrainConfig fields (besides model/data/output)
 CONFIGS = [
     ("tiny, batch 1", "tiny", {"per_device_train_batch_size": 1, "gradient_checkpointing": False}),
-    ("tiny, batch 4, ckpt", "tiny", {"per_device_train_batch_size": 4}),
-    ("bench, batch 4, ckpt", "bench", {"per_device_train_batch_size": 4}),
+    (
+        "tiny, batch 4, ckpt",
+        "tiny",
+        {"per_device_train_batch_size": 4, "gradient_checkpointing": True},
+    ),
+    (
+        "bench, batch 4, ckpt",
+        "bench",
+        {"per_device_train_batch_size": 4, "gradient_checkpointing": True},
+    ),
     (
         "bench, batch 4",
         "bench",
         {"per_device_train_batch_size": 4, "gradient_checkpointing": False},
     ),
-    ("bench, batch 1, q4, ckpt", "bench", {"per_device_train_batch_size": 1, "quantize": 4}),
+    (
+        "bench, batch 1, q4, ckpt",
+        "bench",
+        {"per_device_train_batch_size": 1, "quantize": 4, "gradient_checkpointing": True},
+    ),
     (
         "bench, batch 4, q8",
         "bench",
@@ -53,7 +66,12 @@ CONFIGS = [
     (
         "4B-shaped, batch 1, q4, ckpt",
         "4b",
-        {"per_device_train_batch_size": 1, "quantize": 4, "max_steps": 2},
+        {
+            "per_device_train_batch_size": 1,
+            "quantize": 4,
+            "gradient_checkpointing": True,
+            "max_steps": 2,
+        },
     ),
 ]
 COMMON = {
@@ -102,7 +120,7 @@ def peak_rss() -> int:
 
 def build_models(work: Path, with_4b: bool) -> dict[str, Path]:
     sys.path.insert(0, str(REPO / "scripts"))
-    from make_tiny_model import dims_from_config, make_tiny_model
+    from make_tiny_model import make_tiny_model, shape_from_config
 
     models = {"tiny": work / "tiny", "bench": work / "bench"}
     if not models["tiny"].is_dir():
@@ -122,21 +140,15 @@ def build_models(work: Path, with_4b: bool) -> dict[str, Path]:
         if not models["4b"].is_dir():
             print("writing the Qwen1.5-4B-shaped model (about 8 GB, once)...", flush=True)
             make_tiny_model(
-                models["4b"], tokenizer=QWEN_DIR, **dims_from_config(QWEN_DIR / "config.json")
+                models["4b"], tokenizer=QWEN_DIR, **shape_from_config(QWEN_DIR / "config.json")
             )
     return models
 
 
-def run_one(name: str, model: Path, fields: dict, data: Path, work: Path) -> dict:
+def measure(cfg) -> dict:
+    """Train ``cfg`` in a fresh process (with the system OpenBLAS, as the commands run)."""
     from mlx_lora.blas import relaunch_env
-    from mlx_lora.config import TrainConfig
-    from mlx_lora.plan import examples_for, plan
 
-    cfg = TrainConfig(
-        **{**COMMON, **fields, "model": str(model), "data": str(data)},
-        output_dir=str(work / "runs" / name.replace(", ", "-").replace(" ", "_")),
-    )
-    p = plan(cfg, examples_for(cfg, model), model_dir=model)
     env = relaunch_env() or os.environ.copy()
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     out = subprocess.run(
@@ -148,9 +160,25 @@ def run_one(name: str, model: Path, fields: dict, data: Path, work: Path) -> dic
     )
     lines = [ln for ln in out.stdout.splitlines() if ln.startswith(MARK)]
     if out.returncode != 0 or not lines:
-        raise SystemExit(f"{name}: worker failed:\n{out.stderr[-3000:]}")
-    measured = json.loads(lines[-1][len(MARK) :])
-    mb, _, _ = p.worst(cfg.gradient_checkpointing)
+        raise SystemExit(f"worker failed:\n{out.stderr[-3000:]}")
+    return json.loads(lines[-1][len(MARK) :])
+
+
+def run_one(name: str, model: Path, fields: dict, data: Path, work: Path, reuse: bool) -> dict:
+    from mlx_lora.config import TrainConfig
+    from mlx_lora.plan import examples_for, plan
+
+    cfg = TrainConfig(
+        **{**COMMON, **fields, "model": str(model), "data": str(data)},
+        output_dir=str(work / "runs" / name.replace(", ", "-").replace(" ", "_")),
+    )
+    p = plan(cfg, examples_for(cfg, model), model_dir=model)
+    cache = work / "measured.json"
+    known = json.loads(cache.read_text()) if reuse and cache.is_file() else {}
+    measured = known.get(name) or measure(cfg)
+    known = json.loads(cache.read_text()) if cache.is_file() else {}
+    cache.write_text(json.dumps({**known, name: measured}, indent=1))
+    mb, _, _ = p.worst(p.checkpointing)
     return {
         "name": name,
         "batch": f"{mb.rows}×{mb.length}",
@@ -195,8 +223,15 @@ def fits_table() -> str:
         "7B": (4096, 32, 32, 11008, False),
     }
     macs = (8, 16, 24)
+    label = {None: "LoRA bf16", 8: "QLoRA 8-bit", 4: "QLoRA 4-bit"}
     base = json.loads((QWEN_DIR / "config.json").read_text(encoding="utf-8"))
-    head = "| model | " + " | ".join(f"{m} GB Mac" for m in macs) + " |\n|---|" + "---|" * len(macs)
+    head = (
+        "| model | "
+        + " | ".join(f"{m} GB Mac" for m in macs)
+        + " | predicted peak, LoRA bf16 / QLoRA 8-bit / QLoRA 4-bit (without / with checkpointing)"
+        + " |\n|---|"
+        + "---|" * (len(macs) + 1)
+    )
     out = [head]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -219,15 +254,18 @@ def fits_table() -> str:
                 if examples is None:
                     examples = examples_for(cfg, folder)
                 p = plan(cfg, examples, model_dir=folder, gpu=True, budget=Budget(None, "Mac"))
-                cells.append((q, p.peak_bytes()))
+                cells.append((q, p.peak_bytes(False), p.peak_bytes(True)))
             row = []
             for mem in macs:
                 budget = mem * 1e9 * 2 / 3
-                ok = [q for q, peak in cells if peak * 1.1 <= budget]
-                label = {None: "LoRA bf16", 8: "QLoRA 8-bit", 4: "QLoRA 4-bit"}
-                row.append(label[ok[0]] if ok else "no")
-            peaks = ", ".join(f"{label[q]} {gb(v)}" for q, v in cells)
-            out.append(f"| Qwen1.5-{size} ({peaks}) | " + " | ".join(row) + " |")
+                fits = [
+                    (q, "" if off * 1.1 <= budget else ", checkpointing")
+                    for q, off, on in cells
+                    if on * 1.1 <= budget
+                ]
+                row.append(f"{label[fits[0][0]]}{fits[0][1]}" if fits else "no")
+            peaks = " · ".join(f"{gb(off)[:-3]} / {gb(on)}" for _, off, on in cells)
+            out.append(f"| Qwen1.5-{size} | " + " | ".join(row) + f" | {peaks} |")
     return "\n".join(out)
 
 
@@ -237,6 +275,11 @@ def main() -> None:
     ap.add_argument("--no-4b", action="store_true", help="skip the Qwen1.5-4B-shaped model")
     ap.add_argument("--examples", type=int, default=64, help="huanhuan records to train on")
     ap.add_argument("--fits", action="store_true", help="print the 'what fits' table and exit")
+    ap.add_argument(
+        "--reuse",
+        action="store_true",
+        help="reuse the measurements in WORK/measured.json (only the plan is recomputed)",
+    )
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
@@ -256,7 +299,7 @@ def main() -> None:
     rows = []
     for name, model, fields in CONFIGS:
         if model in models:
-            rows.append(run_one(name, models[model], fields, data, args.work))
+            rows.append(run_one(name, models[model], fields, data, args.work, args.reuse))
             print(table(rows[-1:]).splitlines()[-1], flush=True)
     print()
     print(table(rows))

@@ -22,18 +22,21 @@ from mlx.utils import tree_flatten
 from mlx_lora.config import TrainConfig
 from mlx_lora.data import load_dataset, make_batch
 from mlx_lora.errors import MlxLoraError
-from mlx_lora.plan import (
+from mlx_lora.footprint import (
     MicroBatch,
+    load_extra_bytes,
+    read_shape,
+    trained_shapes,
+    weight_bytes,
+)
+from mlx_lora.plan import (
+    Budget,
     Plan,
     changes,
-    load_extra_bytes,
     parse_size,
     plan,
-    read_shape,
     run_batches,
     suggest,
-    trainable_parameters,
-    weight_bytes,
     worst_case_batch,
 )
 
@@ -78,11 +81,10 @@ def test_shape_is_what_mlx_lm_builds(tmp_path: Path, name: str) -> None:
     real = dict(tree_flatten(model.parameters()))
     shape = read_shape(tmp_path)
     assert shape.parameters == sum(v.size for v in real.values())
-    names = {k.rsplit(".", 2)[-2] for k in real if k.endswith(".weight") and real[k].ndim == 2}
-    assert names == {m.name for m in shape.matrices}
-    for m in shape.matrices:
-        key = next(k for k in real if k.endswith(f"{m.name}.weight"))
-        assert real[key].shape == (m.rows, m.cols), m.name
+    assert {p.path: p.shape for p in shape.params} == {k: v.shape for k, v in real.items()}
+    linears = {k for k, v in real.items() if k.endswith(".weight") and v.ndim == 2}
+    assert {p.path for p in shape.params if p.quantizable} == linears  # embedding included
+    assert shape.path == "fast"
 
 
 @pytest.fixture(scope="module")
@@ -128,16 +130,22 @@ def test_trainable_parameters_match_the_wrapped_model(mid: Path) -> None:
     from mlx_lora.lora import apply_lora, normalize_targets
     from mlx_lora.model import load_base
 
-    for extra in ({}, {"target_modules": "q,v", "lora_layers": 2}, {"finetune_type": "dora"}):
+    for extra in ({}, {"target_modules": "q,v", "lora_layers": 2}, {"use_dora": True}):
         cfg = TrainConfig(model=str(mid), lora_r=4, **extra)
         model, _, _ = load_base(mid, dtype=mx.float32)
         layers = None if cfg.lora_layers is None else [2, 3]
-        dora = cfg.finetune_type == "dora"
         apply_lora(
-            model, normalize_targets(cfg.target_modules), 4, 8, 0.0, layers=layers, dora=dora
+            model,
+            normalize_targets(cfg.target_modules),
+            4,
+            8,
+            0.0,
+            layers=layers,
+            dora=bool(cfg.use_dora),
         )
         real = sum(v.size for _, v in tree_flatten(model.trainable_parameters()))
-        assert trainable_parameters(cfg, read_shape(mid)) == real, extra
+        planned = sum(math.prod(s) for s in trained_shapes(cfg, read_shape(mid)))
+        assert planned == real, extra
 
 
 def test_run_batches_are_the_shapes_train_makes(tiny_model: Path) -> None:
@@ -159,14 +167,17 @@ def test_run_batches_are_the_shapes_train_makes(tiny_model: Path) -> None:
     for step in range(math.ceil(2.5 * per_epoch)):
         ids = step_examples(step, len(ex), per_step, per_epoch, cfg.seed)
         for i in range(0, len(ids), 3):
-            b = make_batch([ex[j] for j in ids[i : i + 3]], 96, True)
-            real.add(MicroBatch(*b.inputs.shape, len(b.targets)))
-    assert set(run_batches(cfg, ex)) == real
+            b = make_batch([ex[j] for j in ids[i : i + 3]], 96, True, pad_to=1, lanes=1)
+            real.add((*b.inputs.shape, b.n_tokens, b.n_target_tokens))
+    planned = run_batches(cfg, read_shape(tiny_model), ex, lanes=1)
+    assert {(m.rows, m.length, m.tokens, m.targets) for m in planned} == real
+    assert len(planned) == len(set(planned)) and len(planned) > 5
 
 
-def test_worst_case_is_full_rows() -> None:
+def test_worst_case_is_full_rows(tiny_model: Path) -> None:
     cfg = TrainConfig(per_device_train_batch_size=4, max_seq_length=1000)
-    assert worst_case_batch(cfg) == MicroBatch(4, 1024, 4000)
+    mb = worst_case_batch(cfg, read_shape(tiny_model))
+    assert mb == MicroBatch(4000, 4 * 1000**2, 4 * 999, 4, 1000)
 
 
 def test_parse_size() -> None:
@@ -179,30 +190,29 @@ def test_parse_size() -> None:
         parse_size("two gigs")
 
 
-def _plan(mid: Path, limit: str, **kw) -> Plan:
-    os.environ["MLX_LORA_MEMORY_LIMIT"] = limit
-    try:
-        return plan(TrainConfig(model=str(mid), **kw))
-    finally:
-        del os.environ["MLX_LORA_MEMORY_LIMIT"]
+def _plan(mid: Path, limit: float, **kw) -> Plan:
+    return plan(TrainConfig(model=str(mid), **kw), budget=Budget(int(limit), "test"))
 
 
-def test_checkpointing_api_and_budget(mid: Path) -> None:
-    p = _plan(mid, "64GB", max_seq_length=2048)
-    assert p.budget.bytes == 64_000_000_000 and p.fits
+def test_checkpointing_auto_follows_the_budget(mid: Path) -> None:
+    p = _plan(mid, 64e9, max_seq_length=2048)
+    assert p.cfg.gradient_checkpointing is None and p.fits
     assert p.peak_bytes(checkpointing=False) > p.peak_bytes(checkpointing=True)
-    assert p.peak_bytes() == p.peak_bytes(checkpointing=True)  # the config's own setting
-    assert p.fits_with(checkpointing=False) == (p.peak_bytes(False) * 1.1 <= p.budget.bytes)
+    assert p.checkpointing is False and p.peak_bytes() == p.peak_bytes(checkpointing=False)
+    between = (p.peak_bytes(False) + p.peak_bytes(True)) / 2 * 1.1
+    q = _plan(mid, between, max_seq_length=2048)
+    assert q.checkpointing is True and q.fits
+    assert "gradient checkpointing on (auto" in q.report()
 
 
 def test_suggest_prefers_what_keeps_the_result(mid: Path) -> None:
     """A roomy machine: the fastest config (checkpointing off). A tight one: a change that keeps
     the update the same (checkpointing, smaller batch + more accumulation) before quantizing."""
-    roomy = _plan(mid, "64GB", max_seq_length=2048)
+    roomy = _plan(mid, 64e9, max_seq_length=2048)
     new, _ = suggest(roomy.cfg, base=roomy)
     assert new.gradient_checkpointing is False and new.quantize is None
-    need_now = roomy.peak_bytes()
-    tight = _plan(mid, str(int(need_now * 0.9)), max_seq_length=2048, gradient_checkpointing=False)
+    need_now = roomy.peak_bytes(False)
+    tight = _plan(mid, need_now * 0.9, max_seq_length=2048, gradient_checkpointing=False)
     assert not tight.fits
     found = suggest(tight.cfg, base=tight)
     assert found is not None
@@ -238,7 +248,7 @@ def test_cli_plans_a_4b_model_in_under_2_seconds(tmp_path: Path) -> None:
     elapsed = time.perf_counter() - t0
     assert r.returncode == 0, r.stderr
     assert "3.95B parameters" in r.stdout and "4-bit matrices" in r.stdout
-    assert "full --max-seq-length 2048 rows assumed" in r.stdout
+    assert "2048-token examples assumed" in r.stdout
     assert elapsed < 2.0, elapsed
 
 

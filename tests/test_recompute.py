@@ -7,16 +7,8 @@ from conftest import SAMPLE_DATA
 
 from mlx_lora.config import TrainConfig, parse_config
 from mlx_lora.errors import MlxLoraError
-from mlx_lora.recompute import activation_bytes, decide, parse_bytes
-
-SMOLLM2 = {
-    "hidden_size": 576,
-    "intermediate_size": 1536,
-    "num_attention_heads": 9,
-    "num_key_value_heads": 3,
-    "num_hidden_layers": 30,
-    "vocab_size": 49152,
-}
+from mlx_lora.plan import Budget, examples_for, plan
+from mlx_lora.recompute import decide
 
 
 @pytest.mark.parametrize(
@@ -48,29 +40,26 @@ def test_yaml_values_and_a_bad_value(tmp_path):
         parse_config(TrainConfig, ["--config", str(y)], "p", "d")
 
 
-def test_explicit_settings_are_kept():
+def _plan(model, limit: float | None = None, **kw):
+    cfg = TrainConfig(model=str(model), data=str(SAMPLE_DATA), **kw)
+    budget = Budget(None if limit is None else int(limit), "test budget")
+    return plan(cfg, examples_for(cfg, model), model_dir=model, budget=budget)
+
+
+def test_explicit_settings_are_kept(tiny_model):
+    p = _plan(tiny_model, 1)  # nothing fits: an explicit setting is still kept
     for setting in (True, False):
-        d = decide(setting, SMOLLM2, [100] * 8, [40] * 8, 4, 10**9, 4)
+        d = decide(setting, p)
         assert d.on is setting and "as asked" in d.reason
 
 
-def test_auto_follows_the_memory_limit(monkeypatch):
-    lengths, targets = [300, 120, 80, 60, 2000], [100, 40, 30, 20, 900]
-    worst = activation_bytes(SMOLLM2, [2000, 300, 120, 80], 1070, 4)
-    assert worst > activation_bytes(SMOLLM2, [300, 120, 80, 60], 190, 4) > 0
-    monkeypatch.setenv("MLX_LORA_MEMORY_LIMIT", "64GB")
-    d = decide(None, SMOLLM2, lengths, targets, 4, 600 * 10**6, 4)
-    assert not d.on and d.reason.startswith("off (auto:") and "64.0 GB available" in d.reason
-    monkeypatch.setenv("MLX_LORA_MEMORY_LIMIT", "2GB")  # the 4 longest examples do not fit
-    d = decide(None, SMOLLM2, lengths, targets, 4, 600 * 10**6, 4)
-    assert d.on and d.reason.startswith("on (auto:")
-
-
-def test_parse_bytes():
-    assert parse_bytes("2GB") == 2 * 10**9
-    assert parse_bytes("512MB") == 512 * 10**6
-    assert parse_bytes("1.5g") == 1_500_000_000
-    assert parse_bytes("4096") == 4096
+def test_auto_follows_the_memory_budget(tiny_model):
+    p = _plan(tiny_model, 64e9)
+    d = decide(None, p)
+    assert not d.on and d.reason.startswith("off (auto:") and "64.00 GB test budget" in d.reason
+    between = (p.peak_bytes(False) + p.peak_bytes(True)) / 2 * 1.1
+    d = decide(None, _plan(tiny_model, between))
+    assert d.on and d.reason.startswith("on (auto: the run would need about")
 
 
 def test_the_summary_says_which_and_why(tiny_model, tmp_path, monkeypatch, capsys):
@@ -83,18 +72,19 @@ def test_the_summary_says_which_and_why(tiny_model, tmp_path, monkeypatch, capsy
                 data=str(SAMPLE_DATA),
                 output_dir=str(tmp_path / out),
                 max_steps=1,
-                gradient_accumulation_steps=1,
                 plot=False,
                 **kw,
             ),
             progress=False,
         )
 
-    monkeypatch.setenv("MLX_LORA_MEMORY_LIMIT", "1MB")
+    p = _plan(tiny_model, max_steps=1)  # the plan of the run below
+    between = (p.peak_bytes(False) + p.peak_bytes(True)) / 2 * 1.1
+    monkeypatch.setenv("MLX_LORA_MEMORY_LIMIT", str(int(between)))
     assert run("small").gradient_checkpointing is True
-    assert (
-        "gradient checkpointing on (auto: the largest batch would need" in capsys.readouterr().out
-    )
+    out = capsys.readouterr().out
+    assert "gradient checkpointing on (auto: the run would need about" in out
+    assert "memory plan:" in out and "→ fits" in out
     monkeypatch.delenv("MLX_LORA_MEMORY_LIMIT")
     assert run("big").gradient_checkpointing is False
     assert "gradient checkpointing off (auto:" in capsys.readouterr().out

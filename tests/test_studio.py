@@ -232,6 +232,17 @@ def test_preview_shows_what_is_trained(studio):
     assert sum(s["tokens"] for s in ex["segments"] if s["trained"]) == ex["trained_tokens"]
 
 
+def test_memory_plan_for_the_form(studio):
+    c, _, tiny, _ = studio
+    body = {"model": str(tiny), "data": "data/sample.json", "output_dir": "runs/planned"}
+    status, res = c.call("/api/plan", body)
+    assert status == 200 and res["ok"], res
+    assert "peak" in res["text"] and "LoRA" in res["text"]
+    body["per_device_train_batch_size"] = 0
+    status, res = c.call("/api/plan", body)
+    assert status == 400 or not res["ok"]
+
+
 @pytest.mark.parametrize(
     "body, status, message",
     [

@@ -8,7 +8,6 @@ command line accepts and reports the same one-line errors.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import shlex
 import subprocess
 import sys
@@ -49,11 +48,6 @@ class Studio:
     port: int = 7860
 
 
-def has_plan() -> bool:
-    """The memory plan panel appears only when ``mlx_lora.plan`` exists."""
-    return importlib.util.find_spec("mlx_lora.plan") is not None
-
-
 def info(studio: Studio) -> dict:
     import mlx_lora
     from mlx_lora.config import TrainConfig
@@ -65,7 +59,6 @@ def info(studio: Studio) -> dict:
     return {
         "version": mlx_lora.__version__,
         "roots": [str(d) for d in studio.roots.dirs],
-        "plan": has_plan(),
         "llama_cpp": have_llama_cpp(),
         "formats": list(FORMATS),
         "train_defaults": asdict(TrainConfig()),
@@ -152,8 +145,6 @@ def resume_job(studio: Studio, body: dict) -> dict:
 
 def plan(studio: Studio, body: dict) -> dict:
     """``python -m mlx_lora.plan`` with the Train form's flags; its text as the command prints."""
-    if not has_plan():
-        raise MlxLoraError("this version of mlx_lora has no memory plan (mlx_lora.plan)")
     flags, _ = train_flags(studio, {**body, "resume": False})
     try:
         done = subprocess.run(

@@ -140,7 +140,6 @@ function buildForms() {
   $("t-output").value = d.output_dir;
   const gc = d.gradient_checkpointing;
   $("t-gc").value = gc === null || gc === undefined ? "auto" : gc ? "on" : "off";
-  $("t-plan").hidden = !state.info.plan;
   $("e-type").replaceChildren(...state.info.gguf_types.map((g) => el("option", { value: g }, g)));
   $("e-type").value = state.info.export_defaults.gguf_type;
   $("e-mode").replaceChildren(...state.info.export_modes.map((m) => el("option", { value: m }, m)));
