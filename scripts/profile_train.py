@@ -360,6 +360,9 @@ def main() -> None:
     p.add_argument("--checkpointing", action="store_true")
     p.add_argument("--lora-dropout", type=float, default=0.0)
     args = p.parse_args()
+    from mlx_lora import blas
+
+    blas.maybe_relaunch()  # the system OpenBLAS, as every command (and bench_train) runs
     report(args, profile(args))
 
 
