@@ -91,13 +91,13 @@ def read_shape(model_dir: Path) -> ModelShape:
     path = Path(model_dir) / "config.json"
     c = read_json(path, required=True)
     kind = c.get("model_type")
-    try:
-        if kind in PARSED_TYPES:
+    if kind in PARSED_TYPES:
+        try:
             shape = _parsed_shape(c, kind)
-        else:
-            shape = _built_shape(c, kind)
-    except (KeyError, TypeError, ValueError) as e:
-        raise MlxLoraError(f"{path}: missing or bad {e} for model_type {kind!r}") from None
+        except (KeyError, TypeError, ValueError) as e:
+            raise MlxLoraError(f"{path}: missing or bad {e} for model_type {kind!r}") from None
+    else:
+        shape = _built_shape(c, kind, Path(model_dir))
     quant = c.get("quantization") or {}
     stored = DTYPE_BYTES.get(str(c.get("torch_dtype") or c.get("dtype") or "bfloat16"), 2)
     return ModelShape(
@@ -177,17 +177,20 @@ def _block_params(
     return out
 
 
-def _built_shape(c: dict, kind: str) -> dict:
-    """Any other architecture: mlx-lm's model built lazily (its parameters are never computed)."""
+def _built_shape(c: dict, kind: str, model_dir: Path) -> dict:
+    """Any other architecture: mlx-lm's model built lazily (its parameters are never computed);
+    what it cannot build fails with loading's own one-line error."""
     from mlx.utils import tree_flatten
     from mlx_lm.utils import _get_classes
 
+    from mlx_lora.model import load_error
+
     try:
         model_class, args_class = _get_classes(c)
-    except ValueError as e:
-        raise MlxLoraError(f"model_type {kind!r}: {e}; mlx-lm cannot build this model") from None
-    args = args_class.from_dict(c)
-    model = model_class(args)
+        args = args_class.from_dict(c)
+        model = model_class(args)
+    except (ValueError, KeyError, TypeError) as e:
+        raise load_error(model_dir, e) from None
     modules = dict(model.named_modules())
     params = []
     for name, value in tree_flatten(model.parameters()):

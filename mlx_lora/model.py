@@ -67,6 +67,20 @@ def load_base_tokenizer(model_dir: Path) -> Any:
     return load_tokenizer(Path(model_dir), eos_token_ids=eos)
 
 
+def load_error(model_dir: Path, e: Exception) -> MlxLoraError:
+    """The one-line error of a model mlx-lm cannot build from ``model_dir`` (loading, and the
+    memory plan, which builds it without weights): an unknown model_type, a config.json that lacks
+    what its ModelArgs require (TypeError), unreadable weights (RuntimeError: mx.load)."""
+    if isinstance(e, TypeError):
+        kind = read_json(Path(model_dir) / "config.json").get("model_type")
+        return MlxLoraError(
+            f"cannot load the model in {model_dir}: its config.json does not fit model_type "
+            f"{kind!r} ({e}); re-download the model"
+        )
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return MlxLoraError(f"cannot load the model in {model_dir}: {msg}")
+
+
 def load_base(
     model_dir: Path,
     *,
@@ -85,15 +99,8 @@ def load_base(
         raise MlxLoraError(f"--quantize must be 4 or 8, got {quantize}")
     try:
         model, config = load_model(Path(model_dir), lazy=True)
-    except (ValueError, FileNotFoundError, KeyError, RuntimeError) as e:  # RuntimeError: mx.load
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise MlxLoraError(f"cannot load the model in {model_dir}: {msg}") from None
-    except TypeError as e:  # config.json lacks what its model_type's ModelArgs require
-        kind = read_json(Path(model_dir) / "config.json").get("model_type")
-        raise MlxLoraError(
-            f"cannot load the model in {model_dir}: its config.json does not fit model_type "
-            f"{kind!r} ({e}); re-download the model"
-        ) from None
+    except (ValueError, FileNotFoundError, KeyError, RuntimeError, TypeError) as e:
+        raise load_error(model_dir, e) from None
     if quantize is not None and "quantization" in config:
         raise MlxLoraError(f"{model_dir} is already quantized; drop --quantize")
     try:

@@ -342,6 +342,7 @@ def plan(
     model_dir: Path | None = None,
     budget: Budget | None = None,
     gpu: bool | None = None,
+    shape: ModelShape | None = None,
 ) -> Plan:
     """The memory plan of ``train(cfg)``; reads ``config.json`` only.
 
@@ -355,7 +356,7 @@ def plan(
 
     if model_dir is None:
         model_dir = resolve_model(cfg.model, cfg.model_source, weights=False)
-    shape = fp.read_shape(model_dir)
+    shape = shape or fp.read_shape(model_dir)
     if cfg.finetune_type != "full":
         fp.adapted(cfg, shape)  # unknown --target-modules: train's own error, before anything
     gpu = on_gpu() if gpu is None else gpu
@@ -476,10 +477,16 @@ def refusal(p: Plan, examples: list | None = None, world: int = 1) -> str:
     )
 
 
-def check(cfg: TrainConfig, model_dir: Path, examples: list, world: int = 1) -> Plan:
+def check(
+    cfg: TrainConfig,
+    model_dir: Path,
+    examples: list,
+    world: int = 1,
+    shape: ModelShape | None = None,
+) -> Plan:
     """``train``'s gate, before any weight is read: the plan of this run, or the one-line error
     of a run that does not fit (unless ``--force``)."""
-    p = plan(cfg, examples, world=world, model_dir=model_dir)
+    p = plan(cfg, examples, world=world, model_dir=model_dir, shape=shape)
     if not p.fits and not cfg.force:
         raise MlxLoraError(refusal(p, examples, world))
     if not p.fits:

@@ -44,6 +44,7 @@ from mlx_lora.config import TrainConfig, parse_config
 from mlx_lora.data import Batch, Dataset, Encoded, epoch_order, load_dataset, make_batch, split
 from mlx_lora.errors import MlxLoraError
 from mlx_lora.files import write_error_detail, write_json_atomic
+from mlx_lora.footprint import read_shape
 from mlx_lora.forward import Layout, cpu_lanes, fast_path, keep_buffers, lanes
 from mlx_lora.hub import resolve_model
 from mlx_lora.lora import adapter_config, apply_lora, normalize_targets
@@ -509,9 +510,10 @@ def setup(cfg: TrainConfig) -> tuple[Run, Path | None]:
     out = Path(cfg.output_dir)
     lead = group.rank() == 0
     model_dir = resolve_model(cfg.model, cfg.model_source)
+    shape = read_shape(model_dir)  # a model mlx-lm cannot build fails here, before the tokenizer
     tokenizer = load_base_tokenizer(model_dir)
     ds, train_ex, val_ex = _data(cfg, tokenizer, group.size())
-    memory = check_memory(cfg, model_dir, train_ex, group.size())  # before any weight is read
+    memory = check_memory(cfg, model_dir, train_ex, group.size(), shape)  # before any weight
     recompute = decide_checkpointing(cfg.gradient_checkpointing, memory)
     resume_from = (
         prepare_output_dir(out, cfg.resume, cfg.overwrite_output_dir)
