@@ -26,6 +26,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 QWEN_DIR = REPO.parent / "shared" / "fixtures" / "qwen15-tokenizer"
+
 FEW_TERMS = ("blocks", "workspace", "logits")
 
 # model name → make_tiny_model arguments
