@@ -36,6 +36,19 @@ def human_bytes(n: float) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
 
 
+def peak_rss_bytes() -> int:
+    """This process's own peak resident memory. Linux: ``VmHWM``, not ``ru_maxrss``, which keeps
+    the parent's size at fork time across ``exec`` (a child of a 3 GB test process reports 3 GB)."""
+    import resource
+
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # macOS: bytes
+
+
 def log_line(record: dict) -> str:
     """The seed's log line: a Python dict with rounded losses."""
     return str({k: (round(v, 4) if k in ("loss", "eval_loss") else v) for k, v in record.items()})

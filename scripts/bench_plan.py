@@ -5,7 +5,7 @@ the commands run) on huanhuan examples, and its plan (the same function ``train`
 same data) is compared with what the process really used:
 
   - MLX: predicted ``Plan.mlx_peak_bytes()`` vs ``mx.get_peak_memory()`` over loading + training
-  - process: predicted ``Plan.peak_bytes()`` vs the process's peak RSS (``ru_maxrss``)
+  - process: predicted ``Plan.peak_bytes()`` vs the process's own peak RSS (``VmHWM``)
 
 Models come from ``scripts/make_tiny_model.py``: tiny (hidden 64, 2 blocks), bench-size (hidden
 512, 8 blocks, the real 151,936-token Qwen vocabulary) and a Qwen1.5-4B-shaped one (random bf16
@@ -89,6 +89,7 @@ def worker(args: dict) -> dict:
     import mlx.core as mx
 
     from mlx_lora.config import TrainConfig
+    from mlx_lora.report import peak_rss_bytes
     from mlx_lora.train import train
 
     peaks = []
@@ -102,20 +103,11 @@ def worker(args: dict) -> dict:
     t0 = time.perf_counter()
     train(TrainConfig(**args), progress=False)
     peaks.append(mx.get_peak_memory())
-    return {"mlx_peak": max(peaks), "rss": peak_rss(), "seconds": time.perf_counter() - t0}
-
-
-def peak_rss() -> int:
-    """This process's peak RSS since it started. Linux: ``VmHWM`` (``ru_maxrss`` would include
-    the parent's size at fork time: it is kept across ``exec``)."""
-    import resource
-
-    status = Path("/proc/self/status")
-    if status.is_file():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # macOS: bytes
+    return {
+        "mlx_peak": max(peaks),
+        "rss": peak_rss_bytes(),
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def build_models(work: Path, with_4b: bool) -> dict[str, Path]:

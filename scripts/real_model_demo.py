@@ -103,13 +103,14 @@ def default_model() -> Path:
 
 
 _IMPORT_CHILD = """
-import json, resource, sys, time
+import json, sys, time
 from mlx_lora.hub import resolve_model
+from mlx_lora.report import peak_rss_bytes
 start, t = time.time(), time.perf_counter()
 folder = resolve_model(sys.argv[1])
 seconds = time.perf_counter() - t
 cached = (folder / "gguf_source.json").stat().st_mtime < start
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+peak = peak_rss_bytes() / 2**20
 print(json.dumps({"folder": str(folder), "seconds": seconds, "peak_mb": peak, "cached": cached}))
 """
 
