@@ -29,12 +29,10 @@ from typing import Any
 from mlx_lora.errors import MlxLoraError
 from mlx_lora.files import read_json
 from mlx_lora.loss import LOSS_CHUNK, training_path
+from mlx_lora.model import QUANT_CHUNK_BYTES, QUANT_GROUP  # how load_base quantizes
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 PARSED_TYPES = ("qwen2", "qwen3", "llama", "mistral")  # read here; others via mlx-lm's classes
-FAST_TYPES = PARSED_TYPES  # mlx_lora.forward drives their blocks (mistral is mlx-lm's llama)
-QUANT_GROUP = 64  # --quantize: mlx_lora.model quantizes linears/embeddings in groups of 64
-QUANT_CHUNK_BYTES = 64 << 20  # and a large matrix in row blocks of this many fp32 bytes
 
 
 # ---------------------------------------------------------------- the model, from config.json

@@ -93,7 +93,7 @@ def load_base(
     The weights are read lazily and cast/quantized one module at a time (:func:`materialize`), so
     loading never holds the whole full-precision model: a 4-bit 4B base fits an 8 GB Mac.
     """
-    from mlx_lm.utils import load_model, load_tokenizer
+    from mlx_lm.utils import load_model
 
     if quantize is not None and quantize not in (4, 8):
         raise MlxLoraError(f"--quantize must be 4 or 8, got {quantize}")
@@ -109,9 +109,7 @@ def load_base(
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         hint = "see python -m mlx_lora.plan" if "memory" in msg else "re-download them"
         raise MlxLoraError(f"cannot read the weights in {model_dir}: {msg}; {hint}") from None
-    if tokenizer is None:
-        tokenizer = load_tokenizer(Path(model_dir), eos_token_ids=config.get("eos_token_id"))
-    return model, tokenizer, config
+    return model, tokenizer or load_base_tokenizer(model_dir), config
 
 
 def materialize(model: nn.Module, *, dtype: mx.Dtype | None, quantize: int | None) -> None:

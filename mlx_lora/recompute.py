@@ -28,6 +28,6 @@ def decide(setting: bool | None, plan: Any) -> Decision:
     need = plan.peak_bytes(checkpointing=False) * (1 + MARGIN)
     have = plan.budget.bytes
     where = f"{gb(have)} {plan.budget.source}" if have is not None else plan.budget.source
-    if plan.fits_with(False):
-        return Decision(False, f"off (auto: the run needs about {gb(need)} without it, {where})")
-    return Decision(True, f"on (auto: the run would need about {gb(need)} without it, {where})")
+    if plan.checkpointing:  # the plan's own auto rule: on when the run does not fit without
+        return Decision(True, f"on (auto: the run would need about {gb(need)} without it, {where})")
+    return Decision(False, f"off (auto: the run needs about {gb(need)} without it, {where})")
