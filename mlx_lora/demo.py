@@ -1,7 +1,7 @@
 """``python -m mlx_lora.demo``: the whole pipeline, offline, on a tiny local model, in seconds.
 
 It is the README's "does my install work" command: a tiny Qwen2-architecture model is built with
-``scripts/make_tiny_model.py``, trained for a few steps on ``dataset/huanhuan.json``,
+:mod:`mlx_lora.testing.tiny_model`, trained for a few steps on ``dataset/huanhuan.json``,
 asked one question, fused, written as a GGUF with a Modelfile, handed to ``ollama create`` when
 Ollama is installed, and verified (GGUF read back; tokenization and logits in llama.cpp when
 llama-cpp-python is installed). The model is random and tiny, so its answer is gibberish: what
@@ -10,7 +10,6 @@ matters is that every stage runs and that the verify figures agree.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -22,8 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from mlx_lora.config import opt, parse_config
-from mlx_lora.errors import MlxLoraError
-from mlx_lora.gguf import GGUF_TYPES
+from mlx_lora.core.errors import MlxLoraError
+from mlx_lora.gguf.writer import GGUF_TYPES
+from mlx_lora.testing import SAMPLE_DATA
+from mlx_lora.testing.tiny_model import make_tiny_model
 
 MARKER = ".mlx_lora_demo"
 SYSTEM_PROMPT = "现在你要扮演皇帝身边的女人--甄嬛"
@@ -47,51 +48,24 @@ class DemoConfig:
     ollama: bool = opt(True, "run `ollama create` when ollama is on PATH")
 
 
-def repo_root() -> Path:
-    """The checkout the package is installed from (``pip install -e .``)."""
-    import mlx_lora
-
-    return Path(mlx_lora.__file__).resolve().parents[1]
-
-
-def load_make_tiny_model() -> Callable[..., Path]:
-    """``make_tiny_model`` from the checkout's ``scripts/`` (it is not part of the package)."""
-    script = repo_root() / "scripts" / "make_tiny_model.py"
-    if not script.is_file():
-        raise MlxLoraError(
-            f"{script} is missing: the demo needs a repository checkout installed with `pip "
-            "install -e .` "
-            "(scripts/make_tiny_model.py and dataset/huanhuan.json)"
-        )
-    spec = importlib.util.spec_from_file_location("mlx_lora_make_tiny_model", script)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module.make_tiny_model
-
-
 IDENTITY = ("你是谁？",)
 
 
 def demo_dataset(out: Path) -> Path:
-    """The identity lines of ``dataset/huanhuan.json``: few enough that a tiny random model learns
+    """The identity lines of the packaged sample (``dataset/huanhuan.json``): few enough that a
+    tiny random model learns
     them in seconds, so the chat stage shows a fine-tune that visibly worked."""
-    path = repo_root() / "dataset" / "huanhuan.json"
+    path = SAMPLE_DATA
     if not path.is_file():
-        raise MlxLoraError(
-            f"{path} is missing: the demo trains on the repository's dataset sample; restore it "
-            "(git checkout dataset/)"
-        )
-    from mlx_lora.data import read_records
+        raise MlxLoraError(f"{path} is missing: reinstall mlx_lora (the sample ships with it)")
+    from mlx_lora.data.dataset import read_records
 
     records = [
         r for r in read_records(path) if isinstance(r, dict) and r.get("instruction") in IDENTITY
     ]
     if not records:
         raise MlxLoraError(
-            f"{path} has no identity records ({', '.join(IDENTITY)}); restore it (git checkout "
-            "dataset/)"
+            f"{path} has no identity records ({', '.join(IDENTITY)}); reinstall mlx_lora"
         )
     subset = out / "identity.json"
     subset.write_text(json.dumps(records, ensure_ascii=False, indent=1), encoding="utf-8")
@@ -145,7 +119,7 @@ class Stages:
 
 def _train(cfg: DemoConfig, model_dir: Path, data: Path, adapter: Path) -> Any:
     from mlx_lora.config import TrainConfig
-    from mlx_lora.train import train
+    from mlx_lora.train.loop import train
 
     tcfg = TrainConfig(
         model=str(model_dir),
@@ -170,8 +144,8 @@ def _train(cfg: DemoConfig, model_dir: Path, data: Path, adapter: Path) -> Any:
 
 
 def _chat(model_dir: Path, adapter: Path) -> str:
-    from mlx_lora.generate import complete
-    from mlx_lora.model import load_for_inference
+    from mlx_lora.infer.generate import complete
+    from mlx_lora.model.load import load_for_inference
 
     loaded = load_for_inference(str(model_dir), adapter)
     answer = complete(
@@ -185,7 +159,7 @@ def _chat(model_dir: Path, adapter: Path) -> str:
 
 
 def _export(cfg: DemoConfig, model_dir: Path, adapter: Path, out: Path) -> Any:
-    from mlx_lora.export import ExportConfig, export
+    from mlx_lora.export.pipeline import ExportConfig, export
 
     ecfg = ExportConfig(
         model=str(model_dir),
@@ -207,8 +181,8 @@ def _export(cfg: DemoConfig, model_dir: Path, adapter: Path, out: Path) -> Any:
 
 
 def _verify(result: Any) -> Any:
-    from mlx_lora.llamacpp import INSTALL_HINT, have_llama_cpp
-    from mlx_lora.verify import verify_export
+    from mlx_lora.gguf.llamacpp import INSTALL_HINT, have_llama_cpp
+    from mlx_lora.verify.checks import verify_export
 
     if not have_llama_cpp():
         print(f"    llama-cpp-python is not installed: llama.cpp checks skipped ({INSTALL_HINT})")
@@ -218,7 +192,7 @@ def _verify(result: Any) -> Any:
 
 
 def _ollama(cfg: DemoConfig, result: Any, report: Any) -> bool:
-    from mlx_lora.ollama import ollama_create
+    from mlx_lora.ollama.modelfile import ollama_create
 
     if not cfg.ollama:
         print("    skipped (--no-ollama)")
@@ -243,12 +217,11 @@ def _ollama(cfg: DemoConfig, result: Any, report: Any) -> bool:
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Every stage in order; returns the artifacts and figures (tests read them)."""
-    from mlx_lora.export import summary
+    from mlx_lora.export.pipeline import summary
 
     if cfg.steps < 1:
         raise MlxLoraError(f"--steps must be at least 1, got {cfg.steps}")
     out = Path(cfg.output_dir)
-    make_tiny_model = load_make_tiny_model()
     prepare_dir(out)
     data = demo_dataset(out)
     stages = Stages()
@@ -310,6 +283,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    from mlx_lora.cli import run
+    from mlx_lora.core.cli import run
 
     sys.exit(run(main))

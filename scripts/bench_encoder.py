@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Speed of :func:`mlx_lora.prompt.build_prompt` against ``apply_chat_template(tokenize=True)``.
+"""Speed of :func:`mlx_lora.model.prompt.build_prompt` against
+``apply_chat_template(tokenize=True)``.
 
 Realistic conversations: the huanhuan records as chat histories of 1, 4 and 16 turns with the
 training system prompt (what Dify sends serve on each turn), encoded by both; the ids must be equal.
@@ -68,7 +69,7 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from mlx_lora.prompt import build_prompt
+    from mlx_lora.model.prompt import build_prompt
 
     tok = AutoTokenizer.from_pretrained(args.tokenizer)
     records = json.loads(Path(args.data).read_text(encoding="utf-8"))

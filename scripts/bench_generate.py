@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=5, help="A/B pairs after one warm-up pair")
     args = ap.parse_args(argv)
 
-    from mlx_lora.blas import maybe_relaunch
+    from mlx_lora.core.blas import maybe_relaunch
 
     maybe_relaunch()  # the same BLAS the commands use
 
@@ -97,9 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     from mlx_lm import generate
     from mlx_lm.sample_utils import make_sampler
 
-    from mlx_lora.generate import PromptCache, complete, stop_token_ids
-    from mlx_lora.model import device_name, load_for_inference
-    from mlx_lora.prompt import build_prompt
+    from mlx_lora.infer.generate import PromptCache, complete, stop_token_ids
+    from mlx_lora.model.load import device_name, load_for_inference
+    from mlx_lora.model.prompt import build_prompt
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model or _tiny_model(

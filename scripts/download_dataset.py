@@ -31,7 +31,7 @@ DEFAULT_URL = (
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from mlx_lora.errors import MlxLoraError  # noqa: E402
+from mlx_lora.core.errors import MlxLoraError  # noqa: E402
 
 DEFAULT_OUT = REPO_ROOT / "dataset" / "huanhuan.json"
 TIMEOUT_S = 30

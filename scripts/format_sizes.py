@@ -25,8 +25,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from mlx_lora.files import read_json  # noqa: E402
-from mlx_lora.gguf import LLAMA_CPP_TYPES  # noqa: E402
+from mlx_lora.core.files import read_json  # noqa: E402
+from mlx_lora.gguf.writer import LLAMA_CPP_TYPES  # noqa: E402
 
 DEFAULT = REPO.parent / "shared" / "fixtures" / "qwen15-tokenizer" / "config.json"
 
@@ -111,8 +111,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", type=Path, default=DEFAULT)
     args = ap.parse_args()
-    from mlx_lora.gguf import GGUF_EXPORT_TYPES
-    from mlx_lora.llamacpp import llama_quantize
+    from mlx_lora.gguf.llamacpp import llama_quantize
+    from mlx_lora.gguf.writer import GGUF_EXPORT_TYPES
 
     cfg = read_json(args.config, required=True)
     with tempfile.TemporaryDirectory() as d:

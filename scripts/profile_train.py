@@ -103,9 +103,9 @@ def model_dir(spec: str) -> Path:
 def load(args) -> tuple:
     import mlx.core as mx
 
-    from mlx_lora.data import load_dataset
-    from mlx_lora.lora import apply_lora
-    from mlx_lora.model import load_base
+    from mlx_lora.data.dataset import load_dataset
+    from mlx_lora.model.load import load_base
+    from mlx_lora.model.lora import apply_lora
 
     model, tok, config = load_base(model_dir(args.model), dtype=mx.float32)
     recs = json.loads(Path(args.data).read_text(encoding="utf-8"))[: args.examples]
@@ -125,14 +125,14 @@ def step_parts(model, batch, layout, new: bool, checkpointing: bool) -> dict[str
     import mlx.core as mx
     import mlx.nn as nn
 
-    from mlx_lora import loss as L
-    from mlx_lora.train import batch_arrays
+    from mlx_lora.train import loss as L
+    from mlx_lora.train.loss import batch_arrays
 
     arrays = batch_arrays(batch)
     layer = model.model.layers[0]
     hidden = layer.post_attention_layernorm.weight.shape[0]
     if new:
-        from mlx_lora import forward as F
+        from mlx_lora.train import forward as F
 
         rows = [layout.row(r) for r in range(layout.rows)]
         shapes = [(1, row.length, hidden) for row in rows]
@@ -201,7 +201,7 @@ def _cross_entropy(logits, labels, new: bool):
     import mlx.nn as nn
 
     if new:
-        from mlx_lora import kernels
+        from mlx_lora.model import kernels
 
         return kernels.cross_entropy(logits, labels)
     return nn.losses.cross_entropy(logits, labels)
@@ -211,15 +211,15 @@ def epoch_shapes(examples, pad_id: int, batch_size: int) -> tuple[int, int]:
     """(steps, distinct batch shapes) over one epoch, as train.py lays batches out."""
     import math
 
-    from mlx_lora.data import make_batch
-    from mlx_lora.train import step_examples
+    from mlx_lora.data.dataset import make_batch
+    from mlx_lora.train.loop import step_examples
 
     steps = math.ceil(len(examples) / batch_size)
     shapes = set()
     for s in range(steps):
         ids = step_examples(s, len(examples), batch_size, steps, 0)
         chosen = [examples[j] for j in ids]
-        new = importlib.util.find_spec("mlx_lora.forward") is not None
+        new = importlib.util.find_spec("mlx_lora.train.forward") is not None
         b = make_batch(chosen, 2048, True, pad_id, pad_to=1) if new else make_batch(chosen, 2048)
         shapes.add((*b.inputs.shape, b.targets.shape[0]))
     return steps, len(shapes)
@@ -230,14 +230,14 @@ def profile(args) -> dict[str, list[tuple[float, float, float]]]:
     import mlx.core as mx
     import mlx.optimizers as optim
 
-    from mlx_lora.data import make_batch
-    from mlx_lora.train import step_examples
+    from mlx_lora.data.dataset import make_batch
+    from mlx_lora.train.loop import step_examples
 
-    new = importlib.util.find_spec("mlx_lora.forward") is not None
+    new = importlib.util.find_spec("mlx_lora.train.forward") is not None
     model, tok, config, examples = load(args)
     lanes_context = None
     if new:
-        from mlx_lora.forward import Layout, cpu_lanes, keep_buffers
+        from mlx_lora.train.forward import Layout, cpu_lanes, keep_buffers
 
         keep_buffers()
         lanes_context = cpu_lanes(args.batch)
@@ -360,7 +360,7 @@ def main() -> None:
     p.add_argument("--checkpointing", action="store_true")
     p.add_argument("--lora-dropout", type=float, default=0.0)
     args = p.parse_args()
-    from mlx_lora import blas
+    from mlx_lora.core import blas
 
     blas.maybe_relaunch()  # the system OpenBLAS, as every command (and bench_train) runs
     report(args, profile(args))

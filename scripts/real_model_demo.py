@@ -41,9 +41,9 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from mlx_lora.config import opt, parse_config  # noqa: E402
+from mlx_lora.core.errors import MlxLoraError  # noqa: E402
+from mlx_lora.core.files import write_json_atomic, write_text_atomic  # noqa: E402
 from mlx_lora.demo import SYSTEM_PROMPT  # noqa: E402
-from mlx_lora.errors import MlxLoraError  # noqa: E402
-from mlx_lora.files import write_json_atomic, write_text_atomic  # noqa: E402
 
 # Huanhuan-style questions for the side-by-side answers: one the data asks, two it does not.
 QUESTIONS = ("你是谁？", "小主，皇上今晚会来吗？", "娘娘觉得这宫里的日子如何？")
@@ -81,10 +81,10 @@ class Road:
     import_seconds: float
     import_peak_mb: float
     import_cached: bool
-    train: Any = None  # mlx_lora.train.TrainResult
-    eval: Any = None  # mlx_lora.eval.EvalResult
+    train: Any = None  # mlx_lora.train.loop.TrainResult
+    eval: Any = None  # mlx_lora.eval.compare.EvalResult
     toward_data: list[dict] = field(default_factory=list)  # per answer: base and tuned
-    export: Any = None  # mlx_lora.export.ExportResult (its .report: the verify report)
+    export: Any = None  # mlx_lora.export.pipeline.ExportResult (its .report: the verify report)
     roundtrip: dict = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)  # wall time of each hop
 
@@ -104,8 +104,8 @@ def default_model() -> Path:
 
 _IMPORT_CHILD = """
 import json, sys, time
-from mlx_lora.hub import resolve_model
-from mlx_lora.report import peak_rss_bytes
+from mlx_lora.model.hub import resolve_model
+from mlx_lora.train.report import peak_rss_bytes
 start, t = time.time(), time.perf_counter()
 folder = resolve_model(sys.argv[1])
 seconds = time.perf_counter() - t
@@ -129,7 +129,7 @@ def hop_import(model: str) -> tuple[Path, float, float, bool]:
 
 def training_data(cfg: RoadConfig, out: Path) -> Path:
     """``--data``, or its first ``--records`` records in a file of the run's own."""
-    from mlx_lora.data import read_records
+    from mlx_lora.data.dataset import read_records
 
     data = Path(cfg.data)
     if cfg.records <= 0:
@@ -142,7 +142,7 @@ def training_data(cfg: RoadConfig, out: Path) -> Path:
 
 def hop_train(cfg: RoadConfig, model: str, data: Path, out: Path, progress: bool) -> Any:
     from mlx_lora.config import TrainConfig
-    from mlx_lora.train import train
+    from mlx_lora.train.loop import train
 
     tcfg = TrainConfig(
         model=model,
@@ -192,8 +192,8 @@ def toward_data(answer: str, prompt: str, data_pairs: set[str]) -> dict:
 
 def hop_eval(cfg: RoadConfig, adapter: Path, data: Path, out: Path) -> tuple[Any, list[dict]]:
     """``python -m mlx_lora.eval``: held-out loss of base and tuned, the questions answered."""
-    from mlx_lora.data import detect_format, read_records, to_messages
-    from mlx_lora.eval import EvalConfig, evaluate_adapter
+    from mlx_lora.data.dataset import detect_format, read_records, to_messages
+    from mlx_lora.eval.compare import EvalConfig, evaluate_adapter
 
     out.mkdir(parents=True, exist_ok=True)
     questions = out / "questions.txt"
@@ -222,7 +222,7 @@ def hop_eval(cfg: RoadConfig, adapter: Path, data: Path, out: Path) -> tuple[Any
 
 
 def hop_export(adapter: Path, out: Path) -> Any:
-    from mlx_lora.export import ExportConfig, export
+    from mlx_lora.export.pipeline import ExportConfig, export
 
     cfg = ExportConfig(
         adapter=str(adapter),
@@ -241,8 +241,8 @@ def hop_roundtrip(exported: Any, out: Path) -> dict:
 
     import numpy as np
 
-    from mlx_lora.gguf_import import convert_gguf
-    from mlx_lora.weights import folder_tensors
+    from mlx_lora.core.weights import folder_tensors
+    from mlx_lora.model.gguf_import import convert_gguf
 
     if out.exists():
         shutil.rmtree(out)
@@ -349,6 +349,6 @@ def main(argv: list[str] | None = None) -> Road:
 
 
 if __name__ == "__main__":
-    from mlx_lora.cli import run
+    from mlx_lora.core.cli import run
 
     sys.exit(run(main))

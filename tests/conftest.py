@@ -8,7 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from mlx_lora.blas import maybe_relaunch, relaunch_env
+from mlx_lora.core.blas import maybe_relaunch, relaunch_env
+from mlx_lora.ollama.go_runner import GoRenderer, go_missing
+from mlx_lora.testing import SAMPLE_DATA
+from mlx_lora.testing.tiny_model import make_tiny_model
+
+__all__ = ["SAMPLE_DATA", "make_tiny_model"]  # tests import them from here
 
 
 def pytest_configure(config):
@@ -27,19 +32,6 @@ SHARED = REPO.parent / "shared"
 QWEN_TOKENIZER = SHARED / "fixtures" / "qwen15-tokenizer"
 STORIES = SHARED / "fixtures" / "stories260K"
 HUANHUAN = SHARED / "data" / "huanhuan.json"
-SAMPLE_DATA = REPO / "dataset" / "huanhuan.json"
-
-
-def _load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def make_tiny_model(out: Path, **kw) -> Path:
-    return _load_script("make_tiny_model").make_tiny_model(out, **kw)
 
 
 def need(path: Path) -> Path:
@@ -68,3 +60,35 @@ def qwen_tokenizer():
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(need(QWEN_TOKENIZER)))
+
+
+# ---------------------------------------------------------------- the Go harness (Ollama's engine)
+
+
+class Harness(GoRenderer):
+    """The package's Go renderer (tests call render/parse on it directly)."""
+
+
+@pytest.fixture(scope="session")
+def go() -> Harness:
+    reason = go_missing()
+    if reason:
+        pytest.skip(reason)
+    return Harness()
+
+
+def _commands(parsed: dict) -> dict[str, list[str]]:
+    assert not parsed.get("error"), parsed.get("error")
+    out: dict[str, list[str]] = {}
+    for c in parsed["commands"]:
+        out.setdefault(c["name"], []).append(c["args"])
+    return out
+
+
+def load_script(name: str):
+    """A script of ``scripts/`` as a module (scripts are not a package; tests drive some)."""
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -30,8 +30,8 @@ import pytest
 from conftest import REPO, SAMPLE_DATA, make_tiny_model
 
 from mlx_lora.config import TrainConfig
-from mlx_lora.errors import MlxLoraError
-from mlx_lora.train import train
+from mlx_lora.core.errors import MlxLoraError
+from mlx_lora.train.loop import train
 
 # ------------------------------------------------------------------------------- fixtures
 
@@ -623,7 +623,7 @@ def _cfg(model: Path, out: Path, **kw) -> TrainConfig:
 
 
 def _complete_checkpoints(out: Path) -> list[str]:
-    from mlx_lora.checkpoint import checkpoints
+    from mlx_lora.train.checkpoint import checkpoints
 
     return [c.name for c in checkpoints(out)]
 
@@ -631,8 +631,8 @@ def _complete_checkpoints(out: Path) -> list[str]:
 def _assert_loads(ckpt: Path, model: Path) -> None:
     """A checkpoint folder is a usable adapter: it loads onto the base and its tensors are
     finite."""
-    from mlx_lora.lora import read_adapter
-    from mlx_lora.model import load_for_inference
+    from mlx_lora.model.load import load_for_inference
+    from mlx_lora.model.lora import read_adapter
 
     tensors = read_adapter(ckpt).tensors
     assert all(mx.isfinite(v).all().item() for v in tensors.values())
@@ -739,7 +739,7 @@ def test_really_full_disk(tiny_model, tmp_path):
 
 
 def test_disk_full_while_fusing(p, tmp_path, monkeypatch):
-    from mlx_lora.fuse import fuse
+    from mlx_lora.export.fuse import fuse
 
     _full_disk_writer(
         monkeypatch,
@@ -758,7 +758,7 @@ def test_disk_full_while_fusing(p, tmp_path, monkeypatch):
 def test_disk_full_during_export_removes_what_it_wrote(p, tmp_path, monkeypatch):
     """Adapter mode writes the LoRA GGUF, then the base GGUF; a full disk at the second leaves
     neither."""
-    import mlx_lora.export as export_module
+    import mlx_lora.export.pipeline as export_module
 
     def full(*a, **kw):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -782,7 +782,7 @@ def test_loss_turning_nan_stops_and_names_the_last_good_checkpoint(
 ):
     """The loss diverges at step 5 (poisoned loss weights, which reach the compiled step as
     data)."""
-    import mlx_lora.train as train_module
+    import mlx_lora.train.loop as train_module
 
     real = train_module.batch_arrays
     calls = {"n": 0}
@@ -819,8 +819,8 @@ def test_loss_turning_nan_stops_and_names_the_last_good_checkpoint(
 
 @pytest.fixture(scope="module")
 def server(p):
-    from mlx_lora.model import load_for_inference
-    from mlx_lora.serve import make_server
+    from mlx_lora.infer.serve import make_server
+    from mlx_lora.model.load import load_for_inference
 
     srv = make_server(load_for_inference(str(p.model)), "127.0.0.1", 0, "tiny", quiet=True)
     thread = threading.Thread(target=srv.serve_forever, daemon=True)

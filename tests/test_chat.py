@@ -24,9 +24,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from mlx.utils import tree_flatten
 
-from mlx_lora import lora
-from mlx_lora.errors import MlxLoraError
-from mlx_lora.generate import (
+from mlx_lora.core.errors import MlxLoraError
+from mlx_lora.infer.generate import (
     BadParameter,
     PromptCache,
     StopStrings,
@@ -35,9 +34,10 @@ from mlx_lora.generate import (
     resolve_sampling,
     stop_token_ids,
 )
-from mlx_lora.meta import generation_config
-from mlx_lora.model import load_base, load_for_inference
-from mlx_lora.prompt import build_prompt, hf_tokenizer
+from mlx_lora.model import lora
+from mlx_lora.model.load import load_base, load_for_inference
+from mlx_lora.model.meta import generation_config
+from mlx_lora.model.prompt import build_prompt, hf_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 SYSTEM = "现在你要扮演皇帝身边的女人--甄嬛"
@@ -223,7 +223,7 @@ def test_greedy_equals_mlx_lm_generate(loaded):
 
 
 def test_fused_folder_chats_like_base_plus_adapter(loaded, adapter, tmp_path):
-    from mlx_lora.fuse import fuse
+    from mlx_lora.export.fuse import fuse
 
     fused = load_for_inference(str(fuse(None, adapter, tmp_path / "fused", dtype="float32")))
     assert fused.system_prompt == SYSTEM  # recorded by fuse, used by chat like the adapter's

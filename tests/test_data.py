@@ -7,9 +7,16 @@ import json
 import pytest
 from conftest import SAMPLE_DATA
 
-from mlx_lora.data import detect_format, load_dataset, make_batch, read_records, split, to_messages
-from mlx_lora.errors import MlxLoraError
-from mlx_lora.prompt import build_prompt, encode_conversation, end_of_turn
+from mlx_lora.core.errors import MlxLoraError
+from mlx_lora.data.dataset import (
+    detect_format,
+    load_dataset,
+    make_batch,
+    read_records,
+    split,
+    to_messages,
+)
+from mlx_lora.model.prompt import build_prompt, encode_conversation, end_of_turn
 
 IM_END, IM_START = 151645, 151644
 
@@ -266,7 +273,7 @@ def test_split_is_seeded():
 
 
 def test_packing_layout_keeps_examples_apart():
-    from mlx_lora.prompt import Encoded
+    from mlx_lora.model.prompt import Encoded
 
     exs = [
         Encoded([1, 2, 3], [False, True, True]),

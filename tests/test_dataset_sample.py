@@ -22,14 +22,14 @@ SCRIPT = REPO / "scripts" / "download_dataset.py"
 REAL = REPO.parent / "shared" / "data" / "huanhuan.json"
 
 
-def _load_script():
+def load_script():
     spec = importlib.util.spec_from_file_location("download_dataset", SCRIPT)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
 
 
-dl = _load_script()
+dl = load_script()
 
 
 @pytest.fixture(scope="module")

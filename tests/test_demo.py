@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from mlx_lora.errors import MlxLoraError
+from mlx_lora.core.errors import MlxLoraError
 
 BUDGET_SECONDS = 120  # the promise: under 2 minutes on 2 CPU cores
 

@@ -12,7 +12,7 @@ import pytest
 from conftest import REPO, SAMPLE_DATA
 
 from mlx_lora.config import TrainConfig
-from mlx_lora.train import train
+from mlx_lora.train.loop import train
 
 LAUNCH = Path(sys.executable).parent / "mlx.launch"
 FLAGS = [

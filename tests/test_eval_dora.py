@@ -14,11 +14,11 @@ import pytest
 from conftest import REPO, SAMPLE_DATA, make_tiny_model
 
 from mlx_lora.config import TrainConfig
-from mlx_lora.errors import MlxLoraError
-from mlx_lora.eval import EvalConfig, evaluate_adapter
-from mlx_lora.lora import apply_lora, set_active
-from mlx_lora.model import load_base, load_for_inference
-from mlx_lora.train import train
+from mlx_lora.core.errors import MlxLoraError
+from mlx_lora.eval.compare import EvalConfig, evaluate_adapter
+from mlx_lora.model.load import load_base, load_for_inference
+from mlx_lora.model.lora import apply_lora, set_active
+from mlx_lora.train.loop import train
 
 CONVERTER_PY = REPO / ".converter" / "venv" / "bin" / "python"
 IDS = [1, 5, 9, 12, 40, 7, 3, 22]
@@ -146,8 +146,8 @@ def test_peft_made_adapters_give_peft_logits(llama, tmp_path, kind):
 
 @pytest.mark.slow
 def test_trained_dora_matches_peft_fuses_exactly_and_refuses_adapter_gguf(llama, tmp_path):
-    from mlx_lora.export import ExportConfig, export
-    from mlx_lora.fuse import fuse
+    from mlx_lora.export.fuse import fuse
+    from mlx_lora.export.pipeline import ExportConfig, export
 
     out = tmp_path / "dora"
     train(cfg(llama, out, use_dora=True, max_steps=10, lora_dropout=0.1), progress=False)

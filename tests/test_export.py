@@ -19,14 +19,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, STORIES, need
-from test_fuse import random_adapter
-from test_ollama import Harness, _commands, go  # noqa: F401  (go: session fixture building the Go harness)
+from conftest import REPO, STORIES, Harness, _commands, need
 
-from mlx_lora.errors import MlxLoraError
-from mlx_lora.export import ExportConfig, export
-from mlx_lora.llamacpp import open_llama
-from mlx_lora.verify import (
+from mlx_lora.core.errors import MlxLoraError
+from mlx_lora.export.pipeline import ExportConfig, export
+from mlx_lora.gguf.llamacpp import open_llama
+from mlx_lora.testing.adapter import random_adapter
+from mlx_lora.verify.checks import (
     TEXTS,
     load_mlx,
     mlx_greedy,
@@ -49,7 +48,7 @@ def _export(log: bool = False, **kw) -> object:
 def _llama_logits(
     gguf: Path, prompts: list[list[int]], lora: Path | None = None
 ) -> list[np.ndarray]:
-    from mlx_lora.llamacpp import llama_logits
+    from mlx_lora.gguf.llamacpp import llama_logits
 
     llm = open_llama(gguf, n_ctx=256, lora_path=lora)
     return [llama_logits(llm, p) for p in prompts]
@@ -169,7 +168,7 @@ def test_qwen_gguf_matches_mlx_base_plus_adapter_directly(qwen_f32, qwen_adapter
     model, _ = load_mlx(qwen_f32.base_dir, qwen_adapter)
     ours = mlx_greedy(model, qwen_prompts[1], 32)
     llm = open_llama(qwen_f32.gguf, n_ctx=256)
-    from mlx_lora.llamacpp import llama_greedy
+    from mlx_lora.gguf.llamacpp import llama_greedy
 
     assert llama_greedy(llm, qwen_prompts[1], 32) == ours
 
@@ -285,8 +284,8 @@ def _parse_modelfile(harness: Harness, path: Path) -> dict[str, list[str]]:
 
 @needs_llama_cpp
 def test_modelfile_full_mode(qwen_f32, go):  # noqa: F811 - the imported fixture
-    from mlx_lora.ollama import go_template_for_tokenizer
-    from mlx_lora.prompt import render, with_system
+    from mlx_lora.model.prompt import render, with_system
+    from mlx_lora.ollama.modelfile import go_template_for_tokenizer
 
     cmds = _parse_modelfile(go, qwen_f32.modelfile)
     _, tok = load_mlx(qwen_f32.hf_dir)
@@ -396,8 +395,9 @@ def smol_like(work) -> Path:
     """A tiny llama with SmolLM2's situation (issue 10): BOS is <|im_start|>, the tokenizer does
     not add it, and the chat template (SmolLM2's own, from its GGUF) starts with it."""
     import gguf
-    from assets import smollm2_gguf
     from conftest import make_tiny_model
+
+    from mlx_lora.testing.assets import smollm2_gguf
 
     model = make_tiny_model(work / "smol-like", arch="llama")
     reader = gguf.GGUFReader(smollm2_gguf())
@@ -420,8 +420,8 @@ def test_verify_catches_a_template_that_leaves_bos_to_the_runtime(
     conversations; the TEMPLATE of the old rule (BOS stripped) fails all of them."""
     import gguf
 
-    from mlx_lora.ollama import go_template_for_tokenizer, render_modelfile
-    from mlx_lora.prompt import load_hf_tokenizer
+    from mlx_lora.model.prompt import load_hf_tokenizer
+    from mlx_lora.ollama.modelfile import go_template_for_tokenizer, render_modelfile
 
     r = _export(model=str(smol_like), output_dir=str(work / "smol-out"), gguf_type="f32")
     reader = gguf.GGUFReader(r.gguf)
@@ -454,7 +454,7 @@ def test_modelfile_check_skips_without_go(smol_like, work, monkeypatch):
 def test_verify_without_llama_cpp_runs_the_rest(
     stories_adapter, stories, story_template, work, monkeypatch, capsys
 ):
-    import mlx_lora.verify as v
+    import mlx_lora.verify.checks as v
 
     r = _export(
         model=str(stories),

@@ -1,7 +1,8 @@
 """Model families of 2026: every architecture mlx_lora writes as GGUF, proven on tiny models.
 
-For each family a tiny random model from ``scripts/make_tiny_model.py --arch`` (the family's HF
-config, weight names and tokenizer kind) is written to GGUF by :mod:`mlx_lora.gguf` and run by
+For each family a tiny random model from ``mlx_lora.testing.tiny_model --arch`` (the family's HF
+config, weight names and tokenizer kind) is written to GGUF by :mod:`mlx_lora.gguf.writer` and run
+by
 llama.cpp (llama-cpp-python): its logits must equal mlx-lm's plain forward pass in fp32. The
 families whose llama.cpp graph uses GELU (Gemma) are held to a bound that includes ggml's f16 GELU
 table, and the same models with their MLP switched off (``down_proj`` zero) to 1e-4, which shows
@@ -24,11 +25,11 @@ import gguf
 import numpy as np
 import pytest
 from conftest import REPO, make_tiny_model
-from test_fuse import random_adapter
 
-from mlx_lora.errors import MlxLoraError
-from mlx_lora.gguf import write_gguf
-from mlx_lora.verify import GELU_TABLE_ARCHS, PROBES, TOLERANCES
+from mlx_lora.core.errors import MlxLoraError
+from mlx_lora.gguf.writer import write_gguf
+from mlx_lora.testing.adapter import random_adapter
+from mlx_lora.verify.checks import GELU_TABLE_ARCHS, PROBES, TOLERANCES
 
 HAVE_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
 needs_llama_cpp = pytest.mark.skipif(not HAVE_LLAMA_CPP, reason="llama-cpp-python not installed")
@@ -51,7 +52,7 @@ OTHER_ARCHS = (
 )  # mlx-lm trains them; GGUF via llama.cpp's converter
 
 
-# Ollama TEMPLATEs for chat formats mlx_lora.ollama does not derive (yet).
+# Ollama TEMPLATEs for chat formats mlx_lora.ollama.modelfile does not derive (yet).
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("families")
@@ -76,7 +77,7 @@ def built(work) -> dict:
 def _mlx(path: Path):
     import mlx.core as mx
 
-    from mlx_lora.model import load_base
+    from mlx_lora.model.load import load_base
 
     model, tok, _ = load_base(path, dtype=mx.float32)
     return model, tok
@@ -89,13 +90,13 @@ def _mlx_logits(model, ids: list[int]) -> np.ndarray:
 
 
 def _llama_logits(path: Path, ids: list[int], n_ctx: int = 256) -> np.ndarray:
-    from mlx_lora.llamacpp import llama_logits, open_llama
+    from mlx_lora.gguf.llamacpp import llama_logits, open_llama
 
     return llama_logits(open_llama(path, n_ctx=n_ctx), ids)
 
 
 def _probe_ids(tok) -> list[list[int]]:
-    from mlx_lora.prompt import build_prompt
+    from mlx_lora.model.prompt import build_prompt
 
     return [build_prompt(tok, list(p)) for p in PROBES]
 
@@ -218,7 +219,7 @@ def test_gemma2_soft_capping_bites_and_matches(built, work):
 def test_phi3_longrope(built, work):
     """LongRoPE: factor tensors and attention factor as llama.cpp reads them; mlx-lm applies the
     long factors at every length, llama.cpp above the original context (verify runs it there)."""
-    from mlx_lora.verify import verify_gguf
+    from mlx_lora.verify.checks import verify_gguf
 
     rng = np.random.default_rng(1)
     rope = {
@@ -394,8 +395,8 @@ def test_phi3_special_tokens_strip_like_hf_under_any_name(built, work):
     """llama.cpp strips the whitespace after Phi-3's special tokens (HF's rstrip) only when
     general.name says phi3; the writer makes sure it does, so Ollama tokenizes the rendered chat
     exactly as training did."""
-    from mlx_lora.llamacpp import llama_tokenize, open_llama
-    from mlx_lora.prompt import encode_text, load_hf_tokenizer, render
+    from mlx_lora.gguf.llamacpp import llama_tokenize, open_llama
+    from mlx_lora.model.prompt import encode_text, load_hf_tokenizer, render
 
     path = built("phi3")
     tok = load_hf_tokenizer(path)

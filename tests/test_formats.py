@@ -21,11 +21,11 @@ import mlx.core as mx
 import numpy as np
 import pytest
 from conftest import QWEN_TOKENIZER, REPO, SAMPLE_DATA, STORIES, make_tiny_model, need
-from test_fuse import random_adapter
 
-from mlx_lora.errors import MlxLoraError
-from mlx_lora.export import ExportConfig, export
-from mlx_lora.gguf import GGUF_EXPORT_TYPES, GGUF_TYPES, LLAMA_CPP_TYPES
+from mlx_lora.core.errors import MlxLoraError
+from mlx_lora.export.pipeline import ExportConfig, export
+from mlx_lora.gguf.writer import GGUF_EXPORT_TYPES, GGUF_TYPES, LLAMA_CPP_TYPES
+from mlx_lora.testing.adapter import random_adapter
 
 HAVE_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
 needs_llama_cpp = pytest.mark.skipif(not HAVE_LLAMA_CPP, reason="llama-cpp-python not installed")
@@ -119,7 +119,7 @@ def test_type_table_is_honest():
 
 
 def test_without_llama_cpp_one_line_says_what_to_install(stories, work, monkeypatch):
-    import mlx_lora.gguf_quant as gq
+    import mlx_lora.gguf.quant as gq
 
     monkeypatch.setattr(gq, "have_llama_cpp", lambda: False)
     out = work / "no-llama"
@@ -194,7 +194,7 @@ def test_qwen_kquants_apply_load_and_cost_what_they_should(qwen_kquants):
 @pytest.fixture(scope="module")
 def stories_run(stories, story_data, work) -> Path:
     from mlx_lora.config import TrainConfig
-    from mlx_lora.train import train
+    from mlx_lora.train.loop import train
 
     out = work / "stories-run"
     cfg = TrainConfig(
@@ -250,7 +250,7 @@ def test_stories_quality_on_the_runs_validation_split(stories_kquants):
 
 @needs_llama_cpp
 def test_adapter_mode_quantizes_the_base_and_keeps_the_lora_f16(stories, stories_run, work):
-    from mlx_lora.gguf_quant import tensor_types
+    from mlx_lora.gguf.quant import tensor_types
 
     r = _export(
         model=str(stories),
@@ -303,8 +303,8 @@ def _imatrix_dat(path: Path, weights: dict[str, np.ndarray]) -> Path:
 
 @needs_llama_cpp
 def test_imatrix_changes_the_quantization_and_both_formats_agree(stories, work):
-    from mlx_lora.gguf import planned_tensors, write_gguf
-    from mlx_lora.gguf_quant import quantize_gguf, read_imatrix
+    from mlx_lora.gguf.quant import quantize_gguf, read_imatrix
+    from mlx_lora.gguf.writer import planned_tensors, write_gguf
 
     ref = write_gguf(stories, work / "st-f32.gguf", "f32", progress=False)
     rng = np.random.default_rng(0)
@@ -343,7 +343,7 @@ def test_bad_imatrix_is_one_line_and_leaves_nothing(stories, work):
 
 
 def _quantize_with(model: Path, out: Path, imatrix: Path) -> None:
-    from mlx_lora.gguf_quant import write_quantized_gguf
+    from mlx_lora.gguf.quant import write_quantized_gguf
 
     out.mkdir(exist_ok=True)
     write_quantized_gguf(model, out / "s.gguf", "q4_0", imatrix=imatrix, progress=False)
@@ -468,7 +468,7 @@ def test_mlx_lm_generate_and_our_chat_give_the_same_greedy_text(mlx_export):
 @pytest.fixture(scope="module")
 def qlora(work):
     from mlx_lora.config import TrainConfig
-    from mlx_lora.train import train
+    from mlx_lora.train.loop import train
 
     base = make_tiny_model(
         work / "tiny-128", hidden_size=128, intermediate_size=256, layers=2, seed=3
@@ -498,7 +498,7 @@ def qlora(work):
 
 def _expected(base: Path, adapter: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """HF name → (original W + scale·B·A, the same from the dequantized 4-bit copy)."""
-    from mlx_lora.lora import read_adapter
+    from mlx_lora.model.lora import read_adapter
 
     lora = read_adapter(adapter)
     w = {

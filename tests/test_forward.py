@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 from conftest import make_tiny_model
 
-from mlx_lora import forward, kernels
-from mlx_lora.lora import DEFAULT_TARGETS, apply_lora
-from mlx_lora.loss import attention_mask
-from mlx_lora.model import load_base
+from mlx_lora.model import kernels
+from mlx_lora.model.load import load_base
+from mlx_lora.model.lora import DEFAULT_TARGETS, apply_lora
+from mlx_lora.train import forward
+from mlx_lora.train.loss import attention_mask
 
 LENGTHS = [7, 12, 3, 9]  # examples packed into one row (+ 5 padding positions)
 
@@ -95,7 +96,7 @@ def test_each_example_alone_gives_the_same_hidden_states(model):
 
 
 def test_checkpointed_blocks_give_the_same_gradients(model):
-    from mlx_lora.loss import loss_sum
+    from mlx_lora.train.loss import loss_sum
 
     seg = _packed(LENGTHS)
     ids = mx.random.randint(3, 250, (1, seg.shape[1]))
@@ -170,10 +171,9 @@ def test_lanes_pack_balanced_rows_and_give_the_same_loss(model, monkeypatch):
     """Rows run side by side (one CPU stream each): same loss and gradients as one packed row."""
     from mlx.utils import tree_flatten
 
-    from mlx_lora.data import make_batch
-    from mlx_lora.loss import loss_sum
-    from mlx_lora.prompt import Encoded
-    from mlx_lora.train import batch_arrays
+    from mlx_lora.data.dataset import make_batch
+    from mlx_lora.model.prompt import Encoded
+    from mlx_lora.train.loss import batch_arrays, loss_sum
 
     rng = np.random.default_rng(0)
     exs = []

@@ -9,8 +9,8 @@ import pytest
 from conftest import SAMPLE_DATA
 
 from mlx_lora.config import TrainConfig
-from mlx_lora.errors import MlxLoraError
-from mlx_lora.train import train
+from mlx_lora.core.errors import MlxLoraError
+from mlx_lora.train.loop import train
 
 
 def cfg(model, out, **kw) -> TrainConfig:
@@ -34,8 +34,8 @@ def cfg(model, out, **kw) -> TrainConfig:
 
 
 def test_full_fine_tune_trains_every_weight_resumes_exactly_and_is_a_model(tiny_model, tmp_path):
-    from mlx_lora.generate import complete
-    from mlx_lora.model import load_for_inference
+    from mlx_lora.infer.generate import complete
+    from mlx_lora.model.load import load_for_inference
 
     full = train(cfg(tiny_model, tmp_path / "full"), progress=False)
     losses = [
@@ -67,7 +67,7 @@ def test_full_fine_tune_refuses_what_it_cannot_do(tiny_model, tmp_path):
     with pytest.raises(MlxLoraError, match="a full fine-tune has no adapter"):
         train(cfg(tiny_model, tmp_path / "e", eval_at_end=True, val_split=0.1), progress=False)
     train(cfg(tiny_model, tmp_path / "ok", max_steps=1, save_steps=1), progress=False)
-    from mlx_lora.lora import read_adapter
+    from mlx_lora.model.lora import read_adapter
 
     with pytest.raises(MlxLoraError, match="is a model folder .* pass it with --model"):
         read_adapter(tmp_path / "ok")
@@ -75,7 +75,7 @@ def test_full_fine_tune_refuses_what_it_cannot_do(tiny_model, tmp_path):
 
 @pytest.mark.slow
 def test_full_fine_tune_exports_and_verifies(tiny_model, tmp_path):
-    from mlx_lora.export import ExportConfig, export
+    from mlx_lora.export.pipeline import ExportConfig, export
 
     train(cfg(tiny_model, tmp_path / "full"), progress=False)
     r = export(

@@ -1,6 +1,6 @@
 """Fuse: the merged folder behaves exactly like base + adapter, and is a clean HF folder.
 
-Real tiny models (Qwen2 and Llama architecture, from scripts/make_tiny_model.py) with nonzero
+Real tiny models (Qwen2 and Llama architecture, from mlx_lora.testing.tiny_model) with nonzero
 adapters; after QLoRA training the fused weights are checked tensor by tensor against
 W + (alpha/r)·B·A computed here from the *unquantized* base.
 """
@@ -16,56 +16,16 @@ import numpy as np
 import pytest
 from conftest import SAMPLE_DATA, make_tiny_model
 
-from mlx_lora.errors import MlxLoraError
-from mlx_lora.fuse import fuse
-from mlx_lora.model import TOKENIZER_FILES
-from mlx_lora.verify import load_mlx, mlx_logits
+from mlx_lora.core.errors import MlxLoraError
+from mlx_lora.export.fuse import fuse
+from mlx_lora.model.load import TOKENIZER_FILES
+from mlx_lora.testing.adapter import random_adapter
+from mlx_lora.verify.checks import load_mlx, mlx_logits
 
 PROMPT_TEXTS = [
     "<|im_start|>user\n你好，请介绍一下你自己。<|im_end|>\n<|im_start|>assistant\n",
     "Hello world! 1234",
 ]
-
-
-def random_adapter(
-    base: Path,
-    out: Path,
-    *,
-    targets: tuple[str, ...] = (
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "o_proj",
-        "gate_proj",
-        "up_proj",
-        "down_proj",
-    ),
-    r: int = 4,
-    alpha: float = 8.0,
-    scale: float = 0.1,
-    seed: int = 0,
-    system_prompt: str | None = None,
-) -> Path:
-    """A PEFT adapter for ``base`` with PEFT's A init and a random nonzero B (so it matters)."""
-    from mlx_lora.lora import LoRALinear, adapter_config, apply_lora, save_adapter
-    from mlx_lora.model import load_base
-
-    mx.random.seed(seed)
-    model, _, _ = load_base(Path(base), dtype=mx.float32)
-    apply_lora(model, list(targets), r, alpha)
-    for _, m in model.named_modules():
-        if isinstance(m, LoRALinear):
-            m.lora_B = mx.random.normal(m.lora_B.shape) * scale
-    cfg = adapter_config(
-        r=r,
-        alpha=alpha,
-        dropout=0.0,
-        targets=list(targets),
-        base_model=str(base),
-        extra={"system_prompt": system_prompt},
-    )
-    save_adapter(Path(out), model, cfg)
-    return Path(out)
 
 
 def _ids(model_dir: Path) -> list[list[int]]:
@@ -136,7 +96,7 @@ def test_fuse_keeps_base_dtype_by_default(tiny_model, qwen_adapter, work):
 @pytest.fixture(scope="module")
 def qlora_run(work):
     from mlx_lora.config import TrainConfig
-    from mlx_lora.train import train
+    from mlx_lora.train.loop import train
 
     base = make_tiny_model(
         work / "tiny-128",
@@ -299,8 +259,8 @@ def test_adapter_with_more_layers_is_refused_after_writing_started(qwen_adapter,
 
 
 def test_existing_output_needs_overwrite(tiny_model, qwen_adapter, work):
-    from mlx_lora.cli import run
-    from mlx_lora.fuse import main
+    from mlx_lora.core.cli import run
+    from mlx_lora.export.fuse import main
 
     out = work / "exists"
     out.mkdir()

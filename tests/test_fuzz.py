@@ -19,7 +19,8 @@ import pytest
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-from mlx_lora.data import (
+from mlx_lora.core.errors import MlxLoraError
+from mlx_lora.data.dataset import (
     FORMATS,
     detect_format,
     load_dataset,
@@ -27,7 +28,6 @@ from mlx_lora.data import (
     read_records,
     to_messages,
 )
-from mlx_lora.errors import MlxLoraError
 
 _BASE = settings(
     deadline=None,
@@ -196,7 +196,7 @@ DATASET = st.sampled_from(sorted(PLAUSIBLE)).flatmap(
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_model):
-    from mlx_lora.model import load_base
+    from mlx_lora.model.load import load_base
 
     return load_base(tiny_model)[1]
 
@@ -430,7 +430,7 @@ def test_awkward_strings_in_every_field_of_a_conversation(tokenizer, files, piec
 def test_quote_value_quotes_exactly_or_refuses(value):
     """The Go-harness tests in test_ollama.py check what Ollama reads back; here: any Python string
     (lone surrogates, very long text) gives ``delim + value + delim`` or a one-line refusal."""
-    from mlx_lora.ollama import quote_value
+    from mlx_lora.ollama.modelfile import quote_value
 
     try:
         quoted = quote_value(value, "SYSTEM prompt")
@@ -459,7 +459,7 @@ def test_quote_value_quotes_exactly_or_refuses(value):
 def test_modelfile_from_any_generation_config(gen, stops, system, num_ctx):
     """What export does with a model's generation_config.json (any JSON object) and its end
     tokens."""
-    from mlx_lora.ollama import generation_params, go_template_for, render_modelfile
+    from mlx_lora.ollama.modelfile import generation_params, go_template_for, render_modelfile
 
     template = go_template_for(_CHATML, "<s>", "<|im_end|>", add_bos=False)
     try:

@@ -1,7 +1,7 @@
 """GGUF export checked against the HF weights, the HF tokenizer, MLX and llama.cpp itself.
 
 Models: a tiny random Qwen2 model carrying the real Qwen1.5 tokenizer, a tiny random Llama model
-with a trained byte-level BPE (both from scripts/make_tiny_model.py), and the really trained
+with a trained byte-level BPE (both from mlx_lora.testing.tiny_model), and the really trained
 stories260K (Llama architecture, SentencePiece vocabulary). llama.cpp runs through
 llama-cpp-python (optional extra ``verify``); those tests skip when it is not installed.
 """
@@ -11,16 +11,16 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import gguf
 import numpy as np
 import pytest
 
-from mlx_lora.errors import MlxLoraError
-from mlx_lora.gguf import write_gguf, write_lora_gguf
-from mlx_lora.gguf_vocab import identify_pre_tokenizer, read_vocab
+from mlx_lora.core.errors import MlxLoraError
+from mlx_lora.gguf.vocab import identify_pre_tokenizer, read_vocab
+from mlx_lora.gguf.writer import write_gguf, write_lora_gguf
+from mlx_lora.testing.tiny_model import make_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -46,17 +46,6 @@ PROMPT = "Once upon a time, there was a little girl named Lily. 你好"
 GREEDY_TOKENS = 32
 
 
-def _make_tiny_model():
-    spec = importlib.util.spec_from_file_location(
-        "make_tiny_model", REPO / "scripts" / "make_tiny_model.py"
-    )
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("make_tiny_model", mod)
-    spec.loader.exec_module(mod)
-    return mod.make_tiny_model
-
-
 # ------------------------------------------------------------------ fixtures (built once)
 
 
@@ -69,12 +58,12 @@ def workdir(tmp_path_factory) -> Path:
 def tiny_qwen(workdir) -> Path:
     if not QWEN_TOK.is_dir():
         pytest.skip(f"fixture {QWEN_TOK} absent")
-    return _make_tiny_model()(workdir / "tiny-qwen", tokenizer=QWEN_TOK)
+    return make_tiny_model(workdir / "tiny-qwen", tokenizer=QWEN_TOK)
 
 
 @pytest.fixture(scope="module")
 def tiny_llama(workdir) -> Path:
-    return _make_tiny_model()(workdir / "tiny-llama", arch="llama")
+    return make_tiny_model(workdir / "tiny-llama", arch="llama")
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +170,7 @@ def _mlx_logits(model, ids: list[int]) -> np.ndarray:
 
 
 def _hf_weights_f32(path: Path) -> dict[str, np.ndarray]:
-    """HF tensors as float32 via MLX's loader (independent of mlx_lora.gguf's reader)."""
+    """HF tensors as float32 via MLX's loader (independent of mlx_lora.gguf.writer's reader)."""
     import mlx.core as mx
 
     out = {}
@@ -554,7 +543,7 @@ def test_sharded_checkpoint_gives_same_gguf(stories, workdir):
 
 def test_chunked_conversion_gives_same_bytes(stories, workdir, monkeypatch):
     """Big matrices are converted a slice of rows at a time; the slicing must not show."""
-    import mlx_lora.gguf as g
+    import mlx_lora.gguf.writer as g
 
     a = write_gguf(stories, workdir / "whole.gguf", "q8_0", progress=False, name="s")
     monkeypatch.setattr(g, "_CHUNK_ELEMENTS", 1000)  # 512x64 embedding → 35 slices of 15 rows

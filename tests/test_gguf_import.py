@@ -1,4 +1,4 @@
-"""GGUF (a file or an Ollama model) as the base model: mlx_lora.gguf_import.
+"""GGUF (a file or an Ollama model) as the base model: mlx_lora.model.gguf_import.
 
 - A real quantized chat model (SmolLM2-135M-Instruct, Q4_1) imported and run in MLX gives the
   logits llama.cpp computes on the original file.
@@ -24,13 +24,13 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
-from assets import smollm2_gguf, vocab_vectors
 from conftest import REPO, SAMPLE_DATA, STORIES, make_tiny_model, need
 
-from mlx_lora import gguf_import
-from mlx_lora.errors import MlxLoraError
-from mlx_lora.gguf import _llama3_rope_factors, write_gguf, write_vocab_gguf
-from mlx_lora.gguf_import import (
+from mlx_lora.core.errors import MlxLoraError
+from mlx_lora.core.weights import folder_tensors
+from mlx_lora.gguf.writer import _llama3_rope_factors, write_gguf, write_vocab_gguf
+from mlx_lora.model import gguf_import
+from mlx_lora.model.gguf_import import (
     SOURCE_RECORD,
     convert_gguf,
     import_gguf,
@@ -38,8 +38,8 @@ from mlx_lora.gguf_import import (
     llama3_rope_scaling,
     resolve_gguf_model,
 )
-from mlx_lora.hub import resolve_model
-from mlx_lora.weights import folder_tensors
+from mlx_lora.model.hub import resolve_model
+from mlx_lora.testing.assets import smollm2_gguf, vocab_vectors
 
 TEXTS = [
     "Hello world",
@@ -73,7 +73,7 @@ def ggufs(tiny_model, tmp_path_factory) -> dict[str, Path]:
 
 
 def _mlx_logits(folder: Path, ids: list[int]) -> np.ndarray:
-    from mlx_lora.verify import load_mlx, mlx_logits
+    from mlx_lora.verify.checks import load_mlx, mlx_logits
 
     model, _ = load_mlx(folder)
     return mlx_logits(model, ids)
@@ -84,7 +84,7 @@ def _mlx_logits(folder: Path, ids: list[int]) -> np.ndarray:
 
 @pytest.mark.parametrize("which", ["qwen2", "llama", "stories"])
 def test_roundtrip_of_our_export_is_exact(which, ggufs, tiny_model, tmp_path):
-    from mlx_lora.prompt import load_hf_tokenizer
+    from mlx_lora.model.prompt import load_hf_tokenizer
 
     if which == "stories":
         src = need(STORIES)
@@ -122,9 +122,9 @@ def test_rebuilt_tokenizer_matches_llama_cpp(which, ggufs, tmp_path):
     """Without the embedded tokenizer.json the vocabulary is rebuilt from tokenizer.ggml.*: it
     tokenizes as llama.cpp does on the same GGUF (SentencePiece: a prefix space even before a
     leading space, unlike HF's Metaspace)."""
-    from mlx_lora.gguf_tokenizer import build_tokenizer
-    from mlx_lora.llamacpp import open_llama
-    from mlx_lora.prompt import load_hf_tokenizer
+    from mlx_lora.gguf.llamacpp import open_llama
+    from mlx_lora.model.gguf_tokenizer import build_tokenizer
+    from mlx_lora.model.prompt import load_hf_tokenizer
 
     path = ggufs["qwen2"] if which == "qwen2" else None
     if path is None:
@@ -191,7 +191,7 @@ def test_quantized_files_dequantize_to_the_original(ftype, main_type, bound, wid
     (a wrong block layout, name or q/k row order would be off by the size of the weights)."""
     import llama_cpp
 
-    from mlx_lora.llamacpp import quiet_stderr
+    from mlx_lora.gguf.llamacpp import quiet_stderr
 
     src, f32 = wide_llama
     path = tmp_path / f"{ftype}.gguf"
@@ -237,9 +237,9 @@ STORY = (
 @pytest.mark.slow
 def test_smollm2_logits_match_llama_cpp(smollm2):
     """The imported Q4_1 model in MLX (bf16 weights, fp32 compute) vs llama.cpp on the file."""
-    from mlx_lora.llamacpp import llama_logits, open_llama
-    from mlx_lora.model import load_base
-    from mlx_lora.verify import compare_logits, load_mlx, mlx_logits
+    from mlx_lora.gguf.llamacpp import llama_logits, open_llama
+    from mlx_lora.model.load import load_base
+    from mlx_lora.verify.checks import compare_logits, load_mlx, mlx_logits
 
     src, folder = smollm2
     record = json.loads((folder / SOURCE_RECORD).read_text())
@@ -264,7 +264,7 @@ def test_smollm2_logits_match_llama_cpp(smollm2):
 
 @pytest.mark.slow
 def test_smollm2_chat_template_and_end_tokens(smollm2):
-    from mlx_lora.prompt import load_hf_tokenizer
+    from mlx_lora.model.prompt import load_hf_tokenizer
 
     src, folder = smollm2
     meta = gguf_import.metadata(gguf_import.open_gguf(src))
@@ -275,7 +275,7 @@ def test_smollm2_chat_template_and_end_tokens(smollm2):
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     assert im_end in gen["eos_token_id"]
     # exporting the import names the pre-tokenizer as the source did ("smollm", not "starcoder")
-    from mlx_lora.gguf_vocab import read_vocab
+    from mlx_lora.gguf.vocab import read_vocab
 
     assert read_vocab(folder).pre == meta["tokenizer.ggml.pre"] == "smollm"
 
@@ -313,8 +313,8 @@ FAMILIES = [
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_tokenizer_vectors_through_our_gguf(family, tmp_path):
-    from mlx_lora.llamacpp import open_llama
-    from mlx_lora.prompt import load_hf_tokenizer
+    from mlx_lora.gguf.llamacpp import open_llama
+    from mlx_lora.model.prompt import load_hf_tokenizer
 
     vectors = vocab_vectors()
     if family not in vectors:
@@ -480,7 +480,7 @@ def test_cli_error_for_a_bad_gguf(ggufs, tmp_path):
 def test_kill_during_conversion_leaves_nothing_trusted(tmp_path):
     src = smollm2_gguf()
     env = {**os.environ, "MLX_LORA_CACHE": str(tmp_path / "cache")}
-    code = f"from mlx_lora.gguf_import import import_gguf; import_gguf({str(src)!r})"
+    code = f"from mlx_lora.model.gguf_import import import_gguf; import_gguf({str(src)!r})"
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=REPO)
     cache = tmp_path / "cache" / "gguf"
     deadline = time.time() + 240
@@ -505,7 +505,7 @@ def test_kill_during_conversion_leaves_nothing_trusted(tmp_path):
 def test_train_then_chat_on_a_gguf_base(ggufs, tmp_path):
     """train --model x.gguf records the GGUF as the base; chat --adapter finds it again."""
     from mlx_lora.config import TrainConfig
-    from mlx_lora.train import train
+    from mlx_lora.train.loop import train
 
     out = tmp_path / "run"
     cfg = TrainConfig(

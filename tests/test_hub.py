@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from mlx_lora.errors import MlxLoraError
-from mlx_lora.hub import check_model_dir, looks_like_path, resolve_model
+from mlx_lora.core.errors import MlxLoraError
+from mlx_lora.model.hub import check_model_dir, looks_like_path, resolve_model
 
 
 def test_paths_and_ids_are_told_apart(tmp_path):

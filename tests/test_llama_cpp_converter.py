@@ -1,12 +1,13 @@
 """llama.cpp's own converters accept our folders unmodified and agree with our GGUF writer.
 
 ``python -m mlx_lora.fuse`` promises a folder that llama.cpp's ``convert_hf_to_gguf.py`` converts
-as is, and ``mlx_lora.gguf`` promises the GGUF that converter would write, without torch. Both
+as is, and ``mlx_lora.gguf.writer`` promises the GGUF that converter would write, without torch.
+Both
 promises are checked here against the real converters (``scripts/setup_converter.sh`` puts them,
 from the llama-cpp-python sdist, and CPU torch into a venv of their own; this test venv stays
 torch-free). Compared with ``gguf.GGUFReader``: tensor names, types, shapes and bytes (f32, and
 q8_0 for the llama model: identical), the hyper-parameters and the whole tokenizer; for adapters
-``convert_lora_to_gguf.py`` against :func:`mlx_lora.gguf.write_lora_gguf`.
+``convert_lora_to_gguf.py`` against :func:`mlx_lora.gguf.writer.write_lora_gguf`.
 
 Models: a tiny Qwen2 with the real Qwen1.5 tokenizer, the really trained stories260K llama
 (SentencePiece), and a tiny model of every other family mlx_lora writes (``--arch`` qwen3 with the
@@ -29,10 +30,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import QWEN_TOKENIZER, REPO, STORIES, make_tiny_model, need
-from test_fuse import random_adapter
 
-from mlx_lora.fuse import fuse
-from mlx_lora.gguf import write_gguf, write_lora_gguf
+from mlx_lora.export.fuse import fuse
+from mlx_lora.gguf.writer import write_gguf, write_lora_gguf
+from mlx_lora.testing.adapter import random_adapter
 
 pytestmark = pytest.mark.slow
 
@@ -497,9 +498,9 @@ def test_other_architecture_converts_with_llama_cpp(work):
     pytest.importorskip("llama_cpp")
     import mlx.core as mx
 
-    from mlx_lora.llamacpp import llama_logits, open_llama
-    from mlx_lora.model import load_base
-    from mlx_lora.prompt import load_hf_tokenizer
+    from mlx_lora.gguf.llamacpp import llama_logits, open_llama
+    from mlx_lora.model.load import load_base
+    from mlx_lora.model.prompt import load_hf_tokenizer
 
     base = make_tiny_model(work / "olmo2-base", arch="olmo2", tokenizer=QWEN_TOKENIZER)
     # transformers builds Qwen's tokenizer from vocab.json/merges.txt only for Qwen model types

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from mlx_lora.data import make_batch
-from mlx_lora.errors import MlxLoraError
-from mlx_lora.lora import (
+from mlx_lora.core.errors import MlxLoraError
+from mlx_lora.data.dataset import make_batch
+from mlx_lora.model.load import load_base
+from mlx_lora.model.lora import (
     DEFAULT_TARGETS,
     Adapter,
     adapter_config,
@@ -24,9 +25,9 @@ from mlx_lora.lora import (
     normalize_targets,
     save_adapter,
 )
-from mlx_lora.loss import loss_sum, reference_loss_sum
-from mlx_lora.model import load_base
-from mlx_lora.prompt import Encoded
+from mlx_lora.model.prompt import Encoded
+from mlx_lora.testing.tiny_model import make_tiny_model
+from mlx_lora.train.loss import loss_sum, reference_loss_sum
 
 
 def load(path):
@@ -135,10 +136,6 @@ def test_save_load_round_trip_and_peft_config(tiny_model, tmp_path):
 
 
 def test_adapter_from_another_base_is_refused(tiny_model, tmp_path):
-    import importlib.util
-    import sys
-
-    from conftest import REPO
 
     model, _, _ = load(tiny_model)
     apply_lora(model, ["q_proj"], 4, 8)
@@ -147,11 +144,7 @@ def test_adapter_from_another_base_is_refused(tiny_model, tmp_path):
         model,
         adapter_config(r=4, alpha=8, dropout=0, targets=["q_proj"], base_model="tiny", extra={}),
     )
-    spec = importlib.util.spec_from_file_location("mtm", REPO / "scripts" / "make_tiny_model.py")
-    mtm = importlib.util.module_from_spec(spec)
-    sys.modules["mtm"] = mtm
-    spec.loader.exec_module(mtm)
-    other = mtm.make_tiny_model(tmp_path / "wide", hidden_size=96, heads=4, kv_heads=2)
+    other = make_tiny_model(tmp_path / "wide", hidden_size=96, heads=4, kv_heads=2)
     wide, _, _ = load(other)
     with pytest.raises(MlxLoraError, match="trained on another base"):
         load_adapter(wide, tmp_path / "a")
@@ -208,9 +201,9 @@ def test_adapter_on_a_same_shaped_but_different_base_is_refused(tiny_model, tiny
     from conftest import SAMPLE_DATA
 
     from mlx_lora.config import TrainConfig
-    from mlx_lora.fuse import fuse
-    from mlx_lora.model import load_for_inference
-    from mlx_lora.train import train
+    from mlx_lora.export.fuse import fuse
+    from mlx_lora.model.load import load_for_inference
+    from mlx_lora.train.loop import train
 
     out = tmp_path / "a"
     train(

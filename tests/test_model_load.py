@@ -1,7 +1,7 @@
 """Quantize-on-load: the load peak stays near the final size, and the numbers equal the old path's.
 
 The old path read the whole model, cast it, then quantized it (a 4B bf16 base peaked at 8.5 GB to
-end at 2.2 GB). ``mlx_lora.model.load_base`` reads, casts and quantizes one module at a time.
+end at 2.2 GB). ``mlx_lora.model.load.load_base`` reads, casts and quantizes one module at a time.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import pytest
 from conftest import make_tiny_model
 from mlx.utils import tree_flatten
 
-from mlx_lora import model as model_mod
-from mlx_lora.model import _cast_floats, _quantizable, load_base
+from mlx_lora.model import load as model_mod
+from mlx_lora.model.load import _cast_floats, _quantizable, load_base
 
 
 @pytest.fixture(scope="module")

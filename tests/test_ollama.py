@@ -1,6 +1,8 @@
-"""mlx_lora.ollama: the Modelfile TEMPLATE gives the model's own prompts when Ollama runs it.
+"""mlx_lora.ollama.modelfile: the Modelfile TEMPLATE gives the model's own prompts when Ollama runs
+it.
 
-The Go side is mlx_lora/go/render_template (run through mlx_lora.ollama_go), a stdlib-only Go
+The Go side is mlx_lora/ollama/go/render_template (run through mlx_lora.ollama.go_runner), a
+stdlib-only Go
 program that executes a TEMPLATE with Go's text/template the way Ollama does (SYSTEM put first when
 a request has none; .System, .Messages with .Role/.Content/.Thinking; .Think/.IsThinkSet; legacy
 .Prompt templates) and reads Modelfiles with the quoting rules of Ollama's parser. It is built once
@@ -10,7 +12,7 @@ The Jinja side is transformers' own renderer with add_generation_prompt=True, i.
 model was trained on. Templates here are the real Qwen1.5 fixture, the public templates of
 Meta-Llama-3-8B-Instruct, Llama-2-7b-chat-hf, Mixtral-8x7B-Instruct-v0.1, gemma-7b-it and
 gemma-3-4b-it written as data, and (tests at the end) every real template llama.cpp ships in the
-llama-cpp-python sdist plus SmolLM2's from its GGUF (tests/assets.py).
+llama-cpp-python sdist plus SmolLM2's from its GGUF (mlx_lora/testing/assets.py).
 """
 
 from __future__ import annotations
@@ -21,11 +23,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import Harness, _commands
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from mlx_lora.errors import MlxLoraError
-from mlx_lora.ollama import (
+from mlx_lora.core.errors import MlxLoraError
+from mlx_lora.model.prompt import render_template
+from mlx_lora.ollama.modelfile import (
     GoTemplate,
     detect_template_family,
     generation_params,
@@ -37,8 +41,6 @@ from mlx_lora.ollama import (
     render_modelfile,
     write_modelfile,
 )
-from mlx_lora.ollama_go import GoRenderer, go_missing
-from mlx_lora.prompt import render_template
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -185,26 +187,6 @@ def _go_template(name: str, add_bos: bool | None = None) -> GoTemplate:
 
 # ---------------------------------------------------------------------------------------------
 # The Go harness
-
-
-class Harness(GoRenderer):
-    """The package's Go renderer (tests call render/parse on it directly)."""
-
-
-@pytest.fixture(scope="session")
-def go() -> Harness:
-    reason = go_missing()
-    if reason:
-        pytest.skip(reason)
-    return Harness()
-
-
-def _commands(parsed: dict) -> dict[str, list[str]]:
-    assert not parsed.get("error"), parsed.get("error")
-    out: dict[str, list[str]] = {}
-    for c in parsed["commands"]:
-        out.setdefault(c["name"], []).append(c["args"])
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -737,10 +719,10 @@ def test_ollama_parses_special_text_in_contents_our_encoder_does_not(go: Harness
     llama-server tokenizes the prompt with parse_special (here llama.cpp through
     llama-cpp-python, special=True), so the user's own system turn is real; mlx_lora's encoder
     keeps it as text. The Modelfile says so, in a comment Ollama's parser skips."""
-    from assets import smollm2_gguf, smollm2_tokenizer_dir
     from transformers import AutoTokenizer
 
-    from mlx_lora.prompt import build_prompt
+    from mlx_lora.model.prompt import build_prompt
+    from mlx_lora.testing.assets import smollm2_gguf, smollm2_tokenizer_dir
 
     llama_cpp = pytest.importorskip("llama_cpp")
     tok = AutoTokenizer.from_pretrained(str(smollm2_tokenizer_dir()))

@@ -20,16 +20,16 @@ from conftest import QWEN_TOKENIZER, REPO, SAMPLE_DATA, make_tiny_model, need
 from mlx.utils import tree_flatten
 
 from mlx_lora.config import TrainConfig
-from mlx_lora.data import load_dataset, make_batch
-from mlx_lora.errors import MlxLoraError
-from mlx_lora.footprint import (
+from mlx_lora.core.errors import MlxLoraError
+from mlx_lora.data.dataset import load_dataset, make_batch
+from mlx_lora.plan.footprint import (
     MicroBatch,
     load_extra_bytes,
     read_shape,
     trained_shapes,
     weight_bytes,
 )
-from mlx_lora.plan import (
+from mlx_lora.plan.memory import (
     Budget,
     Plan,
     changes,
@@ -102,7 +102,7 @@ def mid(tmp_path_factory) -> Path:
 @pytest.mark.parametrize(("dtype", "bits"), [(mx.float32, None), (mx.float32, 4), (mx.bfloat16, 8)])
 def test_weights_are_the_loaded_bytes(mid: Path, dtype, bits) -> None:
     """The weights line is exact: the bytes of the model load_base returns."""
-    from mlx_lora.model import load_base
+    from mlx_lora.model.load import load_base
 
     model, _, _ = load_base(mid, dtype=dtype, quantize=bits)
     real = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
@@ -110,7 +110,7 @@ def test_weights_are_the_loaded_bytes(mid: Path, dtype, bits) -> None:
 
 
 def test_load_extra_is_the_measured_load_overhead(mid: Path) -> None:
-    from mlx_lora.model import load_base
+    from mlx_lora.model.load import load_base
 
     shape = read_shape(mid)
     for bits in (None, 4):
@@ -127,8 +127,8 @@ def test_load_extra_is_the_measured_load_overhead(mid: Path) -> None:
 
 
 def test_trainable_parameters_match_the_wrapped_model(mid: Path) -> None:
-    from mlx_lora.lora import apply_lora, normalize_targets
-    from mlx_lora.model import load_base
+    from mlx_lora.model.load import load_base
+    from mlx_lora.model.lora import apply_lora, normalize_targets
 
     for extra in ({}, {"target_modules": "q,v", "lora_layers": 2}, {"use_dora": True}):
         cfg = TrainConfig(model=str(mid), lora_r=4, **extra)
@@ -150,8 +150,8 @@ def test_trainable_parameters_match_the_wrapped_model(mid: Path) -> None:
 
 def test_run_batches_are_the_shapes_train_makes(tiny_model: Path) -> None:
     """Same steps, same layout: every micro-batch train builds has a planned shape, and back."""
-    from mlx_lora.model import load_base_tokenizer
-    from mlx_lora.train import step_examples
+    from mlx_lora.model.load import load_base_tokenizer
+    from mlx_lora.train.loop import step_examples
 
     tok = load_base_tokenizer(tiny_model)
     ex = load_dataset(SAMPLE_DATA, tok, max_seq_length=96).examples

@@ -16,8 +16,9 @@ line (test_train_then_chat_on_a_gguf_base).
 from __future__ import annotations
 
 import pytest
-from assets import smollm2_gguf
-from conftest import SAMPLE_DATA, _load_script
+from conftest import SAMPLE_DATA, load_script
+
+from mlx_lora.testing.assets import smollm2_gguf
 
 # Measured (seed 0): 12 steps of 8 move the held-out loss 3.45 → 2.46; fewer steps or a LoRA on
 # the last blocks only leave answers that repeat one word ("臣妾妾妾妾…").
@@ -35,13 +36,13 @@ ROAD = {
 @pytest.mark.slow
 def test_real_model_road(tmp_path, monkeypatch):
     pytest.importorskip("llama_cpp", reason='verify needs pip install "mlx_lora[verify]"')
-    from mlx_lora.gotemplate import check_conversations
-    from mlx_lora.ollama_go import go_missing
-    from mlx_lora.verify import TEXTS
+    from mlx_lora.ollama.go_runner import go_missing
+    from mlx_lora.ollama.template import check_conversations
+    from mlx_lora.verify.checks import TEXTS
 
     src = smollm2_gguf()
     monkeypatch.setenv("MLX_LORA_CACHE", str(tmp_path / "cache"))  # a real conversion
-    demo = _load_script("real_model_demo")
+    demo = load_script("real_model_demo")
     cfg = demo.RoadConfig(
         model=str(src), data=str(SAMPLE_DATA), output_dir=str(tmp_path / "road"), **ROAD
     )

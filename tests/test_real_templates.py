@@ -3,8 +3,10 @@
 The templates are llama.cpp's ``models/templates/*.jinja`` from the llama-cpp-python sdist (the
 real chat templates of Qwen2.5/3/3.5, Llama 3.1/3.2/3.3, Gemma 2, Phi-3.5, Mistral Nemo, SmolLM3,
 the DeepSeek-R1 distills and more) and SmolLM2's from the real SmolLM2-135M-Instruct GGUF, all
-fetched by tests/assets.py. Every derived TEMPLATE is executed by Go's text/template as Ollama
-does (mlx_lora.ollama_go) on the 24 check conversations under each think option (none, true, false
+fetched by mlx_lora/testing/assets.py. Every derived TEMPLATE is executed by Go's text/template as
+Ollama
+does (mlx_lora.ollama.go_runner) on the 24 check conversations under each think option (none, true,
+false
 ↔ enable_thinking unset, true, false) and compared with transformers' rendering byte for byte; the
 SmolLM2 one also token for token through llama.cpp with the GGUF's own add-BOS rule (issue 10).
 """
@@ -14,13 +16,13 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
-from assets import chat_templates, smollm2_gguf
 
-from mlx_lora.errors import MlxLoraError
-from mlx_lora.gotemplate import THINK_MODES, check_conversations, fold_system, go_template_for
-from mlx_lora.ollama import render_modelfile
-from mlx_lora.ollama_go import GoRenderer, go_missing
-from mlx_lora.prompt import render_template
+from mlx_lora.core.errors import MlxLoraError
+from mlx_lora.model.prompt import render_template
+from mlx_lora.ollama.go_runner import GoRenderer, go_missing
+from mlx_lora.ollama.modelfile import render_modelfile
+from mlx_lora.ollama.template import THINK_MODES, check_conversations, fold_system, go_template_for
+from mlx_lora.testing.assets import chat_templates, smollm2_gguf
 
 L3 = ("<|begin_of_text|>", "<|eot_id|>", True)
 DS = ("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", True)
@@ -309,7 +311,7 @@ def test_smollm2_token_ids_through_llama_cpp(go: GoRenderer) -> None:
     add-BOS rule) equals the Jinja text tokenized as apply_chat_template(tokenize=True) does (no
     specials added); the old rule (strip the BOS, leave it to the runtime) fails every time."""
     pytest.importorskip("llama_cpp")
-    from mlx_lora.llamacpp import llama_tokenize, open_llama
+    from mlx_lora.gguf.llamacpp import llama_tokenize, open_llama
 
     tpl, path, add_bos = _smollm2()
     llm = open_llama(path, vocab_only=True)

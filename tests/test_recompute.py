@@ -6,9 +6,9 @@ import pytest
 from conftest import SAMPLE_DATA
 
 from mlx_lora.config import TrainConfig, parse_config
-from mlx_lora.errors import MlxLoraError
-from mlx_lora.plan import Budget, examples_for, plan
-from mlx_lora.recompute import decide
+from mlx_lora.core.errors import MlxLoraError
+from mlx_lora.plan.memory import Budget, examples_for, plan
+from mlx_lora.plan.recompute import decide
 
 
 @pytest.mark.parametrize(
@@ -63,7 +63,7 @@ def test_auto_follows_the_memory_budget(tiny_model):
 
 
 def test_the_summary_says_which_and_why(tiny_model, tmp_path, monkeypatch, capsys):
-    from mlx_lora.train import train
+    from mlx_lora.train.loop import train
 
     def run(out, **kw):
         return train(

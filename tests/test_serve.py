@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from mlx_lora.errors import MlxLoraError
-from mlx_lora.generate import complete
-from mlx_lora.model import load_for_inference
-from mlx_lora.prompt import build_prompt
-from mlx_lora.serve import make_server
+from mlx_lora.core.errors import MlxLoraError
+from mlx_lora.infer.generate import complete
+from mlx_lora.infer.serve import make_server
+from mlx_lora.model.load import load_for_inference
+from mlx_lora.model.prompt import build_prompt
 
 openai = pytest.importorskip("openai")
 

@@ -18,9 +18,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from mlx_lora.config import parse_config
-from mlx_lora.generate import complete
-from mlx_lora.model import load_for_inference
-from mlx_lora.serve import ServeConfig, make_server
+from mlx_lora.infer.generate import complete
+from mlx_lora.infer.serve import ServeConfig, make_server
+from mlx_lora.model.load import load_for_inference
 
 pytestmark = pytest.mark.slow
 

@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO, SAMPLE_DATA
 
-from mlx_lora.cli import run
-from mlx_lora.errors import MlxLoraError
+from mlx_lora.core.cli import run
+from mlx_lora.core.errors import MlxLoraError
 from mlx_lora.studio.__main__ import StudioConfig, build, main
 from mlx_lora.studio.events import LineReader, curves, run_state
 from mlx_lora.studio.jobs import Jobs
@@ -85,8 +85,8 @@ def test_event_reporter_is_the_contract(tiny_model, tmp_path, monkeypatch):
     """What a run started by the studio prints: the events its docstring lists, with the same
     records as trainer_state.json."""
     from mlx_lora.config import TrainConfig
-    from mlx_lora.report import EVENTS_ENV, JsonLinesReporter, default_reporter
-    from mlx_lora.train import train
+    from mlx_lora.train.loop import train
+    from mlx_lora.train.report import EVENTS_ENV, JsonLinesReporter, default_reporter
 
     monkeypatch.setenv(EVENTS_ENV, "jsonl")
     assert isinstance(default_reporter(lead=True, progress=True), JsonLinesReporter)

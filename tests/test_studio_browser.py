@@ -15,12 +15,11 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from tests.conftest import REPO, _load_script
+from conftest import REPO, load_script
 
 pytestmark = pytest.mark.slow
 
-shots = _load_script("studio_screenshots")
+shots = load_script("studio_screenshots")
 QUESTION = "你是谁？"
 STEPS = 200  # about 12 s on 2 idle cores: long enough to stop in the middle
 

@@ -1,4 +1,4 @@
-"""scripts/make_tiny_model.py builds checkpoints every other test relies on; check they are real.
+"""mlx_lora.testing.tiny_model builds checkpoints every other test relies on; check they are real.
 
 Each model is built once per module (a second or two each) and loaded through the same code paths
 the package uses: mlx_lm.utils.load and transformers.AutoTokenizer.
@@ -6,7 +6,6 @@ the package uses: mlx_lm.utils.load and transformers.AutoTokenizer.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -15,25 +14,16 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
+from mlx_lora.core.errors import MlxLoraError
+from mlx_lora.testing import tiny_model as mtm
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 QWEN_TOK = SHARED / "fixtures" / "qwen15-tokenizer"
-SCRIPT = REPO / "scripts" / "make_tiny_model.py"
 
 needs_qwen = pytest.mark.skipif(
     not (QWEN_TOK / "vocab.json").is_file(), reason="../shared/fixtures/qwen15-tokenizer absent"
 )
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("make_tiny_model", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-mtm = _load_script()
-MlxLoraError = mtm.MlxLoraError  # the script puts the repo on sys.path, so this is the package's
 
 
 def _auto_tokenizer(path: Path):
@@ -254,7 +244,7 @@ def test_cli_refuses_non_empty_out_then_force(tmp_path: Path) -> None:
     out = tmp_path / "cli"
     out.mkdir()
     (out / "keep.txt").write_text("x")
-    cmd = [sys.executable, str(SCRIPT), "--out", str(out), "--layers", "1"]
+    cmd = [sys.executable, "-m", "mlx_lora.testing.tiny_model", "--out", str(out), "--layers", "1"]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert "not empty" in r.stderr and "--force" in r.stderr

@@ -18,9 +18,9 @@ import pytest
 from conftest import REPO, SAMPLE_DATA, make_tiny_model
 
 from mlx_lora.config import TrainConfig
-from mlx_lora.errors import MlxLoraError
-from mlx_lora.trackers import parse_report_to
-from mlx_lora.train import train
+from mlx_lora.core.errors import MlxLoraError
+from mlx_lora.train.loop import train
+from mlx_lora.train.trackers import parse_report_to
 
 CONVERTER_PY = REPO / ".converter" / "venv" / "bin" / "python"
 
@@ -133,7 +133,7 @@ def test_a_failing_tracker_warns_once_and_training_goes_on(
     tiny_model, tmp_path, monkeypatch, capsys
 ):
     pytest.importorskip("tensorboard")
-    from mlx_lora import trackers
+    from mlx_lora.train import trackers
 
     def broken(self, values, step):
         raise OSError(28, "No space left on device")
@@ -184,8 +184,8 @@ def test_lora_layers_adapts_the_last_blocks_only(four_layers, tmp_path):
 def test_lora_layers_adapter_equals_peft_and_llama_cpp(four_layers, tmp_path):
     """PEFT loads the partial adapter (layers_to_transform) and computes our logits; the GGUF
     LoRA adapter holds only those layers and llama.cpp agrees (export --mode adapter --verify)."""
-    from mlx_lora.export import ExportConfig, export
-    from mlx_lora.model import load_for_inference
+    from mlx_lora.export.pipeline import ExportConfig, export
+    from mlx_lora.model.load import load_for_inference
 
     out = tmp_path / "ll"
     train(

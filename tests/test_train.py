@@ -13,8 +13,8 @@ import pytest
 from conftest import REPO, SAMPLE_DATA
 
 from mlx_lora.config import TrainConfig
-from mlx_lora.errors import MlxLoraError
-from mlx_lora.train import train
+from mlx_lora.core.errors import MlxLoraError
+from mlx_lora.train.loop import train
 
 
 def cfg(model, out, **kw):

@@ -13,17 +13,17 @@ from conftest import SAMPLE_DATA, make_tiny_model
 from mlx.utils import tree_flatten
 
 from mlx_lora.config import TrainConfig
-from mlx_lora.data import load_dataset, make_batch
-from mlx_lora.lora import DEFAULT_TARGETS, apply_lora, linear_paths
-from mlx_lora.loss import (
+from mlx_lora.data.dataset import load_dataset, make_batch
+from mlx_lora.model.load import load_base, load_for_inference
+from mlx_lora.model.lora import DEFAULT_TARGETS, apply_lora, linear_paths
+from mlx_lora.train.loop import train
+from mlx_lora.train.loss import (
     checkpoint_layers,
     general_loss_sum,
     loss_sum,
     reference_loss_sum,
     training_path,
 )
-from mlx_lora.model import load_base, load_for_inference
-from mlx_lora.train import train
 
 ARCHS = [
     "qwen2",
@@ -91,8 +91,8 @@ def test_our_loss_is_mlx_lms_loss(arch_model, checkpoint):
 
 
 def test_trains_chats_and_fuses(arch_model, tmp_path, capsys):
-    from mlx_lora.fuse import fuse
-    from mlx_lora.generate import complete
+    from mlx_lora.export.fuse import fuse
+    from mlx_lora.infer.generate import complete
 
     arch, path_dir = arch_model
     cfg = TrainConfig(

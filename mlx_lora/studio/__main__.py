@@ -84,6 +84,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from mlx_lora.cli import run
+    from mlx_lora.core.cli import run
 
     sys.exit(run(main))

@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mlx_lora.errors import MlxLoraError
-from mlx_lora.files import read_json
+from mlx_lora.core.errors import MlxLoraError
+from mlx_lora.core.files import read_json
 from mlx_lora.studio.chatting import ChatModels
 from mlx_lora.studio.events import curves, final_figures, run_state
 from mlx_lora.studio.jobs import Jobs
@@ -51,10 +51,10 @@ class Studio:
 def info(studio: Studio) -> dict:
     import mlx_lora
     from mlx_lora.config import TrainConfig
-    from mlx_lora.data import FORMATS
-    from mlx_lora.export import MODES, ExportConfig
-    from mlx_lora.gguf import GGUF_TYPES
-    from mlx_lora.verify import have_llama_cpp
+    from mlx_lora.data.dataset import FORMATS
+    from mlx_lora.export.pipeline import MODES, ExportConfig
+    from mlx_lora.gguf.writer import GGUF_TYPES
+    from mlx_lora.verify.checks import have_llama_cpp
 
     return {
         "version": mlx_lora.__version__,
@@ -92,8 +92,8 @@ def _flags(cls: type, body: dict, allowed: set[str]) -> list[str]:
 def train_flags(studio: Studio, body: dict) -> tuple[list[str], Path]:
     """The page's Train form as ``python -m mlx_lora.train`` flags, paths confined to the roots."""
     from mlx_lora.config import TrainConfig, parse_config
-    from mlx_lora.data import detect_format, read_records
-    from mlx_lora.train import validate
+    from mlx_lora.data.dataset import detect_format, read_records
+    from mlx_lora.train.loop import validate
 
     body = dict(body)
     resume = bool(body.pop("resume", False))
@@ -122,7 +122,7 @@ def _check_model(model: str) -> None:
     """A local model folder that cannot be one fails before a run is started."""
     path = Path(model)
     if path.is_dir():
-        from mlx_lora.hub import check_model_dir
+        from mlx_lora.model.hub import check_model_dir
 
         check_model_dir(path)
 
@@ -162,7 +162,7 @@ def plan(studio: Studio, body: dict) -> dict:
 def start_export(studio: Studio, body: dict) -> dict:
     """``python -m mlx_lora.export`` with the Export form's settings."""
     from mlx_lora.config import parse_config
-    from mlx_lora.export import ExportConfig
+    from mlx_lora.export.pipeline import ExportConfig
 
     body = dict(body)
     roots = studio.roots
@@ -236,7 +236,7 @@ def chat_target(studio: Studio, body: dict) -> tuple[str, Path | None]:
     Without a model the adapter's recorded base is used (as ``python -m mlx_lora.chat`` does); it
     must lie inside the roots too, like any path the page reaches.
     """
-    from mlx_lora.lora import read_adapter
+    from mlx_lora.model.lora import read_adapter
 
     roots = studio.roots
     adapter = None

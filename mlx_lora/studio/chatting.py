@@ -1,7 +1,7 @@
 """The Chat tab: models loaded once, answers streamed by the one generation function.
 
-Loading is :func:`mlx_lora.model.load_for_inference` and generation
-:func:`mlx_lora.generate.generate_answer`, exactly what ``python -m mlx_lora.chat`` runs, so a
+Loading is :func:`mlx_lora.model.load.load_for_inference` and generation
+:func:`mlx_lora.infer.generate.generate_answer`, exactly what ``python -m mlx_lora.chat`` runs, so a
 greedy answer on the page is the command's answer. One worker thread owns every model (MLX
 streams belong to the thread that made them, as in serve): requests queue up, answers are
 generated one at a time, and at most two models stay loaded (the adapter's and the base beside it).
@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mlx_lora.errors import MlxLoraError
+from mlx_lora.core.errors import MlxLoraError
 
 
 class Disconnected(Exception):
@@ -64,8 +64,8 @@ class ChatModels:
 
     def _get(self, model: str | None, adapter: Path | None) -> Any:
         """Base (+ adapter) or a fused folder; ``model`` None = the adapter's recorded base."""
-        from mlx_lora.generate import require_chat_template
-        from mlx_lora.model import load_for_inference
+        from mlx_lora.infer.generate import require_chat_template
+        from mlx_lora.model.load import load_for_inference
 
         key = (model, str(adapter) if adapter else None)
         if key in self.cache:
@@ -92,7 +92,7 @@ class ChatModels:
         """Queue one answer; read its events from the returned request."""
 
         def work(req: Request) -> None:
-            from mlx_lora.generate import generate_answer
+            from mlx_lora.infer.generate import generate_answer
 
             loaded = self._get(model, adapter)
             # bad settings, or a template that rejects the conversation, fail here: before a

@@ -2,7 +2,8 @@
 ``trainer_state.json``.
 
 A training run started by the studio gets ``MLX_LORA_EVENTS=jsonl`` and reports through
-:class:`mlx_lora.report.JsonLinesReporter`, whose module docstring is the contract (start / step /
+:class:`mlx_lora.train.report.JsonLinesReporter`, whose module docstring is the contract (start /
+step /
 log / eval / text / summary / end events). A run that fails before it starts, or dies, has no
 ``end`` event: then its exit code and the CLI's one ``error: …`` / ``interrupted: …`` line tell.
 Runs without events (export) print human text, which becomes ``text`` events; their progress bars
@@ -59,9 +60,9 @@ class LineReader:
 
 def run_state(out: Path) -> dict | None:
     """The newest ``trainer_state.json`` of a run: the final one, or its latest checkpoint's."""
-    from mlx_lora.checkpoint import STATE_FILE, checkpoints
-    from mlx_lora.errors import MlxLoraError
-    from mlx_lora.files import read_json
+    from mlx_lora.core.errors import MlxLoraError
+    from mlx_lora.core.files import read_json
+    from mlx_lora.train.checkpoint import STATE_FILE, checkpoints
 
     best = None
     for path in [out / STATE_FILE] + [c / STATE_FILE for c in reversed(checkpoints(out))]:

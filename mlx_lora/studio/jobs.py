@@ -21,9 +21,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mlx_lora.errors import MlxLoraError
-from mlx_lora.report import EVENTS_ENV, log_line
+from mlx_lora.core.errors import MlxLoraError
 from mlx_lora.studio.events import LineReader
+from mlx_lora.train.report import EVENTS_ENV, log_line
 
 MAX_LINES = 3000
 
@@ -174,7 +174,7 @@ class Job:
         tail = f" (last output: {last[-200:]})" if last else ""
         resume = ""
         if self.kind == "train":
-            from mlx_lora.checkpoint import checkpoints
+            from mlx_lora.train.checkpoint import checkpoints
 
             found = checkpoints(self.output_dir) if self.output_dir.is_dir() else []
             resume = (

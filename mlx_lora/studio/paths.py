@@ -13,9 +13,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mlx_lora.errors import MlxLoraError
-from mlx_lora.meta import FUSED_INFO, GENERATION_CONFIG
-from mlx_lora.weights import INDEX_FILE
+from mlx_lora.core.errors import MlxLoraError
+from mlx_lora.core.weights import INDEX_FILE
+from mlx_lora.model.meta import FUSED_INFO, GENERATION_CONFIG
 
 # Folders a scan never enters: environments, VCS data, caches.
 SKIP_DIRS = {"node_modules", "__pycache__", "site-packages", "venv", "env"}
@@ -87,7 +87,7 @@ class Roots:
         inside = (self.dirs[0] / raw) if not Path(raw).is_absolute() else Path(raw)
         if not inside.exists() and (raw.startswith("ollama:") or _HUB_ID.fullmatch(raw)):
             if ".." not in raw.split("/"):
-                return raw  # fetched into the hub's own cache by mlx_lora.hub
+                return raw  # fetched into the hub's own cache by mlx_lora.model.hub
         return str(self.resolve(raw, what="model", must_exist=True))
 
     def show(self, path: Path) -> str:

@@ -1,6 +1,7 @@
 """The Train tab's data preview: the first records exactly as training encodes them.
 
-The text comes from :func:`mlx_lora.data.encode_record` (the function ``load_dataset`` calls), so
+The text comes from :func:`mlx_lora.data.dataset.encode_record` (the function ``load_dataset``
+calls), so
 the highlighted spans are the tokens the loss is computed on, not a re-rendering that could
 disagree with training.
 """
@@ -11,7 +12,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from mlx_lora.errors import MlxLoraError
+from mlx_lora.core.errors import MlxLoraError
 
 _tokenizers: dict[str, Any] = {}
 _lock = threading.Lock()
@@ -19,8 +20,8 @@ _lock = threading.Lock()
 
 def load_tokenizer(model: str, source: str = "auto") -> Any:
     """The tokenizer of ``model`` (cached per model folder); no weights are loaded."""
-    from mlx_lora.hub import resolve_model
-    from mlx_lora.prompt import load_hf_tokenizer
+    from mlx_lora.model.hub import resolve_model
+    from mlx_lora.model.prompt import load_hf_tokenizer
 
     model_dir = Path(resolve_model(model, source)).resolve()
     with _lock:
@@ -31,7 +32,7 @@ def load_tokenizer(model: str, source: str = "auto") -> Any:
 
 def segments(tokenizer: Any, ids: list[int], mask: list[bool]) -> list[dict]:
     """Runs of trained / untrained tokens as text (special tokens kept visible)."""
-    from mlx_lora.prompt import hf_tokenizer
+    from mlx_lora.model.prompt import hf_tokenizer
 
     tok = hf_tokenizer(tokenizer)
     out: list[dict] = []
@@ -54,7 +55,13 @@ def preview(
     count: int = 3,
 ) -> dict:
     """Format, record count and the first ``count`` usable records as highlighted segments."""
-    from mlx_lora.data import FORMATS, detect_format, encode_record, end_of_turn_for, read_records
+    from mlx_lora.data.dataset import (
+        FORMATS,
+        detect_format,
+        encode_record,
+        end_of_turn_for,
+        read_records,
+    )
 
     if fmt not in FORMATS:
         raise MlxLoraError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-from mlx_lora.errors import MlxLoraError
+from mlx_lora.core.errors import MlxLoraError
 from mlx_lora.studio import api
 from mlx_lora.studio.chatting import Disconnected, check_messages, sampling_settings
 from mlx_lora.studio.jobs import Busy

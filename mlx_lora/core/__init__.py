@@ -1,0 +1,1 @@
+"""Infrastructure every stage uses: errors, atomic files, safetensors access, the CLI wrapper."""

@@ -1,0 +1,2 @@
+"""The GGUF format: writing models and adapters, the vocabulary, quantization, llama.cpp as
+referee."""

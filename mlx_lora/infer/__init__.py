@@ -1,0 +1,1 @@
+"""Generation and its front ends: the one generation function, the chat CLI, the OpenAI server."""

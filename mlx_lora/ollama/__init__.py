@@ -1,0 +1,2 @@
+"""Ollama: the Modelfile, the Go TEMPLATE derived from the chat template, Go's engine run for
+real."""

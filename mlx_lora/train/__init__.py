@@ -1,0 +1,1 @@
+"""The training loop: loss, the fast forward, checkpoints, progress reports, trackers."""

@@ -1,0 +1,1 @@
+"""Proof at every hop: the export manifest, read-back, tokenization, logits, Modelfile prompts."""
