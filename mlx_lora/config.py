@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn, get_args, get_origin, get_type_hints
 
+from mlx_lora.core.dtypes import DTYPES
 from mlx_lora.core.errors import MlxLoraError
 from mlx_lora.data.dataset import FORMATS
 from mlx_lora.model.hub import DEFAULT_MODEL, SOURCES
-from mlx_lora.model.load import DTYPES
 
 # --optim: MLX's optimizers under HF's names (adamw_torch and adamw_hf are HF's spellings of adamw)
 OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor", "muon", "adamw_torch", "adamw_hf")

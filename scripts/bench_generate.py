@@ -19,28 +19,23 @@ recomputed (and checks both give the same token).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from mlx_lora.data.dataset import read_records
+from mlx_lora.testing import SAMPLE_DATA
+from mlx_lora.testing.tiny_model import make_tiny_model
 
+REPO = Path(__file__).resolve().parents[1]
 QWEN_TOKENIZER = REPO.parent / "shared" / "fixtures" / "qwen15-tokenizer"
 SYSTEM = "现在你要扮演皇帝身边的女人--甄嬛"
 QUESTION = "你是谁？家里还有什么人？请详细说说你进宫以后的事情。"
 
 
 def _tiny_model(out: Path, hidden: int, layers: int) -> Path:
-    spec = importlib.util.spec_from_file_location(
-        "make_tiny_model", REPO / "scripts" / "make_tiny_model.py"
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
     tok = QWEN_TOKENIZER if (QWEN_TOKENIZER / "vocab.json").is_file() else None
     if tok is None:
         print(
@@ -48,7 +43,7 @@ def _tiny_model(out: Path, hidden: int, layers: int) -> Path:
             file=sys.stderr,
         )
     heads = max(1, hidden // 64)  # Qwen1.5: head_dim 64, as many kv heads as heads
-    return mod.make_tiny_model(
+    return make_tiny_model(
         out,
         tokenizer=tok,
         hidden_size=hidden,
@@ -63,9 +58,8 @@ def _tiny_model(out: Path, hidden: int, layers: int) -> Path:
 def _history(data: Path, turns: int) -> list[dict]:
     """A conversation from the dataset sample: ``turns`` question/answer pairs and one more
     question."""
-    import json
 
-    records = json.loads(data.read_text(encoding="utf-8"))[10:]
+    records = read_records(data)[10:]
     out: list[dict] = []
     for rec in records[:turns]:
         out.append(
@@ -164,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # A later turn of a conversation: with reuse only the new turn is computed before the first
     # token.
-    history = _history(REPO / "dataset" / "huanhuan.json", turns=6)
+    history = _history(SAMPLE_DATA, turns=6)
     cache = PromptCache(model)
     complete(loaded, history[:-2], system_prompt=SYSTEM, temperature=0.0, max_tokens=1, cache=cache)
     reuse_t, fresh_t = [], []

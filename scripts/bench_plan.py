@@ -7,7 +7,7 @@ same data) is compared with what the process really used:
   - MLX: predicted ``Plan.mlx_peak_bytes()`` vs ``mx.get_peak_memory()`` over loading + training
   - process: predicted ``Plan.peak_bytes()`` vs the process's own peak RSS (``VmHWM``)
 
-Models come from ``scripts/make_tiny_model.py``: tiny (hidden 64, 2 blocks), bench-size (hidden
+Models come from ``mlx_lora.testing.tiny_model``: tiny (hidden 64, 2 blocks), bench-size (hidden
 512, 8 blocks, the real 151,936-token Qwen vocabulary) and a Qwen1.5-4B-shaped one (random bf16
 weights, the real 4B ``config.json``; about 8 GB written once into ``--work``).
 
@@ -27,6 +27,11 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+
+from mlx_lora.core.files import read_json
+from mlx_lora.core.units import human_bytes as gb
+from mlx_lora.data.dataset import read_records
+from mlx_lora.testing.tiny_model import make_tiny_model, shape_from_config
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -111,9 +116,6 @@ def worker(args: dict) -> dict:
 
 
 def build_models(work: Path, with_4b: bool) -> dict[str, Path]:
-    sys.path.insert(0, str(REPO / "scripts"))
-    from make_tiny_model import make_tiny_model, shape_from_config
-
     models = {"tiny": work / "tiny", "bench": work / "bench"}
     if not models["tiny"].is_dir():
         make_tiny_model(models["tiny"])
@@ -142,7 +144,6 @@ def measure(cfg) -> dict:
     from mlx_lora.core.blas import relaunch_env
 
     env = relaunch_env() or os.environ.copy()
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     out = subprocess.run(
         [sys.executable, __file__, "--worker", json.dumps(asdict(cfg))],
         env=env,
@@ -166,9 +167,9 @@ def run_one(name: str, model: Path, fields: dict, data: Path, work: Path, reuse:
     )
     p = plan(cfg, examples_for(cfg, model), model_dir=model)
     cache = work / "measured.json"
-    known = json.loads(cache.read_text()) if reuse and cache.is_file() else {}
+    known = read_json(cache) if reuse and cache.is_file() else {}
     measured = known.get(name) or measure(cfg)
-    known = json.loads(cache.read_text()) if cache.is_file() else {}
+    known = read_json(cache) if cache.is_file() else {}
     cache.write_text(json.dumps({**known, name: measured}, indent=1))
     mb, _, _ = p.worst(p.checkpointing)
     return {
@@ -196,10 +197,6 @@ def table(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def gb(n: float) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.0f} MB"
-
-
 def fits_table() -> str:
     """Qwen1.5 0.5B/1.8B/4B/7B at the seed's settings on 8/16/24 GB Macs (Metal's recommended
     working set is 2/3 of the memory), planned for the huanhuan data's real batches."""
@@ -216,7 +213,7 @@ def fits_table() -> str:
     }
     macs = (8, 16, 24)
     label = {None: "LoRA bf16", 8: "QLoRA 8-bit", 4: "QLoRA 4-bit"}
-    base = json.loads((QWEN_DIR / "config.json").read_text(encoding="utf-8"))
+    base = read_json(QWEN_DIR / "config.json")
     head = (
         "| model | "
         + " | ".join(f"{m} GB Mac" for m in macs)
@@ -285,7 +282,7 @@ def main() -> None:
         return
     args.work.mkdir(parents=True, exist_ok=True)
     data = args.work / "huanhuan-sample.json"
-    records = json.loads(HUANHUAN.read_text(encoding="utf-8"))[: args.examples]
+    records = read_records(HUANHUAN)[: args.examples]
     data.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
     models = build_models(args.work, not args.no_4b)
     rows = []
@@ -301,5 +298,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(REPO))
     main()

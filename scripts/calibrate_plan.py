@@ -1,7 +1,7 @@
 """Fit the memory plan's activation multipliers (``mlx_lora.plan.footprint.COEF``) to measured
 peaks.
 
-Each case trains a tiny model (``scripts/make_tiny_model.py``: the fast, packed and general
+Each case trains a tiny model (``mlx_lora.testing.tiny_model``: the fast, packed and general
 paths of ``mlx_lora.train.loss``) for two steps in a fresh process, on synthetic examples of chosen
 lengths (so the micro-batch is known exactly), and records MLX's counters: the load peak, the
 memory held after setup (weights, LoRA, optimizer state) and the step peak. The plan's terms of
@@ -24,6 +24,9 @@ import sys
 import time
 from dataclasses import astuple
 from pathlib import Path
+
+from mlx_lora.testing import SAMPLE_DATA
+from mlx_lora.testing.tiny_model import make_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 QWEN_DIR = REPO.parent / "shared" / "fixtures" / "qwen15-tokenizer"
@@ -174,9 +177,6 @@ def worker(args: dict) -> dict:
 
 
 def build(work: Path, name: str) -> Path:
-    sys.path.insert(0, str(REPO / "scripts"))
-    from make_tiny_model import make_tiny_model
-
     out = work / "models" / name
     if not out.is_dir():
         kw = dict(MODELS[name])
@@ -192,8 +192,7 @@ def measure(work: Path, only: str | None) -> None:
     if results.is_file():
         done = {json.loads(ln)["name"] for ln in results.read_text().splitlines() if ln.strip()}
     env = relaunch_env() or os.environ.copy()
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    data = REPO / "dataset" / "huanhuan.json"
+    data = SAMPLE_DATA
     for name, model, lengths, fields in cases():
         if name in done or (only and only not in name):
             continue
@@ -300,5 +299,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(REPO))
     main()

@@ -17,22 +17,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+from mlx_lora.core.errors import MlxLoraError
+from mlx_lora.core.files import write_bytes_atomic
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_URL = (
     "https://raw.githubusercontent.com/datawhalechina/self-llm/master/dataset/huanhuan.json"
 )
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
-
-from mlx_lora.core.errors import MlxLoraError  # noqa: E402
-
 DEFAULT_OUT = REPO_ROOT / "dataset" / "huanhuan.json"
 TIMEOUT_S = 30
 
@@ -74,22 +70,9 @@ def validate(body: bytes) -> list[dict]:
 
 
 def write_atomic(path: Path, body: bytes) -> None:
-    """Write ``body`` to a temp file next to ``path`` and rename it into place."""
+    """Write ``body`` beside ``path`` and rename it into place (``mlx_lora.core.files``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(body)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    write_bytes_atomic(path, body)
 
 
 def download_dataset(out: Path = DEFAULT_OUT, url: str = DEFAULT_URL) -> int:

@@ -15,19 +15,16 @@ from __future__ import annotations
 import argparse
 import math
 import re
-import sys
 import tempfile
 from pathlib import Path
 
 import gguf
 import numpy as np
 
+from mlx_lora.core.files import read_json
+from mlx_lora.gguf.writer import LLAMA_CPP_TYPES
+
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from mlx_lora.core.files import read_json  # noqa: E402
-from mlx_lora.gguf.writer import LLAMA_CPP_TYPES  # noqa: E402
-
 DEFAULT = REPO.parent / "shared" / "fixtures" / "qwen15-tokenizer" / "config.json"
 
 

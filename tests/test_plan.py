@@ -21,6 +21,7 @@ from mlx.utils import tree_flatten
 
 from mlx_lora.config import TrainConfig
 from mlx_lora.core.errors import MlxLoraError
+from mlx_lora.core.units import parse_size
 from mlx_lora.data.dataset import load_dataset, make_batch
 from mlx_lora.plan.footprint import (
     MicroBatch,
@@ -33,7 +34,6 @@ from mlx_lora.plan.memory import (
     Budget,
     Plan,
     changes,
-    parse_size,
     plan,
     run_batches,
     suggest,
@@ -187,7 +187,7 @@ def test_parse_size() -> None:
     assert parse_size("8GiB") == 8 << 30
     assert parse_size("123") == 123
     with pytest.raises(MlxLoraError, match="MLX_LORA_MEMORY_LIMIT"):
-        parse_size("two gigs")
+        parse_size("two gigs", "MLX_LORA_MEMORY_LIMIT")
 
 
 def _plan(mid: Path, limit: float, **kw) -> Plan:

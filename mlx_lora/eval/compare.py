@@ -23,6 +23,11 @@ from mlx_lora.core.files import write_json_atomic, write_text_atomic
 from mlx_lora.data.dataset import detect_format, load_dataset, read_records, split, to_messages
 from mlx_lora.model.hub import SOURCES
 from mlx_lora.model.lora import Adapter, read_adapter, set_active
+from mlx_lora.model.meta import training_system_prompt
+
+EVAL_JSON = "eval.json"  # the figures (EvalResult.as_dict)
+EVAL_MD = "eval.md"
+EVAL_HTML = "eval.html"
 
 
 @dataclass
@@ -81,7 +86,7 @@ def _held_out(adapter: Adapter, data: str | None, tokenizer: Any) -> tuple[str, 
     rec = adapter.extra
     kw = {
         "fmt": rec.get("format") or "auto",
-        "system_prompt": rec.get("system_prompt"),
+        "system_prompt": training_system_prompt(None, adapter),
         "max_seq_length": rec.get("max_seq_length") or 2048,
         "allow_special": bool(rec.get("allow_special_tokens_in_content")),  # as it was trained
     }
@@ -246,6 +251,6 @@ def html_report(r: EvalResult) -> str:
 
 def write_reports(r: EvalResult, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "eval.json", r.as_dict())
-    write_text_atomic(out / "eval.md", markdown(r))
-    write_text_atomic(out / "eval.html", html_report(r))
+    write_json_atomic(out / EVAL_JSON, r.as_dict())
+    write_text_atomic(out / EVAL_MD, markdown(r))
+    write_text_atomic(out / EVAL_HTML, html_report(r))

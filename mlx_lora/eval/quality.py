@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from mlx_lora.core.errors import MlxLoraError
+from mlx_lora.core.units import human_bytes
 from mlx_lora.model.prompt import Encoded
 
 MAX_TEXTS = 32
@@ -202,7 +203,7 @@ class Quality:
         ]
         for r in self.rows:
             v = r.values(self.reference, self.mlx)
-            size = _human(r.size) if r.size else "-"
+            size = human_bytes(r.size) if r.size else "-"
             bpw = f"{r.bits_per_weight:.2f}" if r.bits_per_weight else "-"
             delta = "—" if r.reference else f"{100 * v['perplexity_vs_reference']:+.2f}%"
             agree = "-" if self.mlx is None else f"{100 * v['top1_agreement_mlx']:.1f}%"
@@ -225,14 +226,6 @@ class Quality:
             "rows": [r.values(self.reference, self.mlx) for r in self.rows],
             "mlx_perplexity": None if self.mlx is None else round(self.mlx.perplexity, 4),
         }
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return ""
 
 
 def gguf_row(label: str, kind: str, path: Path, scores: Scores, reference: bool = False) -> Row:

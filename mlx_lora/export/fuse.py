@@ -19,6 +19,7 @@ import mlx.core as mx
 import numpy as np
 
 from mlx_lora.config import opt, parse_config
+from mlx_lora.core.dtypes import config_dtype, set_config_dtype
 from mlx_lora.core.errors import MlxLoraError
 from mlx_lora.core.files import atomic_dir, read_json, write_error_detail
 from mlx_lora.core.weights import INDEX_FILE, load_tensors, save_tensors, weight_files
@@ -45,7 +46,7 @@ class FuseConfig:
 
 
 def _base_dtype(config: dict, sample: mx.array) -> mx.Dtype:
-    name = config.get("torch_dtype") or config.get("dtype")
+    name = config_dtype(config)
     floating = mx.issubdtype(sample.dtype, mx.floating)
     return DTYPES.get(str(name), sample.dtype if floating else mx.float32)
 
@@ -130,7 +131,7 @@ def _write_fused(
 ) -> None:
     """Merged shards, config without quantization keys, byte-copied tokenizer, provenance."""
     config = {k: v for k, v in config.items() if k not in QUANT_KEYS}
-    config["torch_dtype"] = _merge_shards(tmp, base, config, lora, dtype)
+    set_config_dtype(config, _merge_shards(tmp, base, config, lora, dtype))
     if (base / INDEX_FILE).is_file():
         shutil.copyfile(base / INDEX_FILE, tmp / INDEX_FILE)
     info = {
@@ -139,7 +140,7 @@ def _write_fused(
         "r": lora.r,
         "lora_alpha": lora.alpha,
         "system_prompt": training_system_prompt(None, lora),
-        "dtype": config["torch_dtype"],
+        "dtype": config_dtype(config),
     }
     write_model_files(tmp, base, config, info)
 

@@ -20,6 +20,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from mlx_lora.core.dtypes import config_dtype, set_config_dtype
 from mlx_lora.core.errors import MlxLoraError
 from mlx_lora.core.files import atomic_dir, read_json, write_text_atomic
 from mlx_lora.model.load import DTYPES, write_model_files
@@ -61,7 +62,7 @@ def _load(hf_dir: Path, dtype: str | None) -> tuple[Any, dict]:
         model, config = load_model(Path(hf_dir), lazy=True)
     except (ValueError, FileNotFoundError, KeyError) as e:
         raise MlxLoraError(f"mlx-lm cannot load {hf_dir}: {str(e).splitlines()[0]}") from None
-    name = dtype or config.get("torch_dtype") or config.get("dtype")
+    name = dtype or config_dtype(config)
     target = DTYPES.get(str(name))
     if target is not None:
         model.update(
@@ -70,7 +71,7 @@ def _load(hf_dir: Path, dtype: str | None) -> tuple[Any, dict]:
                 model.parameters(),
             )
         )
-        config["torch_dtype"] = str(name)
+        set_config_dtype(config, str(name))
     return model, config
 
 
@@ -108,7 +109,7 @@ def write_mlx_model(
         "mode": "affine",
         "bits_per_weight": round(bpw, 3),
         "quantized_layers": quantized,
-        "dtype": config.get("torch_dtype"),
+        "dtype": config_dtype(config),
     }
 
 

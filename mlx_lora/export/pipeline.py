@@ -34,7 +34,8 @@ from typing import Any
 
 from mlx_lora.config import opt
 from mlx_lora.core.errors import MlxLoraError
-from mlx_lora.core.files import read_json, scratch_file, write_error_detail, write_json_atomic
+from mlx_lora.core.files import read_json, scratch_file, write_error_detail
+from mlx_lora.core.units import human_bytes, path_bytes
 from mlx_lora.gguf.arch import family_of
 from mlx_lora.gguf.quant import (
     made_by_llama_cpp,
@@ -48,7 +49,7 @@ from mlx_lora.model.load import DTYPES, base_model_dir
 from mlx_lora.model.lora import Adapter, check_base, read_adapter
 from mlx_lora.model.meta import end_tokens, generation_config, training_system_prompt
 from mlx_lora.model.prompt import load_hf_tokenizer
-from mlx_lora.verify.manifest import MANIFEST
+from mlx_lora.verify.manifest import MANIFEST, Manifest
 
 MODES = ("full", "adapter")
 FORMATS = ("gguf", "mlx")
@@ -521,6 +522,7 @@ def _write_modelfile(job: _Job, hf_dir: Path) -> tuple[str | None, list[str]]:
     stops = list(dict.fromkeys([*job.template.stops, *end_tokens(job.tokenizer, gen)]))
     write_modelfile(
         job.out,
+        filename=MODELFILE,
         from_path=f"./{job.gguf.name}",
         template=job.template,
         system=system,
@@ -563,30 +565,30 @@ def _result(job: _Job, hf_dir: Path) -> ExportResult:
         mlx_dir=resolved(job.mlx_dir),
         quantization=job.quantization,
     )
-    write_json_atomic(r.manifest, _manifest(r, cfg))
+    _manifest(r, cfg).write(r.output_dir)
     return r
 
 
-def _manifest(r: ExportResult, cfg: ExportConfig) -> dict:
+def _manifest(r: ExportResult, cfg: ExportConfig) -> Manifest:
     out = r.output_dir
-    return {
-        "name": r.name,
-        "format": r.format,
-        "mode": r.mode,
-        "gguf_type": r.gguf_type if r.format == "gguf" else None,
-        "gguf": _rel(r.gguf, out),
-        "lora_gguf": _rel(r.lora_gguf, out),
-        "mlx_dir": _rel(r.mlx_dir, out),
-        "hf_dir": _rel(r.hf_dir, out),
-        "base_dir": str(r.base_dir),
-        "adapter": str(r.adapter) if r.adapter else None,
-        "modelfile": _rel(r.modelfile, out),
-        "num_ctx": cfg.num_ctx if r.format == "gguf" else None,
-        "system_prompt": r.system_prompt,
-        "stops": r.stops,
-        "quantization": r.quantization,
-        "eval_data": str(Path(cfg.eval_data).resolve()) if cfg.eval_data else None,
-    }
+    return Manifest(
+        name=r.name,
+        format=r.format,
+        mode=r.mode,
+        gguf_type=r.gguf_type if r.format == "gguf" else None,
+        gguf=_rel(r.gguf, out),
+        lora_gguf=_rel(r.lora_gguf, out),
+        mlx_dir=_rel(r.mlx_dir, out),
+        hf_dir=_rel(r.hf_dir, out),
+        base_dir=str(r.base_dir),
+        adapter=str(r.adapter) if r.adapter else None,
+        modelfile=_rel(r.modelfile, out),
+        num_ctx=cfg.num_ctx if r.format == "gguf" else None,
+        system_prompt=r.system_prompt,
+        stops=r.stops,
+        quantization=r.quantization,
+        eval_data=str(Path(cfg.eval_data).resolve()) if cfg.eval_data else None,
+    )
 
 
 def _ollama(cfg: ExportConfig, result: ExportResult, log: bool) -> None:
@@ -668,7 +670,7 @@ def summary(r: ExportResult) -> str:
     ]
     for label, path in labels:
         if path is not None:
-            size = _size(path)
+            size = human_bytes(path_bytes(path))
             lines.append(f"  {label:<18} {path}{f'  ({size})' if size else ''}")
     if r.mlx_dir is not None:
         from mlx_lora.export.mlx import run_commands
@@ -679,16 +681,3 @@ def summary(r: ExportResult) -> str:
     lines.append(f"next: {create}" if not r.ollama_created else "ollama model created")
     lines.append(f"      ollama run {r.name}")
     return "\n".join(lines)
-
-
-def _size(path: Path) -> str:
-    n = (
-        sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-        if path.is_dir()
-        else path.stat().st_size
-    )
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return ""

@@ -1,5 +1,9 @@
 """The model families mlx_lora writes as GGUF itself: names, tensors, hyper-parameters, checks.
 
+The families and their facts are the table :data:`mlx_lora.model.families.FAMILIES`; this module
+is their writer code (config readers, the hyper-parameters each family writes for itself, the HF
+class → family lookup).
+
 llama.cpp runs a GGUF with its own implementation of each architecture, so every fact that
 implementation does not read from the file must already hold in the weights, and every fact it
 does read must be written. The facts below are llama.cpp's (``convert_hf_to_gguf.py`` and its
@@ -26,51 +30,41 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import gguf
 import numpy as np
 
 from mlx_lora.core.errors import MlxLoraError
-
-STANDARD_BLOCK = (
-    "attn_norm",
-    "attn_q",
-    "attn_k",
-    "attn_v",
-    "attn_output",
-    "ffn_norm",
-    "ffn_gate",
-    "ffn_up",
-    "ffn_down",
-)
-QK_NORMS = ("attn_q_norm", "attn_k_norm")
-GEMMA_POST_NORMS = ("post_attention_norm", "post_ffw_norm")
-PHI3_BLOCK = ("attn_norm", "attn_qkv", "attn_output", "ffn_norm", "ffn_up", "ffn_down")
+from mlx_lora.model.families import FAMILIES, Family
 
 CONVERTER_HINT = (
     "convert the Hugging Face folder with llama.cpp's convert_hf_to_gguf.py (python "
     "convert_hf_to_gguf.py {folder} --outtype f16)"
 )
 
+# family name → the function writing its own hyper-parameters (registered by ``_keys_of`` below)
+_FAMILY_KEYS: dict[str, Callable[[gguf.GGUFWriter, dict], None]] = {}
+
 
 def _no_keys(w: gguf.GGUFWriter, cfg: dict) -> None:
     return None
 
 
-@dataclass(frozen=True)
-class Family:
-    """How one GGUF architecture is written."""
+def _keys_of(name: str) -> Callable:
+    """Register the decorated function as family ``name``'s hyper-parameter writer."""
+    if name not in FAMILIES:
+        raise ValueError(f"{name!r} is not in mlx_lora.model.families.FAMILIES")
 
-    name: str  # general.architecture
-    arch: gguf.MODEL_ARCH
-    block: tuple[str, ...]  # tensors every block must have (``blk.N.<name>.weight``)
-    block_bias: tuple[str, ...] = ()  # biases every block must have
-    rope_permute: bool = False  # llama: HF rotate-half q/k rows → GGUF interleaved
-    norm_shift: float = 0.0  # gemma: HF stores w, llama.cpp multiplies by the stored value
-    head_unused: bool = False  # gemma2: llama.cpp always uses token_embd as the output matrix
-    rope_types: tuple[str, ...] = ("default", "linear", "yarn")
-    keys: Callable[[gguf.GGUFWriter, dict], None] = _no_keys  # family hyper-parameters
+    def register(fn: Callable[[gguf.GGUFWriter, dict], None]) -> Callable:
+        _FAMILY_KEYS[name] = fn
+        return fn
+
+    return register
+
+
+def add_family_keys(w: gguf.GGUFWriter, family: Family, cfg: dict) -> None:
+    """The hyper-parameters llama.cpp reads for ``family`` alone (none for most families)."""
+    _FAMILY_KEYS.get(family.name, _no_keys)(w, cfg)
 
 
 # ----------------------------------------------------------------------- config readers
@@ -142,10 +136,9 @@ def _check_query_scale(cfg: dict, big_layers: int, where: str) -> None:
         )
 
 
+@_keys_of("gemma2")
 def _gemma2_keys(w: gguf.GGUFWriter, cfg: dict) -> None:
     _check_query_scale(cfg, 46, "gemma2")
-    w.add_key_length(head_counts(cfg)[2])
-    w.add_value_length(head_counts(cfg)[2])
     caps = {}
     for key, default in (("attn_logit_softcapping", 50.0), ("final_logit_softcapping", 30.0)):
         caps[key] = cfg.get(key, default)  # missing: HF's default; null: no capping
@@ -160,6 +153,7 @@ def _gemma2_keys(w: gguf.GGUFWriter, cfg: dict) -> None:
     w.add_sliding_window_pattern(sliding_layers(cfg, 2))
 
 
+@_keys_of("gemma3")
 def _gemma3_keys(w: gguf.GGUFWriter, cfg: dict) -> None:
     _check_query_scale(cfg, 62, "gemma3")
     if cfg.get("attn_logit_softcapping"):
@@ -167,8 +161,6 @@ def _gemma3_keys(w: gguf.GGUFWriter, cfg: dict) -> None:
             "gemma3: attn_logit_softcapping is set but llama.cpp's Gemma 3 has no attention "
             "soft-capping; the GGUF would compute other attention, so it is not written"
         )
-    w.add_key_length(head_counts(cfg)[2])
-    w.add_value_length(head_counts(cfg)[2])
     if cfg.get("final_logit_softcapping"):
         w.add_final_logit_softcapping(float(cfg["final_logit_softcapping"]))
     w.add_rope_freq_base_swa(_swa_rope_base(cfg))
@@ -178,6 +170,7 @@ def _gemma3_keys(w: gguf.GGUFWriter, cfg: dict) -> None:
         w.add_sliding_window_pattern(layers)
 
 
+@_keys_of("phi3")
 def _phi3_keys(w: gguf.GGUFWriter, cfg: dict) -> None:
     n_head, _, head_dim = head_counts(cfg)
     if n_head * head_dim != cfg["hidden_size"]:
@@ -216,53 +209,9 @@ def longrope_factors(cfg: dict) -> dict[str, np.ndarray]:
     return out
 
 
-# ------------------------------------------------------------------------------ families
-
-FAMILIES: dict[str, Family] = {
-    "qwen2": Family("qwen2", gguf.MODEL_ARCH.QWEN2, STANDARD_BLOCK, ("attn_q", "attn_k", "attn_v")),
-    "qwen3": Family("qwen3", gguf.MODEL_ARCH.QWEN3, STANDARD_BLOCK + QK_NORMS),
-    "llama": Family(
-        "llama",
-        gguf.MODEL_ARCH.LLAMA,
-        STANDARD_BLOCK,
-        rope_permute=True,
-        rope_types=("default", "linear", "yarn", "llama3"),
-    ),
-    "gemma2": Family(
-        "gemma2",
-        gguf.MODEL_ARCH.GEMMA2,
-        STANDARD_BLOCK + GEMMA_POST_NORMS,
-        norm_shift=1.0,
-        head_unused=True,
-        rope_types=("default",),
-        keys=_gemma2_keys,
-    ),
-    "gemma3": Family(
-        "gemma3",
-        gguf.MODEL_ARCH.GEMMA3,
-        STANDARD_BLOCK + GEMMA_POST_NORMS + QK_NORMS,
-        norm_shift=1.0,
-        rope_types=("default", "linear"),
-        keys=_gemma3_keys,
-    ),
-    "phi3": Family(
-        "phi3",
-        gguf.MODEL_ARCH.PHI3,
-        PHI3_BLOCK,
-        rope_types=("default", "linear", "longrope"),
-        keys=_phi3_keys,
-    ),
-}
-
 # HF ``architectures`` entry → family.
 HF_ARCHITECTURES: dict[str, str] = {
-    "Qwen2ForCausalLM": "qwen2",
-    "Qwen3ForCausalLM": "qwen3",
-    "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "llama",
-    "Gemma2ForCausalLM": "gemma2",
-    "Gemma3ForCausalLM": "gemma3",
-    "Phi3ForCausalLM": "phi3",
+    hf: name for name, family in FAMILIES.items() for hf in family.hf_architectures
 }
 
 

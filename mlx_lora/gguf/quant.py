@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from mlx_lora.core.dtypes import config_dtype
 from mlx_lora.core.errors import MlxLoraError
 from mlx_lora.core.files import atomic_file, read_json, scratch_file
 from mlx_lora.gguf.llamacpp import have_llama_cpp
@@ -59,7 +60,7 @@ def require_quantizer(gguf_type: str) -> None:
 def reference_type(hf_dir: Path) -> str:
     """The type quantization starts from: f32 for a float32 folder (nothing to lose), else f16."""
     config = read_json(Path(hf_dir) / "config.json")
-    dtype = str(config.get("torch_dtype") or config.get("dtype") or "")
+    dtype = config_dtype(config, "")
     return "f32" if dtype == "float32" else "f16"
 
 

@@ -8,13 +8,13 @@ from the tokenizer's own definition (its split regex and settings), so any token
 known pre-tokenizer converts. Ollama accepts safetensors LoRA adapters only for llama/gemma2, so a
 Qwen adapter has to be a GGUF adapter: :func:`write_lora_gguf` writes one.
 
-What each architecture needs (tensors, hyper-parameters, norm offsets, q/k row order) lives in
-:mod:`mlx_lora.gguf.arch`; other architectures are refused with one line naming llama.cpp's
-converter. Facts taken from llama.cpp (``convert_hf_to_gguf.py``, ``convert_lora_to_gguf.py``,
-``src/llama-vocab.cpp``): norms, biases and other 1-D tensors stay f32; a matrix whose rows do
-not split into 32-element blocks falls back to f16 under q8_0; LoRA tensors are
-``<name>.weight.lora_a`` = A ``[r, in]`` and ``.lora_b`` = B ``[out, r]``, scaled by
-``adapter.lora.alpha / r`` at run time.
+What each architecture needs (tensors, hyper-parameters, norm offsets, q/k row order) is its entry
+in :data:`mlx_lora.model.families.FAMILIES` and its code in :mod:`mlx_lora.gguf.arch`; other
+architectures are refused with one line naming llama.cpp's converter. Facts taken from llama.cpp
+(``convert_hf_to_gguf.py``, ``convert_lora_to_gguf.py``, ``src/llama-vocab.cpp``): norms, biases
+and other 1-D tensors stay f32; a matrix whose rows do not split into 32-element blocks falls back
+to f16 under q8_0; LoRA tensors are ``<name>.weight.lora_a`` = A ``[r, in]`` and ``.lora_b`` = B
+``[out, r]``, scaled by ``adapter.lora.alpha / r`` at run time.
 """
 
 from __future__ import annotations
@@ -33,8 +33,7 @@ from mlx_lora.core.errors import MlxLoraError
 from mlx_lora.core.files import atomic_file, read_json
 from mlx_lora.core.weights import folder_tensors
 from mlx_lora.gguf.arch import (
-    FAMILIES,
-    Family,
+    add_family_keys,
     family_name,
     family_of,
     general_name,
@@ -44,6 +43,7 @@ from mlx_lora.gguf.arch import (
     rope_params,
 )
 from mlx_lora.gguf.vocab import add_vocab, read_vocab
+from mlx_lora.model.families import FAMILIES, Family
 from mlx_lora.model.lora import Adapter, read_adapter
 from mlx_lora.model.meta import generation_config, sampling_defaults
 
@@ -327,13 +327,13 @@ def _add_hparams(
     rope = rope_params(cfg)
     w.add_rope_freq_base(float(rope["rope_theta"]))
     w.add_rope_dimension_count(rope_dims(cfg))
-    if cfg.get("head_dim") and family.name not in ("gemma2", "gemma3"):  # theirs: family keys
+    if cfg.get("head_dim") or family.head_size_keys:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
-    if family.name == "llama":
+    if family.vocab_size_key:
         w.add_vocab_size(n_vocab)
     _add_rope_scaling(w, cfg, rope)
-    family.keys(w, cfg)
+    add_family_keys(w, family, cfg)
     w.add_file_type(int(ftype))
 
 

@@ -40,9 +40,11 @@ from typing import Any
 import gguf
 import numpy as np
 
+from mlx_lora.core.dtypes import CONFIG_KEY, SAFETENSORS_CODES
 from mlx_lora.core.errors import MlxLoraError
 from mlx_lora.core.files import atomic_dir, read_json, remove_temporaries, write_json_atomic
 from mlx_lora.core.weights import INDEX_FILE, StreamedTensor, save_streamed
+from mlx_lora.model.families import FAMILIES
 from mlx_lora.model.gguf_tokenizer import build_tokenizer, end_token_ids, special_ids
 from mlx_lora.model.meta import GENERATION_CONFIG, sampling_generation_config
 
@@ -50,28 +52,14 @@ IMPORT_VERSION = 1  # bump when the produced folder changes: old cache entries a
 SOURCE_RECORD = "gguf_source.json"
 OLLAMA_PREFIX = "ollama:"
 
-# GGUF architecture → (HF architectures entry, model_type)
+# GGUF architecture → (HF architectures entry, model_type) of the config.json written for it
 SUPPORTED: dict[str, tuple[str, str]] = {
-    "llama": ("LlamaForCausalLM", "llama"),
-    "qwen2": ("Qwen2ForCausalLM", "qwen2"),
-}
-_ARCH_ENUM = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}
-_BLOCK_TENSORS = {
-    "attn_norm",
-    "attn_q",
-    "attn_k",
-    "attn_v",
-    "attn_output",
-    "ffn_norm",
-    "ffn_gate",
-    "ffn_up",
-    "ffn_down",
+    name: (f.hf_architectures[0], f.model_types[0]) for name, f in FAMILIES.items() if f.gguf_import
 }
 _QT = gguf.GGMLQuantizationType
 _FLOATS = {_QT.F32, _QT.F16, _QT.BF16}
 _CHUNK_ELEMENTS = 1 << 22  # dequantize ~16 MB of f32 at a time
 _SHARD_BYTES = 5_000_000_000  # Hugging Face's default shard size
-_ST_DTYPE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,7 +126,7 @@ class _Tensor:
 
 def _hf_names(arch: str, n_layers: int) -> dict[str, str]:
     """GGUF tensor base name → HF module name, from ``gguf``'s (HF → GGUF) name map."""
-    tmap = gguf.get_tensor_name_map(_ARCH_ENUM[arch], n_layers)
+    tmap = gguf.get_tensor_name_map(FAMILIES[arch].arch, n_layers)
     out: dict[str, str] = {}
     for hf, (_, gname) in tmap.mapping.items():
         # the map lists many spellings; the first model./lm_head one is transformers' own
@@ -161,7 +149,7 @@ def _plan_tensors(reader: gguf.GGUFReader, arch: str, hp: dict, source: str) -> 
         base, _, suffix = t.name.rpartition(".")
         parts = base.split(".")
         known = base in ("token_embd", "output_norm", "output", "rope_freqs") or (
-            len(parts) == 3 and parts[0] == "blk" and parts[2] in _BLOCK_TENSORS
+            len(parts) == 3 and parts[0] == "blk" and parts[2] in FAMILIES[arch].block
         )
         if not known or suffix not in ("weight", "bias"):
             raise MlxLoraError(
@@ -173,7 +161,7 @@ def _plan_tensors(reader: gguf.GGUFReader, arch: str, hp: dict, source: str) -> 
         _check_dequantizable(t, source)
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))
         rows = None
-        if arch == "llama" and parts[-1] in ("attn_q", "attn_k"):
+        if FAMILIES[arch].rope_permute and parts[-1] in ("attn_q", "attn_k"):
             heads = hp["num_attention_heads" if parts[-1] == "attn_q" else "num_key_value_heads"]
             rows = _llama_inverse_rows(shape[0], heads)
         plans.append(_Tensor(f"{names[base]}.{suffix}", t, shape, rows))
@@ -283,7 +271,7 @@ def _write_safetensors(plans: list[_Tensor], out_dir: Path, dtype: str, progress
                 bar.update(rows.size)
                 yield _encode(rows, dtype)
 
-        return StreamedTensor(p.hf_name, _ST_DTYPE[dtype], p.shape, chunks)
+        return StreamedTensor(p.hf_name, SAFETENSORS_CODES[dtype], p.shape, chunks)
 
     shards: list[list[StreamedTensor]] = [[]]
     size = 0
@@ -413,7 +401,7 @@ def hf_config(
         "rope_scaling": _rope_scaling(meta, arch, reader, hp),
         "tie_word_embeddings": "lm_head.weight" not in names,
         "vocab_size": n_vocab,
-        "torch_dtype": dtype,
+        CONFIG_KEY: dtype,
         "use_cache": True,
     }
     if arch == "llama":

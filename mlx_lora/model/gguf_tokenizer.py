@@ -27,6 +27,7 @@ from typing import Any
 import gguf
 
 from mlx_lora.core.errors import MlxLoraError
+from mlx_lora.model.meta import END_TOKEN_TEXTS
 
 GPT2_REGEX = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"""
 _QWEN2_REGEX = (
@@ -87,17 +88,6 @@ _PRE_ALIASES: dict[str, tuple[str, bool]] = {
 # llama.cpp adds BOS by default (no tokenizer.ggml.add_bos_token) for SentencePiece and these.
 _ADD_BOS_BY_DEFAULT = {"llama-bpe", "llama3", "llama-v3", "falcon3", "falcon-h1"}
 
-# Tokens llama.cpp treats as end of generation by their text (besides the eos/eot/eom ids).
-END_TOKEN_TEXTS = (
-    "<|eot_id|>",
-    "<|im_end|>",
-    "<|end|>",
-    "<end_of_turn>",
-    "<|endoftext|>",
-    "<|eom_id|>",
-    "<|end_of_text|>",
-    "<EOT>",
-)
 
 _SPECIAL_KEYS = {
     "bos": "tokenizer.ggml.bos_token_id",

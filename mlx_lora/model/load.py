@@ -16,6 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from mlx_lora.core.dtypes import DTYPES, dtype_name, set_config_dtype
 from mlx_lora.core.errors import MlxLoraError
 from mlx_lora.core.files import read_json, write_json_atomic
 from mlx_lora.core.weights import save_tensors
@@ -28,13 +29,7 @@ from mlx_lora.model.meta import (
     sampling_defaults,
     training_system_prompt,
 )
-
-DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
-
-
-def dtype_name(dtype: mx.Dtype) -> str:
-    """``mx.bfloat16`` → ``"bfloat16"`` (the name config.json's ``torch_dtype`` uses)."""
-    return next(name for name, d in DTYPES.items() if d == dtype)
+from mlx_lora.model.prompt import TOKENIZER_FILES, load_mlx_tokenizer
 
 
 def on_gpu() -> bool:
@@ -61,10 +56,9 @@ QUANT_CHUNK_BYTES = 64 << 20  # larger matrices (the embedding) are quantized in
 def load_base_tokenizer(model_dir: Path) -> Any:
     """The tokenizer :func:`load_base` returns, without reading weights (train plans memory
     with the tokenized data before it loads the model)."""
-    from mlx_lm.utils import load_config, load_tokenizer
+    from mlx_lm.utils import load_config
 
-    eos = load_config(Path(model_dir)).get("eos_token_id")
-    return load_tokenizer(Path(model_dir), eos_token_ids=eos)
+    return load_mlx_tokenizer(model_dir, load_config(Path(model_dir)).get("eos_token_id"))
 
 
 def load_error(model_dir: Path, e: Exception) -> MlxLoraError:
@@ -217,19 +211,6 @@ def load_for_inference(
 
 # Files of a model folder besides its weights that travel with it, byte for byte (llama.cpp
 # identifies BPE pre-tokenizers by hashing their output, so a re-saved tokenizer could differ).
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
-    "vocab.txt",
-    "qwen.tiktoken",
-)
 
 
 def write_model_files(folder: Path, base_dir: Path, config: dict, info: dict) -> None:
@@ -258,7 +239,7 @@ def save_model_folder(folder: Path, model: nn.Module, base_dir: Path, info: dict
     save_tensors(folder / "model.safetensors", weights)
     config = read_json(base_dir / "config.json", required=True)
     config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
-    config["torch_dtype"] = dtype_name(next(iter(weights.values())).dtype)
+    set_config_dtype(config, dtype_name(next(iter(weights.values())).dtype))
     write_model_files(folder, base_dir, config, info)
 
 

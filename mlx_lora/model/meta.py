@@ -21,6 +21,17 @@ FUSED_INFO = "mlx_lora.json"  # written by fuse: provenance and the training sys
 # End tokens of the ChatML family (Qwen, Yi, SmolLM, ...), stopped on whenever the vocabulary has
 # them as special tokens: Qwen's <|endoftext|> ends documents, and some models' configs omit it.
 CHATML_END_TOKENS = ("<|im_end|>", "<|endoftext|>")
+# Tokens llama.cpp treats as end of generation by their text (besides the eos/eot/eom ids).
+END_TOKEN_TEXTS = (
+    "<|eot_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<|eom_id|>",
+    "<|end_of_text|>",
+    "<EOT>",
+)
 
 # generation_config.json key → kind of number; these are the sampling settings every consumer knows.
 _SAMPLING_KEYS = {

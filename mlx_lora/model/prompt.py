@@ -17,10 +17,11 @@ cut in two. For contents without special-token text the ids are those of ``apply
 
 from __future__ import annotations
 
+import hashlib
 import re
 import threading
 import weakref
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -39,8 +40,60 @@ def hf_tokenizer(tokenizer: Any) -> Any:
     return tokenizer._tokenizer if isinstance(tokenizer, TokenizerWrapper) else tokenizer
 
 
+# The files a tokenizer is made of (fuse and export copy them byte for byte).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
+_CACHE_SIZE = 4
+_LOADED: OrderedDict[tuple, Any] = OrderedDict()
+_LOADING = threading.Lock()
+
+
+def tokenizer_key(folder: Path) -> str:
+    """The tokenizer files' content hash: a fused or exported folder (byte-identical copies)
+    shares its base's key, so one command loads each tokenizer once."""
+    h = hashlib.sha256()
+    for name in TOKENIZER_FILES:
+        f = Path(folder) / name
+        if f.is_file():
+            h.update(name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def _loaded(key: tuple, build: Callable[[], Any]) -> Any:
+    with _LOADING:  # the studio and serve load from several threads
+        if key in _LOADED:
+            _LOADED.move_to_end(key)
+            return _LOADED[key]
+        value = _LOADED[key] = build()
+        while len(_LOADED) > _CACHE_SIZE:
+            _LOADED.popitem(last=False)
+        return value
+
+
 def load_hf_tokenizer(folder: Path) -> Any:
-    """The Hugging Face tokenizer of a model folder, without loading any weights."""
+    """The Hugging Face tokenizer of a model folder, without loading any weights; the one
+    tokenizer loader (cached by :func:`tokenizer_key`: treat the result as read-only)."""
+    return _loaded(("hf", tokenizer_key(folder)), lambda: _load_hf(Path(folder)))
+
+
+def load_mlx_tokenizer(folder: Path, eos_token_ids: Any = None) -> Any:
+    """mlx-lm's wrapper (streaming detokenizer, end ids) around the same files."""
+    from mlx_lm.utils import load_tokenizer
+
+    eos = tuple(eos_token_ids) if isinstance(eos_token_ids, list) else eos_token_ids
+    key = ("mlx", tokenizer_key(folder), eos)
+    return _loaded(key, lambda: load_tokenizer(Path(folder), eos_token_ids=eos_token_ids))
+
+
+def _load_hf(folder: Path) -> Any:
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 

@@ -27,13 +27,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mlx_lora.core.dtypes import DTYPE_BYTES, config_dtype
 from mlx_lora.core.errors import MlxLoraError
 from mlx_lora.core.files import read_json
+from mlx_lora.model.families import FAMILIES
 from mlx_lora.model.load import QUANT_CHUNK_BYTES, QUANT_GROUP  # how load_base quantizes
 from mlx_lora.train.loss import LOSS_CHUNK, training_path
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-PARSED_TYPES = ("qwen2", "qwen3", "llama", "mistral")  # read here; others via mlx-lm's classes
+# read here (the families marked ``plan_parsed``); others via mlx-lm's classes
+PARSED_TYPES = tuple(t for f in FAMILIES.values() if f.plan_parsed for t in f.model_types)
 
 
 # ---------------------------------------------------------------- the model, from config.json
@@ -98,7 +100,7 @@ def read_shape(model_dir: Path) -> ModelShape:
     else:
         shape = _built_shape(c, kind, Path(model_dir))
     quant = c.get("quantization") or {}
-    stored = DTYPE_BYTES.get(str(c.get("torch_dtype") or c.get("dtype") or "bfloat16"), 2)
+    stored = DTYPE_BYTES.get(config_dtype(c, "bfloat16"), 2)
     return ModelShape(
         **shape,
         stored_bytes=stored,
@@ -123,7 +125,7 @@ def _parsed_shape(c: dict, kind: str) -> dict:
         else bool(c.get("tie_word_embeddings", True))
     )
     attn_bias = kind == "qwen2" or (kind != "qwen3" and bool(c.get("attention_bias")))
-    mlp_bias = kind in ("llama", "mistral") and bool(c.get("mlp_bias"))
+    mlp_bias = kind in FAMILIES["llama"].model_types and bool(c.get("mlp_bias"))
     params = [Param("model.embed_tokens.weight", (vocab, d), True)]
     for i in range(layers):
         params += _block_params(

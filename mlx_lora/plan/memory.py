@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from mlx_lora.config import TrainConfig, opt
 from mlx_lora.core.errors import MlxLoraError
+from mlx_lora.core.units import human_bytes as gb
+from mlx_lora.core.units import parse_size
 from mlx_lora.plan import footprint as fp
 from mlx_lora.plan.footprint import MicroBatch, ModelShape, dtype_name
 
@@ -60,22 +61,13 @@ class Budget:
     source: str
 
 
-def parse_size(text: str) -> int:
-    """``2GB``, ``1.5G``, ``512MB``, ``8GiB`` or plain bytes → bytes (GB = 10⁹, GiB = 2³⁰)."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)b?\s*", text, flags=re.I)
-    if not m:
-        raise MlxLoraError(f"{LIMIT_ENV}={text!r} is not a size; write it like 2GB or 512MB")
-    unit = " kmgt".index(m.group(2).lower() or " ")
-    return int(float(m.group(1)) * (1024 if m.group(3) else 1000) ** unit)
-
-
 def machine_budget() -> Budget:
     """The memory a run may use: ``MLX_LORA_MEMORY_LIMIT``, else Metal's recommended working set
     (a Mac's GPU), else what Linux reports as available now (``MemAvailable``). The one reader:
     the plan, ``train``'s refusal and ``--gradient-checkpointing auto`` all use it."""
     limit = os.environ.get(LIMIT_ENV)
     if limit:
-        return Budget(parse_size(limit), f"{LIMIT_ENV}={limit}")
+        return Budget(parse_size(limit, LIMIT_ENV), f"{LIMIT_ENV}={limit}")
     from mlx_lora.model.load import on_gpu
 
     if on_gpu():
@@ -83,7 +75,7 @@ def machine_budget() -> Budget:
 
         info = mx.device_info()
         if info.get("max_recommended_working_set_size"):
-            total = info.get("memory_size", 0) / 1e9
+            total = round(info.get("memory_size", 0) / 2**30)  # the size Apple sells it as
             return Budget(
                 int(info["max_recommended_working_set_size"]),
                 f"Metal's recommended working set of this {total:.0f} GB Mac",
@@ -91,9 +83,7 @@ def machine_budget() -> Budget:
     try:
         lines = Path("/proc/meminfo").read_text().splitlines()
         kb = {k: int(v.split()[0]) * 1024 for k, v in (ln.split(":", 1) for ln in lines)}
-        return Budget(
-            kb["MemAvailable"], f"available now of {kb['MemTotal'] / 1e9:.1f} GB (/proc/meminfo)"
-        )
+        return Budget(kb["MemAvailable"], f"available now of {gb(kb['MemTotal'])} (/proc/meminfo)")
     except (OSError, KeyError, ValueError):
         return Budget(None, "unknown (no Metal device information, no /proc/meminfo)")
 
@@ -323,11 +313,6 @@ class Plan:
                 f"worst micro-batch {mb.tokens:,} tokens in {mb.rows} row(s) (longest {mb.length})"
             )
         return f"worst micro-batch {mb.rows} row(s) × {mb.length} tokens"
-
-
-def gb(n: float) -> str:
-    """Bytes for people: ``2.47 GB``, ``310 MB``."""
-    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.0f} MB"
 
 
 def count(n: int) -> str:

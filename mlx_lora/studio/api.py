@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mlx_lora.core.errors import MlxLoraError
-from mlx_lora.core.files import read_json
+from mlx_lora.model.lora import ADAPTER_WEIGHTS
 from mlx_lora.studio.chatting import ChatModels
 from mlx_lora.studio.events import curves, final_figures, run_state
 from mlx_lora.studio.jobs import Jobs
@@ -53,7 +53,6 @@ def info(studio: Studio) -> dict:
     from mlx_lora.config import TrainConfig
     from mlx_lora.data.dataset import FORMATS
     from mlx_lora.export.pipeline import MODES, ExportConfig
-    from mlx_lora.gguf.writer import GGUF_TYPES
     from mlx_lora.verify.checks import have_llama_cpp
 
     return {
@@ -63,9 +62,17 @@ def info(studio: Studio) -> dict:
         "formats": list(FORMATS),
         "train_defaults": asdict(TrainConfig()),
         "export_defaults": {k: v for k, v in asdict(ExportConfig()).items() if k in EXPORT_FIELDS},
-        "gguf_types": list(GGUF_TYPES),
+        "gguf_types": gguf_types(),
         "export_modes": list(MODES),
     }
+
+
+def gguf_types() -> list[str]:
+    """``python -m mlx_lora.export``'s ``--gguf-type`` choices: the page offers exactly these."""
+    from mlx_lora.export.pipeline import ExportConfig
+
+    gguf_type = next(f for f in dataclasses.fields(ExportConfig) if f.name == "gguf_type")
+    return list(gguf_type.metadata["choices"])
 
 
 def found(studio: Studio) -> dict:
@@ -179,27 +186,33 @@ def start_export(studio: Studio, body: dict) -> dict:
 
 
 def export_result(studio: Studio, jid: str) -> dict:
-    """A finished export: its verify table, the Modelfile and the ``ollama create`` command."""
+    """A finished export: its verify report (``Report.to_dict()`` and the quality figures, as
+    verify recorded them in the manifest), the Modelfile and the ``ollama create`` command."""
+    from mlx_lora.verify.manifest import MANIFEST, Manifest
+
     job = studio.jobs.get(jid)
     snap = job.snapshot()
     result: dict[str, Any] = {"status": snap["status"], "message": snap["message"]}
-    lines = snap["lines"]
-    start = next((i for i, ln in enumerate(lines) if ln.startswith("verify ")), None)
-    if start is not None:
-        end = next((i for i in range(start, len(lines)) if "result:" in lines[i]), len(lines) - 1)
-        result["verify"] = "\n".join(lines[start : end + 1])
-        result["verify_ok"] = "all checks passed" in lines[end]
-    manifest = job.output_dir / "export.json"
-    if snap["status"] == "finished" and manifest.is_file():
-        info = read_json(manifest)
-        modelfile = job.output_dir / (info.get("modelfile") or "Modelfile")
-        result["name"] = info.get("name")
+    out = job.output_dir
+    path = out / MANIFEST
+    finished = snap["status"] == "finished"
+    # A failed export may leave an earlier export's manifest behind: only this job's counts
+    # (a second of slack for coarse file-system clocks).
+    if not path.is_file() or not (finished or path.stat().st_mtime >= job.started - 1):
+        return result
+    m = Manifest.read(out)
+    if m.verify is not None:
+        result["verify"] = m.verify
+        result["verify_ok"] = bool(m.verify.get("ok"))
+        result["quality"] = m.quality
+    if finished and m.modelfile is not None:
+        modelfile = m.path(out, "modelfile")
+        result["name"] = m.name
         result["modelfile_path"] = studio.roots.show(modelfile)
         result["modelfile"] = modelfile.read_text(encoding="utf-8")
-        result["ollama_create"] = shlex.join(
-            ["ollama", "create", str(info.get("name")), "-f", str(modelfile)]
-        )
-        result["gguf"] = info.get("gguf")
+        result["ollama_create"] = shlex.join(["ollama", "create", m.name, "-f", str(modelfile)])
+    if finished:
+        result["gguf"] = m.gguf
     return result
 
 
@@ -219,7 +232,7 @@ def runs(studio: Studio, body: dict) -> dict:
             "global_step": state.get("global_step", 0),
             "max_steps": state.get("max_steps"),
             "figures": final_figures(history),
-            "finished": (d / "adapter_model.safetensors").is_file(),
+            "finished": (d / ADAPTER_WEIGHTS).is_file(),
         }
         if job is not None:
             snap = job.snapshot(since=10**12)

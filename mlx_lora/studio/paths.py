@@ -15,7 +15,12 @@ from pathlib import Path
 
 from mlx_lora.core.errors import MlxLoraError
 from mlx_lora.core.weights import INDEX_FILE
+from mlx_lora.eval.compare import EVAL_JSON
+from mlx_lora.export.pipeline import MODELFILE
+from mlx_lora.model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from mlx_lora.model.meta import FUSED_INFO, GENERATION_CONFIG
+from mlx_lora.train.checkpoint import CHECKPOINT_PREFIX, STATE_FILE
+from mlx_lora.verify.manifest import MANIFEST
 
 # Folders a scan never enters: environments, VCS data, caches.
 SKIP_DIRS = {"node_modules", "__pycache__", "site-packages", "venv", "env"}
@@ -28,12 +33,12 @@ NOT_DATA = {
     "special_tokens_map.json",
     "added_tokens.json",
     "vocab.json",
-    "trainer_state.json",
-    "adapter_config.json",
-    "export.json",
+    STATE_FILE,
+    ADAPTER_CONFIG,
+    MANIFEST,
     FUSED_INFO,
     INDEX_FILE,
-    "eval.json",
+    EVAL_JSON,
 }
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
@@ -116,15 +121,15 @@ class Found:
 
 
 def _kind(d: Path, names: set[str]) -> str | None:
-    if "trainer_state.json" in names or any(
-        n.startswith("checkpoint-") and (d / n / "trainer_state.json").is_file() for n in names
+    if STATE_FILE in names or any(
+        n.startswith(CHECKPOINT_PREFIX) and (d / n / STATE_FILE).is_file() for n in names
     ):
         return "run"
-    if "adapter_config.json" in names:
+    if ADAPTER_CONFIG in names:
         return "adapter"
     if "config.json" in names and any(n.endswith(".safetensors") for n in names):
         return "model"
-    if "Modelfile" in names:
+    if MODELFILE in names:
         return "export"
     return None
 
@@ -146,11 +151,12 @@ def scan(roots: Roots, max_depth: int = 4, limit: int = 400) -> Found:
             shown = roots.show(d)
             if kind == "run":
                 found.runs.append(shown)
-                if "adapter_model.safetensors" in names:
+                if ADAPTER_WEIGHTS in names:
                     found.adapters.append(shown)
-                ckpts = [x for x in names if x.startswith("checkpoint-") and x[11:].isdigit()]
+                step = len(CHECKPOINT_PREFIX)  # checkpoint-<step>
+                ckpts = [x for x in names if x.startswith(CHECKPOINT_PREFIX) and x[step:].isdigit()]
                 found.adapters += [
-                    roots.show(d / x) for x in sorted(ckpts, key=lambda x: int(x[11:]))
+                    roots.show(d / x) for x in sorted(ckpts, key=lambda x: int(x[step:]))
                 ]
                 dirs[:] = []
             elif kind == "adapter":

@@ -8,26 +8,19 @@ disagree with training.
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 from typing import Any
 
 from mlx_lora.core.errors import MlxLoraError
 
-_tokenizers: dict[str, Any] = {}
-_lock = threading.Lock()
-
 
 def load_tokenizer(model: str, source: str = "auto") -> Any:
-    """The tokenizer of ``model`` (cached per model folder); no weights are loaded."""
+    """The tokenizer of ``model`` (loaded once: :func:`mlx_lora.model.prompt.load_hf_tokenizer`
+    caches it); no weights are loaded."""
     from mlx_lora.model.hub import resolve_model
     from mlx_lora.model.prompt import load_hf_tokenizer
 
-    model_dir = Path(resolve_model(model, source)).resolve()
-    with _lock:
-        if str(model_dir) not in _tokenizers:
-            _tokenizers[str(model_dir)] = load_hf_tokenizer(model_dir)
-        return _tokenizers[str(model_dir)]
+    return load_hf_tokenizer(Path(resolve_model(model, source)).resolve())
 
 
 def segments(tokenizer: Any, ids: list[int], mask: list[bool]) -> list[dict]:

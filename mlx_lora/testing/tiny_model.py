@@ -216,20 +216,51 @@ class Family(NamedTuple):
     post_norms_only: bool = False  # olmo2: norms after attention and MLP, none before
     vocab_multiple: int = 128  # embedding rows round up to this (1: exactly the tokenizer)
     legacy_init: bool = False  # qwen2/llama: norms exactly 1 (older tests rely on those bytes)
+    qwen_llama_keys: bool = False  # config keys from _qwen_llama_keys (qwen2/qwen3/llama classes)
 
 
 FAMILIES: dict[str, Family] = {
     "qwen2": Family(
-        "Qwen2ForCausalLM", "qwen2", "bpe", "chatml", tied=True, qkv_bias=True, legacy_init=True
+        "Qwen2ForCausalLM",
+        "qwen2",
+        "bpe",
+        "chatml",
+        tied=True,
+        qkv_bias=True,
+        legacy_init=True,
+        qwen_llama_keys=True,
     ),
     "qwen3": Family(
-        "Qwen3ForCausalLM", "qwen3", "bpe", "qwen3", tied=True, head_dim=32, qk_norm="head"
+        "Qwen3ForCausalLM",
+        "qwen3",
+        "bpe",
+        "qwen3",
+        tied=True,
+        head_dim=32,
+        qk_norm="head",
+        qwen_llama_keys=True,
     ),
-    "llama": Family("LlamaForCausalLM", "llama", "bpe", "chatml", tied=False, legacy_init=True),
+    "llama": Family(
+        "LlamaForCausalLM",
+        "llama",
+        "bpe",
+        "chatml",
+        tied=False,
+        legacy_init=True,
+        qwen_llama_keys=True,
+    ),
     "mistral": Family(
-        "MistralForCausalLM", "mistral", "spm-llama", "mistral", tied=False, head_dim=32
+        "MistralForCausalLM",
+        "mistral",
+        "spm-llama",
+        "mistral",
+        tied=False,
+        head_dim=32,
+        qwen_llama_keys=True,
     ),
-    "smollm": Family("LlamaForCausalLM", "llama", "bpe-smollm", "smollm", tied=True),
+    "smollm": Family(
+        "LlamaForCausalLM", "llama", "bpe-smollm", "smollm", tied=True, qwen_llama_keys=True
+    ),
     "gemma2": Family(
         "Gemma2ForCausalLM",
         "gemma2",
@@ -831,7 +862,7 @@ def _other_keys(arch: str, d: Dims, pad: dict) -> dict:
 def _model_config(arch: str, d: Dims, facts: dict, overrides: dict | None = None) -> dict:
     fam = FAMILIES[arch]
     pad = {"pad_token_id": facts["pad"]} if facts["pad"] is not None else {}
-    if arch in ("qwen2", "qwen3", "llama", "mistral", "smollm"):
+    if fam.qwen_llama_keys:
         keys = _qwen_llama_keys(arch, d, pad)
     elif fam.gemma_norms:
         keys = _gemma_keys(arch, d, pad)

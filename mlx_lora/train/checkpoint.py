@@ -40,6 +40,7 @@ STATE_FILE = "trainer_state.json"
 MODEL_WEIGHTS = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 PLOT_FILE = "loss.png"
+CHECKPOINT_PREFIX = "checkpoint-"  # checkpoint-<step>
 
 
 @dataclass
@@ -100,8 +101,8 @@ Saver = AdapterSaver | ModelSaver
 def checkpoints(out: Path) -> list[Path]:
     """Complete checkpoints (renamed into place, so never partial), oldest first."""
     found = []
-    for p in Path(out).glob("checkpoint-*"):
-        step = p.name.removeprefix("checkpoint-")
+    for p in Path(out).glob(f"{CHECKPOINT_PREFIX}*"):
+        step = p.name.removeprefix(CHECKPOINT_PREFIX)
         saved = any(all((p / f).is_file() for f in k.files) for k in (AdapterSaver, ModelSaver))
         state = (p / OPTIMIZER_FILE).is_file() and (p / STATE_FILE).is_file()
         if p.is_dir() and step.isdigit() and saved and state:
@@ -144,7 +145,7 @@ def prepare_output_dir(out: Path, resume: str | None, overwrite: bool) -> Path |
     """
     out = Path(out)
     _check_writable(out)
-    for stale in out.glob(".checkpoint-*"):
+    for stale in out.glob(f".{CHECKPOINT_PREFIX}*"):
         shutil.rmtree(stale, ignore_errors=True)
     existing = checkpoints(out)
     if resume:
@@ -180,7 +181,7 @@ def save_checkpoint(
 ) -> Path:
     """``checkpoint-<step>``: adapter (or model) + optimizer + trainer state, built aside then
     renamed in."""
-    final = Path(out) / f"checkpoint-{state.global_step}"
+    final = Path(out) / f"{CHECKPOINT_PREFIX}{state.global_step}"
     try:
         with atomic_dir(final) as tmp:
             saver.save(tmp, model)

@@ -28,10 +28,11 @@ import mlx.nn as nn
 import numpy as np
 
 from mlx_lora.model import kernels
+from mlx_lora.model.families import FAMILIES
 
 # mlx-lm modules whose blocks are: x + attn(norm(x)); h + mlp(norm(h)), attention q/k/v/o with
-# RoPE (and qwen3's q/k norms), MLP down(silu(gate) · up).
-FAST_TYPES = ("llama", "qwen2", "qwen3")
+# RoPE (and qwen3's q/k norms), MLP down(silu(gate) · up): the families marked ``fast_forward``.
+FAST_TYPES = tuple(f.model_types[0] for f in FAMILIES.values() if f.fast_forward)
 
 
 @dataclass(frozen=True)

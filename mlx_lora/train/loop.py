@@ -28,6 +28,7 @@ from mlx.utils import tree_flatten, tree_map
 from mlx_lora.config import TrainConfig
 from mlx_lora.core.errors import MlxLoraError
 from mlx_lora.core.files import write_error_detail, write_json_atomic
+from mlx_lora.core.units import human_bytes
 from mlx_lora.data.dataset import (
     Batch,
     Dataset,
@@ -67,7 +68,7 @@ from mlx_lora.train.loss import (
     loss_sum,
     training_path,
 )
-from mlx_lora.train.report import Fanout, Reporter, default_reporter, human_bytes, plot_losses
+from mlx_lora.train.report import Fanout, Reporter, default_reporter, plot_losses
 from mlx_lora.train.trackers import open_trackers, parse_report_to, save_tracker_state
 
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from mlx_lora.data.dataset import Batch, make_batch
 from mlx_lora.model import kernels
+from mlx_lora.model.families import FAMILIES
 from mlx_lora.train import forward
 from mlx_lora.train.forward import fast_path, lanes
 
@@ -32,8 +33,9 @@ LOSS_CHUNK = 128  # rows of [chunk, vocab] logits alive at once: 78 MB for Qwen'
 
 # Architectures whose blocks are (embed → layers(x, mask, cache) → norm → head): the packed path
 # drives them with its own block-diagonal mask, minding what mlx-lm's Model does around the blocks
-# (Gemma's embedding scale and final logit soft-capping, Gemma 3's sliding-window layers).
-PACKED_TYPES = ("qwen2", "qwen3", "llama", "mistral", "phi3", "gemma2", "gemma3_text")
+# (Gemma's embedding scale and final logit soft-capping, Gemma 3's sliding-window layers): the
+# model types of the families marked ``packed_loss``.
+PACKED_TYPES = tuple(t for f in FAMILIES.values() if f.packed_loss for t in f.model_types)
 
 
 def training_path(model_type: str | None) -> str:

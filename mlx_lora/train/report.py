@@ -29,12 +29,9 @@ from pathlib import Path
 from typing import Any
 
 from mlx_lora.core.files import atomic_file
+from mlx_lora.core.units import human_bytes
 
 EVENTS_ENV = "MLX_LORA_EVENTS"
-
-
-def human_bytes(n: float) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
 
 
 def peak_rss_bytes() -> int:

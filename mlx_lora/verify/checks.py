@@ -42,8 +42,9 @@ from typing import Any
 import numpy as np
 
 from mlx_lora.config import opt
+from mlx_lora.core.dtypes import config_dtype
 from mlx_lora.core.errors import MlxLoraError
-from mlx_lora.core.files import read_json, scratch_file, write_json_atomic
+from mlx_lora.core.files import read_json, scratch_file
 from mlx_lora.gguf.llamacpp import (
     INSTALL_HINT,
     have_llama_cpp,
@@ -59,11 +60,11 @@ from mlx_lora.gguf.writer import (
     planned_lora_tensors,
     planned_tensors,
 )
-from mlx_lora.model.load import TOKENIZER_FILES
+from mlx_lora.model.families import FAMILIES
 from mlx_lora.model.lora import read_adapter
 from mlx_lora.model.meta import FUSED_INFO, training_system_prompt
-from mlx_lora.model.prompt import has_chat_template, hf_tokenizer
-from mlx_lora.verify.manifest import MANIFEST
+from mlx_lora.model.prompt import TOKENIZER_FILES, has_chat_template, hf_tokenizer
+from mlx_lora.verify.manifest import Manifest
 
 # Texts whose tokenization must agree exactly. None starts with whitespace: transformers'
 # Metaspace pre-tokenizer skips SentencePiece's dummy prefix there, SentencePiece does not.
@@ -111,7 +112,7 @@ TOLERANCES: dict[str, tuple[float, float] | None] = {
 # ggml's CPU GELU reads an f16 table (each activation rounded to f16: relative error up to 2^-11,
 # which Gemma's post-feed-forward norm scales back up), so at f32 the GELU families differ from
 # MLX's exact GELU by more than summation order. Their greedy continuation may then flip a near-tie.
-GELU_TABLE_ARCHS = ("gemma2", "gemma3")
+GELU_TABLE_ARCHS = tuple(name for name, f in FAMILIES.items() if f.gelu_table)
 TIE_FRACTION_Q = 2e-2  # near-tie width for types without a max|Δ| bound (fraction of max|logit|)
 
 
@@ -126,6 +127,29 @@ class Check:
     status: str
     figures: str
     values: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "status": self.status,
+            "figures": self.figures,
+            "values": _plain(self.values),
+        }
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with numpy scalars and arrays as JSON numbers and lists."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _plain(value.tolist())
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, Path):
+        return str(value)
+    return value
 
 
 @dataclass
@@ -159,6 +183,17 @@ class Report:
             if c.name.startswith(name):
                 return c
         raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report as data (``export.json``'s ``verify``): what :meth:`table` prints, as rows;
+        the quality figures are the manifest's ``quality``."""
+        return {
+            "target": self.gguf.name,
+            "gguf_type": self.gguf_type,
+            "ok": self.ok,
+            "checks": [c.to_dict() for c in self.checks],
+            "notes": list(self.notes),
+        }
 
     def table(self) -> str:
         width = max([len(c.name) for c in self.checks] + [5])
@@ -500,7 +535,7 @@ def _check_fused(
         from mlx_lora.model.hub import resolve_model
 
         base_dir = resolve_model(recorded)
-    fused_dtype = str(read_json(hf_dir / "config.json").get("torch_dtype") or "float32")
+    fused_dtype = config_dtype(read_json(hf_dir / "config.json"), "float32")
     base_model, _ = load_mlx(Path(base_dir), adapter_dir)
     base_logits = [mlx_logits(base_model, p) for p in ref.prompts]
     del base_model
@@ -819,22 +854,16 @@ def verify_export(
     export: Any, *, reference_gguf: Path | None = None, eval_data: Path | None = None
 ) -> Report:
     """Verify an export folder (or an :class:`mlx_lora.export.pipeline.ExportResult`) from its
-    manifest;
-    the quality figures are added to its ``export.json``."""
+    manifest; the report (:meth:`Report.to_dict`) and the quality figures are added to its
+    ``export.json``."""
     out = Path(getattr(export, "output_dir", export))
-    manifest = out / MANIFEST
-    if not manifest.is_file():
-        raise MlxLoraError(
-            f"{out} has no {MANIFEST}: pass a folder written by python -m mlx_lora.export"
-        )
-    m = read_json(manifest)
+    m = Manifest.read(out)
 
     def path(key: str) -> Path | None:
-        v = m.get(key)
-        return None if v is None else (out / v if not Path(v).is_absolute() else Path(v))
+        return m.path(out, key)
 
-    if m.get("format") == "mlx":
-        q = m.get("quantization") or {}
+    if m.format == "mlx":
+        q = m.quantization or {}
         report = verify_mlx(
             path("hf_dir"),
             path("mlx_dir"),
@@ -849,14 +878,19 @@ def verify_export(
             path("gguf"),
             adapter_dir=path("adapter"),
             base_dir=path("base_dir"),
-            gguf_type=m.get("gguf_type"),
+            gguf_type=m.gguf_type,
             lora_gguf=path("lora_gguf"),
             modelfile=path("modelfile"),
             eval_data=eval_data or path("eval_data"),
             reference_gguf=reference_gguf,
         )
     if report.quality is not None:
-        write_json_atomic(manifest, {**m, "quality": report.quality.to_json()})
+        m.quality = report.quality.to_json()
+    m.verify = report.to_dict()
+    try:
+        m.write(out)
+    except (OSError, MlxLoraError) as e:  # a read-only export is still verified; say so
+        report.notes.append(f"not recorded in {out / MANIFEST} ({e})")
     return report
 
 

@@ -489,6 +489,28 @@ async function startExport() {
   trackJob(snap);
 }
 
+// The verify report as verify recorded it (Report.to_dict() and the quality figures in
+// export.json), laid out like the table the command prints.
+function verifyText(v, quality) {
+  const width = Math.max(5, ...v.checks.map((c) => c.name.length));
+  const lines = [`verify ${v.target} (${v.gguf_type})`];
+  v.checks.forEach((c) => lines.push(`  ${c.name.padEnd(width)}  ${c.status.padEnd(7)}  ${c.figures}`));
+  v.notes.forEach((n) => lines.push(`  note: ${n}`));
+  if (quality) {
+    lines.push(`  quality on ${quality.texts} texts, ${quality.scored_tokens} scored tokens (${quality.eval_source})`);
+    lines.push(`    ${"model".padEnd(28)} ${"type".padEnd(10)} ${"bits/w".padStart(7)} ${"perplexity".padStart(11)} ${"vs ref".padStart(8)} ${"top-1 = MLX".padStart(11)}`);
+    quality.rows.forEach((r) => {
+      const bpw = r.bits_per_weight ? r.bits_per_weight.toFixed(2) : "-";
+      const pct = 100 * r.perplexity_vs_reference;
+      const delta = r.reference ? "—" : `${pct >= 0 ? "+" : ""}${pct.toFixed(2)}%`;
+      const agree = r.top1_agreement_mlx == null ? "-" : `${(100 * r.top1_agreement_mlx).toFixed(1)}%`;
+      lines.push(`    ${r.label.slice(0, 28).padEnd(28)} ${r.type.padEnd(10)} ${bpw.padStart(7)} ${r.perplexity.toPrecision(4).padStart(11)} ${delta.padStart(8)} ${agree.padStart(11)}`);
+    });
+  }
+  lines.push(`  result: ${v.ok ? "all checks passed" : "MISMATCH (see FAIL lines)"}`);
+  return lines.join("\n");
+}
+
 async function showExportResult(id) {
   const r = await api(`/api/export/result?id=${encodeURIComponent(id)}`);
   const badge = $("e-verify-badge");
@@ -497,7 +519,7 @@ async function showExportResult(id) {
   badge.textContent = t(key);
   badge.className = `badge ${r.verify === undefined ? "" : r.verify_ok ? "ok" : "bad"}`;
   badge.dataset.ok = r.verify === undefined ? "" : r.verify_ok ? "1" : "0";
-  $("e-verify-report").textContent = r.verify || "";
+  $("e-verify-report").textContent = r.verify ? verifyText(r.verify, r.quality) : "";
   badge.hidden = false;
   if (r.modelfile) {
     $("e-modelfile").textContent = r.modelfile;
