@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import sys
 
+from mlx_lora import __version__
 from mlx_lora.core.cli import run
 
 # command → (module holding its ``main``, one line for the command list), in pipeline order
@@ -40,8 +41,6 @@ def console(argv: list[str] | None = None) -> int:
         print(usage())
         return 0 if args else 2
     if args[0] in ("-V", "--version"):
-        from mlx_lora import __version__
-
         print(f"mlx_lora {__version__}")
         return 0
     if args[0] not in COMMANDS:

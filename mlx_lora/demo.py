@@ -20,11 +20,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlx_lora.config import opt, parse_config
+from mlx_lora.config import TrainConfig, opt, parse_config
 from mlx_lora.core.errors import MlxLoraError
+from mlx_lora.data.dataset import read_records
+from mlx_lora.export.pipeline import ExportConfig, export, summary
+from mlx_lora.gguf.llamacpp import INSTALL_HINT, have_llama_cpp
 from mlx_lora.gguf.writer import GGUF_TYPES
+from mlx_lora.infer.generate import complete
+from mlx_lora.model.load import load_for_inference
+from mlx_lora.ollama.modelfile import ollama_create
 from mlx_lora.testing import SAMPLE_DATA
 from mlx_lora.testing.tiny_model import make_tiny_model
+from mlx_lora.train.loop import train
+from mlx_lora.verify.checks import verify_export
 
 MARKER = ".mlx_lora_demo"
 SYSTEM_PROMPT = "现在你要扮演皇帝身边的女人--甄嬛"
@@ -58,7 +66,6 @@ def demo_dataset(out: Path) -> Path:
     path = SAMPLE_DATA
     if not path.is_file():
         raise MlxLoraError(f"{path} is missing: reinstall mlx_lora (the sample ships with it)")
-    from mlx_lora.data.dataset import read_records
 
     records = [
         r for r in read_records(path) if isinstance(r, dict) and r.get("instruction") in IDENTITY
@@ -118,8 +125,6 @@ class Stages:
 
 
 def _train(cfg: DemoConfig, model_dir: Path, data: Path, adapter: Path) -> Any:
-    from mlx_lora.config import TrainConfig
-    from mlx_lora.train.loop import train
 
     tcfg = TrainConfig(
         model=str(model_dir),
@@ -144,8 +149,6 @@ def _train(cfg: DemoConfig, model_dir: Path, data: Path, adapter: Path) -> Any:
 
 
 def _chat(model_dir: Path, adapter: Path) -> str:
-    from mlx_lora.infer.generate import complete
-    from mlx_lora.model.load import load_for_inference
 
     loaded = load_for_inference(str(model_dir), adapter)
     answer = complete(
@@ -159,7 +162,6 @@ def _chat(model_dir: Path, adapter: Path) -> str:
 
 
 def _export(cfg: DemoConfig, model_dir: Path, adapter: Path, out: Path) -> Any:
-    from mlx_lora.export.pipeline import ExportConfig, export
 
     ecfg = ExportConfig(
         model=str(model_dir),
@@ -181,8 +183,6 @@ def _export(cfg: DemoConfig, model_dir: Path, adapter: Path, out: Path) -> Any:
 
 
 def _verify(result: Any) -> Any:
-    from mlx_lora.gguf.llamacpp import INSTALL_HINT, have_llama_cpp
-    from mlx_lora.verify.checks import verify_export
 
     if not have_llama_cpp():
         print(f"    llama-cpp-python is not installed: llama.cpp checks skipped ({INSTALL_HINT})")
@@ -192,7 +192,6 @@ def _verify(result: Any) -> Any:
 
 
 def _ollama(cfg: DemoConfig, result: Any, report: Any) -> bool:
-    from mlx_lora.ollama.modelfile import ollama_create
 
     if not cfg.ollama:
         print("    skipped (--no-ollama)")
@@ -217,7 +216,6 @@ def _ollama(cfg: DemoConfig, result: Any, report: Any) -> bool:
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Every stage in order; returns the artifacts and figures (tests read them)."""
-    from mlx_lora.export.pipeline import summary
 
     if cfg.steps < 1:
         raise MlxLoraError(f"--steps must be at least 1, got {cfg.steps}")

@@ -423,6 +423,39 @@ def test_layer_guard_catches_an_upward_import_and_a_cycle(tmp_path: Path) -> Non
     assert any(c[0] == "mlx_lora.core.files" or "mlx_lora.core.files" in c for c in cycles(graph))
 
 
+def late_imports(source: str) -> list[str]:
+    """Imports of the package inside functions. Allowed only for optional or heavy third-party
+    dependencies (llama_cpp, trackers, selenium, …): inside the package they would only hide
+    an order the layers should make plain."""
+    out = []
+    for fn in ast.walk(ast.parse(source)):
+        if isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef):
+            for node in ast.walk(fn):
+                names = []
+                if isinstance(node, ast.ImportFrom) and node.module:
+                    names = [node.module]
+                elif isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                out += [f"{fn.name}: {n}" for n in names if n.split(".")[0] == "mlx_lora"]
+    return out
+
+
+def test_package_imports_are_at_module_level() -> None:
+    found = {
+        str(p.relative_to(REPO)): late
+        for p in sorted(PACKAGE.rglob("*.py"))
+        if (late := late_imports(p.read_text(encoding="utf-8")))
+    }
+    assert not found, found
+
+
+def test_late_import_guard_catches_one() -> None:
+    host = (PACKAGE / "infer" / "serve.py").read_text(encoding="utf-8")
+    assert not late_imports(host)
+    planted = host + "\n\ndef _late():\n    from mlx_lora.model import hub\n\n    return hub\n"
+    assert late_imports(planted) == ["_late: mlx_lora.model"]
+
+
 # ---------------------------------------------------------------- the tree
 
 

@@ -6,6 +6,7 @@ import os
 import sys
 from collections.abc import Callable
 
+from mlx_lora.core.blas import maybe_relaunch
 from mlx_lora.core.errors import MlxLoraError
 
 
@@ -16,8 +17,6 @@ def run(main: Callable[[list[str] | None], object], argv: list[str] | None = Non
     system OpenBLAS on Linux (see :mod:`mlx_lora.core.blas`).
     """
     if argv is None:
-        from mlx_lora.core.blas import maybe_relaunch
-
         maybe_relaunch()
     # transformers' "PyTorch was not found" advice would be a second stderr line (mlx-lm sets this
     # too, but export imports transformers first)

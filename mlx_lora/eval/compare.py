@@ -21,9 +21,12 @@ from mlx_lora.config import opt
 from mlx_lora.core.errors import MlxLoraError
 from mlx_lora.core.files import write_json_atomic, write_text_atomic
 from mlx_lora.data.dataset import detect_format, load_dataset, read_records, split, to_messages
+from mlx_lora.infer.generate import check_max_tokens, complete
 from mlx_lora.model.hub import SOURCES
+from mlx_lora.model.load import load_for_inference
 from mlx_lora.model.lora import Adapter, read_adapter, set_active
 from mlx_lora.model.meta import training_system_prompt
+from mlx_lora.train.loss import evaluate, training_path
 
 EVAL_JSON = "eval.json"  # the figures (EvalResult.as_dict)
 EVAL_MD = "eval.md"
@@ -136,7 +139,6 @@ def _questions(prompts: str | None, sources: list, n: int) -> list[list[dict]]:
 
 def _answers(loaded: Any, convs: list[list[dict]], max_tokens: int) -> list[dict]:
     """Greedy answers of the tuned model and of its base (LoRA switched off), side by side."""
-    from mlx_lora.infer.generate import complete
 
     out = []
     for conv in convs:
@@ -153,9 +155,6 @@ def _answers(loaded: Any, convs: list[list[dict]], max_tokens: int) -> list[dict
 
 def evaluate_adapter(cfg: EvalConfig) -> EvalResult:
     """Score base and tuned on the held-out examples, answer the prompts, write the reports."""
-    from mlx_lora.infer.generate import check_max_tokens
-    from mlx_lora.model.load import load_for_inference
-    from mlx_lora.train.loss import evaluate, training_path
 
     if cfg.adapter is None:
         raise MlxLoraError("pass --adapter OUT (the --output-dir of a training run)")

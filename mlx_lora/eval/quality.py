@@ -21,6 +21,10 @@ import numpy as np
 
 from mlx_lora.core.errors import MlxLoraError
 from mlx_lora.core.units import human_bytes
+from mlx_lora.data.dataset import encode_plain, load_dataset
+from mlx_lora.eval.compare import _held_out
+from mlx_lora.gguf.llamacpp import open_llama, token_scores
+from mlx_lora.gguf.quant import bits_per_weight
 from mlx_lora.model.prompt import Encoded
 
 MAX_TEXTS = 32
@@ -74,8 +78,6 @@ def eval_set(
     """``--eval-data``, else the run's validation split, else the built-in texts. With a training
     run, the held-out texts are encoded as that run encoded them (:mod:`mlx_lora.eval.compare`'s
     rule)."""
-    from mlx_lora.data.dataset import encode_plain, load_dataset
-    from mlx_lora.eval.compare import _held_out
 
     if eval_data is not None and not Path(eval_data).is_file():
         raise MlxLoraError(f"--eval-data {eval_data} does not exist; pass a dataset file")
@@ -145,7 +147,6 @@ def mlx_scores(model: Any, evals: EvalSet) -> Scores:
 
 def llama_scores(gguf_path: Path, evals: EvalSet, lora_gguf: Path | None = None) -> Scores:
     """Score a GGUF (optionally with a GGUF LoRA adapter) through llama.cpp."""
-    from mlx_lora.gguf.llamacpp import open_llama, token_scores
 
     n_ctx = max(len(e.ids) for e in evals.examples) + 8
     llm = open_llama(Path(gguf_path), n_ctx=n_ctx, lora_path=lora_gguf)
@@ -229,7 +230,6 @@ class Quality:
 
 
 def gguf_row(label: str, kind: str, path: Path, scores: Scores, reference: bool = False) -> Row:
-    from mlx_lora.gguf.quant import bits_per_weight
 
     size = Path(path).stat().st_size
     return Row(label, kind, scores, size, bits_per_weight(path), reference)

@@ -36,6 +36,8 @@ from mlx_lora.config import opt
 from mlx_lora.core.errors import MlxLoraError
 from mlx_lora.core.files import read_json, scratch_file, write_error_detail
 from mlx_lora.core.units import human_bytes, path_bytes
+from mlx_lora.export.fuse import fuse
+from mlx_lora.export.mlx import check_quantization, run_commands, write_mlx_model
 from mlx_lora.gguf.arch import family_of
 from mlx_lora.gguf.quant import (
     made_by_llama_cpp,
@@ -43,12 +45,21 @@ from mlx_lora.gguf.quant import (
     require_quantizer,
     write_quantized_gguf,
 )
+from mlx_lora.gguf.vocab import adds_bos
 from mlx_lora.gguf.writer import GGUF_EXPORT_TYPES, gguf_arch, write_gguf, write_lora_gguf
 from mlx_lora.model.hub import SOURCES
 from mlx_lora.model.load import DTYPES, base_model_dir
 from mlx_lora.model.lora import Adapter, check_base, read_adapter
 from mlx_lora.model.meta import end_tokens, generation_config, training_system_prompt
 from mlx_lora.model.prompt import load_hf_tokenizer
+from mlx_lora.ollama.modelfile import (
+    generation_params,
+    go_template_for_tokenizer,
+    load_template_file,
+    ollama_create,
+    write_modelfile,
+)
+from mlx_lora.verify.checks import verify_export
 from mlx_lora.verify.manifest import MANIFEST, Manifest
 
 MODES = ("full", "adapter")
@@ -208,7 +219,6 @@ def default_name(model: str, adapter: Path | None) -> str:
 
 def _check_format(cfg: ExportConfig) -> None:
     """Flags that belong to the other format are refused rather than silently ignored."""
-    from mlx_lora.export.mlx import check_quantization
 
     if cfg.format not in FORMATS:
         raise MlxLoraError(f"unknown --format {cfg.format!r}; choose gguf or mlx")
@@ -263,8 +273,6 @@ def _template(cfg: ExportConfig, tokenizer: Any, base_dir: Path) -> Any:
     """The Modelfile TEMPLATE: measured from the chat template for the add-BOS rule the GGUF will
     record (llama.cpp adds BOS only when it says so), ``{{ .Prompt }}`` without a chat template,
     or the user's ``--template FILE``."""
-    from mlx_lora.gguf.vocab import adds_bos
-    from mlx_lora.ollama.modelfile import go_template_for_tokenizer, load_template_file
 
     add_bos = adds_bos(tokenizer, base_dir)
     if cfg.template is None:
@@ -414,8 +422,6 @@ def _refuse_other_architecture(job: _Job, log: bool) -> None:
         return
     folder = job.base_dir
     if job.fused_dir is not None:
-        from mlx_lora.export.fuse import fuse
-
         _stage(f"fusing {job.adapter.directory} into {job.base_dir.name} → {job.fused_dir}", log)
         dtype = job.cfg.dtype or ("float32" if job.cfg.gguf_type == "f32" else None)
         folder = fuse(
@@ -436,7 +442,6 @@ def _fuse(job: _Job, log: bool, timings: dict[str, float]) -> Path:
     base) when there is an adapter in full mode, else the base itself."""
     if job.fused_dir is None:
         return job.base_dir
-    from mlx_lora.export.fuse import fuse
 
     cfg = job.cfg
     t = _stage(f"fusing {job.adapter.directory} into {job.base_dir.name} → {job.fused_dir}", log)
@@ -490,7 +495,6 @@ def _write_ggufs(
 
 
 def _write_mlx(job: _Job, hf_dir: Path, log: bool, timings: dict[str, float]) -> None:
-    from mlx_lora.export.mlx import write_mlx_model
 
     cfg = job.cfg
     bits, group = cfg.q_bits or 4, cfg.q_group_size or 64
@@ -514,7 +518,6 @@ def _system_prompt(job: _Job, hf_dir: Path) -> str | None:
 
 def _write_modelfile(job: _Job, hf_dir: Path) -> tuple[str | None, list[str]]:
     """The Modelfile (TEMPLATE, SYSTEM, stops, sampling); returns its system prompt and stops."""
-    from mlx_lora.ollama.modelfile import generation_params, write_modelfile
 
     cfg = job.cfg
     system = _system_prompt(job, hf_dir)
@@ -593,7 +596,6 @@ def _manifest(r: ExportResult, cfg: ExportConfig) -> Manifest:
 
 def _ollama(cfg: ExportConfig, result: ExportResult, log: bool) -> None:
     """``ollama create`` when asked for, never on top of a failed verification."""
-    from mlx_lora.ollama.modelfile import ollama_create
 
     if not (cfg.ollama_create or cfg.ollama_quantize):
         return
@@ -643,8 +645,6 @@ def export(cfg: ExportConfig, *, progress: bool = True, log: bool = True) -> Exp
         result = _write_all(job, progress, log, timings, reference)
         result.timings = timings
         if cfg.verify:
-            from mlx_lora.verify.checks import verify_export
-
             t = _stage("verifying (read back, tokenization, logits, quality)", log)
             result.report = verify_export(result, reference_gguf=reference)
             timings["verify"] = time.perf_counter() - t
@@ -673,8 +673,6 @@ def summary(r: ExportResult) -> str:
             size = human_bytes(path_bytes(path))
             lines.append(f"  {label:<18} {path}{f'  ({size})' if size else ''}")
     if r.mlx_dir is not None:
-        from mlx_lora.export.mlx import run_commands
-
         commands = run_commands(r.mlx_dir, r.system_prompt)
         return "\n".join([*lines, f"next: {commands[0]}", *(f"      {c}" for c in commands[1:])])
     create = shlex.join(["ollama", "create", r.name, "-f", str(r.modelfile)])

@@ -28,7 +28,7 @@ import numpy as np
 from mlx_lora.core.dtypes import config_dtype
 from mlx_lora.core.errors import MlxLoraError
 from mlx_lora.core.files import atomic_file, read_json, scratch_file
-from mlx_lora.gguf.llamacpp import have_llama_cpp
+from mlx_lora.gguf.llamacpp import have_llama_cpp, llama_quantize
 from mlx_lora.gguf.writer import GGUF_EXPORT_TYPES, LLAMA_CPP_TYPES, write_gguf
 
 INSTALL_HINT = 'pip install "mlx_lora[export]"'
@@ -251,8 +251,6 @@ def quantize_gguf(
     """``src`` (an f16/f32 GGUF) → ``dst`` in ``gguf_type`` by llama.cpp, atomically, with a
     progress bar over the tensors. Returns what happened (for ``export.json``)."""
     from tqdm import tqdm
-
-    from mlx_lora.gguf.llamacpp import llama_quantize
 
     gguf_type = normalize_type(gguf_type)
     require_quantizer(gguf_type)

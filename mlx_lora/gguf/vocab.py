@@ -21,7 +21,7 @@ import gguf
 from mlx_lora.core.errors import MlxLoraError
 from mlx_lora.core.files import read_json
 from mlx_lora.model.gguf_tokenizer import DIGIT, DIGIT_RUN, GPT2_REGEX, PRE_TOKENIZERS
-from mlx_lora.model.prompt import load_hf_tokenizer
+from mlx_lora.model.prompt import hf_tokenizer, load_hf_tokenizer
 
 # Split regexes as tokenizer.json spells them, and the name llama.cpp gives the pre-tokenizer that
 # applies the same split. The GPT-2 one is also what ByteLevel(use_regex=true) applies implicitly.
@@ -277,7 +277,6 @@ def adds_bos(tokenizer: Any, hf_dir: Path | None = None) -> bool:
     """The ``tokenizer.ggml.add_bos_token`` :func:`read_vocab` records for this tokenizer (of the
     folder ``hf_dir``, whose config.json may name the bos id): whether llama.cpp, and so Ollama,
     puts BOS in front of every prompt by itself."""
-    from mlx_lora.model.prompt import hf_tokenizer
 
     tok = hf_tokenizer(tokenizer)
     if hf_dir is not None:

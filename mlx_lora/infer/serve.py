@@ -36,6 +36,7 @@ from mlx_lora.infer.generate import (
     resolve_sampling,
 )
 from mlx_lora.model.hub import SOURCES
+from mlx_lora.model.load import load_for_inference
 from mlx_lora.model.lora import read_adapter
 
 MAX_BODY = 16 * 1024 * 1024
@@ -677,8 +678,6 @@ def main(argv: list[str] | None = None) -> None:
             f"--port must be between 0 and 65535 (0 = any free port), got {cfg.port}"
         )
     check_port(cfg.host, cfg.port)
-
-    from mlx_lora.model.load import load_for_inference
 
     loaded = load_for_inference(cfg.model, cfg.adapter, source=cfg.model_source)
     require_chat_template(loaded)

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from mlx_lora.core.errors import MlxLoraError
 from mlx_lora.core.files import read_json
+from mlx_lora.core.weights import weight_files
+from mlx_lora.model.gguf_import import is_gguf_model, resolve_gguf_model
 
 DEFAULT_MODEL = "qwen/Qwen1.5-4B-Chat"
 SOURCES = ("auto", "modelscope", "huggingface")
@@ -51,7 +53,6 @@ def check_model_dir(path: Path) -> Path:
             f"{path} has no config.json: it is not a Hugging Face model folder; pass the folder "
             "that holds config.json and *.safetensors"
         )
-    from mlx_lora.core.weights import weight_files
 
     read_json(config)
     weight_files(path)  # every shard the index lists is there (one-line errors otherwise)
@@ -98,7 +99,6 @@ def resolve_model(model: str, source: str = "auto", *, weights: bool = True) -> 
     """
     if source not in SOURCES:
         raise MlxLoraError(f"unknown --model-source {source!r}; choose one of {', '.join(SOURCES)}")
-    from mlx_lora.model.gguf_import import is_gguf_model, resolve_gguf_model
 
     check = check_model_dir if weights else check_config_dir
     patterns = ALLOW_PATTERNS if weights else METADATA_PATTERNS

@@ -14,6 +14,7 @@ from typing import Any
 
 from mlx_lora.core.errors import MlxLoraError
 from mlx_lora.core.files import read_json
+from mlx_lora.model.prompt import end_of_turn, has_chat_template, hf_tokenizer
 
 GENERATION_CONFIG = "generation_config.json"
 FUSED_INFO = "mlx_lora.json"  # written by fuse: provenance and the training system prompt
@@ -98,7 +99,6 @@ def eos_ids(gen: dict) -> list[int]:
 def end_token_ids(tokenizer: Any, gen: dict) -> list[int]:
     """Every id generation must stop on: the tokenizer's eos, each eos id of the generation config,
     the token the chat template closes an assistant turn with, and ChatML's end tokens."""
-    from mlx_lora.model.prompt import end_of_turn, has_chat_template, hf_tokenizer
 
     tok = hf_tokenizer(tokenizer)
     ids: list[int] = []
@@ -121,7 +121,6 @@ def end_token_ids(tokenizer: Any, gen: dict) -> list[int]:
 
 def end_tokens(tokenizer: Any, gen: dict) -> list[str]:
     """:func:`end_token_ids` as token texts (what a Modelfile's ``PARAMETER stop`` lists)."""
-    from mlx_lora.model.prompt import hf_tokenizer
 
     tok = hf_tokenizer(tokenizer)
     texts = [tok.convert_ids_to_tokens(i) for i in end_token_ids(tok, gen) if i < len(tok)]

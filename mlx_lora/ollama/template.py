@@ -37,6 +37,7 @@ from datetime import datetime
 from typing import Any
 
 from mlx_lora.core.errors import MlxLoraError
+from mlx_lora.gguf.vocab import adds_bos
 from mlx_lora.model.prompt import (
     DATE_MARKER,
     UnrecognisedTemplate,
@@ -684,7 +685,6 @@ def go_template_for_tokenizer(tokenizer: Any, *, add_bos: bool | None = None) ->
     """:func:`go_template_for` with the template and special tokens of an HF/mlx-lm tokenizer;
     ``add_bos`` defaults to what the GGUF writer records for that tokenizer. A tokenizer without a
     chat template (a base model) gets :func:`raw_prompt_template`."""
-    from mlx_lora.gguf.vocab import adds_bos
 
     tok = hf_tokenizer(tokenizer)
     if add_bos is None:

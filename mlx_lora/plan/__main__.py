@@ -7,6 +7,7 @@ import sys
 
 from mlx_lora.config import given_fields, parse_config
 from mlx_lora.core.cli import run
+from mlx_lora.model.hub import resolve_model
 from mlx_lora.plan.memory import Plan, PlanConfig, changes, examples_for, plan, suggest
 
 DESCRIPTION = """The memory plan of a training run: will it fit this machine? (train's flags)
@@ -24,7 +25,6 @@ EPILOG = """examples:
 def main(argv: list[str] | None = None) -> Plan:
     prog = "python -m mlx_lora.plan"
     cfg = parse_config(PlanConfig, argv, prog, DESCRIPTION, EPILOG)
-    from mlx_lora.model.hub import resolve_model
 
     model_dir = resolve_model(cfg.model, cfg.model_source, weights=False)
     examples = None

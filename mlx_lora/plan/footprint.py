@@ -30,8 +30,14 @@ from typing import Any
 from mlx_lora.core.dtypes import DTYPE_BYTES, config_dtype
 from mlx_lora.core.errors import MlxLoraError
 from mlx_lora.core.files import read_json
+from mlx_lora.data.dataset import pack_rows, padded_targets
 from mlx_lora.model.families import FAMILIES
-from mlx_lora.model.load import QUANT_CHUNK_BYTES, QUANT_GROUP  # how load_base quantizes
+from mlx_lora.model.load import (  # how load_base quantizes
+    QUANT_CHUNK_BYTES,
+    QUANT_GROUP,
+    load_error,
+)
+from mlx_lora.model.lora import normalize_targets, resolve_targets
 from mlx_lora.train.loss import LOSS_CHUNK, training_path
 
 # read here (the families marked ``plan_parsed``); others via mlx-lm's classes
@@ -184,8 +190,6 @@ def _built_shape(c: dict, kind: str, model_dir: Path) -> dict:
     from mlx.utils import tree_flatten
     from mlx_lm.utils import _get_classes
 
-    from mlx_lora.model.load import load_error
-
     try:
         model_class, args_class = _get_classes(c)
         args = args_class.from_dict(c)
@@ -275,7 +279,6 @@ def lora_layers(cfg: Any, shape: ModelShape) -> list[int]:
 def adapted(cfg: Any, shape: ModelShape) -> dict[str, tuple[int, int]]:
     """The adapted linears of one block (``--target-modules``, aliases as train resolves them):
     name → (out, in). Unknown names raise train's own error."""
-    from mlx_lora.model.lora import normalize_targets, resolve_targets
 
     linears = shape.linears(shape.layers - 1)
     names = resolve_targets(normalize_targets(cfg.target_modules), sorted(linears))
@@ -334,7 +337,6 @@ def layout(
 ) -> MicroBatch:
     """The micro-batch :func:`mlx_lora.data.dataset.make_batch` builds from examples of ``lengths``
     (``trained``: their target tokens) on ``path``, as :mod:`mlx_lora.train.loop` calls it."""
-    from mlx_lora.data.dataset import pack_rows, padded_targets
 
     if path == "fast":  # exact shapes, rows side by side, rows without targets skipped
         rows, _ = pack_rows(lengths, max_len, packing, 1, lanes)

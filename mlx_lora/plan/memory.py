@@ -35,8 +35,14 @@ from mlx_lora.config import TrainConfig, opt
 from mlx_lora.core.errors import MlxLoraError
 from mlx_lora.core.units import human_bytes as gb
 from mlx_lora.core.units import parse_size
+from mlx_lora.data.dataset import epoch_order
+from mlx_lora.data.prepare import run_examples
+from mlx_lora.model.hub import resolve_model
+from mlx_lora.model.load import load_base_tokenizer, on_gpu
+from mlx_lora.model.prompt import Encoded
 from mlx_lora.plan import footprint as fp
 from mlx_lora.plan.footprint import MicroBatch, ModelShape, dtype_name
+from mlx_lora.train.forward import lane_count
 
 MARGIN = 0.10  # fits = predicted peak × 1.10 <= budget
 LIMIT_ENV = "MLX_LORA_MEMORY_LIMIT"  # e.g. "2GB": stands in for a smaller machine
@@ -68,7 +74,6 @@ def machine_budget() -> Budget:
     limit = os.environ.get(LIMIT_ENV)
     if limit:
         return Budget(parse_size(limit, LIMIT_ENV), f"{LIMIT_ENV}={limit}")
-    from mlx_lora.model.load import on_gpu
 
     if on_gpu():
         import mlx.core as mx
@@ -103,7 +108,6 @@ def run_batches(
     """The distinct micro-batches of the run ``train`` will do with these examples: the same
     steps (:func:`mlx_lora.train.loop.step_examples`), rank shares and layout, without the
     tokens."""
-    from mlx_lora.data.dataset import epoch_order
 
     n, bs = len(examples), cfg.per_device_train_batch_size
     lengths = [min(len(e.ids), cfg.max_seq_length) for e in examples]
@@ -335,9 +339,6 @@ def plan(
     every micro-batch is assumed to be ``batch`` full ``--max-seq-length`` examples. ``budget``
     and ``gpu`` default to this machine (the README's "what fits" table passes a Mac's).
     """
-    from mlx_lora.model.hub import resolve_model
-    from mlx_lora.model.load import on_gpu
-    from mlx_lora.train.forward import lane_count
 
     if model_dir is None:
         model_dir = resolve_model(cfg.model, cfg.model_source, weights=False)
@@ -404,7 +405,6 @@ def suggest(
     """The fastest configuration that fits, preferring changes that keep the result the same;
     None when nothing does."""
     base = base or plan(cfg, examples, world=world)
-    from mlx_lora.train.forward import lane_count
 
     cache: dict[tuple[int, int], list[MicroBatch]] = {}
     for _, _, new in _variants(cfg, base.shape):
@@ -423,7 +423,6 @@ def suggest(
 def _truncated(examples: list, n: int) -> list:
     """The examples as ``load_dataset`` would truncate them at ``--max-seq-length n``, without
     those left with nothing to train on."""
-    from mlx_lora.model.prompt import Encoded
 
     out = [Encoded(e.ids[:n], e.mask[:n]) for e in examples]
     return [e for e in out if any(e.mask[1:])]
@@ -489,7 +488,5 @@ class PlanConfig(TrainConfig):
 
 def examples_for(cfg: TrainConfig, model_dir: Path) -> list:
     """The training examples ``train`` would use (tokenizer only, no weights)."""
-    from mlx_lora.data.prepare import run_examples
-    from mlx_lora.model.load import load_base_tokenizer
 
     return run_examples(cfg, load_base_tokenizer(model_dir), 1)[1]

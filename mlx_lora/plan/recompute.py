@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mlx_lora.core.units import human_bytes as gb
+from mlx_lora.plan.memory import MARGIN
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,6 @@ def decide(setting: bool | None, plan: Any) -> Decision:
     ``plan``: the run's :class:`mlx_lora.plan.memory.Plan`."""
     if setting is not None:
         return Decision(setting, "on (as asked)" if setting else "off (as asked)")
-    from mlx_lora.plan.memory import MARGIN
 
     need = plan.peak_bytes(checkpointing=False) * (1 + MARGIN)
     have = plan.budget.bytes

@@ -7,6 +7,11 @@ import sys
 from dataclasses import dataclass
 
 from mlx_lora.config import opt, parse_config
+from mlx_lora.studio.api import Studio
+from mlx_lora.studio.chatting import ChatModels
+from mlx_lora.studio.jobs import Jobs
+from mlx_lora.studio.paths import Roots
+from mlx_lora.studio.server import WILDCARD_HOSTS, log, make_server
 
 
 @dataclass
@@ -39,11 +44,6 @@ WARN_PUBLIC = (
 
 def build(cfg: StudioConfig):  # -> tuple[Studio, ThreadingHTTPServer]
     """The studio's state and its bound server (tests call this and serve in a thread)."""
-    from mlx_lora.studio.api import Studio
-    from mlx_lora.studio.chatting import ChatModels
-    from mlx_lora.studio.jobs import Jobs
-    from mlx_lora.studio.paths import Roots
-    from mlx_lora.studio.server import log, make_server
 
     roots = Roots.parse(cfg.root)
     studio = Studio(roots, Jobs(roots.dirs[0], log), ChatModels(), cfg.host, cfg.port)
@@ -52,7 +52,6 @@ def build(cfg: StudioConfig):  # -> tuple[Studio, ThreadingHTTPServer]
 
 def serve(cfg: StudioConfig) -> None:
     """Serve until Ctrl-C or SIGTERM; running jobs then get a Ctrl-C of their own (checkpoint)."""
-    from mlx_lora.studio.server import WILDCARD_HOSTS, log
 
     studio, server = build(cfg)
     if cfg.host in WILDCARD_HOSTS or cfg.host not in ("127.0.0.1", "localhost", "::1"):

@@ -15,12 +15,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import mlx_lora
+from mlx_lora.config import TrainConfig, parse_config
 from mlx_lora.core.errors import MlxLoraError
-from mlx_lora.model.lora import ADAPTER_WEIGHTS
+from mlx_lora.data.dataset import FORMATS, detect_format, read_records
+from mlx_lora.export.pipeline import MODES, ExportConfig
+from mlx_lora.model.hub import check_model_dir
+from mlx_lora.model.lora import ADAPTER_WEIGHTS, read_adapter
 from mlx_lora.studio.chatting import ChatModels
 from mlx_lora.studio.events import curves, final_figures, run_state
 from mlx_lora.studio.jobs import Jobs
 from mlx_lora.studio.paths import Roots, scan
+from mlx_lora.train.loop import validate
+from mlx_lora.verify.checks import have_llama_cpp
+from mlx_lora.verify.manifest import MANIFEST, Manifest
 
 # Export settings the page offers (ollama create is shown as a command to copy, not run).
 EXPORT_FIELDS = (
@@ -49,11 +57,6 @@ class Studio:
 
 
 def info(studio: Studio) -> dict:
-    import mlx_lora
-    from mlx_lora.config import TrainConfig
-    from mlx_lora.data.dataset import FORMATS
-    from mlx_lora.export.pipeline import MODES, ExportConfig
-    from mlx_lora.verify.checks import have_llama_cpp
 
     return {
         "version": mlx_lora.__version__,
@@ -69,7 +72,6 @@ def info(studio: Studio) -> dict:
 
 def gguf_types() -> list[str]:
     """``python -m mlx_lora.export``'s ``--gguf-type`` choices: the page offers exactly these."""
-    from mlx_lora.export.pipeline import ExportConfig
 
     gguf_type = next(f for f in dataclasses.fields(ExportConfig) if f.name == "gguf_type")
     return list(gguf_type.metadata["choices"])
@@ -98,9 +100,6 @@ def _flags(cls: type, body: dict, allowed: set[str]) -> list[str]:
 
 def train_flags(studio: Studio, body: dict) -> tuple[list[str], Path]:
     """The page's Train form as ``python -m mlx_lora.train`` flags, paths confined to the roots."""
-    from mlx_lora.config import TrainConfig, parse_config
-    from mlx_lora.data.dataset import detect_format, read_records
-    from mlx_lora.train.loop import validate
 
     body = dict(body)
     resume = bool(body.pop("resume", False))
@@ -129,8 +128,6 @@ def _check_model(model: str) -> None:
     """A local model folder that cannot be one fails before a run is started."""
     path = Path(model)
     if path.is_dir():
-        from mlx_lora.model.hub import check_model_dir
-
         check_model_dir(path)
 
 
@@ -168,8 +165,6 @@ def plan(studio: Studio, body: dict) -> dict:
 
 def start_export(studio: Studio, body: dict) -> dict:
     """``python -m mlx_lora.export`` with the Export form's settings."""
-    from mlx_lora.config import parse_config
-    from mlx_lora.export.pipeline import ExportConfig
 
     body = dict(body)
     roots = studio.roots
@@ -188,7 +183,6 @@ def start_export(studio: Studio, body: dict) -> dict:
 def export_result(studio: Studio, jid: str) -> dict:
     """A finished export: its verify report (``Report.to_dict()`` and the quality figures, as
     verify recorded them in the manifest), the Modelfile and the ``ollama create`` command."""
-    from mlx_lora.verify.manifest import MANIFEST, Manifest
 
     job = studio.jobs.get(jid)
     snap = job.snapshot()
@@ -249,7 +243,6 @@ def chat_target(studio: Studio, body: dict) -> tuple[str, Path | None]:
     Without a model the adapter's recorded base is used (as ``python -m mlx_lora.chat`` does); it
     must lie inside the roots too, like any path the page reaches.
     """
-    from mlx_lora.model.lora import read_adapter
 
     roots = studio.roots
     adapter = None

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from mlx_lora.core.errors import MlxLoraError
+from mlx_lora.infer.generate import generate_answer, require_chat_template
+from mlx_lora.model.load import load_for_inference
 
 
 class Disconnected(Exception):
@@ -64,8 +66,6 @@ class ChatModels:
 
     def _get(self, model: str | None, adapter: Path | None) -> Any:
         """Base (+ adapter) or a fused folder; ``model`` None = the adapter's recorded base."""
-        from mlx_lora.infer.generate import require_chat_template
-        from mlx_lora.model.load import load_for_inference
 
         key = (model, str(adapter) if adapter else None)
         if key in self.cache:
@@ -92,7 +92,6 @@ class ChatModels:
         """Queue one answer; read its events from the returned request."""
 
         def work(req: Request) -> None:
-            from mlx_lora.infer.generate import generate_answer
 
             loaded = self._get(model, adapter)
             # bad settings, or a template that rejects the conversation, fail here: before a

@@ -16,6 +16,10 @@ import json
 import re
 from pathlib import Path
 
+from mlx_lora.core.errors import MlxLoraError
+from mlx_lora.core.files import read_json
+from mlx_lora.train.checkpoint import STATE_FILE, checkpoints
+
 _PROGRESS = re.compile(r"(\d+)%\|")
 
 
@@ -60,9 +64,6 @@ class LineReader:
 
 def run_state(out: Path) -> dict | None:
     """The newest ``trainer_state.json`` of a run: the final one, or its latest checkpoint's."""
-    from mlx_lora.core.errors import MlxLoraError
-    from mlx_lora.core.files import read_json
-    from mlx_lora.train.checkpoint import STATE_FILE, checkpoints
 
     best = None
     for path in [out / STATE_FILE] + [c / STATE_FILE for c in reversed(checkpoints(out))]:

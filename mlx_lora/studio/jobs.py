@@ -23,6 +23,7 @@ from typing import Any
 
 from mlx_lora.core.errors import MlxLoraError
 from mlx_lora.studio.events import LineReader
+from mlx_lora.train.checkpoint import checkpoints
 from mlx_lora.train.report import EVENTS_ENV, log_line
 
 MAX_LINES = 3000
@@ -174,8 +175,6 @@ class Job:
         tail = f" (last output: {last[-200:]})" if last else ""
         resume = ""
         if self.kind == "train":
-            from mlx_lora.train.checkpoint import checkpoints
-
             found = checkpoints(self.output_dir) if self.output_dir.is_dir() else []
             resume = (
                 f"; its last complete checkpoint is {found[-1].name}: Resume continues from it"

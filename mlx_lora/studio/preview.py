@@ -12,20 +12,26 @@ from pathlib import Path
 from typing import Any
 
 from mlx_lora.core.errors import MlxLoraError
+from mlx_lora.data.dataset import (
+    FORMATS,
+    detect_format,
+    encode_record,
+    end_of_turn_for,
+    read_records,
+)
+from mlx_lora.model.hub import resolve_model
+from mlx_lora.model.prompt import hf_tokenizer, load_hf_tokenizer
 
 
 def load_tokenizer(model: str, source: str = "auto") -> Any:
     """The tokenizer of ``model`` (loaded once: :func:`mlx_lora.model.prompt.load_hf_tokenizer`
     caches it); no weights are loaded."""
-    from mlx_lora.model.hub import resolve_model
-    from mlx_lora.model.prompt import load_hf_tokenizer
 
     return load_hf_tokenizer(Path(resolve_model(model, source)).resolve())
 
 
 def segments(tokenizer: Any, ids: list[int], mask: list[bool]) -> list[dict]:
     """Runs of trained / untrained tokens as text (special tokens kept visible)."""
-    from mlx_lora.model.prompt import hf_tokenizer
 
     tok = hf_tokenizer(tokenizer)
     out: list[dict] = []
@@ -48,13 +54,6 @@ def preview(
     count: int = 3,
 ) -> dict:
     """Format, record count and the first ``count`` usable records as highlighted segments."""
-    from mlx_lora.data.dataset import (
-        FORMATS,
-        detect_format,
-        encode_record,
-        end_of_turn_for,
-        read_records,
-    )
 
     if fmt not in FORMATS:
         raise MlxLoraError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")

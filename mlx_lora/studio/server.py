@@ -27,6 +27,7 @@ from mlx_lora.studio import api
 from mlx_lora.studio.chatting import Disconnected, check_messages, sampling_settings
 from mlx_lora.studio.jobs import Busy
 from mlx_lora.studio.paths import OutsideRoot
+from mlx_lora.studio.preview import preview
 
 STATIC = Path(__file__).with_name("static")
 MAX_BODY = 1_000_000
@@ -218,7 +219,6 @@ ROUTES: dict[tuple[str, str], Callable[[api.Studio, dict], Any]] = {
 
 
 def _preview(studio: api.Studio, body: dict) -> dict:
-    from mlx_lora.studio.preview import preview
 
     data = studio.roots.resolve(body.get("data") or "", what="data file", must_exist=True)
     model = studio.roots.model(body.get("model") or "")

@@ -12,6 +12,10 @@ import shutil
 import time
 from pathlib import Path
 
+from mlx_lora.model.hub import resolve_model
+from mlx_lora.testing.assets import fetch_smollm2_gguf
+from mlx_lora.testing.tiny_model import make_tiny_model, shape_from_config
+
 
 def roofline(hidden: int, intermediate: int, tokens: int = 512, clock=time.perf_counter) -> float:
     """Best fp32 FLOP/s of the model's GEMM shapes (tokens × hidden × intermediate, both ways)."""
@@ -34,7 +38,6 @@ def smollm2_gguf() -> Path:
     """SmolLM2-135M-Instruct (Q4_1 GGUF, a real trained chat model), fetched by
     :mod:`mlx_lora.testing.assets`; ``--model`` converts it once into a cached folder
     (mlx_lora.model.gguf_import)."""
-    from mlx_lora.testing.assets import fetch_smollm2_gguf
 
     try:
         return fetch_smollm2_gguf()
@@ -76,7 +79,6 @@ def prepare_model(spec: str, tmp: Path, args, *, qwen_tokenizer: Path) -> Path:
     ``args`` needs ``bf16`` (and, for bench, ``hidden`` and ``layers``); ``qwen_tokenizer`` is the
     real Qwen tokenizer folder the generated models copy (the checkout's
     ``../shared/fixtures/qwen15-tokenizer``)."""
-    from mlx_lora.testing.tiny_model import make_tiny_model, shape_from_config
 
     out = tmp / f"model-{len(list(tmp.glob('model-*')))}"
     dtype = "bfloat16" if args.bf16 else "float32"
@@ -96,7 +98,6 @@ def prepare_model(spec: str, tmp: Path, args, *, qwen_tokenizer: Path) -> Path:
         return make_tiny_model(
             out, tokenizer=qwen_tokenizer, dtype=dtype, **shape_from_config(spec)
         )
-    from mlx_lora.model.hub import resolve_model
 
     folder = Path(resolve_model(str(smollm2_gguf()) if spec == "smollm2-135m" else spec, "auto"))
     return folder if args.bf16 else fp32_copy(folder, out)

@@ -27,6 +27,7 @@ from mlx_lora.core.files import (
     write_json_atomic,
 )
 from mlx_lora.core.weights import load_tensors, save_tensors
+from mlx_lora.model.load import save_model_folder
 from mlx_lora.model.lora import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
@@ -85,7 +86,6 @@ class ModelSaver:
         self.base_dir, self.info = Path(base_dir), info
 
     def save(self, folder: Path, model: nn.Module) -> None:
-        from mlx_lora.model.load import save_model_folder
 
         save_model_folder(folder, model, self.base_dir, self.info)
 

@@ -37,6 +37,7 @@ from mlx_lora.data.dataset import (
     make_batch,
 )
 from mlx_lora.data.prepare import run_examples
+from mlx_lora.eval.compare import EvalConfig, evaluate_adapter
 from mlx_lora.model.hub import resolve_model
 from mlx_lora.model.load import compute_dtype, device_name, load_base, load_base_tokenizer
 from mlx_lora.model.lora import adapter_config, apply_lora, normalize_targets
@@ -819,7 +820,6 @@ def _reporter(run: Run, reporter: Reporter | None, progress: bool, resumed: bool
 def _eval_at_end(cfg: TrainConfig) -> str:
     """``--eval-at-end``: :mod:`mlx_lora.eval.compare` on the finished adapter; its one-line
     verdict."""
-    from mlx_lora.eval.compare import EvalConfig, evaluate_adapter
 
     r = evaluate_adapter(
         EvalConfig(adapter=cfg.output_dir, model=cfg.model, model_source=cfg.model_source)

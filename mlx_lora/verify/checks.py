@@ -45,6 +45,15 @@ from mlx_lora.config import opt
 from mlx_lora.core.dtypes import config_dtype
 from mlx_lora.core.errors import MlxLoraError
 from mlx_lora.core.files import read_json, scratch_file
+from mlx_lora.eval.quality import (
+    Quality,
+    Row,
+    eval_set,
+    folder_size,
+    gguf_row,
+    llama_scores,
+    mlx_scores,
+)
 from mlx_lora.gguf.llamacpp import (
     INSTALL_HINT,
     have_llama_cpp,
@@ -53,18 +62,32 @@ from mlx_lora.gguf.llamacpp import (
     llama_tokenize,
     open_llama,
 )
+from mlx_lora.gguf.quant import reference_type
 from mlx_lora.gguf.writer import (
     GGUF_EXPORT_TYPES,
     LLAMA_CPP_TYPES,
     gguf_arch,
     planned_lora_tensors,
     planned_tensors,
+    write_gguf,
 )
 from mlx_lora.model.families import FAMILIES
+from mlx_lora.model.hub import resolve_model
+from mlx_lora.model.load import load_for_inference
 from mlx_lora.model.lora import read_adapter
 from mlx_lora.model.meta import FUSED_INFO, training_system_prompt
-from mlx_lora.model.prompt import TOKENIZER_FILES, has_chat_template, hf_tokenizer
-from mlx_lora.verify.manifest import Manifest
+from mlx_lora.model.prompt import (
+    TOKENIZER_FILES,
+    build_prompt,
+    encode_text,
+    has_chat_template,
+    hf_tokenizer,
+    load_hf_tokenizer,
+    render,
+    with_system,
+)
+from mlx_lora.verify.manifest import MANIFEST, Manifest
+from mlx_lora.verify.template_check import check_modelfile_prompts
 
 # Texts whose tokenization must agree exactly. None starts with whitespace: transformers'
 # Metaspace pre-tokenizer skips SentencePiece's dummy prefix there, SentencePiece does not.
@@ -413,7 +436,6 @@ class MlxRun:
 
 def probe_prompts(tokenizer: Any, system_prompt: str | None = None) -> list[list[int]]:
     """Token ids of the probes: chat prompts via build_prompt, or plain text without a template."""
-    from mlx_lora.model.prompt import build_prompt
 
     if has_chat_template(tokenizer):
         return [build_prompt(tokenizer, list(p), system_prompt) for p in PROBES]
@@ -423,7 +445,6 @@ def probe_prompts(tokenizer: Any, system_prompt: str | None = None) -> list[list
 
 def load_mlx(model_dir: Path, adapter_dir: Path | None = None) -> tuple[Any, Any]:
     """fp32 MLX model (+ PEFT adapter) and its tokenizer: the reference llama.cpp must match."""
-    from mlx_lora.model.load import load_for_inference
 
     loaded = load_for_inference(str(model_dir), adapter_dir, dtype="float32")
     return loaded.model, loaded.tokenizer
@@ -464,7 +485,6 @@ def run_mlx(model: Any, prompts: list[list[int]], greedy_tokens: int) -> MlxRun:
 
 def check_tokenization(gguf_path: Path, tokenizer: Any, texts: Sequence[str] = TEXTS) -> Check:
     """(b) HF tokenizer vs llama.cpp on ``texts``, special tokens parsed as special."""
-    from mlx_lora.model.prompt import encode_text
 
     llm = open_llama(gguf_path, vocab_only=True)
     bad = []
@@ -491,7 +511,6 @@ def check_chat_tokenization(gguf_path: Path, tokenizer: Any, system: str | None)
     its TEMPLATE renders) and by HF. A figure, not a verdict: verify feeds llama.cpp the ids MLX
     used, so logits agree either way; a difference here (e.g. SentencePiece's space prefix after
     a special token) means Ollama's chat input differs from the training input."""
-    from mlx_lora.model.prompt import render, with_system
 
     if not has_chat_template(tokenizer):
         return None
@@ -532,7 +551,6 @@ def _check_fused(
             msg = "the adapter records no base model; pass --base"
             report.checks.append(Check("fused vs base+adapter (MLX)", "skipped", msg))
             return
-        from mlx_lora.model.hub import resolve_model
 
         base_dir = resolve_model(recorded)
     fused_dtype = config_dtype(read_json(hf_dir / "config.json"), "float32")
@@ -560,7 +578,6 @@ def _greedy_check(ref: MlxRun, theirs: list[int], kind: str) -> Check:
 def check_modelfile_template(modelfile: Path, gguf_path: Path, tokenizer: Any) -> Check:
     """(e) Ollama's prompt ids for the Modelfile (TEMPLATE run by Go, llama.cpp tokenization with
     the GGUF's add-BOS rule) against the HF chat template's, on every check conversation."""
-    from mlx_lora.verify.template_check import check_modelfile_prompts
 
     name = "Modelfile template vs HF template"
     r = check_modelfile_prompts(Path(modelfile), Path(gguf_path), tokenizer, PLAIN_PROBES)
@@ -653,9 +670,6 @@ def _quality_gguf(
     reference_gguf: Path | None,
 ) -> None:
     """(e) the quantized GGUF and its f16/f32 reference, both through llama.cpp, against MLX."""
-    from mlx_lora.eval.quality import Quality, gguf_row, llama_scores
-    from mlx_lora.gguf.quant import reference_type
-    from mlx_lora.gguf.writer import write_gguf
 
     ref_type = reference_type(hf_dir)
     lora = Path(lora_gguf) if lora_gguf else None
@@ -716,8 +730,6 @@ def verify_gguf(
     """
     import gguf
 
-    from mlx_lora.eval.quality import eval_set, mlx_scores
-
     hf_dir, gguf_path = Path(hf_dir), Path(gguf_path)
     adapter_dir = Path(adapter_dir) if adapter_dir is not None else None
     _check_inputs((hf_dir, gguf_path, adapter_dir, lora_gguf, modelfile), adapter_dir, lora_gguf)
@@ -762,7 +774,6 @@ def verify_mlx(
     greedy_tokens: int = GREEDY_TOKENS,
 ) -> Report:
     """(f) An MLX export against the full-precision model it was quantized from, both in MLX."""
-    from mlx_lora.eval.quality import Quality, Row, eval_set, folder_size, mlx_scores
 
     hf_dir, mlx_dir = Path(hf_dir), Path(mlx_dir)
     _check_inputs((hf_dir, mlx_dir, adapter_dir), None, None)
@@ -819,8 +830,6 @@ def _check_mlx_load(mlx_dir: Path, hf_dir: Path) -> Check:
     """The contract: ``mlx_lm.load`` opens the folder unchanged, with the model's chat template."""
     from mlx_lm.utils import load as mlx_lm_load
 
-    from mlx_lora.model.prompt import load_hf_tokenizer
-
     name = "mlx_lm.load opens it"
     try:
         model, tok = mlx_lm_load(str(mlx_dir))
@@ -844,7 +853,6 @@ def _bits_per_weight(model: Any) -> float:
 
 def load_quantized(mlx_dir: Path) -> tuple[Any, Any]:
     """An MLX folder as chat and serve load it (its own dtype: what mlx_lm runs)."""
-    from mlx_lora.model.load import load_for_inference
 
     loaded = load_for_inference(str(mlx_dir))
     return loaded.model, loaded.tokenizer
