@@ -15,6 +15,10 @@ line (test_train_then_chat_on_a_gguf_base).
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 from conftest import SAMPLE_DATA, load_script
 
@@ -78,6 +82,12 @@ def test_real_model_road(tmp_path, monkeypatch):
     assert logits.values["top1_equal"] == logits.values["positions"] >= 100
     assert report.get("greedy").status == "ok"
     assert report.get("fused (float32) vs base+adapter").status == "ok"
+    # the README's step 6 on this real base (bf16 after its Q4_1 import): every check passes;
+    # the stored 16-bit weights equal the merge rounded to bf16, and the merge the LoRA layers
+    step6 = _readme_step6(tmp_path / "road" / "adapter", tmp_path / "step6")
+    assert step6.returncode == 0, step6.stdout[-3000:] + step6.stderr[-2000:]
+    fused = next(ln for ln in step6.stdout.splitlines() if "fused (bfloat16) vs base+adapter" in ln)
+    assert " ok " in fused, fused
     # the Modelfile TEMPLATE run by Go as Ollama does ≡ the HF template
     convs = check_conversations()
     assert len(convs) >= 24
@@ -92,3 +102,10 @@ def test_real_model_road(tmp_path, monkeypatch):
     # HF → GGUF → HF: the fused folder's tensors back, bit for bit
     rt = road.roundtrip
     assert rt["identical"] == rt["tensors"] == 272 and rt["extra"] == []
+
+
+def _readme_step6(adapter: Path, out: Path) -> subprocess.CompletedProcess:
+    """The README's step-6 command (without ``--ollama-create``: no Ollama here)."""
+    cmd = [sys.executable, "-m", "mlx_lora.export", "--adapter", str(adapter)]
+    cmd += ["--output-dir", str(out), "--name", "huanhuan", "--gguf-type", "f16", "--verify"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=900)

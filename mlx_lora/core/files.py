@@ -123,3 +123,28 @@ def read_json(path: Path, *, required: bool = False) -> dict:
 def write_error_detail(e: BaseException) -> str:
     """What went wrong in a write, in a few words (MLX reports a full disk as RuntimeError)."""
     return e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+
+
+def check_apart(
+    out: Path, sources: dict[str, Path | str | None], flag: str = "--output-dir"
+) -> None:
+    """Refuse an output folder that is, contains or lies inside one of the command's inputs: a
+    run started over (``--overwrite-output-dir``) or a fused folder put in place would delete or
+    mix with the model or data it reads. ``sources`` maps a flag (``--model``) to its path."""
+    o = Path(out).expanduser().resolve()
+    for name, src in sources.items():
+        if src is None or not Path(src).expanduser().exists():
+            continue
+        s = Path(src).expanduser().resolve()
+        if o == s:
+            how = "is"
+        elif s.is_relative_to(o):
+            how = "contains"
+        elif o.is_relative_to(s) and s.is_dir():
+            how = "lies inside"
+        else:
+            continue
+        raise MlxLoraError(
+            f"{flag} {out} {how} {name} {src}; writing there could delete or mix with it: choose "
+            "a separate folder"
+        )

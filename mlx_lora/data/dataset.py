@@ -210,6 +210,31 @@ def end_of_turn_for(fmt: str, tokenizer: Any) -> str | None:
     return end_of_turn(tokenizer)
 
 
+# No token spans more characters than this, so the first N tokens of a text lie within its first
+# N × this characters: contents beyond that are cut before tokenizing (a 50 MB record would
+# otherwise be tokenized whole, gigabytes, only to be truncated to --max-seq-length).
+MAX_CHARS_PER_TOKEN = 64
+
+
+def clip_contents(item: list[Message] | str, max_chars: int) -> list[Message] | str:
+    """The record cut to ``max_chars`` characters of content in order (later messages keep one
+    character, so the conversation keeps its shape); tokens past the cut are truncated anyway."""
+    if isinstance(item, str):
+        return item[:max_chars]
+    out, left = [], max_chars
+    for m in item:
+        text = m["content"]
+        if len(text) > left:
+            text = text[: max(left, 1)]
+        left = max(left - len(text), 0)
+        out.append({**m, "content": text})
+    return out
+
+
+def record_chars(item: list[Message] | str) -> int:
+    return len(item) if isinstance(item, str) else sum(len(m["content"]) for m in item)
+
+
 def encode_record(
     record: Any,
     fmt: str,
@@ -218,14 +243,28 @@ def encode_record(
     system_prompt: str | None,
     eot: str | None,
     allow_special: bool = False,
+    max_tokens: int | None = None,
 ) -> Encoded | None:
-    """Ids and loss mask of one record, untruncated; None when the record is unusable.
+    """Ids and loss mask of one record, untruncated unless ``max_tokens`` (then at least its first
+    ``max_tokens`` ids are exact); None when the record is unusable.
 
     ``eot`` comes from :func:`end_of_turn_for` (None: plain text). Training and the studio's data
     preview both call this, so the preview shows exactly what is trained. Special-token text in
     the record is text unless ``allow_special``.
     """
     item = to_messages(record, fmt)
+    if item is not None and max_tokens is not None:
+        item = clip_contents(item, max_tokens * MAX_CHARS_PER_TOKEN)
+    return _encode_item(item, tokenizer, system_prompt, eot, allow_special)
+
+
+def _encode_item(
+    item: list[Message] | str | None,
+    tokenizer: Any,
+    system_prompt: str | None,
+    eot: str | None,
+    allow_special: bool,
+) -> Encoded | None:
     if item is None:
         return None
     if isinstance(item, str):
@@ -285,16 +324,17 @@ def load_dataset(
     eot = end_of_turn_for(fmt, tokenizer)
     ds = Dataset([], fmt, len(records), allow_special=allow_special)
     for n, rec in enumerate(records, 1):
-        enc = encode_record(
-            rec, fmt, tokenizer, system_prompt=system_prompt, eot=eot, allow_special=allow_special
-        )
+        item = to_messages(rec, fmt)
+        clipped = item is not None and record_chars(item) > max_seq_length * MAX_CHARS_PER_TOKEN
+        if clipped:
+            item = clip_contents(item, max_seq_length * MAX_CHARS_PER_TOKEN)
+        enc = _encode_item(item, tokenizer, system_prompt, eot, allow_special)
         if enc is None:
             ds.skipped += 1
             ds.skipped_lines.append(n)
             continue
-        item = to_messages(rec, fmt)
         ds.special_text += bool(special_text(tokenizer, item))
-        if len(enc.ids) > max_seq_length:
+        if len(enc.ids) > max_seq_length or clipped:
             ds.truncated += 1
             enc = Encoded(enc.ids[:max_seq_length], enc.mask[:max_seq_length])
         if not any(enc.mask[1:]):  # the first token is never predicted

@@ -21,7 +21,7 @@ import numpy as np
 from mlx_lora.config import opt, parse_config
 from mlx_lora.core.dtypes import config_dtype, set_config_dtype
 from mlx_lora.core.errors import MlxLoraError
-from mlx_lora.core.files import atomic_dir, read_json, write_error_detail
+from mlx_lora.core.files import atomic_dir, check_apart, read_json, write_error_detail
 from mlx_lora.core.weights import INDEX_FILE, load_tensors, save_tensors, weight_files
 from mlx_lora.model.hub import SOURCES
 from mlx_lora.model.load import DTYPES, base_model_dir, dtype_name, write_model_files
@@ -87,6 +87,7 @@ def fuse(
     if dtype is not None and dtype not in DTYPES:
         raise MlxLoraError(f"unknown --dtype {dtype!r}; choose {', '.join(DTYPES)}")
     out = Path(output_dir)
+    check_apart(out, {"--model": base, "--adapter": lora.directory})
     _check_output(out, overwrite)
     try:
         with atomic_dir(out) as tmp:

@@ -34,7 +34,7 @@ from typing import Any
 
 from mlx_lora.config import opt
 from mlx_lora.core.errors import MlxLoraError
-from mlx_lora.core.files import read_json, scratch_file, write_error_detail
+from mlx_lora.core.files import check_apart, read_json, scratch_file, write_error_detail
 from mlx_lora.core.units import human_bytes, path_bytes
 from mlx_lora.export.fuse import fuse
 from mlx_lora.export.mlx import check_quantization, run_commands, write_mlx_model
@@ -398,6 +398,8 @@ def _prepare(cfg: ExportConfig) -> _Job:
     name = cfg.name or default_name(str(model), adapter.directory if adapter else None)
     template = None if cfg.format == "mlx" else _template(cfg, tokenizer, base_dir)
     job = _Job(cfg, adapter, base_dir, name, tokenizer, template)
+    inputs = {"--model": base_dir, "--adapter": adapter.directory if adapter else None}
+    check_apart(job.out, {**inputs, "--eval-data": cfg.eval_data})
     existing = [p for p in job.artifacts if p.exists()]
     if existing and not cfg.overwrite:
         raise MlxLoraError(

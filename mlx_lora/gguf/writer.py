@@ -20,7 +20,7 @@ to f16 under q8_0; LoRA tensors are ``<name>.weight.lora_a`` = A ``[r, in]`` and
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -241,6 +241,13 @@ def _block_id(name: str) -> int:
     return -1
 
 
+def tied_embeddings(cfg: dict, names: Iterable[str]) -> bool:
+    """Whether the output matrix is the embedding: config.json says so, or (no key, as some
+    Gemma 3 folders ship) the weights do, by having no ``lm_head.weight`` — the importer's rule."""
+    tie = cfg.get("tie_word_embeddings")
+    return "lm_head.weight" not in set(names) if tie is None else bool(tie)
+
+
 def _map_weights(
     hf_dir: Path, cfg: dict, family: Family, wanted: gguf.GGMLQuantizationType
 ) -> dict[str, _Planned]:
@@ -252,7 +259,7 @@ def _map_weights(
         if hf_name.endswith((".rotary_emb.inv_freq", ".attention.masked_bias")):
             continue
         if hf_name == "lm_head.weight" and family.head_unused:
-            if cfg.get("tie_word_embeddings", True) is False:
+            if not tied_embeddings(cfg, weights):
                 raise MlxLoraError(
                     f"{hf_dir}: a separate lm_head cannot be stored in a {family.name} GGUF "
                     "(llama.cpp always uses the embedding as the output matrix)"
@@ -274,10 +281,11 @@ def _map_weights(
 
 def _check_complete(hf_dir: Path, cfg: dict, family: Family, planned: dict) -> None:
     required = ["token_embd.weight", "output_norm.weight"]
+    names = ["lm_head.weight"] if "output.weight" in planned else []
     for b in range(cfg["num_hidden_layers"]):
         required += [f"blk.{b}.{t}.weight" for t in family.block]
         required += [f"blk.{b}.{t}.bias" for t in family.block_bias]
-    if not cfg.get("tie_word_embeddings", False) and not family.head_unused:
+    if not tied_embeddings(cfg, names) and not family.head_unused:
         required.append("output.weight")
     missing = [n for n in required if n not in planned]
     if missing:
@@ -506,7 +514,7 @@ def _lora_target(module: str, tmap: Any, cfg: dict, base_shapes: dict, where: Pa
             "without it"
         )
     gname = tmap.get_name(module + ".weight", try_suffixes=(".weight",))
-    tied = cfg.get("tie_word_embeddings", False) and "lm_head.weight" not in base_shapes
+    tied = tied_embeddings(cfg, base_shapes) and "lm_head.weight" not in base_shapes
     if module.endswith("lm_head") and (tied or gname is None):
         raise MlxLoraError(
             f"{where}: LoRA on lm_head cannot apply to a model with tied embeddings; retrain "

@@ -27,7 +27,7 @@ from mlx.utils import tree_flatten, tree_map
 
 from mlx_lora.config import TrainConfig
 from mlx_lora.core.errors import MlxLoraError
-from mlx_lora.core.files import write_error_detail, write_json_atomic
+from mlx_lora.core.files import check_apart, write_error_detail, write_json_atomic
 from mlx_lora.core.units import human_bytes
 from mlx_lora.data.dataset import (
     Batch,
@@ -447,6 +447,8 @@ def setup(cfg: TrainConfig) -> tuple[Run, Path | None]:
     out = Path(cfg.output_dir)
     lead = group.rank() == 0
     model_dir = resolve_model(cfg.model, cfg.model_source)
+    sources = {"--model": model_dir, "--data": cfg.data, "--eval-data": cfg.eval_data}
+    check_apart(out, sources)
     shape = read_shape(model_dir)  # a model mlx-lm cannot build fails here, before the tokenizer
     tokenizer = load_base_tokenizer(model_dir)
     ds, train_ex, val_ex = run_examples(cfg, tokenizer, group.size())
