@@ -101,11 +101,21 @@ def resolve_model(model: str, source: str = "auto", *, weights: bool = True) -> 
         raise MlxLoraError(f"unknown --model-source {source!r}; choose one of {', '.join(SOURCES)}")
 
     check = check_model_dir if weights else check_config_dir
-    patterns = ALLOW_PATTERNS if weights else METADATA_PATTERNS
     if is_gguf_model(model):  # model.gguf or ollama:NAME[:TAG] → a cached converted folder
         return check(resolve_gguf_model(model))
     if looks_like_path(model):
         return check(Path(model).expanduser().resolve())
+    return fetch_hub_model(model, source, weights=weights)
+
+
+def fetch_hub_model(model: str, source: str = "auto", *, weights: bool = True) -> Path:
+    """The cached (else downloaded) folder of the hub id ``model``, never a local folder of that
+    name: the studio passes ids here so that ``org/name`` in its working directory, outside
+    ``--root``, is not picked up."""
+    if source not in SOURCES:
+        raise MlxLoraError(f"unknown --model-source {source!r}; choose one of {', '.join(SOURCES)}")
+    check = check_model_dir if weights else check_config_dir
+    patterns = ALLOW_PATTERNS if weights else METADATA_PATTERNS
     order = ["modelscope", "huggingface"] if source == "auto" else [source]
     for name in order:  # a cached copy first: no network, no surprise re-download
         try:

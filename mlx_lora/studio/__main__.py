@@ -11,7 +11,7 @@ from mlx_lora.studio.api import Studio
 from mlx_lora.studio.chatting import ChatModels
 from mlx_lora.studio.jobs import Jobs
 from mlx_lora.studio.paths import Roots
-from mlx_lora.studio.server import WILDCARD_HOSTS, log, make_server
+from mlx_lora.studio.server import WILDCARD_HOSTS, check_port, log, make_server
 
 
 @dataclass
@@ -20,11 +20,16 @@ class StudioConfig:
         "127.0.0.1",
         "address to listen on; 0.0.0.0 makes the studio reachable from other machines (no login!)",
     )
-    port: int = opt(7860, "port to listen on (0 = any free port)")
+    port: int = opt(7860, "port to listen on, 1-65535 (0 = any free port)")
     root: str = opt(
         ".",
         "the folders the page may read and write (several: separated by ':'); paths outside them "
         "are refused",
+    )
+    allow_host: str = opt(
+        "",
+        "more names the page may be reached by (comma-separated, e.g. a DNS name of this machine); "
+        "requests naming any other host are refused",
     )
 
 
@@ -45,9 +50,15 @@ WARN_PUBLIC = (
 def build(cfg: StudioConfig):  # -> tuple[Studio, ThreadingHTTPServer]
     """The studio's state and its bound server (tests call this and serve in a thread)."""
 
+    check_port(cfg.port)  # before anything starts: a bad --port is one line, not a traceback
+    extra = tuple(n.strip() for n in cfg.allow_host.split(",") if n.strip())
     roots = Roots.parse(cfg.root)
     studio = Studio(roots, Jobs(roots.dirs[0], log), ChatModels(), cfg.host, cfg.port)
-    return studio, make_server(studio)
+    try:
+        return studio, make_server(studio, extra)
+    except BaseException:
+        studio.chat.close()  # its worker thread would outlive the failed start
+        raise
 
 
 def serve(cfg: StudioConfig) -> None:

@@ -18,14 +18,23 @@ from typing import Any
 import mlx_lora
 from mlx_lora.config import TrainConfig, parse_config
 from mlx_lora.core.errors import MlxLoraError
-from mlx_lora.data.dataset import FORMATS, detect_format, read_records
+from mlx_lora.data.dataset import FORMATS, detect_format
 from mlx_lora.export.pipeline import MODES, ExportConfig
 from mlx_lora.model.hub import check_model_dir
 from mlx_lora.model.lora import ADAPTER_WEIGHTS, read_adapter
 from mlx_lora.studio.chatting import ChatModels
 from mlx_lora.studio.events import curves, final_figures, run_state
+from mlx_lora.studio.fields import (
+    check_numbers,
+    flag,
+    folder_name,
+    kind,
+    setting_types,
+    text,
+)
 from mlx_lora.studio.jobs import Jobs
-from mlx_lora.studio.paths import Roots, scan
+from mlx_lora.studio.paths import Roots, loadable, scan
+from mlx_lora.studio.preview import sample_records
 from mlx_lora.train.loop import validate
 from mlx_lora.verify.checks import have_llama_cpp
 from mlx_lora.verify.manifest import MANIFEST, Manifest
@@ -54,6 +63,7 @@ class Studio:
     chat: ChatModels = field(default_factory=ChatModels)
     host: str = "127.0.0.1"
     port: int = 7860
+    hosts: frozenset[str] = frozenset()  # the Host headers that name it (server.own_hosts)
 
 
 def info(studio: Studio) -> dict:
@@ -81,20 +91,31 @@ def found(studio: Studio) -> dict:
     return asdict(scan(studio.roots))
 
 
+# Settings whose value becomes the name of a folder or file (tracker runs, exports).
+NAMES = ("run_name", "project_name", "name")
+
+
 def _flags(cls: type, body: dict, allowed: set[str]) -> list[str]:
-    """``--flag value`` pairs for the dataclass fields in ``body`` (booleans as --x / --no-x)."""
-    names = {f.name for f in dataclasses.fields(cls)}
+    """``--flag=value`` for the dataclass fields in ``body`` (booleans as --x / --no-x).
+
+    Each value is checked against its field's type first (:func:`fields.flag`), and written with
+    ``=`` so that text starting with ``-`` stays a value, never another flag.
+    """
+    types = setting_types(cls)
     flags: list[str] = []
     for key, value in body.items():
-        if key not in names or key not in allowed:
-            raise MlxLoraError(f"unknown setting {key!r}")
+        if key not in types or key not in allowed:
+            raise MlxLoraError(f"unknown setting {key[:60]!r}")
+        if key in NAMES:
+            value = folder_name(value, key)
         if value is None or value == "":
             continue
-        flag = "--" + key.replace("_", "-")
+        value = flag(key, value, types[key])
+        name = "--" + key.replace("_", "-")
         if isinstance(value, bool):
-            flags.append(flag if value else "--no-" + flag[2:])
+            flags.append(name if value else "--no-" + name[2:])
         else:
-            flags += [flag, str(value)]
+            flags.append(f"{name}={value}")
     return flags
 
 
@@ -102,7 +123,9 @@ def train_flags(studio: Studio, body: dict) -> tuple[list[str], Path]:
     """The page's Train form as ``python -m mlx_lora.train`` flags, paths confined to the roots."""
 
     body = dict(body)
-    resume = bool(body.pop("resume", False))
+    resume = body.pop("resume", False)
+    if not isinstance(resume, bool):
+        raise MlxLoraError(f"resume: expected true or false, got {kind(resume)}")
     roots = studio.roots
     out = roots.resolve(body.get("output_dir") or "", what="output folder")
     body["output_dir"] = str(out)
@@ -110,12 +133,14 @@ def train_flags(studio: Studio, body: dict) -> tuple[list[str], Path]:
     body["data"] = str(data)
     if body.get("eval_data"):
         body["eval_data"] = str(roots.resolve(body["eval_data"], what="eval data", must_exist=True))
-    body["model"] = roots.model(body.get("model") or "")
+    body["model"] = roots.model(body.get("model"))
     allowed = {f.name for f in dataclasses.fields(TrainConfig)} - {"resume", "config"}
     flags = _flags(TrainConfig, body, allowed) + (["--resume"] if resume else [])
     cfg = parse_config(TrainConfig, flags, "python -m mlx_lora.train", "")
+    check_numbers(cfg)
     validate(cfg)
-    records = read_records(data)  # a file that does not parse fails here, before any process
+    # a file that does not parse fails here (of one over 64 MB, its start: the run reads the rest)
+    records = sample_records(data).records
     if not records:
         raise MlxLoraError(f"{data}: the dataset is empty; add records")
     if cfg.format == "auto":
@@ -125,9 +150,10 @@ def train_flags(studio: Studio, body: dict) -> tuple[list[str], Path]:
 
 
 def _check_model(model: str) -> None:
-    """A local model folder that cannot be one fails before a run is started."""
+    """A local model folder that cannot be one fails before a run is started (an absolute path:
+    :meth:`Roots.model` made it so; a hub id is the run's to fetch)."""
     path = Path(model)
-    if path.is_dir():
+    if path.is_absolute() and path.is_dir():
         check_model_dir(path)
 
 
@@ -139,7 +165,7 @@ def start_train(studio: Studio, body: dict) -> dict:
 
 def resume_job(studio: Studio, body: dict) -> dict:
     """Continue a run started from this page with its own settings (``--resume``)."""
-    old = studio.jobs.get(str(body.get("id", "")))
+    old = studio.jobs.get(text(body, "id", ""))
     if old.kind != "train":
         raise MlxLoraError(f"{old.id} is an {old.kind}, not a training run")
     flags = [f for f in old.flags if f not in ("--overwrite-output-dir", "--resume")]
@@ -175,7 +201,7 @@ def start_export(studio: Studio, body: dict) -> dict:
     if body.get("model"):
         body["model"] = roots.model(body["model"])
     flags = _flags(ExportConfig, body, set(EXPORT_FIELDS))
-    parse_config(ExportConfig, flags, "python -m mlx_lora.export", "")
+    check_numbers(parse_config(ExportConfig, flags, "python -m mlx_lora.export", ""))
     job = studio.jobs.start("export", "mlx_lora.export", flags, out, studio.roots.show(out))
     return job.snapshot()
 
@@ -214,7 +240,7 @@ def runs(studio: Studio, body: dict) -> dict:
     """Curves and figures of the selected output folders, a running job's events merged in."""
     dirs = body.get("dirs") or []
     if not isinstance(dirs, list):
-        raise MlxLoraError("dirs: expected a list of run folders")
+        raise MlxLoraError(f"dirs: expected a list of run folders, got {kind(dirs)}")
     out = []
     for raw in dirs[:12]:
         d = studio.roots.resolve(raw, what="run folder")  # a starting run may not have made it yet
@@ -255,4 +281,4 @@ def chat_target(studio: Studio, body: dict) -> tuple[str, Path | None]:
             if adapter is None
             else f"{roots.show(adapter)} records no base model; enter the model to use"
         )
-    return roots.model(str(model)), None if body.get("base") else adapter
+    return loadable(roots.model(model)), None if body.get("base") else adapter

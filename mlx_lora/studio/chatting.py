@@ -9,6 +9,7 @@ generated one at a time, and at most two models stay loaded (the adapter's and t
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 from collections import OrderedDict
@@ -19,6 +20,7 @@ from typing import Any
 from mlx_lora.core.errors import MlxLoraError
 from mlx_lora.infer.generate import generate_answer, require_chat_template
 from mlx_lora.model.load import load_for_inference
+from mlx_lora.studio.fields import MAX_NUMBER, flag, text
 
 
 class Disconnected(Exception):
@@ -135,12 +137,18 @@ def sampling_settings(body: dict) -> dict:
         value = body.get(key)
         if value is None or value == "":
             continue
+        if not isinstance(value, str):
+            out[key] = cast(flag(key, value, cast))  # refuses true, lists, 1e300, 1.5 for an int
+            continue
         try:
-            out[key] = cast(value)
-        except (TypeError, ValueError):
-            raise MlxLoraError(f"{key}: {value!r} is not a number") from None
-    system = body.get("system_prompt")
-    if isinstance(system, str) and system.strip():
+            number = cast(value)
+        except ValueError:
+            raise MlxLoraError(f"{key}: {value[:40]!r} is not a number") from None
+        if not math.isfinite(number) or abs(number) > MAX_NUMBER:
+            raise MlxLoraError(f"{key}: {value[:40]!r} is out of range")
+        out[key] = number
+    system = text(body, "system_prompt")
+    if system is not None and system.strip():
         out["system_prompt"] = system
     return out
 

@@ -3,7 +3,9 @@
 Every path that comes from the browser goes through :meth:`Roots.resolve`: it is made absolute
 (relative paths start at the first ``--root``), symlinks are resolved, and anything that ends up
 outside every root is refused. The page can therefore never read or write ``/etc/passwd``,
-``../../secret`` or a symlink that points out of the tree.
+``../../secret`` or a symlink that points out of the tree. A model is such a path, a hub id
+or an Ollama name (:meth:`Roots.model`); an ``org/name`` hub id is never looked up in the
+studio's working directory.
 """
 
 from __future__ import annotations
@@ -12,13 +14,17 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from mlx_lora.core.errors import MlxLoraError
 from mlx_lora.core.weights import INDEX_FILE
 from mlx_lora.eval.compare import EVAL_JSON
 from mlx_lora.export.pipeline import MODELFILE
+from mlx_lora.model.gguf_import import OLLAMA_PREFIX
+from mlx_lora.model.hub import fetch_hub_model
 from mlx_lora.model.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from mlx_lora.model.meta import FUSED_INFO, GENERATION_CONFIG
+from mlx_lora.studio.fields import kind
 from mlx_lora.train.checkpoint import CHECKPOINT_PREFIX, STATE_FILE
 from mlx_lora.verify.manifest import MANIFEST
 
@@ -40,7 +46,9 @@ NOT_DATA = {
     INDEX_FILE,
     EVAL_JSON,
 }
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9_][\w.-]*")
+_OLLAMA = re.compile(r"ollama:[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*){0,2}(:[\w.-]+)?")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class OutsideRoot(MlxLoraError):
@@ -69,30 +77,47 @@ class Roots:
     def contains(self, path: Path) -> bool:
         return any(path == d or path.is_relative_to(d) for d in self.dirs)
 
-    def resolve(self, raw: str, *, what: str = "path", must_exist: bool = False) -> Path:
+    def resolve(self, raw: Any, *, what: str = "path", must_exist: bool = False) -> Path:
         """The absolute path ``raw`` names, if it stays inside a root; else :class:`OutsideRoot`."""
-        if not isinstance(raw, str) or not raw.strip() or "\x00" in raw:
-            raise MlxLoraError(f"{what}: empty or invalid path")
-        p = Path(raw.strip())
-        p = (p if p.is_absolute() else self.dirs[0] / p).resolve()
+        raw = _path_text(raw, what)
+        p = Path(raw)
+        try:
+            p = (p if p.is_absolute() else self.dirs[0] / p).resolve()
+        except (RuntimeError, OSError) as e:  # a symlink loop
+            raise MlxLoraError(f"{what} {raw[:200]!r} cannot be followed ({e})") from None
         if not self.contains(p):
             raise OutsideRoot(
-                f"{what} {raw!r} is outside the studio's folders ({self.describe()}); restart the "
-                "studio with --root to allow another folder"
+                f"{what} {raw[:200]!r} is outside the studio's folders ({self.describe()}); "
+                "restart the studio with --root to allow another folder"
             )
         if must_exist and not p.exists():
             raise MlxLoraError(f"{what} {self.show(p)} does not exist")
         return p
 
-    def model(self, raw: str) -> str:
-        """A ``--model`` value: a path inside a root (absolute), or a hub id / ``ollama:NAME``."""
-        raw = (raw or "").strip()
-        if not raw:
+    def model(self, raw: Any) -> str:
+        """A model from the page as the commands get it: an absolute path inside a root, a hub
+        id, or ``ollama:NAME[:TAG]``.
+
+        The rule, in order. ``ollama:NAME[:TAG]`` names a model in Ollama's own store (no ``..``,
+        no leading ``/``). A name that exists under the first root, an absolute path, a ``.gguf``
+        file and anything that is not spelled ``org/name`` is a path: inside a root, existing.
+        What is left, ``org/name`` with nothing of that name under the first root, is a hub id:
+        fetched into the hub's cache, never read as a folder of the studio's working directory
+        (commands run in the first root; the studio's own loading goes through
+        :func:`mlx_lora.model.hub.fetch_hub_model`, see :func:`loadable`).
+        """
+        if raw is not None and not isinstance(raw, str):
+            raise MlxLoraError(f"model: expected a folder, file or hub id (text), got {kind(raw)}")
+        if not (raw or "").strip():
             raise MlxLoraError("model: empty; pick a model folder, a .gguf file or a hub id")
-        inside = (self.dirs[0] / raw) if not Path(raw).is_absolute() else Path(raw)
-        if not inside.exists() and (raw.startswith("ollama:") or _HUB_ID.fullmatch(raw)):
-            if ".." not in raw.split("/"):
-                return raw  # fetched into the hub's own cache by mlx_lora.model.hub
+        raw = _path_text(raw, "model")
+        if raw.startswith(OLLAMA_PREFIX):
+            if not _OLLAMA.fullmatch(raw) or ".." in raw:
+                raise MlxLoraError(f"model {raw[:80]!r}: not an Ollama name like ollama:qwen2:0.5b")
+            return raw
+        hub_id = _HUB_ID.fullmatch(raw) and ".." not in raw and not raw.lower().endswith(".gguf")
+        if hub_id and not (self.dirs[0] / raw).exists():
+            return raw
         return str(self.resolve(raw, what="model", must_exist=True))
 
     def show(self, path: Path) -> str:
@@ -107,6 +132,30 @@ class Roots:
 
     def describe(self) -> str:
         return ", ".join(str(d) for d in self.dirs)
+
+
+def _path_text(raw: Any, what: str) -> str:
+    """``raw`` stripped, if it can name a file at all: text without control characters (NUL,
+    newline: no file name needs them), at most 4096 bytes and 255 per part."""
+    if not isinstance(raw, str):
+        raise MlxLoraError(f"{what}: expected a path (text), got {kind(raw)}")
+    if not raw.strip() or _CONTROL.search(raw):
+        raise MlxLoraError(f"{what}: empty, or holds control characters; enter a path")
+    raw = raw.strip()
+    if len(raw.encode("utf-8", "replace")) > 4096 or any(
+        len(x.encode("utf-8", "replace")) > 255 for x in Path(raw).parts
+    ):
+        raise MlxLoraError(f"{what}: the path is too long (255 bytes per name, 4096 in all)")
+    return raw
+
+
+def loadable(model: str) -> str:
+    """:meth:`Roots.model`'s answer for loading in the studio's own process (preview, chat): a
+    hub id becomes its cached folder, so an ``org/name`` folder in the working directory is never
+    read in its place."""
+    if model.startswith(OLLAMA_PREFIX) or Path(model).is_absolute():
+        return model
+    return str(fetch_hub_model(model))
 
 
 @dataclass

@@ -1,17 +1,25 @@
 """HTTP for the studio: the page, its static files and a small JSON API, on the standard library.
 
 Requests are handled in threads (``ThreadingHTTPServer``), so a long preview or a streaming answer
-does not block the page's polling. Any error inside a request becomes a JSON ``{"error": ...}``
-answer and a line in the studio's log; the server keeps serving. Cross-site requests are refused:
-the ``Host`` header must name the studio (no DNS rebinding), and POSTs must be JSON from the
-studio's own origin (a foreign page cannot send them without a CORS preflight, which is never
-granted).
+does not block the page's polling. Any error inside a request, the standard library's own
+refusals included (a request line too long, an unknown method), becomes a JSON ``{"error": ...}``
+answer of one line (4xx for bad input) and a line in the studio's log; the server keeps serving.
+
+Cross-site requests are refused (403): the ``Host`` header must be one of the studio's own names,
+the loopback names and, with a non-loopback ``--host``, this machine's names and addresses (plus
+``--allow-host``), so a DNS-rebound foreign name never reaches the API; and POSTs must be JSON whose
+``Origin``, when sent, is the studio's own (a foreign page cannot send JSON without a CORS
+preflight, which is never granted). A body needs a ``Content-Length`` (411) of at most
+``MAX_BODY`` bytes (413) that arrives within the socket timeout (400).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import mimetypes
+import re
+import socket
 import sys
 import time
 import traceback
@@ -25,13 +33,17 @@ from urllib.parse import parse_qs, urlsplit
 from mlx_lora.core.errors import MlxLoraError
 from mlx_lora.studio import api
 from mlx_lora.studio.chatting import Disconnected, check_messages, sampling_settings
+from mlx_lora.studio.fields import integer, parse_body, text
 from mlx_lora.studio.jobs import Busy
-from mlx_lora.studio.paths import OutsideRoot
+from mlx_lora.studio.paths import OutsideRoot, loadable
 from mlx_lora.studio.preview import preview
 
 STATIC = Path(__file__).with_name("static")
 MAX_BODY = 1_000_000
+SOCKET_TIMEOUT = 20.0  # seconds a client may take to send its request (a body that never comes)
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+_LENGTH = re.compile(r"[0-9]+")
 
 
 def log(message: str) -> None:
@@ -48,10 +60,56 @@ def static_files() -> dict[str, Path]:
     return files
 
 
+class HttpError(MlxLoraError):
+    """A request the HTTP layer refuses with ``status`` (411, 413, 400)."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def machine_names() -> set[str]:
+    """This machine's host name(s) and addresses, as other machines may reach it."""
+    host = socket.gethostname()
+    names = {host, f"{host}.local", socket.getfqdn()}
+    for name in list(names):
+        try:
+            names |= {str(info[4][0]) for info in socket.getaddrinfo(name, None)}
+        except OSError:
+            pass
+    for family, probe in ((socket.AF_INET, "192.0.2.1"), (socket.AF_INET6, "2001:db8::1")):
+        try:  # the address of the default route; a UDP connect sends nothing
+            with socket.socket(family, socket.SOCK_DGRAM) as s:
+                s.connect((probe, 9))
+                names.add(str(s.getsockname()[0]))
+        except OSError:
+            pass
+    return {n for n in names if n and "%" not in n}  # link-local zones cannot be in a Host
+
+
+def own_hosts(host: str, port: int, extra: tuple[str, ...] = ()) -> frozenset[str]:
+    """The ``Host`` header values that name this studio: ``name:port`` (``[v6]:port``), and the
+    bare name on port 80. Loopback always; this machine's names when ``host`` is not loopback."""
+    names = {*LOOPBACK, host, *extra}
+    if host not in LOOPBACK:
+        names |= machine_names()
+    out = set()
+    for name in names - set(WILDCARD_HOSTS):
+        shown = f"[{name}]" if ":" in name and not name.startswith("[") else name
+        out.add(f"{shown}:{port}".lower())
+        if port == 80:
+            out.add(shown.lower())
+    return frozenset(out)
+
+
 class Handler(BaseHTTPRequestHandler):
+    """One request: the Host and Origin guards, the body's limits, then a route."""
+
     server_version = "mlx_lora-studio"
+    timeout = SOCKET_TIMEOUT  # applied to the connection by StreamRequestHandler.setup
     studio: api.Studio
     files: dict[str, Path]
+    unread = False  # a body was announced but not read: drain it before closing
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         pass  # requests are not news; errors are logged where they happen
@@ -59,12 +117,33 @@ class Handler(BaseHTTPRequestHandler):
     # ------------------------------------------------------------------ plumbing
 
     def _allowed_host(self) -> bool:
-        s = self.studio
-        if s.host in WILDCARD_HOSTS:
-            return True
-        host = self.headers.get("Host", "")
-        names = {s.host, "127.0.0.1", "localhost", "[::1]"}
-        return host in {f"{n}:{s.port}" for n in names}
+        """Exactly one ``Host`` header, naming the studio (see :func:`own_hosts`)."""
+        hosts = self.headers.get_all("Host") or []
+        return len(hosts) == 1 and hosts[0].strip().lower() in self.studio.hosts
+
+    def __getattr__(self, name: str) -> Any:
+        """Methods other than GET and POST get 405 in JSON (the standard library says 501)."""
+        if name.startswith("do_"):
+            return self._not_allowed
+        raise AttributeError(name)
+
+    def _not_allowed(self) -> None:
+        self.close_connection = True
+        self._json(405, {"error": f"method {self.command[:20]!r} not allowed; use GET or POST"})
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """The standard library's own refusals (a request line too long, too many headers, a bad
+        HTTP version) as JSON, with a status line even for an HTTP/0.9-looking request."""
+        self.close_connection = True
+        code = 400 if code == HTTPStatus.HTTP_VERSION_NOT_SUPPORTED else code  # the client's fault
+        self.request_version = "HTTP/1.0"
+        msg = (message or HTTPStatus(code).phrase).splitlines()[0][:300]
+        log(f"{str(getattr(self, 'requestline', ''))[:80]!r}: {code} {msg}")
+        try:
+            self._json(code, {"error": msg})
+        except OSError:
+            return
+        self._drain()  # the rest of a line or header block that was never read
 
     def _send(self, status: int, body: bytes, ctype: str) -> None:
         self.send_response(status)
@@ -78,22 +157,59 @@ class Handler(BaseHTTPRequestHandler):
     def _json(self, status: int, data: Any) -> None:
         self._send(status, json.dumps(data, ensure_ascii=False).encode(), "application/json")
 
-    def _body(self) -> dict:
-        if not self.headers.get("Content-Type", "").startswith("application/json"):
+    def _check_origin(self) -> None:
+        """A POST from the studio's own page: JSON, its own Origin (when sent), not cross-site."""
+        ctype = self.headers.get("Content-Type", "").split(";")[0].strip().lower()
+        if ctype != "application/json":
             raise PermissionError("POST requests must be application/json")
         origin = self.headers.get("Origin")
-        if origin is not None and origin != f"http://{self.headers.get('Host', '')}":
-            raise PermissionError(f"requests from {origin} are refused")
-        n = int(self.headers.get("Content-Length") or 0)
+        if (
+            origin is not None
+            and origin.lower() != f"http://{self.headers.get('Host', '')}".lower()
+        ):
+            raise PermissionError(f"requests from {origin[:100]!r} are refused")
+        site = self.headers.get("Sec-Fetch-Site", "same-origin").lower()
+        if site not in ("same-origin", "none"):
+            raise PermissionError(f"{site} requests are refused")
+
+    def _body(self) -> dict:
+        """The JSON object of a POST, after the origin guard and within the size limits."""
+        self._check_origin()
+        length = self.headers.get("Content-Length")
+        if length is None:
+            raise HttpError(
+                411, "a POST needs a Content-Length header (chunked bodies are refused)"
+            )
+        if not _LENGTH.fullmatch(length.strip()):
+            raise HttpError(400, f"Content-Length {length[:30]!r} is not a number of bytes")
+        n = int(length) if len(length.strip()) <= 15 else MAX_BODY + 1
         if n > MAX_BODY:
-            raise MlxLoraError("request too large")
+            raise HttpError(
+                413, f"request too large ({length.strip()[:20]} bytes; at most {MAX_BODY})"
+            )
         try:
-            data = json.loads(self.rfile.read(n) or b"{}")
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise MlxLoraError("the request is not valid JSON") from None
-        if not isinstance(data, dict):
-            raise MlxLoraError("the request must be a JSON object")
-        return data
+            raw = self.rfile.read(n)
+        except TimeoutError:
+            raw = None
+        if raw is None or len(raw) < n:
+            raise HttpError(
+                400, f"the request body ended early (Content-Length {n}, received less in time)"
+            )
+        self.unread = False
+        return parse_body(raw)
+
+    def _drain(self) -> None:
+        """Read what is left of an unread body before closing, so the client gets the answer
+        rather than a reset connection (at most a few MB, a second)."""
+        self.unread = False
+        try:
+            self.connection.shutdown(socket.SHUT_WR)
+            self.connection.settimeout(1.0)
+            for _ in range(64):
+                if not self.connection.recv(65536):
+                    break
+        except OSError:
+            pass
 
     def do_GET(self) -> None:  # noqa: N802 - stdlib name
         self._dispatch("GET")
@@ -103,6 +219,9 @@ class Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self, method: str) -> None:
         url = urlsplit(self.path)
+        if method == "POST":
+            announced = self.headers.get("Content-Length", "0").strip() != "0"
+            self.unread = announced or "Transfer-Encoding" in self.headers
         try:
             if not self._allowed_host():
                 raise PermissionError(f"unknown Host {self.headers.get('Host')!r}")
@@ -116,7 +235,7 @@ class Handler(BaseHTTPRequestHandler):
                 return self._chat(self._body())
             route = ROUTES.get((method, url.path))
             if route is None:
-                return self._json(404, {"error": f"no such page: {method} {url.path}"})
+                return self._json(404, {"error": f"no such page: {method} {url.path[:100]}"})
             arg = (
                 self._body()
                 if method == "POST"
@@ -129,9 +248,9 @@ class Handler(BaseHTTPRequestHandler):
             self._fail(method, url.path, e)
 
     def _fail(self, method: str, path: str, e: Exception) -> None:
-        if isinstance(e, PermissionError):
-            status, msg = HTTPStatus.FORBIDDEN, str(e)
-        elif isinstance(e, OutsideRoot):
+        if isinstance(e, HttpError):
+            status, msg = HTTPStatus(e.status), str(e)
+        elif isinstance(e, PermissionError | OutsideRoot):
             status, msg = HTTPStatus.FORBIDDEN, str(e)
         elif isinstance(e, Busy):
             status, msg = HTTPStatus.CONFLICT, str(e)
@@ -141,11 +260,15 @@ class Handler(BaseHTTPRequestHandler):
             status = HTTPStatus.INTERNAL_SERVER_ERROR
             msg = f"internal error ({type(e).__name__}: {e}); the studio keeps running"
             log("".join(traceback.format_exception(e)).rstrip())
-        log(f"{method} {path}: {status.value} {msg}")
+        msg = msg.splitlines()[0] if msg.strip() else status.phrase  # one line on the page
+        log(f"{method} {path[:100]}: {status.value} {msg}")
         try:
             self._json(status.value, {"error": msg})
-        except (BrokenPipeError, ConnectionResetError):
-            pass
+        except OSError:  # the browser is gone (broken pipe, reset, timeout)
+            return
+        if self.unread:
+            self.close_connection = True
+            self._drain()
 
     # ------------------------------------------------------------------ streaming chat
 
@@ -188,11 +311,12 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def _job(studio: api.Studio, q: dict) -> dict:
-    return studio.jobs.get(q.get("id", "")).snapshot(int(q.get("since") or 0))
+    since = integer(q, "since", 0, 0, 2**53)
+    return studio.jobs.get(q.get("id", "")).snapshot(since)
 
 
 def _stop(studio: api.Studio, body: dict) -> dict:
-    job = studio.jobs.get(str(body.get("id", "")))
+    job = studio.jobs.get(text(body, "id", "") or "")
     job.stop()
     log(f"[{job.id}] stop requested from the page (SIGINT)")
     return job.snapshot()
@@ -219,27 +343,28 @@ ROUTES: dict[tuple[str, str], Callable[[api.Studio, dict], Any]] = {
 
 
 def _preview(studio: api.Studio, body: dict) -> dict:
-
+    """The data preview for the Train form's model, data, format and prompt (checked here)."""
     data = studio.roots.resolve(body.get("data") or "", what="data file", must_exist=True)
-    model = studio.roots.model(body.get("model") or "")
-    try:
-        max_len = int(body.get("max_seq_length") or 2048)
-    except ValueError:
-        raise MlxLoraError("max_seq_length: not a number") from None
+    model = loadable(studio.roots.model(body.get("model")))
     return preview(
         model,
         data,
-        fmt=body.get("format") or "auto",
-        system_prompt=body.get("system_prompt") or None,
-        max_seq_length=max_len,
+        fmt=text(body, "format", "auto") or "auto",
+        system_prompt=text(body, "system_prompt"),
+        max_seq_length=integer(body, "max_seq_length", 2048, 2, 2**20),
     )
 
 
-def make_server(studio: api.Studio) -> ThreadingHTTPServer:
-    """Bind the port (a port in use is a one-line error) and wire the handler to ``studio``."""
-    import errno
-    import socket
+def check_port(port: Any) -> int:
+    """``--port``: 0 (any free port) to 65535."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise MlxLoraError(f"--port must be 0-65535 (0 = any free port), got {str(port)[:30]}")
+    return port
 
+
+def make_server(studio: api.Studio, allow_hosts: tuple[str, ...] = ()) -> ThreadingHTTPServer:
+    """Bind the port (a port in use is a one-line error) and wire the handler to ``studio``."""
+    check_port(studio.port)
     handler = type("StudioHandler", (Handler,), {"studio": studio, "files": static_files()})
     server_cls = type(
         "StudioServer",
@@ -258,6 +383,10 @@ def make_server(studio: api.Studio) -> ThreadingHTTPServer:
                 f"port {studio.port} on {studio.host} is in use (another studio or program); "
                 "pass --port N, or --port 0 for any free port"
             ) from None
-        raise MlxLoraError(f"cannot listen on {studio.host}:{studio.port} ({e.strerror})") from None
+        why = e.strerror or str(e) or type(e).__name__
+        raise MlxLoraError(f"cannot listen on {studio.host}:{studio.port} ({why})") from None
+    except (OverflowError, ValueError, UnicodeError) as e:  # a --host no socket can take
+        raise MlxLoraError(f"cannot listen on {studio.host[:80]!r} ({e}); check --host") from None
     studio.port = server.server_address[1]
+    studio.hosts = own_hosts(studio.host, studio.port, allow_hosts)
     return server

@@ -263,12 +263,13 @@ async function preview() {
 function renderPreview() {
   const res = state.preview;
   delete $("preview-info").dataset.i18n;
-  $("preview-info").textContent = t("preview.summary", { records: res.records, format: res.format });
+  $("preview-info").textContent = t("preview.summary", { records: res.records, format: res.format })
+    + (res.partial ? t("preview.partial", { records: res.records }) : "");
   const blocks = res.examples.map((ex) => {
     const box = el("div", { class: "example" });
     box.append(el("div", { class: "muted" }, t("preview.record", {
       n: ex.record, tokens: ex.tokens, trained: ex.trained_tokens,
-      trunc: ex.truncated ? t("preview.truncated") : "",
+      trunc: ex.clipped ? t("preview.clipped") : ex.truncated ? t("preview.truncated") : "",
     })));
     const pre = el("pre", { class: "rendered" });
     ex.segments.forEach((s) => pre.append(el("span", { class: s.trained ? "trained" : "prompt" }, s.text)));
