@@ -679,3 +679,19 @@ DISTINCT = (
 def test_count_of_hostile_cases():
     print(f"\nhostile cases tried: {HOSTILE} ({DISTINCT} distinct inputs)")
     assert HOSTILE > 500 and DISTINCT > 200
+
+
+@pytest.mark.parametrize("out", ["model", "inside model", "data folder", "root"])
+def test_output_folder_over_an_input_is_refused(studio, root, tiny_model, out):
+    """Nothing lost: a run whose output folder is, holds or lies inside its model or data."""
+    where = {
+        "model": str(tiny_model),
+        "inside model": str(tiny_model / "run"),
+        "data folder": "data",
+        "root": ".",
+    }[out]
+    before, jobs = tree(root), len(studio.state.jobs.jobs)
+    status, err = studio.post("/api/train", train_body(tiny_model, output_dir=where))
+    assert status == 400 and "choose a separate folder" in refused(err), err
+    assert not (tiny_model / "run").exists()
+    nothing_started(studio, root, before, jobs)

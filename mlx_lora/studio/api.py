@@ -18,6 +18,7 @@ from typing import Any
 import mlx_lora
 from mlx_lora.config import TrainConfig, parse_config
 from mlx_lora.core.errors import MlxLoraError
+from mlx_lora.core.files import check_apart
 from mlx_lora.data.dataset import FORMATS, detect_format
 from mlx_lora.export.pipeline import MODES, ExportConfig
 from mlx_lora.model.hub import check_model_dir
@@ -146,6 +147,8 @@ def train_flags(studio: Studio, body: dict) -> tuple[list[str], Path]:
     if cfg.format == "auto":
         detect_format(records, data)
     _check_model(cfg.model)
+    model = Path(cfg.model) if Path(cfg.model).is_absolute() else None  # a hub id: the cache
+    check_apart(out, {"--model": model, "--data": data, "--eval-data": cfg.eval_data})
     return flags, out
 
 
