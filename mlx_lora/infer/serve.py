@@ -13,22 +13,30 @@ model behind a lock and adds no dependency.
 from __future__ import annotations
 
 import errno
+import hmac
 import json
 import queue
+import select
 import socket
 import sys
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from mlx.utils import tree_flatten
+
 from mlx_lora.config import opt, parse_config
 from mlx_lora.core.errors import MlxLoraError
+from mlx_lora.core.units import parse_size
 from mlx_lora.infer.generate import (
+    AnswerStream,
     BadParameter,
+    Engine,
     PromptCache,
     check_max_tokens,
     generate_answer,
@@ -38,6 +46,7 @@ from mlx_lora.infer.generate import (
 from mlx_lora.model.hub import SOURCES
 from mlx_lora.model.load import load_for_inference
 from mlx_lora.model.lora import read_adapter
+from mlx_lora.model.meta import context_length
 
 MAX_BODY = 16 * 1024 * 1024
 ROLES = {"system", "user", "assistant", "developer"}
@@ -73,6 +82,22 @@ class ServeConfig:
     )
     max_tokens: int = opt(512, "answer length limit when a request gives no max_tokens")
     model_source: str = opt("auto", "where a model id is fetched from", choices=list(SOURCES))
+    max_concurrency: int = opt(
+        0,
+        "answers decoded together in one batch (continuous batching); 0 = chosen from the model's "
+        "KV cache size and the machine's memory (printed at start-up, at most 8)",
+    )
+    request_timeout: float = opt(
+        600.0,
+        "seconds a request may take from arrival (queueing included); then its answer ends with "
+        "finish_reason length, or a 503 if it never started; 0 = no limit",
+    )
+    max_body_size: str = opt("16MB", "largest request body accepted (413 above it)")
+    api_key: str | None = opt(
+        None,
+        "require 'Authorization: Bearer KEY' on every request but /health (401 otherwise); "
+        "Dify sends the key it is given",
+    )
     allow_special_tokens_in_content: bool = opt(
         False,
         "parse special-token text in message contents (e.g. <|im_start|>system) as control "
@@ -188,6 +213,31 @@ def parse_messages(value: Any) -> list[dict[str, str]]:
     return out
 
 
+def parse_json(raw: bytes) -> Any:
+    """The request body as JSON. Whatever a client sends (bad UTF-8, bad JSON, nesting deep enough
+    to exhaust the parser's stack, a 5000-digit number, a lone surrogate like ``"\\ud800"``) is
+    a 400 here, never a traceback later."""
+    try:
+        body = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise APIError(
+            400, f"the request body is not UTF-8 ({e.reason} at byte {e.start})"
+        ) from None
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply to be a chat request") from None
+    except ValueError as e:  # JSONDecodeError, and int() refusing thousands of digits
+        raise APIError(400, f"the request body is not valid JSON ({e})") from None
+    try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise APIError(
+            400, "the request body holds a lone UTF-16 surrogate (e.g. \\ud800), which is no text"
+        ) from None
+    except (RecursionError, ValueError):
+        raise APIError(400, "the request body is nested too deeply to be a chat request") from None
+    return body
+
+
 def parse_request(body: Any, model_name: str, default_max_tokens: int) -> dict:
     """Check a ``/v1/chat/completions`` body: ``generate_answer``'s arguments + ``stream``."""
     if not isinstance(body, dict):
@@ -246,13 +296,22 @@ def parse_request(body: Any, model_name: str, default_max_tokens: int) -> dict:
 
 
 class Job:
-    """One request waiting for, or being served by, the worker; events flow back through a queue."""
+    """One request waiting for, or being served by, the worker; events flow back through a queue.
 
-    def __init__(self, args: dict, client: str = ""):
-        self.args = args
-        self.client = client
+    ``stream`` is the prepared (validated, encoded, not yet started) answer; ``deadline`` the
+    monotonic time at which ``--request-timeout`` ends it (None: no limit).
+    """
+
+    def __init__(
+        self, stream: AnswerStream, client: str = "", args: dict | None = None, timeout: float = 0
+    ):
+        self.stream, self.client, self.args = stream, client, args or {"messages": []}
         self.events: queue.Queue = queue.Queue()
         self.cancelled = threading.Event()
+        self.deadline = time.monotonic() + timeout if timeout and timeout > 0 else None
+
+    def expired(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
 
 
 def escaped_note(job: Job, escaped: dict[str, int]) -> str:
@@ -274,33 +333,51 @@ def escaped_note(job: Job, escaped: dict[str, int]) -> str:
     )
 
 
-class Worker(threading.Thread):
-    """The only thread that touches the model: FIFO jobs, one KV cache reused across requests."""
+def _shared_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
-    def __init__(self, loaded: Any, allow_special: bool = False, quiet: bool = False):
+
+class Worker(threading.Thread):
+    """The only thread that touches the model: it admits queued jobs into one batched
+    :class:`~mlx_lora.infer.generate.Engine` (up to ``max_concurrency`` at once, FIFO), steps it,
+    and hands each job its pieces. Between two steps it drops answers whose client left or whose
+    time ran out, so neither holds a slot longer than one step. Finished answers leave their KV
+    caches in a pool of up to ``max_concurrency`` conversations; a new request starts from the one
+    sharing the longest prefix with its prompt (Dify sends the whole history each turn)."""
+
+    def __init__(
+        self,
+        loaded: Any,
+        allow_special: bool = False,
+        quiet: bool = False,
+        max_concurrency: int = 1,
+    ):
         super().__init__(name="mlx_lora-generate", daemon=True)
         self.loaded = loaded
         self.allow_special, self.quiet = allow_special, quiet
+        self.capacity = max(1, max_concurrency)
         self.jobs: queue.Queue[Job | None] = queue.Queue()
-        self.cache = PromptCache(loaded.model)
-        self.current: Job | None = None
+        self.caches: list[PromptCache] = []  # idle conversations, most recently used last
+        self.active: list[Job] = []
         self.closing = False
 
-    def submit(self, args: dict, client: str = "") -> Job:
-        job = Job(args, client)
+    def submit(self, job: Job) -> Job:
         self.jobs.put(job)
         return job
 
     def stop(self) -> None:
-        """Cut the answer in progress short, refuse the queued ones, and end the thread."""
+        """Cut the answers in progress short, refuse the queued ones, and end the thread."""
         self.closing = True
-        if self.current is not None:
-            self.current.cancelled.set()
         self.jobs.put(None)
 
     def run(self) -> None:
         try:
-            self._loop()
+            self._loop(Engine(self.loaded, self.capacity))
         finally:
             # MLX streams made by a thread must be destroyed by it, or the process may abort at
             # exit ("terminate called without an active exception"; ml-explore/mlx#3126).
@@ -308,57 +385,101 @@ class Worker(threading.Thread):
 
             mx.clear_streams()
 
-    def _loop(self) -> None:
-        while (job := self.jobs.get()) is not None:
+    def _loop(self, engine: Engine) -> None:
+        running = True
+        while running or self.active:
+            running = running and self._admit(engine)
             if self.closing:
-                job.events.put(
-                    ("error", APIError(503, "the server is shutting down", type="server_error"))
-                )
-                continue
-            if job.cancelled.is_set():
-                continue
-            self.current = job
-            try:
-                self._serve(job)
-            except APIError as e:
-                job.events.put(("error", e))
-            except BadParameter as e:
-                job.events.put(("error", APIError(400, str(e), e.param, "invalid_value")))
-            except MlxLoraError as e:  # e.g. the chat template rejects the conversation
-                job.events.put(("error", APIError(400, str(e), "messages", "invalid_value")))
-            except Exception as e:  # noqa: BLE001 - a bug must not kill the worker
-                job.events.put(
-                    (
-                        "error",
-                        APIError(
-                            500, f"generation failed: {type(e).__name__}: {e}", type="server_error"
-                        ),
-                    )
-                )
-            finally:
-                self.current = None
+                for job in self.active:
+                    job.cancelled.set()
+            if self.active:
+                try:
+                    engine.step()
+                except Exception as e:  # noqa: BLE001 - a bug must not kill the worker
+                    sys.stderr.write(f"generation failed: {type(e).__name__}: {e}\n")
+                    engine = Engine(self.loaded, self.capacity)
+            self._deliver()
+        while (job := self._next_job(block=False)) is not None:
+            self._refuse(job)
 
-    def _serve(self, job: Job) -> None:
-        a = dict(job.args)
-        for key in ("stream", "include_usage"):
-            a.pop(key)
-        stream = generate_answer(
-            self.loaded,
-            a.pop("messages"),
-            cache=self.cache,
-            allow_special=self.allow_special,
-            **a,
+    def _next_job(self, block: bool) -> Job | None:
+        try:
+            return self.jobs.get(block=block)
+        except queue.Empty:
+            return None
+
+    def _refuse(self, job: Job | None) -> None:
+        if job is not None:
+            job.events.put(
+                ("error", APIError(503, "the server is shutting down", type="server_error"))
+            )
+
+    def _admit(self, engine: Engine) -> bool:
+        """Move queued jobs into the batch while it has room (waiting for one when the batch is
+        empty); False once told to stop."""
+        while len(self.active) < self.capacity:
+            try:
+                job = self.jobs.get(block=not self.active)
+            except queue.Empty:
+                return True
+            if job is None:
+                return False
+            if self.closing:
+                self._refuse(job)
+            elif job.expired():
+                job.events.put(("error", _timeout_error()))
+            elif not job.cancelled.is_set():
+                self._start(engine, job)
+        return True
+
+    def _start(self, engine: Engine, job: Job) -> None:
+        stream = job.stream
+        best = max(
+            self.caches, key=lambda c: _shared_prefix(c.tokens, stream.prompt_ids), default=None
         )
+        if best is not None and _shared_prefix(best.tokens, stream.prompt_ids) > 0:
+            self.caches.remove(best)
+            stream.cache = best
+        else:
+            stream.cache = PromptCache(self.loaded.model)
         if stream.escaped and not self.quiet:
             sys.stderr.write(escaped_note(job, stream.escaped) + "\n")
-        try:
-            for piece in stream:
-                if job.cancelled.is_set():
-                    break
+        stream.engine = engine
+        engine.add(stream)
+        self.active.append(job)
+
+    def _deliver(self) -> None:
+        """Pieces to their clients; abandoned and timed-out answers out of the batch."""
+        for job in list(self.active):
+            stream = job.stream
+            for piece in stream.take():
                 job.events.put(("delta", piece))
-        finally:
-            stream.close()
-        job.events.put(("done", stream.answer))
+            if not stream.done and (job.cancelled.is_set() or job.expired()):
+                stream.close()
+                if stream.answer.finish_reason is None:
+                    stream.answer.finish_reason = "length"
+            if not stream.done:
+                continue
+            self.active.remove(job)
+            if stream.cache is not None and stream.cache.cache is not None:
+                self.caches.append(stream.cache)
+                del self.caches[: max(0, len(self.caches) - self.capacity)]
+            if stream.error is not None:
+                e = stream.error
+                msg = f"generation failed: {type(e).__name__}: {e}"
+                job.events.put(("error", APIError(500, msg, type="server_error")))
+            else:
+                job.events.put(("done", stream.answer))
+
+
+def _timeout_error() -> APIError:
+    return APIError(
+        503,
+        "the request waited longer than the server's --request-timeout before it could start; "
+        "retry later",
+        code="timeout",
+        type="server_error",
+    )
 
 
 # ------------------------------------------------------------------------------ HTTP
@@ -401,13 +522,56 @@ class Handler(BaseHTTPRequestHandler):
             length = int(self.headers.get("Content-Length", "0"))
         except ValueError:
             raise APIError(400, "invalid Content-Length header") from None
-        if length < 0 or length > MAX_BODY:
-            raise APIError(413, f"request body larger than {MAX_BODY} bytes")
+        limit = self.server.max_body
+        if length < 0 or length > limit:
+            raise APIError(
+                413, f"request body of {length} bytes is larger than the limit of {limit} bytes"
+            )
         return self.rfile.read(length)
+
+    def _authorized(self) -> bool:
+        """``--api-key``: every route but /health needs ``Authorization: Bearer KEY``."""
+        key = self.server.api_key
+        if key is None:
+            return True
+        given = self.headers.get("Authorization", "")
+        scheme, _, token = given.partition(" ")
+        if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode()):
+            return True
+        self._send_error(
+            APIError(
+                401,
+                "missing or wrong API key; send the header 'Authorization: Bearer <key>'",
+                code="invalid_api_key",
+            )
+        )
+        return False
+
+    def _client_gone(self) -> bool:
+        """The client closed its end (readable with nothing to read), checked between steps."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            if not readable:
+                return False
+            return self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
+    def _next_event(self, job: Job) -> tuple[str, Any]:
+        """The job's next event; a vanished client cancels it (freeing its slot in the batch)."""
+        while True:
+            try:
+                return job.events.get(timeout=0.05)
+            except queue.Empty:
+                if self._client_gone():
+                    job.cancelled.set()
+                    raise ConnectionAbortedError("the client closed the connection") from None
 
     # -- routes
     def do_GET(self) -> None:
         path = self.path.split("?", 1)[0].rstrip("/")
+        if path not in ("/health", "/v1/health") and not self._authorized():
+            return
         name = self.server.model_name
         model = {
             "id": name,
@@ -441,6 +605,9 @@ class Handler(BaseHTTPRequestHandler):
             )
 
     def do_POST(self) -> None:
+        if not self._authorized():
+            self.close_connection = True  # the body was not read
+            return
         try:
             raw = self._read_body()
         except APIError as e:
@@ -457,23 +624,38 @@ class Handler(BaseHTTPRequestHandler):
             )
             return
         try:
-            try:
-                body = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise APIError(400, f"the request body is not valid JSON ({e})") from None
-            args = parse_request(body, self.server.model_name, self.server.default_max_tokens)
+            args = parse_request(
+                parse_json(raw), self.server.model_name, self.server.default_max_tokens
+            )
+            stream = self._prepare(args)
         except APIError as e:
             self._send_error(e)
             return
-        job = self.server.worker.submit(args, self.address_string())
+        job = Job(stream, self.address_string(), args, self.server.request_timeout)
+        self.server.worker.submit(job)
         try:
             if args["stream"]:
                 self._stream(job, args["include_usage"])
             else:
                 self._plain(job)
-        except OSError:  # the client went away (broken pipe, reset): free the worker
+        except OSError:  # the client went away (broken pipe, reset): free its slot
             job.cancelled.set()
             self.close_connection = True
+
+    def _prepare(self, args: dict) -> AnswerStream:
+        """The answer, checked and encoded here (in the client's thread, not the worker's)."""
+        a = {k: v for k, v in args.items() if k not in ("stream", "include_usage", "messages")}
+        try:
+            return generate_answer(
+                self.server.loaded,
+                args["messages"],
+                allow_special=self.server.allow_special,
+                **a,
+            )
+        except BadParameter as e:
+            raise APIError(400, str(e), e.param, "invalid_value") from None
+        except MlxLoraError as e:  # e.g. the chat template rejects the conversation
+            raise APIError(400, str(e), "messages", "invalid_value") from None
 
     def _meta(self) -> dict:
         return {
@@ -492,7 +674,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _plain(self, job: Job) -> None:
         while True:
-            kind, value = job.events.get()
+            kind, value = self._next_event(job)
             if kind == "error":
                 self._send_error(value)
                 return
@@ -516,7 +698,7 @@ class Handler(BaseHTTPRequestHandler):
         )
 
     def _stream(self, job: Job, include_usage: bool) -> None:
-        kind, value = job.events.get()
+        kind, value = self._next_event(job)
         if kind == "error":  # nothing generated yet: a normal error response
             self._send_error(value)
             return
@@ -553,9 +735,19 @@ class Handler(BaseHTTPRequestHandler):
                 if include_usage:
                     event({**meta, "choices": [], "usage": self._usage(value)})
                 break
-            kind, value = job.events.get()
+            kind, value = self._next_event(job)
         self._chunk(b"data: [DONE]\n\n")
         self._chunk(b"")
+
+
+@dataclass
+class Limits:
+    """What one client may ask of the server (the flags of the same names)."""
+
+    max_concurrency: int = 1
+    request_timeout: float = 0.0  # seconds; 0 = none
+    max_body: int = MAX_BODY
+    api_key: str | None = None
 
 
 class APIServer(ThreadingHTTPServer):
@@ -574,12 +766,17 @@ class APIServer(ThreadingHTTPServer):
         default_max_tokens: int,
         quiet: bool,
         allow_special: bool = False,
+        limits: Limits | None = None,
     ):
+        limits = limits or Limits()
+        self.loaded, self.allow_special = loaded, allow_special
         self.model_name, self.default_max_tokens, self.quiet = model_name, default_max_tokens, quiet
+        self.request_timeout, self.max_body = limits.request_timeout, limits.max_body
+        self.api_key = limits.api_key or None
         self.created = int(time.time())
         self.worker: Worker | None = None
         super().__init__(address, Handler)  # binds; a failure closes the socket and raises
-        self.worker = Worker(loaded, allow_special, quiet)
+        self.worker = Worker(loaded, allow_special, quiet, limits.max_concurrency)
         self.worker.start()
 
     def handle_error(self, request: Any, client_address: Any) -> None:
@@ -622,6 +819,7 @@ def make_server(
     max_tokens: int = 512,
     quiet: bool = False,
     allow_special: bool = False,
+    limits: Limits | None = None,
 ) -> APIServer:
     """A bound, not yet serving, API server (call ``serve_forever``; port 0 picks a free port).
     ``allow_special``: special-token text in message contents is parsed as control tokens."""
@@ -634,6 +832,7 @@ def make_server(
             max_tokens,
             quiet,
             allow_special,
+            limits,
         )
     except OSError as e:
         raise _bind_error(host, port, e) from None
@@ -656,7 +855,29 @@ def check_port(host: str, port: int) -> None:
             raise _bind_error(host, port, e) from None
 
 
-def main(argv: list[str] | None = None) -> None:
+def _limits(cfg: ServeConfig, loaded: Any, rule: Callable | None) -> tuple[Limits, str]:
+    """The flags' limits; ``--max-concurrency 0`` asks ``rule`` (the memory plan), else 1."""
+    if cfg.max_concurrency < 0:
+        raise MlxLoraError(
+            f"--max-concurrency must be 0 (auto) or positive, got {cfg.max_concurrency}"
+        )
+    if cfg.request_timeout < 0:
+        raise MlxLoraError(
+            f"--request-timeout must be 0 (none) or positive, got {cfg.request_timeout}"
+        )
+    n, why = cfg.max_concurrency, "--max-concurrency"
+    if n == 0 and rule is not None:
+        nbytes = next(iter(tree_flatten(loaded.model.parameters())))[1].dtype.size
+        n, why = rule(loaded.config, nbytes, context_length(loaded.config))
+    elif n == 0:
+        n, why = 1, "1 (no memory plan given)"
+    body = parse_size(cfg.max_body_size, "--max-body-size")
+    return Limits(n, cfg.request_timeout, body, cfg.api_key), why
+
+
+def main(argv: list[str] | None = None, concurrency_rule: Callable | None = None) -> None:
+    """The command; ``concurrency_rule(config, dtype bytes, context) -> (n, why)`` picks the
+    default ``--max-concurrency`` (``mlx_lora.serve`` passes the memory plan's)."""
     cfg: ServeConfig = parse_config(
         ServeConfig,
         argv,
@@ -683,7 +904,10 @@ def main(argv: list[str] | None = None) -> None:
     require_chat_template(loaded)
     name = cfg.model_name or default_model_name(loaded, cfg.adapter)
     allow = cfg.allow_special_tokens_in_content
-    server = make_server(loaded, cfg.host, cfg.port, name, cfg.max_tokens, allow_special=allow)
+    limits, why = _limits(cfg, loaded, concurrency_rule)
+    server = make_server(
+        loaded, cfg.host, cfg.port, name, cfg.max_tokens, allow_special=allow, limits=limits
+    )
     host, port = server.server_address[:2]
     if allow:
         print(
@@ -691,6 +915,11 @@ def main(argv: list[str] | None = None) -> None:
             "own system turns) into message contents; serve only trusted clients like this",
             file=sys.stderr,
         )
+    print(
+        f"max concurrency: {why}; context {context_length(loaded.config)} tokens"
+        + (f"; request timeout {cfg.request_timeout:g} s" if cfg.request_timeout else ""),
+        file=sys.stderr,
+    )
     print(
         f"serving model {name!r} at http://{host}:{port}/v1 (Ctrl-C stops)",
         file=sys.stderr,
