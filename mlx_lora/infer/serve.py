@@ -670,6 +670,7 @@ class Handler(BaseHTTPRequestHandler):
             "prompt_tokens": answer.prompt_tokens,
             "completion_tokens": answer.completion_tokens,
             "total_tokens": answer.prompt_tokens + answer.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": answer.cached_tokens},
         }
 
     def _plain(self, job: Job) -> None:
