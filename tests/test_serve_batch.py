@@ -310,3 +310,75 @@ def test_default_concurrency_from_the_memory_plan(loaded):
     assert 1 <= n <= SERVE_MAX_CONCURRENCY and "KV cache per 4096-token conversation" in why
     big = {"num_hidden_layers": 80, "num_attention_heads": 64, "hidden_size": 8192}
     assert serve_concurrency(big, 4, 1 << 20)[0] <= n
+
+
+# ------------------------------------------------------------------ several adapters on one base
+
+
+@pytest.fixture(scope="module")
+def two_adapters(tiny_model, tmp_path_factory) -> dict:
+    from test_chat import make_adapter
+
+    root = tmp_path_factory.mktemp("adapters")
+    return {
+        "alpha": make_adapter(tiny_model, root / "alpha", seed=1),
+        "beta": make_adapter(tiny_model, root / "beta", seed=2, system_prompt="You are Beta."),
+    }
+
+
+def test_mixed_adapters_in_one_batch_each_answer_as_served_alone(tiny_model, two_adapters):
+    from mlx_lora.infer.serve import adapter_specs
+    from mlx_lora.model.load import load_adapter_set
+
+    # what a serve of each adapter alone answers (the single-adapter path: load_for_inference)
+    want = {}
+    for name, folder in two_adapters.items():
+        single = load_for_inference(str(tiny_model), folder)
+        want[name] = [complete(single, m, temperature=0, max_tokens=TOKENS) for m in PROMPTS]
+    base = load_for_inference(str(tiny_model))
+    want["tiny"] = [complete(base, m, temperature=0, max_tokens=TOKENS) for m in PROMPTS]
+    assert want["alpha"][0].text != want["beta"][0].text  # the adapters do differ
+
+    specs = adapter_specs([f"{n}={d}" for n, d in two_adapters.items()])
+    bank = load_adapter_set(str(tiny_model), specs)
+    srv = make_server(bank, port=0, quiet=True, limits=Limits(max_concurrency=6))
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        port = srv.server_address[1]
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", "/v1/models")
+        listed = [m["id"] for m in json.loads(conn.getresponse().read())["data"]]
+        conn.close()
+        assert listed == ["alpha", "beta", "tiny"]
+        jobs = [(name, i) for i in range(len(PROMPTS)) for name in ("alpha", "beta", "tiny")]
+
+        def ask(job):
+            name, i = job
+            return post(port, {**chat(i, stream=i % 2 == 1), "model": name}, key=None)
+
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            results = list(pool.map(ask, jobs))
+        for (name, i), (status, data) in zip(jobs, results, strict=True):
+            assert status == 200
+            text = streamed_text(data)[0] if i % 2 else data["choices"][0]["message"]["content"]
+            assert text == want[name][i].text, (name, i)
+        status, data = post(port, {**chat(0), "model": "gamma"}, key=None)
+        assert status == 400 and "'alpha', 'beta', 'tiny'" in data["error"]["message"]
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(timeout=30)
+
+
+def test_adapter_specs():
+    from mlx_lora.core.errors import MlxLoraError
+    from mlx_lora.infer.serve import adapter_specs
+
+    assert adapter_specs(None) == {}
+    assert list(adapter_specs(["runs/a"])) == [""]
+    assert list(adapter_specs(["a=runs/a", "b=runs/b"])) == ["a", "b"]
+    with pytest.raises(MlxLoraError, match="name each"):
+        adapter_specs(["runs/a", "b=runs/b"])
+    with pytest.raises(MlxLoraError, match="given twice"):
+        adapter_specs(["a=runs/a", "a=runs/b"])

@@ -26,7 +26,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from mlx_lora.core.errors import MlxLoraError
-from mlx_lora.model.meta import context_length, end_token_ids, sampling_defaults
+from mlx_lora.model.meta import (
+    context_length,
+    end_token_ids,
+    sampling_defaults,
+    training_system_prompt,
+)
 from mlx_lora.model.prompt import Message, encode_prompt, has_chat_template
 
 MAX_TOKENS_LIMIT = 1 << 31
@@ -246,18 +251,24 @@ class Engine:
     """
 
     def __init__(self, loaded: Any, max_concurrency: int = 1):
-        from mlx_lm.generate import BatchGenerator
-
         self.loaded = loaded
         self.capacity = max(1, int(max_concurrency))
-        ends = sorted(stop_token_ids(loaded))
-        self._gen = BatchGenerator(
-            loaded.model,
-            stop_tokens=[[t] for t in ends],
-            completion_batch_size=self.capacity,
-            prefill_batch_size=self.capacity,
-        )
-        self.live: dict[int, AnswerStream] = {}
+        self._ends = [[t] for t in sorted(stop_token_ids(loaded))]
+        # one batch per adapter (None: the model as loaded); each step runs every non-empty one
+        self._gens: dict[str | None, Any] = {}
+        self.live: dict[tuple[str | None, int], AnswerStream] = {}
+
+    def _batch(self, adapter: str | None) -> Any:
+        from mlx_lm.generate import BatchGenerator
+
+        if adapter not in self._gens:
+            self._gens[adapter] = BatchGenerator(
+                self.loaded.model,
+                stop_tokens=self._ends,
+                completion_batch_size=self.capacity,
+                prefill_batch_size=self.capacity,
+            )
+        return self._gens[adapter]
 
     def __len__(self) -> int:
         return len(self.live)
@@ -279,7 +290,7 @@ class Engine:
             import mlx.core as mx
 
             mx.random.seed(s.seed % (1 << 64))  # OpenAI clients may send negative seeds
-        (uid,) = self._gen.insert(
+        (uid,) = self._batch(stream.adapter).insert(
             [ids[reused:]],
             max_tokens=[stream.max_tokens],
             caches=[cache.cache],
@@ -289,23 +300,32 @@ class Engine:
         )
         stream.uid = uid
         stream.started = time.perf_counter()
-        self.live[uid] = stream
+        self.live[(stream.adapter, uid)] = stream
 
     def step(self) -> None:
         """One decoding step of every answer in the batch (and a slice of the waiting prompts)."""
+        busy = {key for key, _ in self.live}
+        for adapter, gen in self._gens.items():
+            if adapter in busy:
+                self._step(adapter, gen)
+
+    def _step(self, adapter: str | None, gen: Any) -> None:
+        if self.loaded.adapter_set is not None:
+            self.loaded.adapter_set.use(adapter)
         try:
-            _, responses = self._gen.next()
+            _, responses = gen.next()
         except BaseException as e:  # Ctrl-C may land inside a forward pass: drop every cache
             for stream in list(self.live.values()):
                 self._drop(stream, e)
+            self._gens.clear()
             raise
         for r in responses:
-            stream = self.live.get(r.uid)
+            stream = self.live.get((adapter, r.uid))
             if stream is None:
                 continue
             stream._token(int(r.token), r.finish_reason)
             if r.finish_reason is not None:
-                del self.live[r.uid]
+                del self.live[(adapter, r.uid)]
                 stream.cache.cache = r.prompt_cache
                 stream._finish()
             elif stream.done:  # a stop string ended it: it leaves the batch now
@@ -313,9 +333,11 @@ class Engine:
 
     def close(self, stream: AnswerStream) -> None:
         """Take ``stream`` out of the batch now, keeping its KV cache for the next turn."""
-        if stream.uid is None or self.live.pop(stream.uid, None) is None:
+        key = (stream.adapter, stream.uid)
+        if stream.uid is None or self.live.pop(key, None) is None:
             return
-        kept = self._gen.remove([stream.uid], return_prompt_caches=True).get(stream.uid)
+        gen = self._batch(stream.adapter)
+        kept = gen.remove([stream.uid], return_prompt_caches=True).get(stream.uid)
         if kept is not None and stream.answer.tokens:  # its prompt was computed: cache is whole
             stream.cache.cache = kept[0]
         else:
@@ -323,7 +345,7 @@ class Engine:
         stream._finish()
 
     def _drop(self, stream: AnswerStream, error: BaseException) -> None:
-        self.live.pop(stream.uid, None)
+        self.live.pop((stream.adapter, stream.uid), None)
         stream.cache.reset()
         stream.error = error
         stream.done = True
@@ -361,8 +383,10 @@ class AnswerStream:
         stop: Sequence[str],
         cache: PromptCache | None,
         engine: Engine | None = None,
+        adapter: str | None = None,
     ):
         self.loaded, self.prompt_ids, self.sampling = loaded, ids, sampling
+        self.adapter = adapter  # the name in loaded.adapter_set (None: the model as loaded)
         self.max_tokens, self.cache, self.engine = max_tokens, cache, engine
         self.answer = Answer(prompt_tokens=len(ids))
         # special-token texts of the message contents that were encoded as plain text
@@ -450,6 +474,7 @@ def generate_answer(
     cache: PromptCache | None = None,
     allow_special: bool = False,
     engine: Engine | None = None,
+    adapter: str | None = None,
     **sampling: Any,
 ) -> AnswerStream:
     """Stream the assistant's next answer to ``messages`` (chat, serve and the studio call this).
@@ -463,10 +488,16 @@ def generate_answer(
     ends where the context does: ``max_tokens`` is capped at the context length minus the prompt,
     and a prompt that fills the context raises :class:`PromptTooLong`. ``engine``: decode in that
     (shared, batched) engine, stepped by its owner, instead of one of the stream's own.
+    ``adapter``: answer with that adapter of ``loaded.adapter_set`` (its training system prompt
+    too).
     """
     check_max_tokens(max_tokens)
     settings = resolve_sampling(loaded.generation, **sampling)
     require_chat_template(loaded)
+    if adapter is not None and system_prompt is None:
+        system_prompt = training_system_prompt(
+            loaded.model_dir, loaded.adapter_set.adapters[adapter]
+        )
     system = system_prompt if system_prompt is not None else loaded.system_prompt
     prompt = encode_prompt(loaded.tokenizer, messages, system, allow_special=allow_special)
     n, ctx = len(prompt.ids), context_length(loaded.config)
@@ -477,7 +508,7 @@ def generate_answer(
             "answer together); send a shorter conversation",
         )
     max_tokens = min(max_tokens, ctx - n)
-    stream = AnswerStream(loaded, prompt.ids, settings, max_tokens, stop, cache, engine)
+    stream = AnswerStream(loaded, prompt.ids, settings, max_tokens, stop, cache, engine, adapter)
     stream.escaped = dict(prompt.escaped)
     return stream
 

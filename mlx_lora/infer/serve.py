@@ -16,13 +16,14 @@ import errno
 import hmac
 import json
 import queue
+import re
 import select
 import socket
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -44,7 +45,7 @@ from mlx_lora.infer.generate import (
     resolve_sampling,
 )
 from mlx_lora.model.hub import SOURCES
-from mlx_lora.model.load import load_for_inference
+from mlx_lora.model.load import load_adapter_set, load_for_inference
 from mlx_lora.model.lora import read_adapter
 from mlx_lora.model.meta import context_length
 
@@ -68,7 +69,13 @@ class ServeConfig:
     model: str | None = opt(
         None, "base model (id or folder) or a fused folder; default: the adapter's recorded base"
     )
-    adapter: str | None = opt(None, "adapter folder (a training --output-dir or checkpoint-N)")
+    adapter: str | None = opt(
+        None,
+        "adapter folder (a training --output-dir or checkpoint-N); or NAME=DIR, repeatable: "
+        "several adapters on one base, loaded once, the request's model field picks one "
+        "(the base's own name gives the bare base)",
+        action="append",
+    )
     host: str = opt(
         "127.0.0.1",
         "address to listen on; 0.0.0.0 exposes the API (no authentication) to the network, e.g. "
@@ -238,7 +245,9 @@ def parse_json(raw: bytes) -> Any:
     return body
 
 
-def parse_request(body: Any, model_name: str, default_max_tokens: int) -> dict:
+def parse_request(
+    body: Any, model_name: str, default_max_tokens: int, served: Sequence[str] = ()
+) -> dict:
     """Check a ``/v1/chat/completions`` body: ``generate_answer``'s arguments + ``stream``."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
@@ -246,7 +255,8 @@ def parse_request(body: Any, model_name: str, default_max_tokens: int) -> dict:
     if model is not None and model != model_name:
         raise APIError(
             400,
-            f"the model {model!r} does not exist; this server serves {model_name!r}",
+            f"the model {model!r} does not exist; this server serves "
+            f"{', '.join(repr(n) for n in served or [model_name])}",
             "model",
             "model_not_found",
         )
@@ -362,7 +372,8 @@ class Worker(threading.Thread):
         self.allow_special, self.quiet = allow_special, quiet
         self.capacity = max(1, max_concurrency)
         self.jobs: queue.Queue[Job | None] = queue.Queue()
-        self.caches: list[PromptCache] = []  # idle conversations, most recently used last
+        # idle conversations (adapter, cache), most recently used last
+        self.caches: list[tuple[str | None, PromptCache]] = []
         self.active: list[Job] = []
         self.closing = False
 
@@ -434,11 +445,10 @@ class Worker(threading.Thread):
 
     def _start(self, engine: Engine, job: Job) -> None:
         stream = job.stream
-        best = max(
-            self.caches, key=lambda c: _shared_prefix(c.tokens, stream.prompt_ids), default=None
-        )
+        mine = [c for a, c in self.caches if a == stream.adapter]  # a KV cache is per adapter
+        best = max(mine, key=lambda c: _shared_prefix(c.tokens, stream.prompt_ids), default=None)
         if best is not None and _shared_prefix(best.tokens, stream.prompt_ids) > 0:
-            self.caches.remove(best)
+            self.caches.remove((stream.adapter, best))
             stream.cache = best
         else:
             stream.cache = PromptCache(self.loaded.model)
@@ -462,7 +472,7 @@ class Worker(threading.Thread):
                 continue
             self.active.remove(job)
             if stream.cache is not None and stream.cache.cache is not None:
-                self.caches.append(stream.cache)
+                self.caches.append((stream.adapter, stream.cache))
                 del self.caches[: max(0, len(self.caches) - self.capacity)]
             if stream.error is not None:
                 e = stream.error
@@ -572,25 +582,29 @@ class Handler(BaseHTTPRequestHandler):
         path = self.path.split("?", 1)[0].rstrip("/")
         if path not in ("/health", "/v1/health") and not self._authorized():
             return
-        name = self.server.model_name
-        model = {
-            "id": name,
-            "object": "model",
-            "created": self.server.created,
-            "owned_by": "mlx_lora",
-        }
+        names = list(self.server.models)
+
+        def model(name: str) -> dict:
+            return {
+                "id": name,
+                "object": "model",
+                "created": self.server.created,
+                "owned_by": "mlx_lora",
+            }
+
+        wanted = path[len("/v1/models/") :] if path.startswith("/v1/models/") else None
         if path in ("/health", "/v1/health"):
             self._send_json(200, {"status": "ok"})
         elif path == "/v1/models":
-            self._send_json(200, {"object": "list", "data": [model]})
-        elif path == f"/v1/models/{name}":
-            self._send_json(200, model)
-        elif path.startswith("/v1/models/"):
+            self._send_json(200, {"object": "list", "data": [model(n) for n in names]})
+        elif wanted in self.server.models:
+            self._send_json(200, model(wanted))
+        elif wanted is not None:
             self._send_error(
                 APIError(
                     404,
-                    f"the model {path[len('/v1/models/') :]!r} does not exist; this server serves "
-                    f"{name!r}",
+                    f"the model {wanted!r} does not exist; this server serves "
+                    f"{', '.join(repr(n) for n in names)}",
                     "model",
                     "model_not_found",
                 )
@@ -624,9 +638,13 @@ class Handler(BaseHTTPRequestHandler):
             )
             return
         try:
-            args = parse_request(
-                parse_json(raw), self.server.model_name, self.server.default_max_tokens
-            )
+            body = parse_json(raw)
+            asked = body.get("model") if isinstance(body, dict) else None
+            name = asked if isinstance(asked, str) and asked in self.server.models else None
+            name = name or self.server.model_name
+            served = list(self.server.models)
+            args = parse_request(body, name, self.server.default_max_tokens, served)
+            args["model"] = name
             stream = self._prepare(args)
         except APIError as e:
             self._send_error(e)
@@ -644,12 +662,14 @@ class Handler(BaseHTTPRequestHandler):
 
     def _prepare(self, args: dict) -> AnswerStream:
         """The answer, checked and encoded here (in the client's thread, not the worker's)."""
-        a = {k: v for k, v in args.items() if k not in ("stream", "include_usage", "messages")}
+        skip = ("stream", "include_usage", "messages", "model")
+        a = {k: v for k, v in args.items() if k not in skip}
         try:
             return generate_answer(
                 self.server.loaded,
                 args["messages"],
                 allow_special=self.server.allow_special,
+                adapter=self.server.models[args["model"]],
                 **a,
             )
         except BadParameter as e:
@@ -657,11 +677,11 @@ class Handler(BaseHTTPRequestHandler):
         except MlxLoraError as e:  # e.g. the chat template rejects the conversation
             raise APIError(400, str(e), "messages", "invalid_value") from None
 
-    def _meta(self) -> dict:
+    def _meta(self, job: Job) -> dict:
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex}",
             "created": int(time.time()),
-            "model": self.server.model_name,
+            "model": job.args.get("model", self.server.model_name),
         }
 
     @staticmethod
@@ -684,7 +704,7 @@ class Handler(BaseHTTPRequestHandler):
         self._send_json(
             200,
             {
-                **self._meta(),
+                **self._meta(job),
                 "object": "chat.completion",
                 "choices": [
                     {
@@ -708,7 +728,7 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Cache-Control", "no-cache")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
-        meta = {**self._meta(), "object": "chat.completion.chunk"}
+        meta = {**self._meta(job), "object": "chat.completion.chunk"}
 
         def event(obj: Any) -> None:
             self._chunk(b"data: " + json.dumps(obj, ensure_ascii=False).encode("utf-8") + b"\n\n")
@@ -771,9 +791,20 @@ class APIServer(ThreadingHTTPServer):
     ):
         limits = limits or Limits()
         self.loaded, self.allow_special = loaded, allow_special
-        self.model_name, self.default_max_tokens, self.quiet = model_name, default_max_tokens, quiet
+        self.default_max_tokens, self.quiet = default_max_tokens, quiet
         self.request_timeout, self.max_body = limits.request_timeout, limits.max_body
         self.api_key = limits.api_key or None
+        # the names clients may send → adapter of loaded.adapter_set (None: the model as loaded);
+        # with several adapters the first is the default and the base answers under its own name
+        bank = loaded.adapter_set
+        names = list(bank.adapters) if bank is not None else []
+        self.models: dict[str, str | None] = {n: n for n in names}
+        if names:
+            self.models.setdefault(Path(loaded.model_dir).name, None)
+            model_name = names[0]
+        else:
+            self.models[model_name] = None
+        self.model_name = model_name
         self.created = int(time.time())
         self.worker: Worker | None = None
         super().__init__(address, Handler)  # binds; a failure closes the socket and raises
@@ -802,6 +833,29 @@ class APIServer(ThreadingHTTPServer):
 def default_model_name(loaded: Any, adapter: str | Path | None = None) -> str:
     """What clients put in ``model``: the adapter folder's name, else the model folder's."""
     return Path(adapter).resolve().name if adapter else Path(loaded.model_dir).name
+
+
+def adapter_specs(specs: list[str] | str | None) -> dict[str, Path]:
+    """``--adapter`` values → {name: folder}; a lone ``DIR`` is ``{"": DIR}`` (served under the
+    folder's name, as before), ``NAME=DIR`` names one, and several must all be named."""
+    if specs is None:
+        return {}
+    if isinstance(specs, str):  # from a YAML file: a list joined by commas
+        specs = specs.split(",")
+    out: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, folder = spec.partition("=")
+        if not sep or not re.fullmatch(r"[\w.:-]+", name) or Path(spec).is_dir():
+            name, folder = "", spec
+        if name in out:
+            what = f"name {name!r}" if name else "folder without a NAME="
+            raise MlxLoraError(f"--adapter: {what} given twice; use --adapter NAME=DIR for each")
+        out[name] = Path(folder)
+    if "" in out and len(out) > 1:
+        raise MlxLoraError(
+            "several --adapter values need a name each: --adapter NAME=DIR --adapter NAME2=DIR2"
+        )
+    return out
 
 
 def _bind_error(host: str, port: int, e: OSError) -> MlxLoraError:
@@ -892,8 +946,9 @@ def main(argv: list[str] | None = None, concurrency_rule: Callable | None = None
             "http://host.docker.internal:8000/v1); any API key.\n"
         ),
     )
-    if cfg.adapter is not None:  # bad input fails before a model is loaded
-        read_adapter(Path(cfg.adapter))
+    named = adapter_specs(cfg.adapter)
+    for d in named.values():  # bad input fails before a model is loaded
+        read_adapter(Path(d))
     check_max_tokens(cfg.max_tokens, "--max-tokens")
     if not 0 <= cfg.port <= 65535:
         raise MlxLoraError(
@@ -901,9 +956,14 @@ def main(argv: list[str] | None = None, concurrency_rule: Callable | None = None
         )
     check_port(cfg.host, cfg.port)
 
-    loaded = load_for_inference(cfg.model, cfg.adapter, source=cfg.model_source)
+    if "" in named:  # one adapter folder, no name: served under the folder's name
+        loaded = load_for_inference(cfg.model, named[""], source=cfg.model_source)
+    elif named:
+        loaded = load_adapter_set(cfg.model, named, source=cfg.model_source)
+    else:
+        loaded = load_for_inference(cfg.model, None, source=cfg.model_source)
     require_chat_template(loaded)
-    name = cfg.model_name or default_model_name(loaded, cfg.adapter)
+    name = cfg.model_name or default_model_name(loaded, named.get(""))
     allow = cfg.allow_special_tokens_in_content
     limits, why = _limits(cfg, loaded, concurrency_rule)
     server = make_server(
