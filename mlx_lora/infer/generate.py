@@ -5,13 +5,15 @@ that did not stop at the model's end-of-turn token. Here every answer renders th
 conversation with the tokenizer's own template (:func:`mlx_lora.model.prompt.build_prompt`, exactly
 what
 training saw; message contents are text, never control tokens), stops on every end token the
-model's files name (:func:`mlx_lora.model.meta.end_token_ids`), and leaves sampling and streaming to
-mlx-lm. The KV cache of the previous turn is reused only for the token prefix the new prompt
-shares with it, so reuse saves time without changing a single token.
+model's files name (:func:`mlx_lora.model.meta.end_token_ids`), never runs past the context
+(``config.json``'s ``max_position_embeddings``), and leaves the decoding itself to mlx-lm's
+``BatchGenerator`` (:class:`Engine`: chat decodes a batch of one, serve batches its clients, and a
+greedy answer is the same either way). The KV cache of the previous turn is reused only for the
+token prefix the new prompt shares with it, so reuse saves time without changing a single token.
 
 Kept here rather than taken from mlx-lm 0.32: :class:`PromptCache` (mlx-lm's ``LRUPromptCache``
-is its server's internal multi-conversation cache; one worker serving one conversation at a time
-needs only the shared-prefix trim, done with mlx-lm's public ``trim_prompt_cache``) and
+is its server's internal multi-conversation cache; a conversation needs only the shared-prefix
+trim, done with mlx-lm's public ``trim_prompt_cache``, and serve keeps a small pool of them) and
 :class:`StopStrings` (mlx-lm's stop sequences work on token ids inside its server; here stop
 strings are cut from the decoded text stream, so no part of one is ever shown, even when it is
 split across tokens).
