@@ -572,14 +572,20 @@ class Handler(BaseHTTPRequestHandler):
             return True
 
     def _next_event(self, job: Job) -> tuple[str, Any]:
-        """The job's next event; a vanished client cancels it (freeing its slot in the batch)."""
+        """The job's next event; a vanished client cancels it (freeing its slot in the batch).
+        The socket is looked at every 50 ms even while pieces keep coming (a plain answer is
+        sent only at its end, so no write would notice the client is gone)."""
         while True:
+            now = time.monotonic()
+            if now - getattr(self, "_checked", 0.0) >= 0.05:
+                self._checked = now
+                if self._client_gone():
+                    job.cancelled.set()
+                    raise ConnectionAbortedError("the client closed the connection")
             try:
                 return job.events.get(timeout=0.05)
             except queue.Empty:
-                if self._client_gone():
-                    job.cancelled.set()
-                    raise ConnectionAbortedError("the client closed the connection") from None
+                continue
 
     # -- routes
     def do_GET(self) -> None:
