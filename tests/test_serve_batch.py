@@ -382,3 +382,25 @@ def test_adapter_specs():
         adapter_specs(["runs/a", "b=runs/b"])
     with pytest.raises(MlxLoraError, match="given twice"):
         adapter_specs(["a=runs/a", "a=runs/b"])
+
+
+@pytest.mark.parametrize(
+    "flags,needle",
+    [
+        (["--max-concurrency", "-1"], "--max-concurrency must be 0 (auto) or positive"),
+        (["--request-timeout", "-5"], "--request-timeout must be 0 (none) or positive"),
+        (["--max-body-size", "lots"], "is not a size"),
+        (["--adapter", "a=x", "--adapter", "a=y"], "given twice"),
+    ],
+)
+def test_bad_limit_flags_fail_before_loading(tiny_model, flags, needle):
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-m", "mlx_lora.serve", "--model", str(tiny_model), *flags],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2 and needle in r.stderr, r.stderr

@@ -920,8 +920,8 @@ def check_port(host: str, port: int) -> None:
             raise _bind_error(host, port, e) from None
 
 
-def _limits(cfg: ServeConfig, loaded: Any, rule: Callable | None) -> tuple[Limits, str]:
-    """The flags' limits; ``--max-concurrency 0`` asks ``rule`` (the memory plan), else 1."""
+def _check_limits(cfg: ServeConfig) -> int:
+    """The limit flags' one-line errors, before a model is loaded; returns the body limit."""
     if cfg.max_concurrency < 0:
         raise MlxLoraError(
             f"--max-concurrency must be 0 (auto) or positive, got {cfg.max_concurrency}"
@@ -930,14 +930,20 @@ def _limits(cfg: ServeConfig, loaded: Any, rule: Callable | None) -> tuple[Limit
         raise MlxLoraError(
             f"--request-timeout must be 0 (none) or positive, got {cfg.request_timeout}"
         )
+    return parse_size(cfg.max_body_size, "--max-body-size")
+
+
+def _limits(cfg: ServeConfig, loaded: Any, rule: Callable | None) -> tuple[Limits, str]:
+    """The flags' limits; ``--max-concurrency 0`` asks ``rule`` (the memory plan), else 1."""
     n, why = cfg.max_concurrency, "--max-concurrency"
     if n == 0 and rule is not None:
         nbytes = next(iter(tree_flatten(loaded.model.parameters())))[1].dtype.size
         n, why = rule(loaded.config, nbytes, context_length(loaded.config))
     elif n == 0:
         n, why = 1, "1 (no memory plan given)"
-    body = parse_size(cfg.max_body_size, "--max-body-size")
-    return Limits(n, cfg.request_timeout, body, cfg.api_key), why
+    else:
+        why = f"{n} (--max-concurrency)"
+    return Limits(n, cfg.request_timeout, _check_limits(cfg), cfg.api_key), why
 
 
 def main(argv: list[str] | None = None, concurrency_rule: Callable | None = None) -> None:
@@ -960,6 +966,7 @@ def main(argv: list[str] | None = None, concurrency_rule: Callable | None = None
     for d in named.values():  # bad input fails before a model is loaded
         read_adapter(Path(d))
     check_max_tokens(cfg.max_tokens, "--max-tokens")
+    _check_limits(cfg)
     if not 0 <= cfg.port <= 65535:
         raise MlxLoraError(
             f"--port must be between 0 and 65535 (0 = any free port), got {cfg.port}"
@@ -992,7 +999,8 @@ def main(argv: list[str] | None = None, concurrency_rule: Callable | None = None
         file=sys.stderr,
     )
     print(
-        f"serving model {name!r} at http://{host}:{port}/v1 (Ctrl-C stops)",
+        f"serving model {', '.join(repr(n) for n in server.models)} at http://{host}:{port}/v1 "
+        "(Ctrl-C stops)",
         file=sys.stderr,
         flush=True,
     )
