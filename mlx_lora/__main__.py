@@ -15,7 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("mlx_lora.train.__main__", "LoRA / DoRA / full fine-tuning with exact resume"),
     "eval": ("mlx_lora.eval.__main__", "base vs tuned: held-out loss and answers side by side"),
     "chat": ("mlx_lora.infer.chat", "chat with a base model or base + adapter in the terminal"),
-    "serve": ("mlx_lora.infer.serve", "OpenAI-compatible HTTP server (for Dify)"),
+    "serve": ("mlx_lora.serve", "OpenAI-compatible HTTP server (for Dify)"),
     "fuse": ("mlx_lora.export.fuse", "merge an adapter into its base: a Hugging Face folder"),
     "export": ("mlx_lora.export.__main__", "GGUF or MLX + Ollama Modelfile, verified"),
     "verify": ("mlx_lora.verify.__main__", "check an export against the model you trained"),

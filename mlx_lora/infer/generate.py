@@ -5,13 +5,15 @@ that did not stop at the model's end-of-turn token. Here every answer renders th
 conversation with the tokenizer's own template (:func:`mlx_lora.model.prompt.build_prompt`, exactly
 what
 training saw; message contents are text, never control tokens), stops on every end token the
-model's files name (:func:`mlx_lora.model.meta.end_token_ids`), and leaves sampling and streaming to
-mlx-lm. The KV cache of the previous turn is reused only for the token prefix the new prompt
-shares with it, so reuse saves time without changing a single token.
+model's files name (:func:`mlx_lora.model.meta.end_token_ids`), never runs past the context
+(``config.json``'s ``max_position_embeddings``), and leaves the decoding itself to mlx-lm's
+``BatchGenerator`` (:class:`Engine`: chat decodes a batch of one, serve batches its clients, and a
+greedy answer is the same either way). The KV cache of the previous turn is reused only for the
+token prefix the new prompt shares with it, so reuse saves time without changing a single token.
 
 Kept here rather than taken from mlx-lm 0.32: :class:`PromptCache` (mlx-lm's ``LRUPromptCache``
-is its server's internal multi-conversation cache; one worker serving one conversation at a time
-needs only the shared-prefix trim, done with mlx-lm's public ``trim_prompt_cache``) and
+is its server's internal multi-conversation cache; a conversation needs only the shared-prefix
+trim, done with mlx-lm's public ``trim_prompt_cache``, and serve keeps a small pool of them) and
 :class:`StopStrings` (mlx-lm's stop sequences work on token ids inside its server; here stop
 strings are cut from the decoded text stream, so no part of one is ever shown, even when it is
 split across tokens).
@@ -19,12 +21,19 @@ split across tokens).
 
 from __future__ import annotations
 
+import time
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from mlx_lora.core.errors import MlxLoraError
-from mlx_lora.model.meta import end_token_ids, sampling_defaults
+from mlx_lora.model.meta import (
+    context_length,
+    end_token_ids,
+    sampling_defaults,
+    training_system_prompt,
+)
 from mlx_lora.model.prompt import Message, encode_prompt, has_chat_template
 
 MAX_TOKENS_LIMIT = 1 << 31
@@ -133,36 +142,6 @@ def resolve_sampling(
     return s
 
 
-def _sampler_and_processors(s: Sampling, history: Sequence[int]) -> tuple[Any, list[Any]]:
-    """mlx-lm's sampler and logits processors; ``history`` = prompt tokens already in the cache.
-
-    mlx-lm's processors see only the tokens passed to ``stream_generate``; with a reused cache that
-    is just the new suffix, so the cached prefix is put back in front: penalties then see the same
-    tokens as with a fresh cache, and reuse changes nothing.
-    """
-    import mlx.core as mx
-    from mlx_lm.sample_utils import make_logits_processors, make_sampler
-
-    temp = 0.0 if s.top_p == 0 else s.temperature  # keeping 0 % of the mass = the top token
-    sampler = make_sampler(temp, top_p=s.top_p, min_p=s.min_p, top_k=s.top_k)
-    rp = s.repetition_penalty if s.repetition_penalty not in (None, 1, 1.0) else None
-    procs = make_logits_processors(
-        repetition_penalty=rp,
-        presence_penalty=s.presence_penalty or None,
-        frequency_penalty=s.frequency_penalty or None,
-    )
-    if procs and history:
-        prefix = mx.array(list(history))
-
-        def with_prefix(proc: Any) -> Any:
-            return lambda tokens, logits: proc(
-                mx.concatenate([prefix, tokens.astype(prefix.dtype)]), logits
-            )
-
-        procs = [with_prefix(p) for p in procs]
-    return sampler, procs
-
-
 class PromptCache:
     """An mlx-lm KV cache plus the exact token ids it holds.
 
@@ -260,12 +239,141 @@ class StopStrings:
         return buf[: len(buf) - keep], False
 
 
-class AnswerStream:
-    """Text pieces of one answer as mlx-lm produces them; ``answer`` holds the counts so far
-    (and the whole text once the stream is exhausted or closed).
+class PromptTooLong(BadParameter):
+    """The prompt alone fills the model's context: no room for a single answer token."""
 
-    Iterate it to generate; ``close()`` (or leaving a ``for`` loop early) stops generation and keeps
-    the cache usable. Stop strings are cut off and never shown, even split across tokens.
+
+class Engine:
+    """The one decoding loop: continuous batching over mlx-lm's ``BatchGenerator``.
+
+    Every answer (chat's, the studio's, serve's) is an :class:`AnswerStream` decoded here; chat
+    runs an engine of one, serve one engine for all its clients, where new answers join the batch
+    between two steps and finished or abandoned ones leave it. Only the thread that steps an
+    engine may add to it or close its streams (MLX state is per thread).
+    """
+
+    def __init__(self, loaded: Any, max_concurrency: int = 1):
+        self.loaded = loaded
+        self.capacity = max(1, int(max_concurrency))
+        self._ends = [[t] for t in sorted(stop_token_ids(loaded))]
+        # one batch per adapter (None: the model as loaded); each step runs every non-empty one
+        self._gens: dict[str | None, Any] = {}
+        self.live: dict[tuple[str | None, int], AnswerStream] = {}
+
+    def _batch(self, adapter: str | None) -> Any:
+        from mlx_lm.generate import BatchGenerator
+
+        if adapter not in self._gens:
+            self._gens[adapter] = BatchGenerator(
+                self.loaded.model,
+                stop_tokens=self._ends,
+                completion_batch_size=self.capacity,
+                prefill_batch_size=self.capacity,
+            )
+        return self._gens[adapter]
+
+    def __len__(self) -> int:
+        return len(self.live)
+
+    def add(self, stream: AnswerStream) -> None:
+        """Queue ``stream`` into the batch (its prompt is computed over the next steps)."""
+        from mlx_lm.sample_utils import make_sampler
+
+        cache = stream.cache if stream.cache is not None else PromptCache(self.loaded.model)
+        stream.cache = cache
+        ids, s = stream.prompt_ids, stream.sampling
+        reused = cache.reuse(ids)
+        stream.answer.cached_tokens = reused
+        temp = 0.0 if s.top_p == 0 else s.temperature  # keeping 0 % of the mass = the top token
+        sampler = None
+        if temp > 0:  # greedy rows share one batched argmax
+            sampler = make_sampler(temp, top_p=s.top_p, min_p=s.min_p, top_k=s.top_k)
+        if s.seed is not None:
+            import mlx.core as mx
+
+            mx.random.seed(s.seed % (1 << 64))  # OpenAI clients may send negative seeds
+        (uid,) = self._batch(stream.adapter).insert(
+            [ids[reused:]],
+            max_tokens=[stream.max_tokens],
+            caches=[cache.cache],
+            all_tokens=[list(ids[:reused])],
+            samplers=[sampler],
+            logits_processors=[_processors(s)],
+        )
+        stream.uid = uid
+        stream.started = time.perf_counter()
+        self.live[(stream.adapter, uid)] = stream
+
+    def step(self) -> None:
+        """One decoding step of every answer in the batch (and a slice of the waiting prompts)."""
+        busy = {key for key, _ in self.live}
+        for adapter, gen in self._gens.items():
+            if adapter in busy:
+                self._step(adapter, gen)
+
+    def _step(self, adapter: str | None, gen: Any) -> None:
+        if self.loaded.adapter_set is not None:
+            self.loaded.adapter_set.use(adapter)
+        try:
+            _, responses = gen.next()
+        except BaseException as e:  # Ctrl-C may land inside a forward pass: drop every cache
+            for stream in list(self.live.values()):
+                self._drop(stream, e)
+            self._gens.clear()
+            raise
+        for r in responses:
+            stream = self.live.get((adapter, r.uid))
+            if stream is None:
+                continue
+            stream._token(int(r.token), r.finish_reason)
+            if r.finish_reason is not None:
+                del self.live[(adapter, r.uid)]
+                stream.cache.cache = r.prompt_cache
+                stream._finish()
+            elif stream.done:  # a stop string ended it: it leaves the batch now
+                self.close(stream)
+
+    def close(self, stream: AnswerStream) -> None:
+        """Take ``stream`` out of the batch now, keeping its KV cache for the next turn."""
+        key = (stream.adapter, stream.uid)
+        if stream.uid is None or self.live.pop(key, None) is None:
+            return
+        gen = self._batch(stream.adapter)
+        kept = gen.remove([stream.uid], return_prompt_caches=True).get(stream.uid)
+        if kept is not None and stream.answer.tokens:  # its prompt was computed: cache is whole
+            stream.cache.cache = kept[0]
+        else:
+            stream.cache.reset()
+        stream._finish()
+
+    def _drop(self, stream: AnswerStream, error: BaseException) -> None:
+        self.live.pop((stream.adapter, stream.uid), None)
+        stream.cache.reset()
+        stream.error = error
+        stream.done = True
+
+
+def _processors(s: Sampling) -> list[Any]:
+    """mlx-lm's logits processors (penalties). The batch gives them every token in the cache
+    (the reused prefix included), so a reused cache changes no token."""
+    from mlx_lm.sample_utils import make_logits_processors
+
+    rp = s.repetition_penalty if s.repetition_penalty not in (None, 1, 1.0) else None
+    return make_logits_processors(
+        repetition_penalty=rp,
+        presence_penalty=s.presence_penalty or None,
+        frequency_penalty=s.frequency_penalty or None,
+    )
+
+
+class AnswerStream:
+    """Text pieces of one answer as the :class:`Engine` decodes them; ``answer`` holds the counts
+    so far (and the whole text once the stream is exhausted or closed).
+
+    Iterate it to generate (it then steps an engine of its own); ``close()`` (or leaving a ``for``
+    loop early) stops generation and keeps the cache usable. A server passes its shared engine
+    instead, steps it itself and reads :meth:`take`. Stop strings are cut off and never shown,
+    even split across tokens.
     """
 
     def __init__(
@@ -276,77 +384,77 @@ class AnswerStream:
         max_tokens: int,
         stop: Sequence[str],
         cache: PromptCache | None,
+        engine: Engine | None = None,
+        adapter: str | None = None,
     ):
-        self.prompt_ids = ids
+        self.loaded, self.prompt_ids, self.sampling = loaded, ids, sampling
+        self.adapter = adapter  # the name in loaded.adapter_set (None: the model as loaded)
+        self.max_tokens, self.cache, self.engine = max_tokens, cache, engine
         self.answer = Answer(prompt_tokens=len(ids))
         # special-token texts of the message contents that were encoded as plain text
         self.escaped: dict[str, int] = {}
-        self._gen = self._run(loaded, ids, sampling, max_tokens, [s for s in stop if s], cache)
+        self.uid: int | None = None
+        self.done = False
+        self.error: BaseException | None = None
+        self.started = self.first = 0.0
+        self._pending: deque[str] = deque()
+        self._parts: list[str] = []
+        self._cutter = StopStrings([s for s in stop if s])
+        self._detok = loaded.tokenizer.detokenizer
+        self._detok.reset()
 
     def __iter__(self) -> Iterator[str]:
         return self
 
     def __next__(self) -> str:
-        return next(self._gen)
+        while not self._pending:
+            if self.error is not None:
+                raise self.error
+            if self.done:
+                raise StopIteration
+            if self.engine is None:
+                self.engine = Engine(self.loaded, 1)
+            if self.uid is None:
+                self.engine.add(self)
+            self.engine.step()
+        return self._pending.popleft()
+
+    def take(self) -> list[str]:
+        """The pieces decoded since the last call (for a caller that steps the engine itself)."""
+        out = list(self._pending)
+        self._pending.clear()
+        return out
 
     def close(self) -> None:
-        self._gen.close()
+        if self.engine is not None and not self.done:
+            self.engine.close(self)
+        self.done = True
 
-    def _run(
-        self,
-        loaded: Any,
-        ids: list[int],
-        s: Sampling,
-        max_tokens: int,
-        stops: list[str],
-        cache: PromptCache | None,
-    ) -> Iterator[str]:
-        import mlx.core as mx
-        from mlx_lm.generate import stream_generate
-
-        cache = cache if cache is not None else PromptCache(loaded.model)
-        stop_token_ids(loaded)
-        reused = cache.reuse(ids)
-        self.answer.cached_tokens = reused
-        sampler, procs = _sampler_and_processors(s, ids[:reused])
-        if s.seed is not None:
-            mx.random.seed(s.seed % (1 << 64))  # OpenAI clients may send negative seeds
-        generated = self.answer.tokens
-        parts: list[str] = []
-        cutter = StopStrings(stops)
-        steps = stream_generate(
-            loaded.model,
-            loaded.tokenizer,
-            mx.array(ids[reused:]),
-            max_tokens=max_tokens,
-            sampler=sampler,
-            logits_processors=procs,
-            prompt_cache=cache.cache,
-        )
+    def _token(self, token: int, finish: str | None) -> None:
+        """One generated token: counts, text (an end token shows none), stop strings."""
         a = self.answer
-        try:
-            for r in steps:
-                generated.append(int(r.token))
-                a.completion_tokens = len(generated)
-                a.prompt_tps, a.generation_tps = r.prompt_tps, r.generation_tps
-                piece, stopped = cutter.feed(r.text, final=r.finish_reason is not None)
-                a.finish_reason = "stop" if stopped else r.finish_reason
-                if piece:
-                    parts.append(piece)
-                    yield piece
-                if a.finish_reason is not None:
-                    break
-            steps.close()
-            cache.commit(ids + generated)
-        except GeneratorExit:  # the caller stopped reading at a yield: the cache is consistent
-            steps.close()
-            cache.commit(ids + generated)
-            raise
-        except BaseException:  # Ctrl-C may land inside a forward pass: never trust that cache
-            cache.reset()
-            raise
-        finally:
-            a.text = "".join(parts)
+        if not a.tokens:
+            self.first = time.perf_counter()
+            computed = a.prompt_tokens - a.cached_tokens
+            a.prompt_tps = computed / max(self.first - self.started, 1e-9)
+        a.tokens.append(token)
+        a.completion_tokens = len(a.tokens)
+        a.generation_tps = (a.completion_tokens - 1) / max(time.perf_counter() - self.first, 1e-9)
+        if finish != "stop":
+            self._detok.add_token(token)
+        if finish is not None:
+            self._detok.finalize()
+        piece, stopped = self._cutter.feed(self._detok.last_segment, final=finish is not None)
+        a.finish_reason = "stop" if stopped else finish
+        if piece:
+            self._parts.append(piece)
+            self._pending.append(piece)
+        self.done = a.finish_reason is not None
+        a.text = "".join(self._parts)
+
+    def _finish(self) -> None:
+        self.cache.commit(self.prompt_ids + self.answer.tokens)
+        self.done = True
 
 
 def require_chat_template(loaded: Any) -> None:
@@ -367,6 +475,8 @@ def generate_answer(
     stop: Sequence[str] = (),
     cache: PromptCache | None = None,
     allow_special: bool = False,
+    engine: Engine | None = None,
+    adapter: str | None = None,
     **sampling: Any,
 ) -> AnswerStream:
     """Stream the assistant's next answer to ``messages`` (chat, serve and the studio call this).
@@ -376,14 +486,31 @@ def generate_answer(
     keywords (temperature, top_p, top_k, min_p, repetition_penalty, presence_penalty,
     frequency_penalty, seed); unset ones come from ``generation_config.json``. Pass the same
     ``cache`` turn after turn to reuse the shared prefix. Special-token text in the messages is
-    encoded as text unless ``allow_special`` (``--allow-special-tokens-in-content``).
+    encoded as text unless ``allow_special`` (``--allow-special-tokens-in-content``). The answer
+    ends where the context does: ``max_tokens`` is capped at the context length minus the prompt,
+    and a prompt that fills the context raises :class:`PromptTooLong`. ``engine``: decode in that
+    (shared, batched) engine, stepped by its owner, instead of one of the stream's own.
+    ``adapter``: answer with that adapter of ``loaded.adapter_set`` (its training system prompt
+    too).
     """
     check_max_tokens(max_tokens)
     settings = resolve_sampling(loaded.generation, **sampling)
     require_chat_template(loaded)
+    if adapter is not None and system_prompt is None:
+        system_prompt = training_system_prompt(
+            loaded.model_dir, loaded.adapter_set.adapters[adapter]
+        )
     system = system_prompt if system_prompt is not None else loaded.system_prompt
     prompt = encode_prompt(loaded.tokenizer, messages, system, allow_special=allow_special)
-    stream = AnswerStream(loaded, prompt.ids, settings, max_tokens, stop, cache)
+    n, ctx = len(prompt.ids), context_length(loaded.config)
+    if n >= ctx:
+        raise PromptTooLong(
+            "messages",
+            f"the prompt is {n} tokens, but the model's context is {ctx} tokens (prompt and "
+            "answer together); send a shorter conversation",
+        )
+    max_tokens = min(max_tokens, ctx - n)
+    stream = AnswerStream(loaded, prompt.ids, settings, max_tokens, stop, cache, engine, adapter)
     stream.escaped = dict(prompt.escaped)
     return stream
 

@@ -21,7 +21,7 @@ from mlx_lora.core.errors import MlxLoraError
 from mlx_lora.core.files import read_json, write_json_atomic
 from mlx_lora.core.weights import save_tensors
 from mlx_lora.model.hub import resolve_model
-from mlx_lora.model.lora import Adapter, load_adapter, read_adapter
+from mlx_lora.model.lora import Adapter, AdapterSet, load_adapter, read_adapter
 from mlx_lora.model.meta import (
     FUSED_INFO,
     GENERATION_CONFIG,
@@ -173,6 +173,7 @@ class Loaded:
     config: dict
     adapter: Adapter | None = None
     generation: dict = field(default_factory=dict)  # generation_config.json
+    adapter_set: AdapterSet | None = None  # serve's several adapters on this base, by name
 
     @property
     def system_prompt(self) -> str | None:
@@ -207,6 +208,22 @@ def load_for_inference(
     loaded_adapter = load_adapter(m, recorded, config) if recorded is not None else None
     m.eval()
     return Loaded(m, tok, model_dir, config, loaded_adapter, gen)
+
+
+def load_adapter_set(
+    model: str | None, adapters: dict[str, Path], *, source: str = "auto"
+) -> Loaded:
+    """One base (``model``, else the first adapter's recorded base) with several named adapters
+    (:class:`~mlx_lora.model.lora.AdapterSet`); answers pick one by name."""
+    read = {name: read_adapter(Path(d)) for name, d in adapters.items()}
+    first = next(iter(read.values()), None)
+    model_dir = base_model_dir(model, first, source)
+    m, tok, config = load_base(model_dir, dtype=_inference_dtype(model_dir, "auto"))
+    gen = generation_config(model_dir)
+    sampling_defaults(gen)
+    bank = AdapterSet(m, read, config)
+    m.eval()
+    return Loaded(m, tok, model_dir, config, None, gen, bank)
 
 
 # Files of a model folder besides its weights that travel with it, byte for byte (llama.cpp

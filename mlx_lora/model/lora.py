@@ -431,6 +431,68 @@ def load_adapter(
     return adapter
 
 
+class AdapterSet:
+    """Several adapters over one loaded base (``serve --adapter NAME=DIR …``).
+
+    The base is wrapped once, with LoRA layers on the union of the adapters' target modules;
+    :meth:`use` points every layer at one adapter's tensors (or switches it off), which costs a
+    few hundred attribute assignments and no reload. Each adapter computes exactly what
+    :func:`load_adapter` would compute with it alone (same tensors, same ``alpha / r``).
+    """
+
+    def __init__(self, model: nn.Module, adapters: dict[str, Adapter], base_config: dict):
+        self.model, self.adapters, self.current = model, adapters, ""
+        self.tensors: dict[str, dict[str, tuple[mx.array, mx.array]]] = {}
+        for name, adapter in adapters.items():
+            check_base(adapter, base_config)
+            if adapter.use_dora:
+                raise MlxLoraError(
+                    f"adapter {name} ({adapter.directory}) is a DoRA adapter; several adapters on "
+                    "one base are LoRA only: serve it alone, or fuse it"
+                )
+            self.tensors[name] = adapter.pairs()
+        wanted = sorted({p for pairs in self.tensors.values() for p in pairs})
+        linears = linear_paths(model)
+        missing = [p for p in wanted if p not in linears]
+        if missing:
+            raise MlxLoraError(
+                f"an adapter names {missing[0]}, which this base does not have; it was trained "
+                "on another base: pass that model with --model"
+            )
+        model.freeze()
+        model.update_modules(_unflatten({p: LoRALinear(linears[p], 1, 1.0) for p in wanted}))
+        paths = set(wanted)
+        self.layers = {p: m for p, m in model.named_modules() if p in paths}
+        for name, pairs in self.tensors.items():
+            for path, (_, b) in pairs.items():
+                base = self.layers[path].base
+                out_dims = base.weight.shape[0]
+                if b.shape[0] != out_dims:
+                    raise MlxLoraError(
+                        f"adapter {name} was trained on another base: {path} has "
+                        f"{b.shape[0]} outputs, this model {out_dims}; pass that model with --model"
+                    )
+        # read now, on this thread: an array left lazy here cannot be evaluated on another one
+        mx.eval(
+            model.parameters(), [ab for pairs in self.tensors.values() for ab in pairs.values()]
+        )
+        self.use(None)
+
+    def use(self, name: str | None) -> None:
+        """Make the model compute with adapter ``name`` (None: the bare base)."""
+        if name == self.current:
+            return
+        pairs = self.tensors[name] if name is not None else {}
+        scale = self.adapters[name].alpha / self.adapters[name].r if name is not None else 1.0
+        for path, layer in self.layers.items():
+            ab = pairs.get(path)
+            layer.active = ab is not None
+            if ab is not None:
+                layer.lora_A, layer.lora_B = ab
+                layer.scale = scale
+        self.current = name
+
+
 def check_fits(model: nn.Module, tensors: dict[str, mx.array], what: str, base: Any) -> None:
     """``tensors`` are exactly the LoRA tensors ``model`` was wrapped with, shape for shape."""
     expected = {k: tuple(v.shape) for k, v in lora_state(model).items()}

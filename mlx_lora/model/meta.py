@@ -44,6 +44,23 @@ _SAMPLING_KEYS = {
 }
 
 
+# config.json keys that hold how many positions the model was trained for, in the order read.
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+DEFAULT_CONTEXT = 4096  # a config that names none (rare): what llama.cpp assumes too
+
+
+def context_length(config: dict) -> int:
+    """Prompt + answer tokens the model can attend over: ``config.json``'s
+    ``max_position_embeddings`` (or its older names, or the text model's in a multimodal config).
+    Serve caps ``max_tokens`` with it and refuses longer prompts."""
+    for c in (config, config.get("text_config") or {}):
+        for key in _CONTEXT_KEYS:
+            value = c.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return DEFAULT_CONTEXT
+
+
 def generation_config(model_dir: Path) -> dict:
     """``generation_config.json`` of a model folder, ``{}`` when it has none."""
     return read_json(Path(model_dir) / GENERATION_CONFIG)

@@ -490,3 +490,37 @@ def examples_for(cfg: TrainConfig, model_dir: Path) -> list:
     """The training examples ``train`` would use (tokenizer only, no weights)."""
 
     return run_examples(cfg, load_base_tokenizer(model_dir), 1)[1]
+
+
+# ---------------------------------------------------------------- serving
+
+SERVE_MAX_CONCURRENCY = 8  # beyond 8 rows a CPU decode step is compute-bound: no more throughput
+SERVE_SEQUENCE_TOKENS = 4096  # the conversation length one batch slot is planned for
+
+
+def kv_bytes_per_token(config: dict, nbytes: int) -> int:
+    """Keys + values of one token over every layer, from ``config.json`` (text model's, if any)."""
+    c = config.get("text_config") or config
+    heads = int(c.get("num_attention_heads") or 1)
+    kv_heads = int(c.get("num_key_value_heads") or heads)
+    head_dim = int(c.get("head_dim") or int(c.get("hidden_size") or 0) // heads)
+    return 2 * int(c.get("num_hidden_layers") or 1) * kv_heads * head_dim * nbytes
+
+
+def serve_concurrency(config: dict, nbytes: int, context: int) -> tuple[int, str]:
+    """``serve --max-concurrency 0``: how many answers decode together, and why.
+
+    Each slot is planned for a conversation of ``min(context, 4096)`` tokens of KV cache; half
+    the memory available now (the model is already loaded) is given to the slots, and the count
+    is kept between 1 and 8 (more rows make a CPU step slower by as much as they add)."""
+    tokens = min(context, SERVE_SEQUENCE_TOKENS)
+    per_slot = kv_bytes_per_token(config, nbytes) * tokens
+    budget = machine_budget()
+    if budget.bytes is None or per_slot <= 0:
+        return 1, f"memory unknown ({budget.source}): 1"
+    fits = int(budget.bytes // 2 // per_slot)
+    n = max(1, min(SERVE_MAX_CONCURRENCY, fits))
+    return n, (
+        f"{n} ({gb(per_slot)} of KV cache per {tokens}-token conversation; half of "
+        f"{gb(budget.bytes)} {budget.source} holds {fits}; at most {SERVE_MAX_CONCURRENCY})"
+    )
