@@ -32,6 +32,18 @@ SHARED = REPO.parent / "shared"
 QWEN_TOKENIZER = SHARED / "fixtures" / "qwen15-tokenizer"
 STORIES = SHARED / "fixtures" / "stories260K"
 HUANHUAN = SHARED / "data" / "huanhuan.json"
+# Chat requests the serve tests send: Chinese and English, a system turn, a multi-turn history.
+CHAT_PROMPTS = [
+    [{"role": "user", "content": "你是谁？"}],
+    [{"role": "user", "content": "Tell me about the palace garden."}],
+    [{"role": "system", "content": "现在你要扮演甄嬛"}, {"role": "user", "content": "皇上呢？"}],
+    [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "What now?"},
+    ],
+    [{"role": "user", "content": "1 + 1 = ?"}],
+]
 
 
 def need(path: Path) -> Path:

@@ -16,6 +16,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from conftest import CHAT_PROMPTS
 
 from mlx_lora.infer.generate import PromptTooLong, complete, generate_answer
 from mlx_lora.infer.serve import Limits, make_server
@@ -24,15 +25,7 @@ from mlx_lora.plan.memory import SERVE_MAX_CONCURRENCY, serve_concurrency
 
 NAME = "tiny"
 PROMPTS = [
-    [{"role": "user", "content": "你是谁？"}],
-    [{"role": "user", "content": "Tell me about the palace garden."}],
-    [{"role": "system", "content": "现在你要扮演甄嬛"}, {"role": "user", "content": "皇上呢？"}],
-    [
-        {"role": "user", "content": "Hi"},
-        {"role": "assistant", "content": "Hello!"},
-        {"role": "user", "content": "What now?"},
-    ],
-    [{"role": "user", "content": "1 + 1 = ?"}],
+    *CHAT_PROMPTS,
     [{"role": "user", "content": "Write a long story about the emperor and his garden."}],
 ]
 TOKENS = 16

@@ -16,6 +16,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from conftest import CHAT_PROMPTS
 
 from mlx_lora.config import parse_config
 from mlx_lora.infer.generate import complete
@@ -27,17 +28,7 @@ pytestmark = pytest.mark.slow
 NAME = "tiny"
 CLIENTS = 50
 MAX_TOKENS = 8
-PROMPTS = [
-    [{"role": "user", "content": "你是谁？"}],
-    [{"role": "user", "content": "Tell me about the palace garden."}],
-    [{"role": "system", "content": "现在你要扮演甄嬛"}, {"role": "user", "content": "皇上呢？"}],
-    [
-        {"role": "user", "content": "Hi"},
-        {"role": "assistant", "content": "Hello!"},
-        {"role": "user", "content": "What now?"},
-    ],
-    [{"role": "user", "content": "1 + 1 = ?"}],
-]
+PROMPTS = CHAT_PROMPTS
 
 
 @pytest.fixture(scope="module")
