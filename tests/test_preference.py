@@ -30,6 +30,7 @@ from mlx_lora.train.preference import (
     pair_loss,
     pref_batch,
 )
+from mlx_lora.train.rewards import load_rewards
 
 SAMPLE = REPO / "dataset" / "preference_sample.json"
 
@@ -400,3 +401,58 @@ def test_dpo_adapter_fuses_and_exports_with_verify(tiny_model, tmp_path):
         progress=False,
     )
     assert r.report.ok, r.report.table()
+
+
+# ---------------------------------------------------------------- GRPO
+
+REWARDS = """
+def vowels(prompts, completions, **kw):
+    return [sum(ch in "aeiou" for ch in c) / max(len(c), 1) for c in completions]
+
+
+def broken(prompts, completions, **kw):
+    raise ValueError("no")
+"""
+PROMPTS = ["你好", "你是谁？", "今天天气如何？", "讲个故事", "你喜欢什么花？", "皇上来了吗？"]
+
+
+@pytest.fixture
+def reward_module(tmp_path, monkeypatch):
+    (tmp_path / "my_rewards.py").write_text(REWARDS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rows = [{"prompt": p, "answer": "1"} for p in PROMPTS]
+    return write(tmp_path, rows, "prompts.json")
+
+
+def grpo_cfg(model, data, out, **kw):
+    kw = {"reward": "my_rewards:vowels", **kw}
+    return cfg(
+        model, out, data=str(data), method="grpo", num_generations=4,
+        max_completion_length=16, per_device_train_batch_size=2, learning_rate=1e-2, **kw,
+    )  # fmt: skip
+
+
+def test_grpo_mean_reward_rises(tiny_model, tmp_path, reward_module):
+    out = tmp_path / "grpo"
+    train(grpo_cfg(tiny_model, reward_module, out, max_steps=16, logging_steps=4, save_steps=16),
+          progress=False)  # fmt: skip
+    logs = [h for h in history(out) if "reward" in h]
+    assert {"rewards/vowels/mean", "reward_std", "completion_length", "kl"} <= set(logs[0])
+    assert logs[-1]["reward"] > logs[0]["reward"] + 0.02, [h["reward"] for h in logs]
+
+
+def test_grpo_failing_reward_names_itself_and_the_record(tiny_model, tmp_path, reward_module):
+    c = grpo_cfg(tiny_model, reward_module, tmp_path / "x", max_steps=1, reward="my_rewards:broken")
+    with pytest.raises(MlxLoraError, match=r"reward broken failed on record \d+: ValueError: no"):
+        train(c, progress=False)
+
+
+def test_builtin_rewards():
+    fmt, js, ex, num = load_rewards("format,json,exact,numeric", r"<answer>.*</answer>")
+    comps = ["<answer>5</answer>", '{"a": 1}', "5", "so it is 4.0"]
+    assert fmt(["p"] * 4, comps, {}, 1) == [1.0, 0.0, 0.0, 0.0]
+    assert js(["p"] * 4, comps, {}, 1) == [0.0, 1.0, 1.0, 0.0]
+    assert ex(["p"] * 4, comps, {"answer": "5"}, 1) == [0.0, 0.0, 1.0, 0.0]
+    assert num(["p"] * 4, comps, {"answer": 4}, 1) == [0.0, 0.0, 0.0, 1.0]
+    with pytest.raises(MlxLoraError, match="reward exact failed on record 3: .*'answer' column"):
+        ex(["p"], ["5"], {}, 3)

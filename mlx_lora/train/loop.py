@@ -68,6 +68,7 @@ from mlx_lora.train.checkpoint import (
     save_final,
 )
 from mlx_lora.train.forward import Layout, cpu_lanes, fast_path, keep_buffers
+from mlx_lora.train.grpo import GRPOMethod, Settings
 from mlx_lora.train.loss import (
     all_sum,
     batch_arrays,
@@ -85,6 +86,7 @@ from mlx_lora.train.preference import (
     ReferenceSwap,
 )
 from mlx_lora.train.report import Fanout, Reporter, default_reporter, plot_losses
+from mlx_lora.train.rewards import load_rewards
 from mlx_lora.train.trackers import open_trackers, parse_report_to, save_tracker_state
 
 
@@ -550,7 +552,7 @@ def setup(cfg: TrainConfig) -> tuple[Run, Path | None]:
     run.recompute = recompute
     run.eager = path == "packed" and fast_path(model)
     if cfg.method != "sft":
-        run.method = make_method(cfg, run)
+        run.method = make_method(cfg, run, model_dir, config)
         run.summary += "\n" + method_line(cfg)
     if resume_from is not None:
         _resume(run, resume_from)
@@ -568,7 +570,7 @@ def beta_of(cfg: TrainConfig) -> float:
     return cfg.beta if cfg.beta is not None else DEFAULT_BETA[cfg.method]
 
 
-def make_method(cfg: TrainConfig, run: Run) -> Any:
+def make_method(cfg: TrainConfig, run: Run, model_dir: Path, config: dict) -> Any:
     """The objective of ``--method``; ``--ref-adapter``'s tensors start the policy and are the
     reference (swapped in for its forward), else the reference is the adapter switched off."""
     reference = ReferenceSwap()
@@ -577,6 +579,20 @@ def make_method(cfg: TrainConfig, run: Run) -> Any:
         check_fits(run.model, ref.tensors, f"--ref-adapter {cfg.ref_adapter}", ref.base_model)
         set_lora_tensors(run.model, ref.tensors)
         reference = ReferenceSwap(dict(lora_params_of(ref.tensors)))
+    if cfg.method == "grpo":
+        settings = Settings(
+            cfg.num_generations,
+            cfg.max_completion_length,
+            cfg.temperature,
+            cfg.epsilon,
+            beta_of(cfg),
+            cfg.system_prompt,
+        )
+        rewards = load_rewards(cfg.reward, cfg.reward_pattern)
+        return GRPOMethod(
+            settings, rewards, run.tokenizer, model_dir, config, run.path, run.recompute.on,
+            run.eager, reference,
+        )  # fmt: skip
     objective = Objective(
         cfg.method,
         beta_of(cfg),
@@ -591,6 +607,13 @@ def make_method(cfg: TrainConfig, run: Run) -> Any:
 
 def method_line(cfg: TrainConfig) -> str:
     """The start-up line of a preference run: objective, hyper-parameters, reference."""
+    if cfg.method == "grpo":
+        kl = f", KL to {'--ref-adapter' if cfg.ref_adapter else 'the base'}" if cfg.beta else ""
+        return (
+            f"method: grpo, {cfg.num_generations} answers per prompt of up to "
+            f"{cfg.max_completion_length} tokens at temperature {cfg.temperature}, clip "
+            f"{cfg.epsilon}, beta {beta_of(cfg)}{kl}; rewards: {cfg.reward}"
+        )
     if cfg.method in NEEDS_REFERENCE:
         ref = f"--ref-adapter {cfg.ref_adapter}" if cfg.ref_adapter else "the base, adapter off"
         ref = f"; reference: {ref}, once per micro-batch"
