@@ -27,6 +27,7 @@ from mlx_lora.train.preference import (
     Objective,
     PreferenceMethod,
     kto_loss,
+    log1mexp,
     pair_loss,
     pref_batch,
 )
@@ -241,6 +242,28 @@ def test_pair_losses_and_gradients_equal_numpy(o):
     np.testing.assert_allclose(np.array(gr), want_r, atol=1e-5)
 
 
+def test_orpo_is_finite_as_the_mean_logp_goes_to_zero():
+    """A model certain of every chosen token (ā = 0) gives log(1 − e^0) = −inf unclamped; the
+    loss and its gradients stay finite, and log1mexp matches float64 below the clamp."""
+    a = np.array([-1e-7, -1e-5, -0.01, -0.5, -0.7, -2.0, -30.0])
+    np.testing.assert_allclose(
+        np.array(log1mexp(mx.array(a))), np.log(-np.expm1(a)), rtol=1e-5, atol=1e-12
+    )
+    o = Objective("orpo", 0.1)
+    n = mx.array([4.0, 4.0, 4.0])
+
+    def f(pc, pr):
+        return pair_loss(o, pc, pr, None, None, n, n)[0]
+
+    for pc in ([0.0, -1e-9, -1e-6], [0.0, 0.0, 0.0]):
+        loss, (gc, gr) = mx.value_and_grad(f, argnums=(0, 1))(mx.array(pc), mx.array([-8.0] * 3))
+        assert math.isfinite(loss.item()), pc
+        assert np.isfinite(np.array(gc)).all() and np.isfinite(np.array(gr)).all(), pc
+    rejected = mx.array([0.0, -1e-9, -2.0])  # the rejected side near 0 as well
+    loss, grads = mx.value_and_grad(f, argnums=(0, 1))(mx.array([-1.0] * 3), rejected)
+    assert math.isfinite(loss.item()) and all(np.isfinite(np.array(g)).all() for g in grads)
+
+
 @pytest.mark.parametrize("weights", [(1.0, 1.0), (1.0, 1.5)])
 def test_kto_loss_and_gradient_equal_numpy(weights):
     o = Objective("kto", 0.1, desirable_weight=weights[0], undesirable_weight=weights[1])
@@ -439,6 +462,24 @@ def test_grpo_mean_reward_rises(tiny_model, tmp_path, reward_module):
     logs = [h for h in history(out) if "reward" in h]
     assert {"rewards/vowels/mean", "reward_std", "completion_length", "kl"} <= set(logs[0])
     assert logs[-1]["reward"] > logs[0]["reward"] + 0.02, [h["reward"] for h in logs]
+
+
+def test_grpo_resume_is_exact(tiny_model, tmp_path, reward_module):
+    """Stopped after checkpoint-2 and resumed: the same sampled answers, the same adapter, bit for
+    bit (the sampling seed comes from the step's RNG, which the checkpoint restores)."""
+    kw = dict(max_steps=4, save_steps=2, beta=0.05)
+    whole = tmp_path / "whole"
+    train(grpo_cfg(tiny_model, reward_module, whole, **kw), progress=False)
+    part = tmp_path / "part"
+    train(grpo_cfg(tiny_model, reward_module, part, **kw), progress=False)
+    shutil.rmtree(part / "checkpoint-4")
+    (part / "adapter_model.safetensors").unlink()
+    train(grpo_cfg(tiny_model, reward_module, part, resume="latest", **kw), progress=False)
+    a = mx.load(str(whole / "adapter_model.safetensors"))
+    b = mx.load(str(part / "adapter_model.safetensors"))
+    assert max(mx.abs(a[k] - b[k]).max().item() for k in a) == 0.0
+    rewards = lambda out: [h["reward"] for h in history(out) if "reward" in h]  # noqa: E731
+    assert rewards(whole)[-2:] == rewards(part)[-2:]
 
 
 def test_grpo_failing_reward_names_itself_and_the_record(tiny_model, tmp_path, reward_module):

@@ -34,7 +34,7 @@ SFT_FORMATS = ("auto", "alpaca", "sharegpt", "messages", "completions", "text")
 # read by mlx_lora.data.preference for --method dpo/orpo/simpo/kto/grpo
 PREFERENCE_FORMATS = ("preference", "ranking", "kto", "prompts")
 FORMATS = SFT_FORMATS + PREFERENCE_FORMATS
-_SHAREGPT_ROLES = {
+SHAREGPT_ROLES = {
     "human": "user",
     "user": "user",
     "gpt": "assistant",
@@ -179,7 +179,7 @@ def to_messages(record: Any, fmt: str) -> list[Message] | str | None:
                 return None
             role = t.get("from", t.get("role")) if fmt == "sharegpt" else t.get("role")
             content = t.get("value", t.get("content")) if fmt == "sharegpt" else t.get("content")
-            role = _SHAREGPT_ROLES.get(str(role).lower()) if fmt == "sharegpt" else role
+            role = SHAREGPT_ROLES.get(str(role).lower()) if fmt == "sharegpt" else role
             if role not in ("system", "user", "assistant") or _text(content) is None:
                 return None
             msgs.append({"role": role, "content": content})

@@ -25,7 +25,7 @@ from typing import Any
 
 from mlx_lora.core.errors import MlxLoraError
 from mlx_lora.data.dataset import (
-    _SHAREGPT_ROLES,
+    SHAREGPT_ROLES,
     MAX_CHARS_PER_TOKEN,
     Dataset,
     clip_contents,
@@ -170,7 +170,7 @@ def _turns(v: Any, n: int, key: str, default_role: str) -> list[Message]:
     for t in items:
         if not isinstance(t, dict):
             raise _bad(n, f"{key} holds a {type(t).__name__}, expected messages")
-        role = t.get("role", _SHAREGPT_ROLES.get(str(t.get("from", "")).lower()))
+        role = t.get("role", SHAREGPT_ROLES.get(str(t.get("from", "")).lower()))
         content = t.get("content", t.get("value"))
         if role not in ROLES or not _text(content):
             raise _bad(n, f"{key} has a message without a known role and text content")

@@ -14,7 +14,7 @@ Formulas (the papers'; hyper-parameters under TRL's names, losses averaged over 
   sigmoid −(1−ε)·log σ(βz) − ε·log σ(−βz) (ε = ``label_smoothing``, cDPO); hinge max(0, 1 − βz)
   (SLiC); ipo (Azar et al. 2023) (z − 1/(2β))² with length-averaged log-probs, as TRL computes it.
 - ORPO (Hong et al. 2024): −ā(c) − β·log σ(log odds(c) − log odds(r)), ā = mean token log-prob,
-  log odds(y) = ā(y) − log(1 − exp ā(y)).
+  log odds(y) = ā(y) − log(1 − exp ā(y)) (:func:`log1mexp`: finite as ā → 0).
 - SimPO (Meng et al. 2024): −(1−ε)·log σ(β(ā(c) − ā(r)) − γ) − ε·log σ(−(…)), γ = ``simpo_gamma``.
 - KTO (Ethayarajh et al. 2024): r = log π(y) − log π_ref(y), z₀ = max(0, mean over the micro-batch
   of the mismatched rows' r) without gradient; desirable λ_D(1 − σ(β(r − z₀))), undesirable
@@ -61,6 +61,17 @@ class Objective:
         return self.method in ("orpo", "simpo") or self.loss_type == "ipo"
 
 
+LOG1MEXP_CLAMP = -1e-7  # mean log-prob ā ≤ this: at ā = 0 log(1 − e^ā) is −inf
+
+
+def log1mexp(a: mx.array) -> mx.array:
+    """log(1 − exp(a)) for a ≤ 0, finite everywhere: a is clamped to ≤ −1e-7 (ā → 0 when the
+    model is certain of every token: log(1 − e^0) = −inf, NaN gradients), and evaluated as
+    log(−expm1(a)) near 0 and log1p(−exp(a)) below −ln 2 (Mächler 2012), exact in float32."""
+    a = mx.minimum(a, LOG1MEXP_CLAMP)
+    return mx.where(a > -0.6931472, mx.log(-mx.expm1(a)), mx.log1p(-mx.exp(a)))
+
+
 def _smoothed(x: mx.array, eps: float) -> mx.array:
     return -(1 - eps) * nn.log_sigmoid(x) - eps * nn.log_sigmoid(-x)
 
@@ -73,7 +84,7 @@ def pair_loss(
     (reference) and token counts ``nc``/``nr``; and TRL's metrics, summed over the pairs."""
     ac, ar = pc / nc, pr / nr
     if o.method == "orpo":
-        log_odds = (ac - ar) - (mx.log1p(-mx.exp(ac)) - mx.log1p(-mx.exp(ar)))
+        log_odds = (ac - ar) - (log1mexp(ac) - log1mexp(ar))
         ratio = nn.log_sigmoid(log_odds)
         losses = -ac - o.beta * ratio
         wc, wr = o.beta * ac, o.beta * ar
