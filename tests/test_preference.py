@@ -7,6 +7,7 @@ import importlib.util
 import json
 import math
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -22,6 +23,8 @@ from mlx_lora.data.preference import Pair, PromptRow, Unpaired, load_preference
 from mlx_lora.export.pipeline import ExportConfig, export
 from mlx_lora.model.load import load_base, load_base_tokenizer
 from mlx_lora.model.lora import apply_lora
+from mlx_lora.plan.footprint import KV_STEP, read_shape
+from mlx_lora.plan.memory import Budget, plan
 from mlx_lora.train.loop import train
 from mlx_lora.train.preference import (
     Objective,
@@ -480,6 +483,29 @@ def test_grpo_resume_is_exact(tiny_model, tmp_path, reward_module):
     assert max(mx.abs(a[k] - b[k]).max().item() for k in a) == 0.0
     rewards = lambda out: [h["reward"] for h in history(out) if "reward" in h]  # noqa: E731
     assert rewards(whole)[-2:] == rewards(part)[-2:]
+
+
+def test_plan_counts_pairs_and_grpo_s_generation_cache(tiny_model, tmp_path, reward_module):
+    """Two sequences per pair; GRPO: the group of answers, plus the sampling's KV cache (prompt +
+    --max-completion-length tokens of every block, in mlx-lm's 256-token steps) while the
+    weights and optimizer state stay resident."""
+    tok = load_base_tokenizer(tiny_model)
+    big = Budget(10**12, "test")
+    sft = plan(cfg(tiny_model, tmp_path, method="sft"), budget=big, gpu=False)
+    dpo = plan(cfg(tiny_model, tmp_path), budget=big, gpu=False)  # no data: worst-case batches
+    assert dpo.batches[0].tokens == 2 * sft.batches[0].tokens
+    rows = load_preference(reward_module, tok, "grpo").examples
+    shape = read_shape(tiny_model)
+    for n in (16, 700):
+        c = replace(grpo_cfg(tiny_model, reward_module, tmp_path), max_completion_length=n)
+        p = plan(c, rows, budget=big, gpu=False)
+        assert p.prompt_tokens == max(len(r.ids) for r in rows)
+        kv = shape.layers * 2 * shape.kv_heads * shape.head_dim * 4
+        steps = -(-(p.prompt_tokens + n) // KV_STEP) * KV_STEP
+        assert p.generation_bytes() >= kv * steps
+        assert "generation" in p.report() and f"{p.prompt_tokens + n:,} tokens" in p.report()
+    sft_gen = plan(TrainConfig(model=str(tiny_model)), budget=big, gpu=False)
+    assert sft_gen.generation_bytes() == 0 and "generation" not in sft_gen.report()
 
 
 def test_grpo_failing_reward_names_itself_and_the_record(tiny_model, tmp_path, reward_module):

@@ -25,8 +25,8 @@ from typing import Any
 
 from mlx_lora.core.errors import MlxLoraError
 from mlx_lora.data.dataset import (
-    SHAREGPT_ROLES,
     MAX_CHARS_PER_TOKEN,
+    SHAREGPT_ROLES,
     Dataset,
     clip_contents,
     read_records,

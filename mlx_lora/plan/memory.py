@@ -170,6 +170,7 @@ class Plan:
     gpu: bool
     model_dir: Path | None = None
     notes: list[str] = field(default_factory=list)
+    prompt_tokens: int = 0  # GRPO: the longest prompt its sampling starts from
 
     @property
     def nbytes(self) -> int:
@@ -221,7 +222,15 @@ class Plan:
         backward = weights + own + optim + accumulated + grads + act + loss
         new_values = grads  # the updated values have the size of their gradients
         update = weights + own + new_values + 2 * optim + grads
-        return max(backward, update)
+        return max(backward, update, weights + own + optim + self.generation_bytes())
+
+    def generation_bytes(self) -> int:
+        """GRPO: the sampling's KV cache and prefill (0 for the other methods)."""
+        if self.cfg.method != "grpo":
+            return 0
+        return fp.generation_bytes(
+            self.shape, self.prompt_tokens, self.cfg.max_completion_length, self.nbytes
+        )
 
     def load_bytes(self) -> int:
         return sum(self.weights().values()) + fp.load_extra_bytes(
@@ -319,9 +328,17 @@ class Plan:
                 f"vocabulary projection of {mb.targets:,} rows ({other} checkpointing: "
                 f"{gb(loss_other)})",
             ),
+            *self._generation_row(),
             ("loading", self.load_bytes(), "cast / quantized as read, one matrix at a time"),
             ("process", self.runtime_bytes(), "Python, MLX, tokenizer, data (outside MLX)"),
         ]
+
+    def _generation_row(self) -> list[tuple[str, int, str]]:
+        if self.cfg.method != "grpo":
+            return []
+        n = self.prompt_tokens + self.cfg.max_completion_length
+        note = f"KV cache of {n:,} tokens (prompt + --max-completion-length) and the prefill"
+        return [("generation", self.generation_bytes(), note)]
 
     def _state_note(self) -> str:
         shapes = fp.trained_shapes(self.cfg, self.shape)
@@ -372,9 +389,13 @@ def plan(
         note = f"{cfg.max_seq_length}-token examples assumed (pass --data to plan for your data)"
     else:
         note = f"the worst of this run's {len(batches)} micro-batch shapes (from the data)"
-    return Plan(
-        cfg, shape, machine_budget() if budget is None else budget, batches, note, gpu, model_dir
+    prompt = max((len(e.ids) for e in examples or []), default=0) or max(
+        cfg.max_seq_length - cfg.max_completion_length, 1
     )
+    return Plan(
+        cfg, shape, machine_budget() if budget is None else budget, batches, note, gpu, model_dir,
+        prompt_tokens=prompt if cfg.method == "grpo" else 0,
+    )  # fmt: skip
 
 
 def _batches(
