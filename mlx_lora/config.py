@@ -20,6 +20,7 @@ from mlx_lora.model.hub import DEFAULT_MODEL, SOURCES
 
 # --optim: MLX's optimizers under HF's names (adamw_torch and adamw_hf are HF's spellings of adamw)
 OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor", "muon", "adamw_torch", "adamw_hf")
+METHODS = ("sft", "dpo", "orpo", "simpo", "kto", "grpo")  # --method; sft is the default
 
 
 def opt(default: Any, help: str, **kw: Any) -> Any:
@@ -170,7 +171,7 @@ class TrainConfig:
         "sft",
         "training objective: sft (next-token loss on the answers); dpo, orpo, simpo (preference "
         "pairs); kto (answers labelled good/bad); grpo (sampled answers scored by --reward)",
-        choices=["sft", "dpo", "orpo", "simpo", "kto", "grpo"],
+        choices=list(METHODS),
     )
     beta: float | None = opt(
         None,

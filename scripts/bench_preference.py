@@ -243,7 +243,8 @@ def bench_method(method: str, common: dict, args, env: dict, theirs_py: str) -> 
                                     "out": str(args.tmp / f"ours-{method}-{s}-{i}")},
                            env, sys.executable)  # fmt: skip
             runs.setdefault(f"ours/{s}", []).append(r)
-            print(f"  {method} run {i + 1} ours {s:8s} (ckpt {'on' if r['checkpointing'] else 'off'})"
+            ck = "on" if r["checkpointing"] else "off"
+            print(f"  {method} run {i + 1} ours {s:8s} (ckpt {ck}) {r['tokens']:7,} tokens"
                   f" {r['tokens'] / r['seconds']:8.1f} tok/s  peak {r['peak_memory_gb']:.3f} GB  "
                   f"loss {r['loss']:.4f}", flush=True)  # fmt: skip
             if THEIRS_CKPT[s] in done:
@@ -253,7 +254,8 @@ def bench_method(method: str, common: dict, args, env: dict, theirs_py: str) -> 
                                       "out": str(args.tmp / f"lmlora-{method}-{s}-{i}")},
                            env, theirs_py)  # fmt: skip
             runs.setdefault(f"lmlora/{THEIRS_CKPT[s]}", []).append(t)
-            print(f"  {method} run {i + 1} mlx-lm-lora (ckpt {'on' if THEIRS_CKPT[s] else 'off'})"
+            ck = "on" if THEIRS_CKPT[s] else "off"
+            print(f"  {method} run {i + 1} mlx-lm-lora (ckpt {ck}) {t['tokens']:7,} tokens"
                   f"  {t['tokens'] / t['seconds']:8.1f} tok/s  peak {t['peak_memory_gb']:.3f} GB"
                   f"  loss {t['loss']:.4f}", flush=True)  # fmt: skip
     rows = []
@@ -370,11 +372,12 @@ def main() -> None:
         t0 = time.perf_counter()
         for method in args.method or ["dpo", "orpo"]:
             rows += bench_method(method, common, args, env, theirs_py)
+    took = time.perf_counter() - t0
     report(rows, f"model {args.model}: {cfg['model_type']}, {cfg['num_hidden_layers']} layers, "
            f"hidden {cfg['hidden_size']}, vocab {cfg['vocab_size']}; {args.pairs} pairs, batch "
            f"{args.batch}, {args.steps} steps, max-seq-length {args.max_seq_length}, rank "
-           f"{args.rank}, fp32, {args.clock} clock; mlx-lm-lora {version}; {time.perf_counter() - t0:.0f} s; load "
-           f"average {os.getloadavg()[0]:.1f}")  # fmt: skip
+           f"{args.rank}, fp32, {args.clock} clock; mlx-lm-lora {version}; {took:.0f} s; "
+           f"load average {os.getloadavg()[0]:.1f}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -401,6 +401,19 @@ def test_resume_is_exact(tiny_model, tmp_path):
         train(cfg(tiny_model, part, max_steps=6, method="orpo", resume="latest"), progress=False)
 
 
+def test_eval_at_end_scores_the_chosen_answers(tiny_model, tmp_path):
+    """--eval-at-end after DPO: base vs tuned loss on the held-out pairs' chosen answers (GRPO,
+    prompts only, is refused before anything loads)."""
+    out = tmp_path / "dpo"
+    train(cfg(tiny_model, out, max_steps=2, val_split=0.1, eval_at_end=True), progress=False)
+    rep = json.loads((out / "eval.json").read_text())
+    assert rep["examples"] == 6 and rep["target_tokens"] > 0
+    assert math.isfinite(rep["base_loss"]) and math.isfinite(rep["tuned_loss"])
+    with pytest.raises(MlxLoraError, match="GRPO's data has prompts only"):
+        train(cfg(tiny_model, tmp_path / "g", method="grpo", val_split=0.1, eval_at_end=True,
+                  reward="json"), progress=False)  # fmt: skip
+
+
 def test_ref_adapter_starts_the_policy_and_is_the_reference(tiny_model, tmp_path):
     sft = tmp_path / "sft"
     train(

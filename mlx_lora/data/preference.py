@@ -300,22 +300,39 @@ class Encoder:
         return Sequence(ids, mask, p)
 
 
-def _encode(r: Any, n: int, fmt: str, method: str, enc: Encoder) -> list[Any]:
-    """The training items of one record for ``method``."""
+def _encode(r: Any, n: int, fmt: str, method: str, enc: Encoder) -> list[tuple[Any, list]]:
+    """The training items of one record for ``method``, each with the messages it renders (the
+    prompt and its chosen / desirable answer: what ``--eval-at-end`` scores)."""
     if method == "grpo":
         if not isinstance(r, dict):
             raise _bad(n, f"expected an object, got {type(r).__name__}")
         prompt = pair_messages(r, n, fmt)[0] if fmt in PAIRED_FORMATS else _prompt(r, n, fmt)
         extras = {k: v for k, v in r.items() if k not in ("prompt", "chosen", "rejected")}
-        return [PromptRow(prompt, enc.prompt_ids(prompt), extras, n)]
+        return [(PromptRow(prompt, enc.prompt_ids(prompt), extras, n), prompt)]
     if fmt == "kto":
         prompt, answer, label = kto_messages(r, n)
-        return [Unpaired(enc.sequence(prompt, answer, n), label)]
+        return [(Unpaired(enc.sequence(prompt, answer, n), label), [*prompt, *answer])]
     prompt, chosen, rejected = pair_messages(r, n, fmt)
     c, j = enc.sequence(prompt, chosen, n), enc.sequence(prompt, rejected, n)
     if method == "kto":
-        return [Unpaired(c, True), Unpaired(j, False)]
-    return [Pair(c, j)]
+        return [(Unpaired(c, True), [*prompt, *chosen]), (Unpaired(j, False), [*prompt, *rejected])]
+    return [(Pair(c, j), [*prompt, *chosen])]
+
+
+def preferred_answers(items: list, sources: list) -> tuple[list[Sequence], list]:
+    """The answers preference training pushes up, as SFT-like examples (ids + answer mask) with
+    their conversations: each pair's chosen answer, KTO's desirable completions. GRPO prompts
+    have none."""
+    out, convs = [], []
+    for item, src in zip(items, sources, strict=True):
+        if isinstance(item, Pair):
+            out.append(item.chosen)
+        elif isinstance(item, Unpaired) and item.label:
+            out.append(item.seq)
+        else:
+            continue
+        convs.append(src)
+    return out, convs
 
 
 def load_preference(
@@ -343,7 +360,9 @@ def load_preference(
     ds = Dataset([], fmt, len(records), allow_special=allow_special)
     for n, r in enumerate(records, 1):
         try:
-            ds.examples += _encode(r, n, fmt, method, enc)
+            for item, src in _encode(r, n, fmt, method, enc):
+                ds.examples.append(item)
+                ds.sources.append(src)
         except MlxLoraError as e:
             raise MlxLoraError(f"{path}: {e}") from None
     if method == "kto" and len({e.label for e in ds.examples}) < 2:

@@ -139,6 +139,11 @@ def validate(cfg: TrainConfig) -> None:
             "(export or chat with --model OUT)",
         ),
         (
+            cfg.method != "grpo" or not cfg.eval_at_end,
+            "--eval-at-end scores held-out answers; GRPO's data has prompts only (its eval is "
+            "the mean reward: --eval-steps with --val-split or --eval-data)",
+        ),
+        (
             not cfg.eval_at_end or cfg.val_split > 0 or cfg.eval_data,
             "--eval-at-end needs validation data: set --val-split (e.g. 0.05) or --eval-data",
         ),
