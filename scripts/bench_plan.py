@@ -297,7 +297,7 @@ def methods_table() -> str:
             conf = read_json(QWEN_DIR / "config.json") | {
                 "hidden_size": d, "num_hidden_layers": n, "num_attention_heads": h,
                 "num_key_value_heads": kv, "intermediate_size": f, "tie_word_embeddings": tied,
-                "vocab_size": v, "torch_dtype": "bfloat16",
+                "vocab_size": v,
             }  # fmt: skip
             (folder / "config.json").write_text(json.dumps(conf), encoding="utf-8")
             row = []

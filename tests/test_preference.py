@@ -440,6 +440,10 @@ def test_dpo_adapter_fuses_and_exports_with_verify(tiny_model, tmp_path):
         progress=False,
     )
     assert r.report.ok, r.report.table()
+    if gguf:  # llama.cpp itself read the f32 GGUF: its logits and greedy tokens match MLX's
+        table = r.report.table()
+        assert "logits llama.cpp vs MLX" in table and "greedy 32 tokens" in table, table
+        assert "skipped" not in table, table
 
 
 # ---------------------------------------------------------------- GRPO
