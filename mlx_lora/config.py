@@ -20,6 +20,7 @@ from mlx_lora.model.hub import DEFAULT_MODEL, SOURCES
 
 # --optim: MLX's optimizers under HF's names (adamw_torch and adamw_hf are HF's spellings of adamw)
 OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor", "muon", "adamw_torch", "adamw_hf")
+METHODS = ("sft", "dpo", "orpo", "simpo", "kto", "grpo")  # --method; sft is the default
 
 
 def opt(default: Any, help: str, **kw: Any) -> Any:
@@ -165,6 +166,45 @@ class TrainConfig:
     project_name: str | None = opt(None, "the trackers' project (default: mlx_lora)")
     force: bool = opt(
         False, "train even when the memory plan (python -m mlx_lora.plan) says it will not fit"
+    )
+    method: str = opt(
+        "sft",
+        "training objective: sft (next-token loss on the answers); dpo, orpo, simpo (preference "
+        "pairs); kto (answers labelled good/bad); grpo (sampled answers scored by --reward)",
+        choices=list(METHODS),
+    )
+    beta: float | None = opt(
+        None,
+        "TRL's beta: DPO/KTO temperature of the implicit reward, ORPO's odds-ratio weight, "
+        "SimPO's reward scale, GRPO's KL weight (default 0.1; simpo 2.0; grpo 0.0)",
+    )
+    loss_type: str = opt(
+        "sigmoid",
+        "DPO loss: sigmoid (DPO), ipo (IPO, length-averaged log-probs as TRL), hinge (SLiC)",
+        choices=["sigmoid", "ipo", "hinge"],
+    )
+    label_smoothing: float = opt(
+        0.0, "DPO/SimPO: assumed probability that a pair's preference is flipped (cDPO)"
+    )
+    simpo_gamma: float = opt(0.5, "SimPO's target reward margin gamma")
+    desirable_weight: float = opt(1.0, "KTO: weight of desirable (label true) examples")
+    undesirable_weight: float = opt(1.0, "KTO: weight of undesirable (label false) examples")
+    ref_adapter: str | None = opt(
+        None,
+        "DPO/KTO: start from this SFT adapter and use it as the reference (default: the base "
+        "with the adapter off)",
+    )
+    num_generations: int = opt(4, "GRPO: answers sampled per prompt (the group)")
+    max_completion_length: int = opt(64, "GRPO: most tokens per sampled answer")
+    temperature: float = opt(1.0, "GRPO: sampling temperature of the group")
+    epsilon: float = opt(0.2, "GRPO: clip range of the probability ratio")
+    reward: str = opt(
+        "format",
+        "GRPO rewards, comma-separated: module:function (TRL's signature), or built-ins "
+        "format (--reward-pattern), json, exact, numeric (against the record's answer column)",
+    )
+    reward_pattern: str = opt(
+        r"^<think>.*?</think>\s*<answer>.*?</answer>$", "GRPO: the regex the format reward matches"
     )
 
 

@@ -27,10 +27,13 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+from tempfile import TemporaryDirectory
 
+from mlx_lora.config import TrainConfig
 from mlx_lora.core.files import read_json
 from mlx_lora.core.units import human_bytes as gb
 from mlx_lora.data.dataset import read_records
+from mlx_lora.plan.memory import Budget, plan
 from mlx_lora.testing.tiny_model import make_tiny_model, shape_from_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -258,12 +261,72 @@ def fits_table() -> str:
     return "\n".join(out)
 
 
+QWEN25 = {  # Qwen2.5 Instruct shapes: hidden, layers, heads, kv heads, intermediate, tied, vocab
+    "0.5B": (896, 24, 14, 2, 4864, True, 151936),
+    "1.5B": (1536, 28, 12, 2, 8960, True, 151936),
+    "3B": (2048, 36, 16, 2, 11008, True, 151936),
+    "7B": (3584, 28, 28, 4, 18944, False, 152064),
+}
+METHOD_SETTINGS = dict(
+    per_device_train_batch_size=1, max_seq_length=512, gradient_accumulation_steps=16
+)
+
+
+def _cheapest(cells: list[tuple], budget: float) -> str:
+    """The first setting (LoRA bf16, QLoRA 8, QLoRA 4; checkpointing only when needed) whose
+    peak + 10% fits ``budget``."""
+    label = {None: "bf16", 8: "Q8", 4: "Q4"}
+    for q, off, on in cells:
+        if off * 1.1 <= budget:
+            return label[q]
+        if on * 1.1 <= budget:
+            return f"{label[q]}+ckpt"
+    return "no"
+
+
+def methods_table() -> str:
+    """Per method, what fits on an 8 / 16 GB Mac (Metal's working set: 2/3 of the memory) for
+    Qwen2.5 0.5B-7B shapes: batch 1 × accumulation 16, every sequence --max-seq-length 512 (no
+    data: the most any data needs), r 8 on the 7 linears; GRPO 4 answers of up to 256 tokens."""
+    methods = ("sft", "dpo", "orpo", "simpo", "kto", "grpo")
+    out = ["| model | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+    peaks = []
+    with TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        for size, (d, n, h, kv, f, tied, v) in QWEN25.items():
+            conf = read_json(QWEN_DIR / "config.json") | {
+                "hidden_size": d, "num_hidden_layers": n, "num_attention_heads": h,
+                "num_key_value_heads": kv, "intermediate_size": f, "tie_word_embeddings": tied,
+                "vocab_size": v,
+            }  # fmt: skip
+            (folder / "config.json").write_text(json.dumps(conf), encoding="utf-8")
+            row = []
+            for m in methods:
+                extra = dict(num_generations=4, max_completion_length=256) if m == "grpo" else {}
+                cells = []
+                for q in (None, 8, 4):
+                    cfg = TrainConfig(model=str(folder), method=m, quantize=q, **METHOD_SETTINGS,
+                                      **extra)  # fmt: skip
+                    p = plan(cfg, None, model_dir=folder, gpu=True, budget=Budget(None, "Mac"))
+                    cells.append((q, p.peak_bytes(False), p.peak_bytes(True)))
+                row.append(" / ".join(_cheapest(cells, mem * 1e9 * 2 / 3) for mem in (8, 16)))
+                peaks.append(f"{size} {m}: " + " · ".join(
+                    f"{gb(off)} / {gb(on)}" for _, off, on in cells))  # fmt: skip
+            out.append(f"| Qwen2.5-{size} | " + " | ".join(row) + " |")
+    return "\n".join(out + ["", *peaks])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/bench-plan"), help="models, runs")
     ap.add_argument("--no-4b", action="store_true", help="skip the Qwen1.5-4B-shaped model")
     ap.add_argument("--examples", type=int, default=64, help="huanhuan records to train on")
     ap.add_argument("--fits", action="store_true", help="print the 'what fits' table and exit")
+    ap.add_argument(
+        "--methods",
+        action="store_true",
+        help="print the per-method 'what fits' table (Qwen2.5 shapes) and exit",
+    )
     ap.add_argument(
         "--reuse",
         action="store_true",
@@ -279,6 +342,9 @@ def main() -> None:
         return
     if args.fits:
         print(fits_table())
+        return
+    if args.methods:
+        print(methods_table())
         return
     args.work.mkdir(parents=True, exist_ok=True)
     data = args.work / "huanhuan-sample.json"

@@ -316,6 +316,26 @@ def test_run_conflict_crash_and_finish(studio):
     assert run_["finished"] and run_["figures"]["train_tokens_per_second"] > 0
 
 
+def test_the_form_trains_a_preference_method(studio):
+    """--method passes through the form: preference data is checked as such (not refused as
+    an SFT format), the run logs TRL's metrics and records its method."""
+    c, root, tiny, state = studio
+    (root / "data" / "pairs.json").write_bytes((REPO / "dataset" / "preference_sample.json")
+                                               .read_bytes())  # fmt: skip
+    assert "dpo" in c.call("/api/info")[1]["methods"]
+    body = _train(tiny, "runs/dpo", data="data/pairs.json", method="dpo", beta=0.2)
+    status, job = c.call("/api/train", body)
+    assert status == 200, job
+    snap = c.job(job["id"], "finished", "failed")
+    assert snap["status"] == "finished", snap
+    assert any("rewards/accuracies" in h for h in snap["history"])
+    rec = json.loads((root / "runs" / "dpo" / "adapter_config.json").read_text())["mlx_lora"]
+    assert rec["method"] == "dpo"
+    bad = _train(tiny, "runs/dpo-bad", data="data/sample.json", method="dpo")
+    got, err = c.call("/api/train", bad)
+    assert got == 400 and "--method dpo needs" in err["error"]
+
+
 def test_closing_the_studio_stops_runs_with_a_checkpoint(tiny_model, tmp_path):
     jobs = Jobs(tmp_path, lambda line: None)
     flags = ["--model", str(tiny_model), "--data", str(SAMPLE_DATA), "--output-dir",

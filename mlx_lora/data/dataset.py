@@ -30,8 +30,11 @@ from mlx_lora.model.prompt import (
     special_text,
 )
 
-FORMATS = ("auto", "alpaca", "sharegpt", "messages", "completions", "text")
-_SHAREGPT_ROLES = {
+SFT_FORMATS = ("auto", "alpaca", "sharegpt", "messages", "completions", "text")
+# read by mlx_lora.data.preference for --method dpo/orpo/simpo/kto/grpo
+PREFERENCE_FORMATS = ("preference", "ranking", "kto", "prompts")
+FORMATS = SFT_FORMATS + PREFERENCE_FORMATS
+SHAREGPT_ROLES = {
     "human": "user",
     "user": "user",
     "gpt": "assistant",
@@ -176,7 +179,7 @@ def to_messages(record: Any, fmt: str) -> list[Message] | str | None:
                 return None
             role = t.get("from", t.get("role")) if fmt == "sharegpt" else t.get("role")
             content = t.get("value", t.get("content")) if fmt == "sharegpt" else t.get("content")
-            role = _SHAREGPT_ROLES.get(str(role).lower()) if fmt == "sharegpt" else role
+            role = SHAREGPT_ROLES.get(str(role).lower()) if fmt == "sharegpt" else role
             if role not in ("system", "user", "assistant") or _text(content) is None:
                 return None
             msgs.append({"role": role, "content": content})
@@ -315,6 +318,11 @@ def load_dataset(
     text in a record is encoded as text unless ``allow_special``; such records are counted."""
     if max_seq_length < 2:
         raise MlxLoraError(f"--max-seq-length must be at least 2, got {max_seq_length}")
+    if fmt in PREFERENCE_FORMATS:
+        raise MlxLoraError(
+            f"--format {fmt} holds preference data; train it with --method dpo, orpo, simpo, kto "
+            "or grpo"
+        )
     if fmt not in FORMATS:
         raise MlxLoraError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
     records = read_records(path)

@@ -20,7 +20,15 @@ from typing import Any
 from mlx_lora.config import opt
 from mlx_lora.core.errors import MlxLoraError
 from mlx_lora.core.files import write_json_atomic, write_text_atomic
-from mlx_lora.data.dataset import detect_format, load_dataset, read_records, split, to_messages
+from mlx_lora.data.dataset import (
+    Dataset,
+    detect_format,
+    load_dataset,
+    read_records,
+    split,
+    to_messages,
+)
+from mlx_lora.data.preference import load_preference, preferred_answers
 from mlx_lora.infer.generate import check_max_tokens, complete
 from mlx_lora.model.hub import SOURCES
 from mlx_lora.model.load import load_for_inference
@@ -96,20 +104,37 @@ def _held_out(adapter: Adapter, data: str | None, tokenizer: Any) -> tuple[str, 
     if data is None and rec.get("eval_data"):
         data = rec["eval_data"]
     if data is not None:
-        ds = load_dataset(Path(data), tokenizer, **kw)
-        return str(data), ds.examples, ds.sources
+        ds = _load(Path(data), tokenizer, rec.get("method") or "sft", kw)
+        return (str(data), *_scored(rec, ds.examples, ds.sources))
     if not rec.get("data") or not rec.get("val_split"):
         raise MlxLoraError(
             f"{adapter.directory} records no validation split (trained without --val-split or "
             "--eval-data, or by an older mlx_lora); pass --data FILE with held-out examples"
         )
-    ds = load_dataset(Path(rec["data"]), tokenizer, **kw)
+    ds = _load(Path(rec["data"]), tokenizer, rec.get("method") or "sft", kw)
     _, val = split(len(ds.examples), float(rec["val_split"]), int(rec.get("seed", 42)))
     return (
         f"{rec['data']} (validation split {rec['val_split']})",
-        [ds.examples[i] for i in val],
-        [ds.sources[i] for i in val],
+        *_scored(rec, [ds.examples[i] for i in val], [ds.sources[i] for i in val]),
     )
+
+
+def _load(path: Path, tokenizer: Any, method: str, kw: dict) -> Dataset:
+    """The file as the run read it: SFT examples, or (``--method dpo`` …) its preference items."""
+    if method == "sft":
+        return load_dataset(path, tokenizer, **kw)
+    return load_preference(path, tokenizer, method, **kw)
+
+
+def _scored(rec: dict, examples: list, sources: list) -> tuple[list, list]:
+    """What is scored: the examples themselves (SFT), or the preferred answers of preference
+    items (chosen / desirable: the loss on them should fall)."""
+    if (rec.get("method") or "sft") == "sft":
+        return examples, sources
+    examples, sources = preferred_answers(examples, sources)
+    if not examples:
+        raise MlxLoraError("the held-out data has no chosen or desirable answers to score")
+    return examples, sources
 
 
 def _questions(prompts: str | None, sources: list, n: int) -> list[list[dict]]:

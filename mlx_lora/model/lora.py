@@ -514,11 +514,13 @@ def check_fits(model: nn.Module, tensors: dict[str, mx.array], what: str, base: 
 
 def set_lora_tensors(model: nn.Module, tensors: dict[str, mx.array]) -> None:
     """Load PEFT-named tensors into a model already wrapped by :func:`apply_lora`."""
-    model.load_weights(
-        [(k.removeprefix(PEFT_PREFIX).removesuffix(".weight"), v) for k, v in tensors.items()],
-        strict=False,
-    )
+    model.load_weights(lora_params_of(tensors), strict=False)
     mx.eval(model.parameters())
+
+
+def lora_params_of(tensors: dict[str, mx.array]) -> list[tuple[str, mx.array]]:
+    """PEFT-named adapter tensors as (parameter path, value) of the wrapped model."""
+    return [(k.removeprefix(PEFT_PREFIX).removesuffix(".weight"), v) for k, v in tensors.items()]
 
 
 def to_f32(x: Any) -> np.ndarray:

@@ -443,6 +443,24 @@ def activation_terms(
     }
 
 
+KV_STEP = 256  # mlx-lm's KVCache grows in steps of this many tokens
+PREFILL_STEP = 2048  # mlx-lm's generate_step prefills the prompt in chunks of this many
+
+
+def generation_bytes(shape: ModelShape, prompt: int, completion: int, nbytes: int) -> int:
+    """GRPO's sampling (one answer at a time through mlx-lm's generation): the KV cache of every
+    block for prompt + completion tokens (allocated in ``KV_STEP`` steps), the prefill's
+    workspace of one block over a prompt chunk (hidden states, SwiGLU, attention scores) and one
+    step's vocabulary logits (fp32). Training's activations are freed by then; the weights, LoRA
+    and optimizer state are not (the caller adds them)."""
+    kv = shape.kv_heads * shape.head_dim
+    cache = shape.layers * 2 * kv * (-(-(prompt + completion) // KV_STEP) * KV_STEP) * nbytes
+    chunk = min(max(prompt, 1), PREFILL_STEP)
+    prefill = chunk * (2 * shape.hidden + 2 * shape.intermediate) * nbytes
+    prefill += shape.heads * chunk * chunk * nbytes
+    return int(cache + prefill + shape.vocab * 4)
+
+
 def activation_bytes(
     cfg: Any, shape: ModelShape, mb: MicroBatch, nbytes: int, checkpointing: bool, gpu: bool
 ) -> tuple[int, int]:

@@ -30,6 +30,7 @@ import math
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from mlx_lora.config import TrainConfig, opt
 from mlx_lora.core.errors import MlxLoraError
@@ -96,9 +97,28 @@ def machine_budget() -> Budget:
 # ---------------------------------------------------------------- batches
 
 
+def sequences_per_example(cfg: TrainConfig) -> int:
+    """Sequences one example puts through the forward: a pair's two, KTO's completion and KL
+    row, GRPO's group."""
+    return {"sft": 1, "grpo": cfg.num_generations}.get(cfg.method, 2)
+
+
+def _sequences(cfg: TrainConfig, e: Any) -> list[tuple[int, int]]:
+    """(length, trained tokens) of each sequence example ``e`` puts through the forward."""
+    cap = cfg.max_seq_length
+    if cfg.method == "grpo":  # answers as long as allowed, all trained on
+        n = min(len(e.ids) + cfg.max_completion_length, cap)
+        return [(n, n - len(e.ids))] * cfg.num_generations
+    seqs = list(getattr(e, "sequences", (e,)))
+    if cfg.method == "kto":
+        seqs = seqs * 2  # the KL row: another answer after this prompt, about as long
+    return [(min(len(q.ids), cap), sum(q.mask[1:cap])) for q in seqs]
+
+
 def worst_case_batch(cfg: TrainConfig, shape: ModelShape, lanes: int = 1) -> MicroBatch:
     """``batch`` examples of ``--max-seq-length`` tokens, all trained on: the most data needs."""
-    n, bs = cfg.max_seq_length, cfg.per_device_train_batch_size
+    n = cfg.max_seq_length
+    bs = cfg.per_device_train_batch_size * sequences_per_example(cfg)
     return fp.layout([n] * bs, [n - 1] * bs, n, shape.path, cfg.packing, lanes)
 
 
@@ -110,8 +130,7 @@ def run_batches(
     tokens."""
 
     n, bs = len(examples), cfg.per_device_train_batch_size
-    lengths = [min(len(e.ids), cfg.max_seq_length) for e in examples]
-    trained = [sum(e.mask[1 : cfg.max_seq_length]) for e in examples]
+    seqs = [_sequences(cfg, e) for e in examples]
     per_step = bs * cfg.gradient_accumulation_steps * world
     per_epoch = math.ceil(n / per_step)
     total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * per_epoch)
@@ -128,7 +147,8 @@ def run_batches(
                     key = tuple(sorted(share[i : i + bs].tolist()))
                     if key not in seen:
                         seen.add(key)
-                        ls, ts = [lengths[j] for j in key], [trained[j] for j in key]
+                        ls = [n for j in key for n, _ in seqs[j]]
+                        ts = [t for j in key for _, t in seqs[j]]
                         shapes.add(
                             fp.layout(ls, ts, cfg.max_seq_length, shape.path, cfg.packing, lanes)
                         )
@@ -150,6 +170,7 @@ class Plan:
     gpu: bool
     model_dir: Path | None = None
     notes: list[str] = field(default_factory=list)
+    prompt_tokens: int = 0  # GRPO: the longest prompt its sampling starts from
 
     @property
     def nbytes(self) -> int:
@@ -201,7 +222,15 @@ class Plan:
         backward = weights + own + optim + accumulated + grads + act + loss
         new_values = grads  # the updated values have the size of their gradients
         update = weights + own + new_values + 2 * optim + grads
-        return max(backward, update)
+        return max(backward, update, weights + own + optim + self.generation_bytes())
+
+    def generation_bytes(self) -> int:
+        """GRPO: the sampling's KV cache and prefill (0 for the other methods)."""
+        if self.cfg.method != "grpo":
+            return 0
+        return fp.generation_bytes(
+            self.shape, self.prompt_tokens, self.cfg.max_completion_length, self.nbytes
+        )
 
     def load_bytes(self) -> int:
         return sum(self.weights().values()) + fp.load_extra_bytes(
@@ -299,9 +328,17 @@ class Plan:
                 f"vocabulary projection of {mb.targets:,} rows ({other} checkpointing: "
                 f"{gb(loss_other)})",
             ),
+            *self._generation_row(),
             ("loading", self.load_bytes(), "cast / quantized as read, one matrix at a time"),
             ("process", self.runtime_bytes(), "Python, MLX, tokenizer, data (outside MLX)"),
         ]
+
+    def _generation_row(self) -> list[tuple[str, int, str]]:
+        if self.cfg.method != "grpo":
+            return []
+        n = self.prompt_tokens + self.cfg.max_completion_length
+        note = f"KV cache of {n:,} tokens (prompt + --max-completion-length) and the prefill"
+        return [("generation", self.generation_bytes(), note)]
 
     def _state_note(self) -> str:
         shapes = fp.trained_shapes(self.cfg, self.shape)
@@ -352,9 +389,13 @@ def plan(
         note = f"{cfg.max_seq_length}-token examples assumed (pass --data to plan for your data)"
     else:
         note = f"the worst of this run's {len(batches)} micro-batch shapes (from the data)"
-    return Plan(
-        cfg, shape, machine_budget() if budget is None else budget, batches, note, gpu, model_dir
+    prompt = max((len(e.ids) for e in examples or []), default=0) or max(
+        cfg.max_seq_length - cfg.max_completion_length, 1
     )
+    return Plan(
+        cfg, shape, machine_budget() if budget is None else budget, batches, note, gpu, model_dir,
+        prompt_tokens=prompt if cfg.method == "grpo" else 0,
+    )  # fmt: skip
 
 
 def _batches(

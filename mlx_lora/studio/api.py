@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import mlx_lora
-from mlx_lora.config import TrainConfig, parse_config
+from mlx_lora.config import METHODS, TrainConfig, parse_config
 from mlx_lora.core.errors import MlxLoraError
 from mlx_lora.core.files import check_apart
 from mlx_lora.data.dataset import FORMATS, detect_format
+from mlx_lora.data.preference import detect_preference_format
 from mlx_lora.export.pipeline import MODES, ExportConfig
 from mlx_lora.model.hub import check_model_dir
 from mlx_lora.model.lora import ADAPTER_WEIGHTS, read_adapter
@@ -74,6 +75,7 @@ def info(studio: Studio) -> dict:
         "roots": [str(d) for d in studio.roots.dirs],
         "llama_cpp": have_llama_cpp(),
         "formats": list(FORMATS),
+        "methods": list(METHODS),
         "train_defaults": asdict(TrainConfig()),
         "export_defaults": {k: v for k, v in asdict(ExportConfig()).items() if k in EXPORT_FIELDS},
         "gguf_types": gguf_types(),
@@ -144,8 +146,10 @@ def train_flags(studio: Studio, body: dict) -> tuple[list[str], Path]:
     records = sample_records(data).records
     if not records:
         raise MlxLoraError(f"{data}: the dataset is empty; add records")
-    if cfg.format == "auto":
+    if cfg.format == "auto" and cfg.method == "sft":
         detect_format(records, data)
+    elif cfg.format == "auto":
+        detect_preference_format(records, cfg.method, data)
     _check_model(cfg.model)
     model = Path(cfg.model) if Path(cfg.model).is_absolute() else None  # a hub id: the cache
     check_apart(out, {"--model": model, "--data": data, "--eval-data": cfg.eval_data})

@@ -40,7 +40,15 @@ from mlx_lora.data.prepare import run_examples
 from mlx_lora.eval.compare import EvalConfig, evaluate_adapter
 from mlx_lora.model.hub import resolve_model
 from mlx_lora.model.load import compute_dtype, device_name, load_base, load_base_tokenizer
-from mlx_lora.model.lora import adapter_config, apply_lora, normalize_targets
+from mlx_lora.model.lora import (
+    adapter_config,
+    apply_lora,
+    check_fits,
+    lora_params_of,
+    normalize_targets,
+    read_adapter,
+    set_lora_tensors,
+)
 from mlx_lora.plan.footprint import read_shape
 from mlx_lora.plan.memory import check as check_memory
 from mlx_lora.plan.recompute import Decision
@@ -60,6 +68,7 @@ from mlx_lora.train.checkpoint import (
     save_final,
 )
 from mlx_lora.train.forward import Layout, cpu_lanes, fast_path, keep_buffers
+from mlx_lora.train.grpo import GRPOMethod, Settings
 from mlx_lora.train.loss import (
     all_sum,
     batch_arrays,
@@ -69,7 +78,15 @@ from mlx_lora.train.loss import (
     loss_sum,
     training_path,
 )
+from mlx_lora.train.preference import (
+    DEFAULT_BETA,
+    NEEDS_REFERENCE,
+    Objective,
+    PreferenceMethod,
+    ReferenceSwap,
+)
 from mlx_lora.train.report import Fanout, Reporter, default_reporter, plot_losses
+from mlx_lora.train.rewards import load_rewards
 from mlx_lora.train.trackers import open_trackers, parse_report_to, save_tracker_state
 
 
@@ -122,6 +139,11 @@ def validate(cfg: TrainConfig) -> None:
             "(export or chat with --model OUT)",
         ),
         (
+            cfg.method != "grpo" or not cfg.eval_at_end,
+            "--eval-at-end scores held-out answers; GRPO's data has prompts only (its eval is "
+            "the mean reward: --eval-steps with --val-split or --eval-data)",
+        ),
+        (
             not cfg.eval_at_end or cfg.val_split > 0 or cfg.eval_data,
             "--eval-at-end needs validation data: set --val-split (e.g. 0.05) or --eval-data",
         ),
@@ -142,9 +164,42 @@ def validate(cfg: TrainConfig) -> None:
             "--eval-data",
         ),
     ]
-    for ok, msg in checks:
+    for ok, msg in checks + method_checks(cfg):
         if not ok:
             raise MlxLoraError(msg)
+
+
+def method_checks(cfg: TrainConfig) -> list[tuple[bool, str]]:
+    """The flags of ``--method`` that cannot work."""
+    m = cfg.method
+    return [
+        (cfg.beta is None or cfg.beta > 0 or m == "grpo", f"--beta must be > 0, got {cfg.beta}"),
+        (
+            m == "sft" or cfg.finetune_type != "full",
+            f"--method {m} needs an adapter (its reference is the base with it switched off); use "
+            "--finetune-type lora or dora",
+        ),
+        (
+            0 <= cfg.label_smoothing < 0.5,
+            f"--label-smoothing must be in [0, 0.5), got {cfg.label_smoothing}",
+        ),
+        (
+            cfg.loss_type == "sigmoid" or m == "dpo",
+            f"--loss-type {cfg.loss_type} is a DPO loss; use --method dpo",
+        ),
+        (
+            not cfg.ref_adapter or m in NEEDS_REFERENCE or m == "grpo",
+            f"--ref-adapter is the reference of dpo, kto and grpo; --method {m} has none",
+        ),
+        (
+            m != "grpo" or cfg.num_generations >= 2,
+            f"--num-generations must be at least 2 (a group), got {cfg.num_generations}",
+        ),
+        (
+            cfg.max_completion_length > 0,
+            f"--max-completion-length must be > 0, got {cfg.max_completion_length}",
+        ),
+    ]
 
 
 # ---------------------------------------------------------------- schedule, batches
@@ -232,6 +287,7 @@ class Run:
     lanes: int = 1
     finish_grads: Callable = field(repr=False, default=None)  # type: ignore[assignment]
     apply_update: Callable = field(repr=False, default=None)  # type: ignore[assignment]
+    method: Any = None  # --method other than sft: mlx_lora.train.preference / grpo
 
     @property
     def packing(self) -> bool:
@@ -297,6 +353,7 @@ def _record(cfg: TrainConfig, ds: Dataset, model_dir: Path, config: dict) -> dic
     ``adapter_config.json``, or ``mlx_lora.json`` of a full fine-tune)."""
     return {
         "version": __import__("mlx_lora").__version__,
+        "method": cfg.method,
         "finetune_type": "dora" if uses_dora(cfg) else cfg.finetune_type,
         "system_prompt": cfg.system_prompt,
         "format": ds.format,
@@ -435,6 +492,7 @@ def _schedule_state(
         "packing": cfg.packing,
         "max_seq_length": cfg.max_seq_length,
         "optim": optimizer.__class__.__name__,
+        "method": cfg.method,
     }
     state = TrainerState(max_steps=total, num_train_epochs=total / steps_per_epoch, run=run_keys)
     return optimizer, state, steps_per_epoch, total
@@ -498,13 +556,78 @@ def setup(cfg: TrainConfig) -> tuple[Run, Path | None]:
     run.path = path
     run.recompute = recompute
     run.eager = path == "packed" and fast_path(model)
+    if cfg.method != "sft":
+        run.method = make_method(cfg, run, model_dir, config)
+        run.summary += "\n" + method_line(cfg)
     if resume_from is not None:
         _resume(run, resume_from)
-    run.loss_and_grad = _compile_step(run)
+    if run.method is not None:
+        run.loss_and_grad = lambda b: run.method.step(run.model, b)
+    else:
+        run.loss_and_grad = _compile_step(run)
     _compile_update(run)
     if run.eager:
         keep_buffers()
     return run, resume_from
+
+
+def beta_of(cfg: TrainConfig) -> float:
+    return cfg.beta if cfg.beta is not None else DEFAULT_BETA[cfg.method]
+
+
+def make_method(cfg: TrainConfig, run: Run, model_dir: Path, config: dict) -> Any:
+    """The objective of ``--method``; ``--ref-adapter``'s tensors start the policy and are the
+    reference (swapped in for its forward), else the reference is the adapter switched off."""
+    reference = ReferenceSwap()
+    if cfg.ref_adapter:
+        ref = read_adapter(Path(cfg.ref_adapter))
+        check_fits(run.model, ref.tensors, f"--ref-adapter {cfg.ref_adapter}", ref.base_model)
+        set_lora_tensors(run.model, ref.tensors)
+        reference = ReferenceSwap(dict(lora_params_of(ref.tensors)))
+    if cfg.method == "grpo":
+        settings = Settings(
+            cfg.num_generations,
+            cfg.max_completion_length,
+            cfg.temperature,
+            cfg.epsilon,
+            beta_of(cfg),
+            cfg.system_prompt,
+        )
+        rewards = load_rewards(cfg.reward, cfg.reward_pattern)
+        return GRPOMethod(
+            settings, rewards, run.tokenizer, model_dir, config, run.path, run.recompute.on,
+            run.eager, reference,
+        )  # fmt: skip
+    objective = Objective(
+        cfg.method,
+        beta_of(cfg),
+        cfg.loss_type,
+        cfg.label_smoothing,
+        cfg.simpo_gamma,
+        cfg.desirable_weight,
+        cfg.undesirable_weight,
+    )
+    return PreferenceMethod(objective, run.path, run.recompute.on, run.eager, reference)
+
+
+def method_line(cfg: TrainConfig) -> str:
+    """The start-up line of a preference run: objective, hyper-parameters, reference."""
+    if cfg.method == "grpo":
+        kl = f", KL to {'--ref-adapter' if cfg.ref_adapter else 'the base'}" if cfg.beta else ""
+        return (
+            f"method: grpo, {cfg.num_generations} answers per prompt of up to "
+            f"{cfg.max_completion_length} tokens at temperature {cfg.temperature}, clip "
+            f"{cfg.epsilon}, beta {beta_of(cfg)}{kl}; rewards: {cfg.reward}"
+        )
+    if cfg.method in NEEDS_REFERENCE:
+        ref = f"--ref-adapter {cfg.ref_adapter}" if cfg.ref_adapter else "the base, adapter off"
+        ref = f"; reference: {ref}, once per micro-batch"
+    else:
+        ref = "; no reference model"
+    kind = f" ({cfg.loss_type})" if cfg.method == "dpo" else ""
+    extra = f", gamma {cfg.simpo_gamma}" if cfg.method == "simpo" else ""
+    per = "2 sequences per pair" if cfg.method != "kto" else "completion + KL row per example"
+    return f"method: {cfg.method}{kind}, beta {beta_of(cfg)}{extra}{ref}; {per}, one packed forward"
 
 
 def special_text_line(ds: Dataset) -> str:
@@ -601,15 +724,17 @@ def train_step(run: Run, meter: Meter) -> tuple[float, float]:
     """One optimizer step over the step's examples (micro-batches, all ranks); (loss, grad norm).
 
     Token losses are summed over micro-batches and ranks and divided once by the number of target
-    tokens, so batch 2 × accumulation 2 is the same update as batch 4.
+    tokens (preference methods: of pairs, completions), so batch 2 × accumulation 2 is the same
+    update as batch 4.
     """
     cfg, step = run.cfg, run.state.global_step
     ids = step_examples(step, len(run.train_ex), run.per_step, run.steps_per_epoch, cfg.seed)
     ids = rank_share(ids, run.rank, run.world)
     bs = cfg.per_device_train_batch_size
     layout = {"pad_to": 1, "lanes": run.lanes} if run.eager else {}
+    build = run.method.batch if run.method is not None else make_batch
     micro = [
-        make_batch(
+        build(
             [run.train_ex[j] for j in ids[i : i + bs]],
             cfg.max_seq_length,
             run.packing,
@@ -618,7 +743,8 @@ def train_step(run: Run, meter: Meter) -> tuple[float, float]:
         )
         for i in range(0, len(ids), bs)
     ]
-    n_targets = all_sum(float(sum(b.n_target_tokens for b in micro)), run.group)
+    units = run.method.units if run.method is not None else lambda b: b.n_target_tokens
+    n_targets = all_sum(float(sum(units(b) for b in micro)), run.group)
     mx.random.seed((cfg.seed * 1_000_003 + step) * 1_009 + run.rank)  # dropout: step and rank only
     grads, loss_total = None, 0.0
     for b in micro:
@@ -660,19 +786,27 @@ def _log_train(run: Run, meter: Meter, reporter: Reporter, grad_norm: float) -> 
         "learning_rate": lr,
         "epoch": round(state.epoch, 4),
     }
+    if run.method is not None:  # TRL's metric names beside the loss line
+        record |= {k: round(v, 6) for k, v in run.method.pop_metrics().items()}
     reporter.log(record, state.global_step)
     state.log_history.append({**record, "step": state.global_step})
     meter.window_loss, meter.window_steps = 0.0, 0
 
 
-def _evaluate_and_save(run: Run, meter: Meter, reporter: Reporter, stopping: bool) -> None:
-    """Evaluation every ``--eval-steps``; checkpoints every ``--save-steps``, at an improvement
-    when early stopping watches ``eval_loss``, and when the run is being stopped (Ctrl-C)."""
-    cfg, state = run.cfg, run.state
-    step = state.global_step
-    eval_steps = cfg.eval_steps or cfg.save_steps
-    evaluate_now = bool(run.val_ex) and (step % eval_steps == 0 or step == run.total_steps)
-    if evaluate_now:
+def _evaluate(run: Run, meter: Meter, reporter: Reporter) -> None:
+    """``eval_loss`` on the validation examples (preference methods: their loss and metrics)."""
+    cfg, state, step = run.cfg, run.state, run.state.global_step
+    metrics: dict[str, float] = {}
+    if run.method is not None:
+        meter.last_eval, metrics = run.method.evaluate(
+            run.model,
+            run.val_ex,
+            cfg.per_device_train_batch_size,
+            cfg.max_seq_length,
+            cfg.packing,
+            run.pad_id,
+        )
+    else:
         meter.last_eval = evaluate(
             run.model,
             run.val_ex,
@@ -683,9 +817,21 @@ def _evaluate_and_save(run: Run, meter: Meter, reporter: Reporter, stopping: boo
             run.group,
             run.path,
         )
-        record = {"eval_loss": meter.last_eval, "epoch": round(state.epoch, 4)}
-        reporter.log(record, step)
-        state.log_history.append({**record, "step": step})
+    record = {"eval_loss": meter.last_eval, "epoch": round(state.epoch, 4)}
+    record |= {f"eval_{k}": round(v, 6) for k, v in metrics.items()}
+    reporter.log(record, step)
+    state.log_history.append({**record, "step": step})
+
+
+def _evaluate_and_save(run: Run, meter: Meter, reporter: Reporter, stopping: bool) -> None:
+    """Evaluation every ``--eval-steps``; checkpoints every ``--save-steps``, at an improvement
+    when early stopping watches ``eval_loss``, and when the run is being stopped (Ctrl-C)."""
+    cfg, state = run.cfg, run.state
+    step = state.global_step
+    eval_steps = cfg.eval_steps or cfg.save_steps
+    evaluate_now = bool(run.val_ex) and (step % eval_steps == 0 or step == run.total_steps)
+    if evaluate_now:
+        _evaluate(run, meter, reporter)
     patience = cfg.early_stopping_patience
     improved = evaluate_now and (state.best_metric is None or meter.last_eval < state.best_metric)
     if evaluate_now:

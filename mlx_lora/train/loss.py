@@ -173,6 +173,51 @@ def _head_loss(
     return total
 
 
+def target_logps(
+    model: nn.Module,
+    inputs: mx.array,
+    segments: mx.array,
+    targets: mx.array,
+    labels: mx.array,
+    n_real: int,
+    path: str = "packed",
+    checkpoint: bool = False,
+    layout: forward.Layout | None = None,
+) -> mx.array:
+    """Log-probability of each of the first ``n_real`` target tokens (row-major order), on the
+    same forward as :func:`loss_sum` (``general``: the model's own): what preference losses sum
+    per sequence."""
+
+    def logps(h: mx.array, y: mx.array) -> mx.array:
+        parts = [
+            -kernels.cross_entropy(project(model, h[s : s + LOSS_CHUNK]), y[s : s + LOSS_CHUNK])
+            for s in range(0, h.shape[0], LOSS_CHUNK)
+        ]
+        return mx.concatenate(parts) if parts else mx.zeros((0,), mx.float32)
+
+    t, y = targets[:n_real], labels[:n_real]
+    if path != "packed":
+        logits = model(inputs)
+        flat = logits.reshape(-1, logits.shape[-1])[t].astype(mx.float32)
+        return -nn.losses.cross_entropy(flat, y)
+    if not forward.fast_path(model):
+        h = hidden_states(model, inputs, attention_mask(segments), checkpoint)
+        return logps(h.reshape(-1, h.shape[-1])[t], y)
+    if layout is None or not layout.row_targets:
+        layout = forward.Layout.from_segments(
+            np.array(segments), np.array(targets), (np.arange(len(targets)) < n_real) * 1.0
+        )
+    parts = []
+    for r, (t0, t1) in enumerate(layout.row_targets):
+        if t1 == t0:
+            continue
+        with mx.stream(forward.lane_stream(r)):
+            row = layout.row(r)
+            h = forward.hidden_states(model, inputs[r : r + 1, : row.length], row, checkpoint)
+            parts.append(logps(h[0][targets[t0:t1] - r * layout.length], labels[t0:t1]))
+    return mx.concatenate(parts)
+
+
 def reference_loss_sum(model: nn.Module, inputs: mx.array, loss_mask: mx.array) -> mx.array:
     """The plain loss (full logits, one example per row, mlx-lm's own forward), for comparisons."""
     logits = model(inputs[:, :-1]).astype(mx.float32)

@@ -115,7 +115,7 @@ function select(name, values, labels) {
   return s;
 }
 
-const TRAIN_FIELDS = ["num_train_epochs", "max_steps", "per_device_train_batch_size",
+const TRAIN_FIELDS = ["method", "beta", "num_train_epochs", "max_steps", "per_device_train_batch_size",
   "gradient_accumulation_steps", "learning_rate", "lr_scheduler_type", "warmup_steps",
   "max_seq_length", "val_split", "eval_steps", "logging_steps", "save_steps", "seed"];
 const LORA_FIELDS = ["lora_r", "lora_alpha", "lora_dropout", "target_modules", "quantize"];
@@ -125,6 +125,7 @@ function buildForms() {
   const mk = (name) => {
     let input;
     if (name === "lr_scheduler_type") input = select(name, ["linear", "cosine", "constant"]);
+    else if (name === "method") input = select(name, state.info.methods || ["sft"]);
     else if (name === "quantize") input = select(name, ["", "4", "8"], ["–", "4 bit", "8 bit"]);
     else input = el("input", { name, id: `t-${name}`, type: name === "target_modules" ? "text" : "number", step: "any" });
     input.value = d[name] === null || d[name] === undefined ? "" : d[name];
