@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import mlx_lora
-from mlx_lora.config import TrainConfig, parse_config
+from mlx_lora.config import TrainConfig, parse_config, validate_train
 from mlx_lora.core.errors import MlxLoraError
 from mlx_lora.data.dataset import FORMATS, detect_format, read_records
 from mlx_lora.export.pipeline import MODES, ExportConfig
@@ -26,7 +26,6 @@ from mlx_lora.studio.chatting import ChatModels
 from mlx_lora.studio.events import curves, final_figures, run_state
 from mlx_lora.studio.jobs import Jobs
 from mlx_lora.studio.paths import Roots, scan
-from mlx_lora.train.loop import validate
 from mlx_lora.verify.checks import have_llama_cpp
 from mlx_lora.verify.manifest import MANIFEST, Manifest
 
@@ -114,7 +113,7 @@ def train_flags(studio: Studio, body: dict) -> tuple[list[str], Path]:
     allowed = {f.name for f in dataclasses.fields(TrainConfig)} - {"resume", "config"}
     flags = _flags(TrainConfig, body, allowed) + (["--resume"] if resume else [])
     cfg = parse_config(TrainConfig, flags, "python -m mlx_lora.train", "")
-    validate(cfg)
+    validate_train(cfg)
     records = read_records(data)  # a file that does not parse fails here, before any process
     if not records:
         raise MlxLoraError(f"{data}: the dataset is empty; add records")
