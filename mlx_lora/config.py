@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from mlx_lora.model.hub import DEFAULT_MODEL, SOURCES
 # --optim: MLX's optimizers under HF's names (adamw_torch and adamw_hf are HF's spellings of adamw)
 OPTIMIZERS = ("adamw", "adam", "sgd", "adafactor", "muon", "adamw_torch", "adamw_hf")
 METHODS = ("sft", "dpo", "orpo", "simpo", "kto", "grpo")  # --method; sft is the default
+NEEDS_REFERENCE = ("dpo", "kto")  # methods whose loss compares with a reference model
 
 
 def opt(default: Any, help: str, **kw: Any) -> Any:
@@ -206,6 +208,123 @@ class TrainConfig:
     reward_pattern: str = opt(
         r"^<think>.*?</think>\s*<answer>.*?</answer>$", "GRPO: the regex the format reward matches"
     )
+
+
+def validate_train(cfg: TrainConfig) -> None:
+    """Reject impossible numbers before anything is loaded (train, the memory plan, the studio):
+    a zero batch would otherwise surface as a ZeroDivisionError, a negative length as a plan."""
+    for ok, msg in _number_checks(cfg) + _combination_checks(cfg) + _method_checks(cfg):
+        if not ok:
+            raise MlxLoraError(msg)
+
+
+def _positive(x: float) -> bool:
+    return math.isfinite(x) and x > 0
+
+
+def _number_checks(cfg: TrainConfig) -> list[tuple[bool, str]]:
+    bs, acc = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
+    return [
+        (_positive(cfg.learning_rate), f"--learning-rate must be > 0, got {cfg.learning_rate}"),
+        (bs > 0, f"--per-device-train-batch-size must be > 0, got {bs}"),
+        (acc > 0, f"--gradient-accumulation-steps must be > 0, got {acc}"),
+        (
+            cfg.max_steps > 0 or _positive(cfg.num_train_epochs),
+            f"--num-train-epochs must be > 0 (or set --max-steps), got {cfg.num_train_epochs}",
+        ),
+        (cfg.max_seq_length >= 2, f"--max-seq-length must be at least 2, got {cfg.max_seq_length}"),
+        (0 <= cfg.val_split < 1, f"--val-split must be in [0, 1), got {cfg.val_split}"),
+        (cfg.logging_steps > 0, f"--logging-steps must be > 0, got {cfg.logging_steps}"),
+        (cfg.save_steps > 0, f"--save-steps must be > 0, got {cfg.save_steps}"),
+        (
+            cfg.eval_steps is None or cfg.eval_steps > 0,
+            f"--eval-steps must be > 0, got {cfg.eval_steps}",
+        ),
+        (cfg.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {cfg.warmup_steps}"),
+        (cfg.lora_r > 0, f"--lora-r must be > 0, got {cfg.lora_r}"),
+        (
+            cfg.lora_layers is None or cfg.lora_layers > 0,
+            f"--lora-layers must be > 0, got {cfg.lora_layers}",
+        ),
+        (_positive(cfg.lora_alpha), f"--lora-alpha must be > 0, got {cfg.lora_alpha}"),
+        (0 <= cfg.lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {cfg.lora_dropout}"),
+        (
+            math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0,
+            f"--weight-decay must be >= 0, got {cfg.weight_decay}",
+        ),
+        (cfg.max_grad_norm >= 0, f"--max-grad-norm must be >= 0, got {cfg.max_grad_norm}"),
+        (
+            cfg.save_total_limit is None or cfg.save_total_limit > 0,
+            f"--save-total-limit must be > 0, got {cfg.save_total_limit}",
+        ),
+    ]
+
+
+def _combination_checks(cfg: TrainConfig) -> list[tuple[bool, str]]:
+    targets = [t for t in cfg.target_modules.split(",") if t.strip()]
+    return [
+        (
+            cfg.finetune_type == "full" or bool(targets),
+            f"--target-modules names no module (got {cfg.target_modules!r}); e.g. q,k,v,o",
+        ),
+        (
+            cfg.finetune_type != "full" or not cfg.quantize,
+            "--finetune-type full trains every weight, so the base cannot be quantized; drop "
+            "--quantize (or use --finetune-type lora for QLoRA)",
+        ),
+        (
+            cfg.finetune_type != "full" or not cfg.eval_at_end,
+            "--eval-at-end compares an adapter with its base; a full fine-tune has no adapter "
+            "(export or chat with --model OUT)",
+        ),
+        (
+            cfg.method != "grpo" or not cfg.eval_at_end,
+            "--eval-at-end scores held-out answers; GRPO's data has prompts only (its eval is "
+            "the mean reward: --eval-steps with --val-split or --eval-data)",
+        ),
+        (
+            not cfg.eval_at_end or cfg.val_split > 0 or cfg.eval_data,
+            "--eval-at-end needs validation data: set --val-split (e.g. 0.05) or --eval-data",
+        ),
+        (
+            cfg.early_stopping_patience is None or cfg.val_split > 0 or cfg.eval_data,
+            "--early-stopping-patience needs validation data: set --val-split (e.g. 0.05) or "
+            "--eval-data",
+        ),
+    ]
+
+
+def _method_checks(cfg: TrainConfig) -> list[tuple[bool, str]]:
+    """The flags of ``--method`` that cannot work."""
+    m = cfg.method
+    return [
+        (cfg.beta is None or cfg.beta > 0 or m == "grpo", f"--beta must be > 0, got {cfg.beta}"),
+        (
+            m == "sft" or cfg.finetune_type != "full",
+            f"--method {m} needs an adapter (its reference is the base with it switched off); use "
+            "--finetune-type lora or dora",
+        ),
+        (
+            0 <= cfg.label_smoothing < 0.5,
+            f"--label-smoothing must be in [0, 0.5), got {cfg.label_smoothing}",
+        ),
+        (
+            cfg.loss_type == "sigmoid" or m == "dpo",
+            f"--loss-type {cfg.loss_type} is a DPO loss; use --method dpo",
+        ),
+        (
+            not cfg.ref_adapter or m in NEEDS_REFERENCE or m == "grpo",
+            f"--ref-adapter is the reference of dpo, kto and grpo; --method {m} has none",
+        ),
+        (
+            m != "grpo" or cfg.num_generations >= 2,
+            f"--num-generations must be at least 2 (a group), got {cfg.num_generations}",
+        ),
+        (
+            cfg.max_completion_length > 0,
+            f"--max-completion-length must be > 0, got {cfg.max_completion_length}",
+        ),
+    ]
 
 
 @dataclass

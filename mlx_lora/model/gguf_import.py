@@ -19,6 +19,9 @@ by the file's content hash (an Ollama blob is already named by its sha256), and 
   ``general.sampling.*``.
 - The folder is written under a temporary name and renamed when complete, under a lock: a killed
   conversion leaves nothing a later run trusts (its leftovers are removed by the next one).
+- Nothing of a file is trusted unchecked (:mod:`mlx_lora.model.gguf_check`): its header's counts
+  are held against the file before ``gguf.GGUFReader`` allocates for them, its hyper-parameters
+  against each other and against every tensor's shape before anything is built per block.
 """
 
 from __future__ import annotations
@@ -45,6 +48,14 @@ from mlx_lora.core.errors import MlxLoraError
 from mlx_lora.core.files import atomic_dir, read_json, remove_temporaries, write_json_atomic
 from mlx_lora.core.weights import INDEX_FILE, StreamedTensor, save_streamed
 from mlx_lora.model.families import FAMILIES
+from mlx_lora.model.gguf_check import (
+    check_blocks,
+    check_header,
+    check_tensors,
+    hparams,
+    positive,
+    whole,
+)
 from mlx_lora.model.gguf_tokenizer import build_tokenizer, end_token_ids, special_ids
 from mlx_lora.model.meta import GENERATION_CONFIG, sampling_generation_config
 
@@ -72,6 +83,7 @@ def open_gguf(path: Path) -> gguf.GGUFReader:
     path = Path(path)
     if not path.is_file():
         raise MlxLoraError(f"{path} does not exist; pass the path of a .gguf file")
+    check_header(path)  # counts the reader would trust (and allocate for) are checked first
     try:
         return gguf.GGUFReader(path)
     except Exception as e:  # noqa: BLE001 - the reader raises many types on bad input
@@ -142,27 +154,37 @@ def _llama_inverse_rows(n_rows: int, n_head: int) -> np.ndarray:
     return np.arange(n_rows).reshape(n_head, half, 2).swapaxes(1, 2).reshape(n_rows)
 
 
-def _plan_tensors(reader: gguf.GGUFReader, arch: str, hp: dict, source: str) -> list[_Tensor]:
+def _plan_tensors(
+    reader: gguf.GGUFReader, arch: str, hp: dict, meta: dict, source: str
+) -> list[_Tensor]:
+    """Every tensor under its HF name, checked against the metadata before any is read."""
+    check_blocks([t.name for t in reader.tensors], arch, hp["num_hidden_layers"], source)
     names = _hf_names(arch, hp["num_hidden_layers"])
-    plans = []
+    shapes = {}
     for t in reader.tensors:
         base, _, suffix = t.name.rpartition(".")
         parts = base.split(".")
         known = base in ("token_embd", "output_norm", "output", "rope_freqs") or (
             len(parts) == 3 and parts[0] == "blk" and parts[2] in FAMILIES[arch].block
         )
-        if not known or suffix not in ("weight", "bias"):
+        unmapped = base not in names and base != "rope_freqs"
+        if not known or unmapped or suffix not in ("weight", "bias"):
             raise MlxLoraError(
                 f"{source}: tensor {t.name!r} has no Hugging Face counterpart for {arch}; this "
                 "model variant is not supported"
             )
+        shapes[t.name] = tuple(int(d) for d in reversed(t.shape.tolist()))
+    check_tensors(shapes, hp, len(meta["tokenizer.ggml.tokens"]), meta, arch, source)
+    plans = []
+    for t in reader.tensors:
+        base, _, suffix = t.name.rpartition(".")
         if base == "rope_freqs":
             continue  # becomes rope_scaling in config.json
         _check_dequantizable(t, source)
-        shape = tuple(int(d) for d in reversed(t.shape.tolist()))
+        shape, part = shapes[t.name], base.rsplit(".", 1)[-1]
         rows = None
-        if FAMILIES[arch].rope_permute and parts[-1] in ("attn_q", "attn_k"):
-            heads = hp["num_attention_heads" if parts[-1] == "attn_q" else "num_key_value_heads"]
+        if FAMILIES[arch].rope_permute and part in ("attn_q", "attn_k"):
+            heads = hp["num_attention_heads" if part == "attn_q" else "num_key_value_heads"]
             rows = _llama_inverse_rows(shape[0], heads)
         plans.append(_Tensor(f"{names[base]}.{suffix}", t, shape, rows))
     missing = _missing(plans, hp)
@@ -301,39 +323,6 @@ def _write_safetensors(plans: list[_Tensor], out_dir: Path, dtype: str, progress
 # --------------------------------------------------------------------------------------------
 
 
-def _hparams(meta: dict, arch: str, source: str) -> dict:
-    def get(key: str, default: Any = None) -> Any:
-        v = meta.get(f"{arch}.{key}", default)
-        if v is None:
-            raise MlxLoraError(f"{source}: metadata {arch}.{key} is missing; the file is damaged")
-        return v
-
-    n_head = int(get("attention.head_count"))
-    hidden = int(get("embedding_length"))
-    head_dim = int(meta.get(f"{arch}.attention.key_length") or hidden // n_head)
-    rope_dim = int(meta.get(f"{arch}.rope.dimension_count") or head_dim)
-    if rope_dim != head_dim:
-        raise MlxLoraError(
-            f"{source}: partial rotary embedding ({rope_dim} of {head_dim} dims) is not supported"
-        )
-    return {
-        "hidden_size": hidden,
-        "intermediate_size": int(get("feed_forward_length")),
-        "num_hidden_layers": int(get("block_count")),
-        "num_attention_heads": n_head,
-        "num_key_value_heads": int(meta.get(f"{arch}.attention.head_count_kv") or n_head),
-        "head_dim": head_dim,
-        "max_position_embeddings": int(get("context_length", 4096)),
-        "rms_norm_eps": _f32(get("attention.layer_norm_rms_epsilon", 1e-6)),
-        "rope_theta": _f32(get("rope.freq_base", 10000.0)),
-    }
-
-
-def _f32(value: float) -> float:
-    """A GGUF float32 as the decimal it was written from (1e-05, not 9.999999747378752e-06)."""
-    return float(str(np.float32(value)))
-
-
 def llama3_rope_scaling(factors: np.ndarray, head_dim: int, theta: float) -> dict:
     """``rope_scaling`` (rope_type llama3) that reproduces llama.cpp's ``rope_freqs`` divisors.
 
@@ -365,9 +354,15 @@ def llama3_rope_scaling(factors: np.ndarray, head_dim: int, theta: float) -> dic
     }
 
 
-def _rope_scaling(meta: dict, arch: str, reader: gguf.GGUFReader, hp: dict) -> dict | None:
+def _rope_scaling(
+    meta: dict, arch: str, reader: gguf.GGUFReader, hp: dict, source: str
+) -> dict | None:
     kind = meta.get(f"{arch}.rope.scaling.type")
-    factor = meta.get(f"{arch}.rope.scaling.factor") or meta.get(f"{arch}.rope.scale_linear")
+    key = next(
+        (k for k in (f"{arch}.rope.scaling.factor", f"{arch}.rope.scale_linear") if meta.get(k)),
+        None,
+    )
+    factor = positive(meta, key, source, 1.0) if key else None
     freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
     if freqs is not None:
         divisors = gguf.quants.dequantize(np.asarray(freqs.data), freqs.tensor_type)
@@ -377,16 +372,24 @@ def _rope_scaling(meta: dict, arch: str, reader: gguf.GGUFReader, hp: dict) -> d
     if kind in ("linear", None):
         return {"rope_type": "linear", "factor": float(factor)}
     if kind == "yarn":
-        orig = meta.get(f"{arch}.rope.scaling.original_context_length")
+        orig = whole(meta, f"{arch}.rope.scaling.original_context_length", source, None)
         out = {"rope_type": "yarn", "factor": float(factor or 1.0)}
         if orig:
-            out["original_max_position_embeddings"] = int(orig)
+            out["original_max_position_embeddings"] = orig
         return out
-    raise MlxLoraError(f"rope scaling type {kind!r} is not supported (linear, yarn, llama3)")
+    raise MlxLoraError(
+        f"{source}: rope scaling type {kind!r} is not supported (linear, yarn, llama3)"
+    )
 
 
 def hf_config(
-    meta: dict, arch: str, reader: gguf.GGUFReader, plans: list[_Tensor], dtype: str, hp: dict
+    meta: dict,
+    arch: str,
+    reader: gguf.GGUFReader,
+    plans: list[_Tensor],
+    dtype: str,
+    hp: dict,
+    source: str,
 ) -> dict:
     """config.json for transformers / mlx-lm from the GGUF's hyperparameters."""
     names = {p.hf_name for p in plans}
@@ -398,7 +401,7 @@ def hf_config(
         "model_type": model_type,
         **hp,
         "hidden_act": "silu",
-        "rope_scaling": _rope_scaling(meta, arch, reader, hp),
+        "rope_scaling": _rope_scaling(meta, arch, reader, hp, source),
         "tie_word_embeddings": "lm_head.weight" not in names,
         "vocab_size": n_vocab,
         CONFIG_KEY: dtype,
@@ -476,17 +479,17 @@ def convert_gguf(
     reader = open_gguf(gguf_path)
     meta = metadata(reader)
     arch = meta.get("general.architecture")
-    if arch not in SUPPORTED:
+    if not isinstance(arch, str) or arch not in SUPPORTED:
         raise MlxLoraError(
             f"{source}: architecture {arch!r} is not supported as a base model; supported: "
             f"{', '.join(sorted(SUPPORTED))}"
         )
     tok_json, tok_config = build_tokenizer(meta, source)
-    hp = _hparams(meta, arch, source)
-    plans = _plan_tensors(reader, arch, hp, source)
+    hp = hparams(meta, arch, source)
+    plans = _plan_tensors(reader, arch, hp, meta, source)
     _check_sizes(reader, gguf_path)
     dtype = _output_dtype(plans)
-    config = hf_config(meta, arch, reader, plans, dtype, hp)
+    config = hf_config(meta, arch, reader, plans, dtype, hp, source)
     if note:
         print(note, file=sys.stderr)
     out_dir.mkdir(parents=True, exist_ok=True)

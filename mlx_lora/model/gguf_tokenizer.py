@@ -155,13 +155,15 @@ def _bpe_model(vocab: dict[str, int], merges: list, **kw: Any) -> dict:
     return model
 
 
-def _split_merges(merges: list[str]) -> list[list[str]]:
+def _split_merges(meta: Mapping[str, Any], source: str) -> list[list[str]]:
     """GGUF ``"a b"`` merges as pairs; llama.cpp splits at the first space after position 0."""
+    merges = meta.get("tokenizer.ggml.merges") or []
+    _check_list(merges, "tokenizer.ggml.merges", str, "strings", source)
     out = []
     for m in merges:
         pos = m.find(" ", 1)
         if pos < 0:
-            raise MlxLoraError(f"malformed merge {m!r} in the GGUF; the file is damaged")
+            raise MlxLoraError(f"{source}: malformed merge {m[:40]!r}; the file is damaged")
         out.append([m[:pos], m[pos + 1 :]])
     return out
 
@@ -266,12 +268,24 @@ def _token_table(meta: Mapping[str, Any], source: str) -> tuple[list[str], list[
             f"{source} has no tokenizer (tokenizer.ggml.tokens/model are missing); use a GGUF "
             "converted with its vocabulary"
         )
-    types = list(meta.get("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens))
+    _check_list(tokens, "tokenizer.ggml.tokens", str, "strings", source)
+    types = meta.get("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens)
+    _check_list(types, "tokenizer.ggml.token_type", int, "integers", source)
     if len(types) != len(tokens):
         raise MlxLoraError(
             f"{source}: {len(tokens)} tokens but {len(types)} token types; the file is damaged"
         )
     return list(tokens), [int(t) for t in types]
+
+
+def _check_list(value: Any, key: str, kind: type | tuple, what: str, source: str) -> None:
+    """A metadata array of ``kind`` values (bools are not numbers here)."""
+    if not isinstance(value, list) or not all(
+        isinstance(v, kind) and not isinstance(v, bool) for v in value
+    ):
+        raise MlxLoraError(
+            f"{source}: metadata {key} is not an array of {what}; the file is damaged"
+        )
 
 
 def build_tokenizer(meta: Mapping[str, Any], source: str) -> tuple[dict, dict]:
@@ -297,7 +311,7 @@ def build_tokenizer(meta: Mapping[str, Any], source: str) -> tuple[dict, dict]:
     if kind == "gpt2":
         definition, ignore_merges, clean = _pre_tokenizer(pre, source)
         vocab = _vocab(tokens)
-        merges = _split_merges(list(meta.get("tokenizer.ggml.merges") or []))
+        merges = _split_merges(meta, source)
         body = {
             "normalizer": None,
             "pre_tokenizer": definition,
@@ -312,7 +326,7 @@ def build_tokenizer(meta: Mapping[str, Any], source: str) -> tuple[dict, dict]:
     elif kind == "llama":
         body = _spm_body(meta, tokens, types, ids, source)
     elif kind == "gemma4":
-        body = _gemma4_body(meta, tokens, types, ids)
+        body = _gemma4_body(meta, tokens, types, ids, source)
     else:
         raise MlxLoraError(
             f"{source}: tokenizer model {kind!r} is not supported (supported: gpt2 byte-level "
@@ -368,6 +382,8 @@ def _spm_body(
     meta: Mapping[str, Any], tokens: list[str], types: list[int], ids: dict, source: str
 ) -> dict:
     scores = meta.get("tokenizer.ggml.scores")
+    if scores:
+        _check_list(scores, "tokenizer.ggml.scores", (int, float), "numbers", source)
     if not scores or len(scores) != len(tokens):
         raise MlxLoraError(
             f"{source}: a SentencePiece vocabulary needs tokenizer.ggml.scores for every token; "
@@ -398,9 +414,11 @@ def _spm_body(
     }
 
 
-def _gemma4_body(meta: Mapping[str, Any], tokens: list[str], types: list[int], ids: dict) -> dict:
+def _gemma4_body(
+    meta: Mapping[str, Any], tokens: list[str], types: list[int], ids: dict, source: str
+) -> dict:
     vocab = _vocab(tokens)
-    merges = _split_merges(list(meta.get("tokenizer.ggml.merges") or []))
+    merges = _split_merges(meta, source)
     return {
         "normalizer": {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"},
         "pre_tokenizer": {
@@ -422,7 +440,8 @@ def _gemma4_body(meta: Mapping[str, Any], tokens: list[str], types: list[int], i
 def _chat_template(meta: Mapping[str, Any]) -> str | list[dict] | None:
     """tokenizer.chat_template, plus named ones (tokenizer.chat_template.NAME) as HF's list form."""
     default = meta.get("tokenizer.chat_template")
-    names = [n for n in meta.get("tokenizer.chat_templates") or [] if isinstance(n, str)]
+    listed = meta.get("tokenizer.chat_templates")
+    names = [n for n in listed if isinstance(n, str)] if isinstance(listed, list) else []
     named = {n: meta.get(f"tokenizer.chat_template.{n}") for n in names}
     named = {n: t for n, t in named.items() if isinstance(t, str)}
     if not named:

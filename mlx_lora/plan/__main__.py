@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import sys
 
-from mlx_lora.config import given_fields, parse_config
+from mlx_lora.config import given_fields, parse_config, validate_train
 from mlx_lora.core.cli import run
 from mlx_lora.model.hub import resolve_model
+from mlx_lora.plan.footprint import read_shape
 from mlx_lora.plan.memory import Plan, PlanConfig, changes, examples_for, plan, suggest
 
 DESCRIPTION = """The memory plan of a training run: will it fit this machine? (train's flags)
@@ -26,11 +27,13 @@ def main(argv: list[str] | None = None) -> Plan:
     prog = "python -m mlx_lora.plan"
     cfg = parse_config(PlanConfig, argv, prog, DESCRIPTION, EPILOG)
 
+    validate_train(cfg)  # the numbers train would refuse, before anything is read
     model_dir = resolve_model(cfg.model, cfg.model_source, weights=False)
+    shape = read_shape(model_dir)  # a broken config.json fails here, before the tokenizer reads it
     examples = None
     if "data" in given_fields(PlanConfig, argv, prog, DESCRIPTION):
         examples = examples_for(cfg, model_dir)
-    p = plan(cfg, examples, model_dir=model_dir)
+    p = plan(cfg, examples, model_dir=model_dir, shape=shape)
     print(p.report())
     if cfg.suggest:
         found = suggest(cfg, examples, base=p)

@@ -42,6 +42,15 @@ from mlx_lora.train.loss import LOSS_CHUNK, training_path
 
 # read here (the families marked ``plan_parsed``); others via mlx-lm's classes
 PARSED_TYPES = tuple(t for f in FAMILIES.values() if f.plan_parsed for t in f.model_types)
+# config.json sizes, as most families (and the older GPT-style ones) name them
+SIZE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
+SIZE_KEYS += ("intermediate_size", "vocab_size", "head_dim", "n_embd", "n_layer", "n_head")
+SIZE_KEYS += ("n_inner", "d_model")
+LAYER_KEYS = ("num_hidden_layers", "n_layer")
+# The largest released models have ~130 blocks; the plan lists every block's parameters, so a
+# damaged count of millions would take minutes and gigabytes before it could say "does not fit".
+MAX_LAYERS = 1024
+MAX_SIZE = 2**31 - 1  # MLX's array dimensions are 32-bit
 
 
 # ---------------------------------------------------------------- the model, from config.json
@@ -98,6 +107,7 @@ def read_shape(model_dir: Path) -> ModelShape:
     path = Path(model_dir) / "config.json"
     c = read_json(path, required=True)
     kind = c.get("model_type")
+    check_config(c, path)
     if kind in PARSED_TYPES:
         try:
             shape = _parsed_shape(c, kind)
@@ -113,6 +123,45 @@ def read_shape(model_dir: Path) -> ModelShape:
         stored_bits=int(quant["bits"]) if quant.get("bits") else None,
         stored_group=int(quant.get("group_size") or QUANT_GROUP),
     )
+
+
+def check_config(c: dict, path: Path) -> None:
+    """Refuse sizes no model has before anything is built from them: one line naming the key
+    (not a ZeroDivisionError for 0 heads, a plan of negative bytes, or minutes for 10^7 layers)."""
+    for key in SIZE_KEYS:
+        v = c.get(key)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise MlxLoraError(f"{path}: {key} is {v!r}, not a whole number; {_FIX}")
+        most = MAX_LAYERS if key in LAYER_KEYS else MAX_SIZE
+        if not 1 <= v <= most:
+            why = " (the largest released models have ~130 blocks)" if key in LAYER_KEYS else ""
+            raise MlxLoraError(f"{path}: {key} is {v:,}, outside 1 to {most:,}{why}; {_FIX}")
+    heads, kv = c.get("num_attention_heads"), c.get("num_key_value_heads")
+    if heads and kv and heads % kv:
+        raise MlxLoraError(
+            f"{path}: num_key_value_heads ({kv}) does not divide num_attention_heads ({heads}); "
+            f"{_FIX}"
+        )
+    hidden, kind = c.get("hidden_size"), c.get("model_type")
+    own_head_dim = c.get("head_dim") and kind != "qwen2"  # mlx-lm's qwen2 always splits hidden
+    if kind in PARSED_TYPES and hidden and heads and hidden % heads and not own_head_dim:
+        raise MlxLoraError(
+            f"{path}: hidden_size ({hidden}) is not a multiple of num_attention_heads ({heads}) "
+            f"and there is no head_dim; {_FIX}"
+        )
+    quant = c.get("quantization")
+    if quant is not None:
+        known = isinstance(quant, dict)
+        bits, group = (quant.get("bits"), quant.get("group_size", QUANT_GROUP)) if known else (0, 0)
+        if bits not in (None, 2, 3, 4, 5, 6, 8) or type(group) is not int or group < 1:
+            raise MlxLoraError(
+                f"{path}: quantization is {quant!r}, not {{'bits': 2-8, 'group_size': N}}; {_FIX}"
+            )
+
+
+_FIX = "fix or re-download config.json"
 
 
 def _parsed_shape(c: dict, kind: str) -> dict:

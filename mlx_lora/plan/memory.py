@@ -36,7 +36,7 @@ from mlx_lora.config import TrainConfig, opt
 from mlx_lora.core.errors import MlxLoraError
 from mlx_lora.core.units import human_bytes as gb
 from mlx_lora.core.units import parse_size
-from mlx_lora.data.dataset import epoch_order
+from mlx_lora.data.dataset import epoch_order, padded_targets
 from mlx_lora.data.prepare import run_examples
 from mlx_lora.model.hub import resolve_model
 from mlx_lora.model.load import load_base_tokenizer, on_gpu
@@ -46,6 +46,9 @@ from mlx_lora.plan.footprint import MicroBatch, ModelShape, dtype_name
 from mlx_lora.train.forward import lane_count
 
 MARGIN = 0.10  # fits = predicted peak × 1.10 <= budget
+# Examples run_batches lays out one by one (~70 µs each): a run longer than this (10^12 steps) is
+# planned for its first ones and for the heaviest micro-batch any step could draw.
+MAX_LAID_OUT = 100_000
 LIMIT_ENV = "MLX_LORA_MEMORY_LIMIT"  # e.g. "2GB": stands in for a smaller machine
 # The process outside MLX (Python, MLX, mlx-lm, transformers, OpenBLAS, the tokenizer and the
 # data): measured peak RSS − MLX peak of training runs, a base plus a tokenizer part.
@@ -116,10 +119,35 @@ def _sequences(cfg: TrainConfig, e: Any) -> list[tuple[int, int]]:
 
 
 def worst_case_batch(cfg: TrainConfig, shape: ModelShape, lanes: int = 1) -> MicroBatch:
-    """``batch`` examples of ``--max-seq-length`` tokens, all trained on: the most data needs."""
+    """``batch`` examples of ``--max-seq-length`` tokens, all trained on: the most data needs.
+    A full-length example fills a row of its own, so the batch is ``batch`` copies of one row
+    (computed so: a batch of a billion is planned as fast as one of four)."""
     n = cfg.max_seq_length
     bs = cfg.per_device_train_batch_size * sequences_per_example(cfg)
-    return fp.layout([n] * bs, [n - 1] * bs, n, shape.path, cfg.packing, lanes)
+    one = fp.layout([n], [n - 1], n, shape.path, cfg.packing, lanes)
+    targets = one.targets * bs if shape.path == "fast" else padded_targets((n - 1) * bs)
+    return MicroBatch(one.tokens * bs, one.attention * bs, targets, one.rows * bs, one.length)
+
+
+def heaviest_batch(
+    cfg: TrainConfig, shape: ModelShape, lengths: list[int], trained: list[int], lanes: int
+) -> MicroBatch:
+    """A micro-batch at least as heavy as any step can draw: the ``batch`` longest sequences with
+    the ``batch`` largest target counts (a pair is two sequences), for a run too long to lay out
+    step by step."""
+    bs = min(cfg.per_device_train_batch_size * sequences_per_example(cfg), len(lengths))
+    longest = sorted(lengths, reverse=True)[:bs]
+    most = sorted(trained, reverse=True)[:bs]
+    return fp.layout(longest, most, cfg.max_seq_length, shape.path, cfg.packing, lanes)
+
+
+def run_steps(cfg: TrainConfig, n: int, world: int = 1) -> tuple[int, int, int]:
+    """(steps per epoch, steps of the run, steps :func:`run_batches` lays out one by one) for
+    ``n`` training examples."""
+    per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * world
+    per_epoch = math.ceil(n / per_step)
+    total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * per_epoch)
+    return per_epoch, total, min(total, max(per_epoch, MAX_LAID_OUT // max(1, min(per_step, n))))
 
 
 def run_batches(
@@ -127,18 +155,24 @@ def run_batches(
 ) -> list[MicroBatch]:
     """The distinct micro-batches of the run ``train`` will do with these examples: the same
     steps (:func:`mlx_lora.train.loop.step_examples`), rank shares and layout, without the
-    tokens."""
+    tokens. Past :data:`MAX_LAID_OUT` examples (at least one epoch), the rest of the run is
+    represented by :func:`heaviest_batch`."""
 
     n, bs = len(examples), cfg.per_device_train_batch_size
+    if n == 0:
+        return []
     seqs = [_sequences(cfg, e) for e in examples]
+    lengths = [length for s in seqs for length, _ in s]
+    trained = [target for s in seqs for _, target in s]
     per_step = bs * cfg.gradient_accumulation_steps * world
-    per_epoch = math.ceil(n / per_step)
-    total = cfg.max_steps if cfg.max_steps > 0 else math.ceil(cfg.num_train_epochs * per_epoch)
+    per_epoch, total, laid_out = run_steps(cfg, n, world)
     seen: set[tuple[int, ...]] = set()
     shapes: set[MicroBatch] = set()
-    for epoch in range(math.ceil(total / per_epoch)):
+    if laid_out < total:
+        shapes.add(heaviest_batch(cfg, shape, lengths, trained, lanes))
+    for epoch in range(math.ceil(laid_out / per_epoch)):
         order = epoch_order(n, cfg.seed, epoch)
-        for pos in range(min(per_epoch, total - epoch * per_epoch)):
+        for pos in range(min(per_epoch, laid_out - epoch * per_epoch)):
             ids = order[pos * per_step : (pos + 1) * per_step]
             per_rank = -(-len(ids) // world)
             for r in range(world):
@@ -360,6 +394,19 @@ def count(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
 
 
+def check_flags(cfg: TrainConfig, shape: ModelShape) -> None:
+    """The flags that need the model's shape (train's own errors, raised before anything is
+    loaded): unknown ``--target-modules``, ``--lora-layers`` beyond the model's blocks."""
+    if cfg.finetune_type == "full":
+        return
+    fp.adapted(cfg, shape)
+    if cfg.lora_layers is not None and not 0 < cfg.lora_layers <= shape.layers:
+        raise MlxLoraError(
+            f"--lora-layers must be between 1 and the model's {shape.layers} blocks, got "
+            f"{cfg.lora_layers}"
+        )
+
+
 def plan(
     cfg: TrainConfig,
     examples: list | None = None,
@@ -380,8 +427,7 @@ def plan(
     if model_dir is None:
         model_dir = resolve_model(cfg.model, cfg.model_source, weights=False)
     shape = shape or fp.read_shape(model_dir)
-    if cfg.finetune_type != "full":
-        fp.adapted(cfg, shape)  # unknown --target-modules: train's own error, before anything
+    check_flags(cfg, shape)
     gpu = on_gpu() if gpu is None else gpu
     lanes = 1 if gpu or shape.path != "fast" else lane_count(cfg.per_device_train_batch_size)
     batches = _batches(cfg, shape, examples, world, lanes)
@@ -389,6 +435,9 @@ def plan(
         note = f"{cfg.max_seq_length}-token examples assumed (pass --data to plan for your data)"
     else:
         note = f"the worst of this run's {len(batches)} micro-batch shapes (from the data)"
+        _, total, laid_out = run_steps(cfg, len(examples), world)
+        if laid_out < total:
+            note += f"; after {laid_out:,} steps, the heaviest batch any step could draw"
     prompt = max((len(e.ids) for e in examples or []), default=0) or max(
         cfg.max_seq_length - cfg.max_completion_length, 1
     )
@@ -414,7 +463,7 @@ def _variants(cfg: TrainConfig, shape: ModelShape) -> list[tuple[int, float, Tra
     result (checkpointing, the same batch split into more accumulation); 1 and 2 quantize the
     frozen base (8, then 4 bits); 3 truncates the data (shorter --max-seq-length)."""
     bs, acc = cfg.per_device_train_batch_size, cfg.gradient_accumulation_steps
-    splits = [k for k in range(1, bs + 1) if bs % k == 0]
+    splits = sorted({d for k in range(1, math.isqrt(bs) + 1) if bs % k == 0 for d in (k, bs // k)})
     quants: list[int | None] = [cfg.quantize]
     if cfg.finetune_type != "full" and not shape.stored_bits:
         quants += [b for b in (8, 4) if cfg.quantize is None or b < cfg.quantize]

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import mlx_lora
-from mlx_lora.config import METHODS, TrainConfig, parse_config
+from mlx_lora.config import METHODS, TrainConfig, parse_config, validate_train
 from mlx_lora.core.errors import MlxLoraError
 from mlx_lora.core.files import check_apart
 from mlx_lora.data.dataset import FORMATS, detect_format
@@ -37,7 +37,6 @@ from mlx_lora.studio.fields import (
 from mlx_lora.studio.jobs import Jobs
 from mlx_lora.studio.paths import Roots, loadable, scan
 from mlx_lora.studio.preview import sample_records
-from mlx_lora.train.loop import validate
 from mlx_lora.verify.checks import have_llama_cpp
 from mlx_lora.verify.manifest import MANIFEST, Manifest
 
@@ -141,7 +140,7 @@ def train_flags(studio: Studio, body: dict) -> tuple[list[str], Path]:
     flags = _flags(TrainConfig, body, allowed) + (["--resume"] if resume else [])
     cfg = parse_config(TrainConfig, flags, "python -m mlx_lora.train", "")
     check_numbers(cfg)
-    validate(cfg)
+    validate_train(cfg)
     # a file that does not parse fails here (of one over 64 MB, its start: the run reads the rest)
     records = sample_records(data).records
     if not records:

@@ -25,7 +25,7 @@ import mlx.optimizers as optim
 import numpy as np
 from mlx.utils import tree_flatten, tree_map
 
-from mlx_lora.config import TrainConfig
+from mlx_lora.config import NEEDS_REFERENCE, TrainConfig, validate_train
 from mlx_lora.core.errors import MlxLoraError
 from mlx_lora.core.files import check_apart, write_error_detail, write_json_atomic
 from mlx_lora.core.units import human_bytes
@@ -51,6 +51,7 @@ from mlx_lora.model.lora import (
 )
 from mlx_lora.plan.footprint import read_shape
 from mlx_lora.plan.memory import check as check_memory
+from mlx_lora.plan.memory import check_flags
 from mlx_lora.plan.recompute import Decision
 from mlx_lora.plan.recompute import decide as decide_checkpointing
 from mlx_lora.train.checkpoint import (
@@ -80,7 +81,6 @@ from mlx_lora.train.loss import (
 )
 from mlx_lora.train.preference import (
     DEFAULT_BETA,
-    NEEDS_REFERENCE,
     Objective,
     PreferenceMethod,
     ReferenceSwap,
@@ -101,105 +101,6 @@ class TrainResult:
     peak_memory_gb: float
     stopped_early: bool = False
     gradient_checkpointing: bool | None = None  # what --gradient-checkpointing (auto) chose
-
-
-def validate(cfg: TrainConfig) -> None:
-    """Reject impossible numbers before anything is loaded."""
-    checks = [
-        (cfg.learning_rate > 0, f"--learning-rate must be > 0, got {cfg.learning_rate}"),
-        (
-            cfg.per_device_train_batch_size > 0,
-            f"--per-device-train-batch-size must be > 0, got {cfg.per_device_train_batch_size}",
-        ),
-        (
-            cfg.gradient_accumulation_steps > 0,
-            f"--gradient-accumulation-steps must be > 0, got {cfg.gradient_accumulation_steps}",
-        ),
-        (
-            cfg.max_steps > 0 or cfg.num_train_epochs > 0,
-            f"--num-train-epochs must be > 0 (or set --max-steps), got {cfg.num_train_epochs}",
-        ),
-        (cfg.max_seq_length >= 2, f"--max-seq-length must be at least 2, got {cfg.max_seq_length}"),
-        (cfg.logging_steps > 0, f"--logging-steps must be > 0, got {cfg.logging_steps}"),
-        (cfg.save_steps > 0, f"--save-steps must be > 0, got {cfg.save_steps}"),
-        (
-            cfg.eval_steps is None or cfg.eval_steps > 0,
-            f"--eval-steps must be > 0, got {cfg.eval_steps}",
-        ),
-        (cfg.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {cfg.warmup_steps}"),
-        (cfg.lora_r > 0, f"--lora-r must be > 0, got {cfg.lora_r}"),
-        (
-            cfg.finetune_type != "full" or not cfg.quantize,
-            "--finetune-type full trains every weight, so the base cannot be quantized; drop "
-            "--quantize (or use --finetune-type lora for QLoRA)",
-        ),
-        (
-            cfg.finetune_type != "full" or not cfg.eval_at_end,
-            "--eval-at-end compares an adapter with its base; a full fine-tune has no adapter "
-            "(export or chat with --model OUT)",
-        ),
-        (
-            cfg.method != "grpo" or not cfg.eval_at_end,
-            "--eval-at-end scores held-out answers; GRPO's data has prompts only (its eval is "
-            "the mean reward: --eval-steps with --val-split or --eval-data)",
-        ),
-        (
-            not cfg.eval_at_end or cfg.val_split > 0 or cfg.eval_data,
-            "--eval-at-end needs validation data: set --val-split (e.g. 0.05) or --eval-data",
-        ),
-        (
-            cfg.lora_layers is None or cfg.lora_layers > 0,
-            f"--lora-layers must be > 0, got {cfg.lora_layers}",
-        ),
-        (cfg.lora_alpha > 0, f"--lora-alpha must be > 0, got {cfg.lora_alpha}"),
-        (0 <= cfg.lora_dropout < 1, f"--lora-dropout must be in [0, 1), got {cfg.lora_dropout}"),
-        (cfg.max_grad_norm >= 0, f"--max-grad-norm must be >= 0, got {cfg.max_grad_norm}"),
-        (
-            cfg.save_total_limit is None or cfg.save_total_limit > 0,
-            f"--save-total-limit must be > 0, got {cfg.save_total_limit}",
-        ),
-        (
-            cfg.early_stopping_patience is None or cfg.val_split > 0 or cfg.eval_data,
-            "--early-stopping-patience needs validation data: set --val-split (e.g. 0.05) or "
-            "--eval-data",
-        ),
-    ]
-    for ok, msg in checks + method_checks(cfg):
-        if not ok:
-            raise MlxLoraError(msg)
-
-
-def method_checks(cfg: TrainConfig) -> list[tuple[bool, str]]:
-    """The flags of ``--method`` that cannot work."""
-    m = cfg.method
-    return [
-        (cfg.beta is None or cfg.beta > 0 or m == "grpo", f"--beta must be > 0, got {cfg.beta}"),
-        (
-            m == "sft" or cfg.finetune_type != "full",
-            f"--method {m} needs an adapter (its reference is the base with it switched off); use "
-            "--finetune-type lora or dora",
-        ),
-        (
-            0 <= cfg.label_smoothing < 0.5,
-            f"--label-smoothing must be in [0, 0.5), got {cfg.label_smoothing}",
-        ),
-        (
-            cfg.loss_type == "sigmoid" or m == "dpo",
-            f"--loss-type {cfg.loss_type} is a DPO loss; use --method dpo",
-        ),
-        (
-            not cfg.ref_adapter or m in NEEDS_REFERENCE or m == "grpo",
-            f"--ref-adapter is the reference of dpo, kto and grpo; --method {m} has none",
-        ),
-        (
-            m != "grpo" or cfg.num_generations >= 2,
-            f"--num-generations must be at least 2 (a group), got {cfg.num_generations}",
-        ),
-        (
-            cfg.max_completion_length > 0,
-            f"--max-completion-length must be > 0, got {cfg.max_completion_length}",
-        ),
-    ]
 
 
 # ---------------------------------------------------------------- schedule, batches
@@ -500,7 +401,7 @@ def _schedule_state(
 
 def setup(cfg: TrainConfig) -> tuple[Run, Path | None]:
     """Output folder, model, data, LoRA, optimizer; returns the run and the checkpoint to resume."""
-    validate(cfg)
+    validate_train(cfg)
     group = mx.distributed.init()
     out = Path(cfg.output_dir)
     lead = group.rank() == 0
@@ -508,6 +409,7 @@ def setup(cfg: TrainConfig) -> tuple[Run, Path | None]:
     sources = {"--model": model_dir, "--data": cfg.data, "--eval-data": cfg.eval_data}
     check_apart(out, sources)
     shape = read_shape(model_dir)  # a model mlx-lm cannot build fails here, before the tokenizer
+    check_flags(cfg, shape)
     tokenizer = load_base_tokenizer(model_dir)
     ds, train_ex, val_ex = run_examples(cfg, tokenizer, group.size())
     memory = check_memory(cfg, model_dir, train_ex, group.size(), shape)  # before any weight

@@ -31,6 +31,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_flatten
 
+from mlx_lora.config import NEEDS_REFERENCE
 from mlx_lora.data.dataset import Batch, make_batch, pack_rows
 from mlx_lora.data.preference import Pair, Sequence, Unpaired
 from mlx_lora.model.lora import set_active
@@ -39,7 +40,6 @@ from mlx_lora.train.loss import batch_arrays, target_logps
 
 PREFERENCE_METHODS = ("dpo", "orpo", "simpo", "kto")
 LOSS_TYPES = ("sigmoid", "ipo", "hinge")
-NEEDS_REFERENCE = ("dpo", "kto")
 DEFAULT_BETA = {"dpo": 0.1, "orpo": 0.1, "simpo": 2.0, "kto": 0.1, "grpo": 0.0}
 
 

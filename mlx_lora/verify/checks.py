@@ -574,7 +574,7 @@ def _check_fused(
         figures += f"; rounding to {fused_dtype} moves the logits by {moved.max_abs:.2e}"
     name = f"fused ({fused_dtype}) vs base+adapter (MLX)"
     ok = weights.ok and merge.ok
-    values = {"stored": weights.values(), "merge": merge.values(), "rounding": moved.values()}
+    values = {**moved.values(), "stored": weights.values(), "merge": merge.values()}
     report.checks.append(Check(name, "ok" if ok else "FAIL", figures, values))
 
 
