@@ -17,6 +17,9 @@ from pathlib import Path
 import pytest
 from conftest import REPO, load_script
 
+from mlx_lora.testing.adapter import random_adapter
+from mlx_lora.testing.tiny_model import make_tiny_model
+
 pytestmark = pytest.mark.slow
 
 shots = load_script("studio_screenshots")
@@ -56,10 +59,11 @@ def studio(tmp_path):
         sys.stderr.write(log[-4000:])
 
 
-def cli_answer(root: Path, adapter: Path, max_tokens: int) -> str:
-    """What ``python -m mlx_lora.chat --prompt`` prints for the same question, greedy."""
+def cli_answer(root: Path, adapter: Path, max_tokens: int, flag: str = "--adapter") -> str:
+    """What ``python -m mlx_lora.chat --prompt`` prints for the same question, greedy
+    (``flag="--model"``: of a model alone)."""
     done = subprocess.run(
-        [sys.executable, "-m", "mlx_lora.chat", "--adapter", str(adapter), "--prompt", QUESTION,
+        [sys.executable, "-m", "mlx_lora.chat", flag, str(adapter), "--prompt", QUESTION,
          "--temperature", "0", "--max-tokens", str(max_tokens)],
         capture_output=True, text=True, timeout=120, cwd=root,
         env={**os.environ, "PYTHONPATH": str(REPO)},
@@ -154,3 +158,55 @@ def test_train_watch_chat_export_in_the_browser(studio):
     p.click("lang")
     assert (p.text("tab-btn-train"), p.text("tab-btn-export")) == ("训练", "导出")
     assert p.text("e-verify-badge") == "校验通过"
+
+
+def test_compare_runs_in_the_browser(studio):
+    """Compare mode: two runs of one base and the base answer side by side, each as the command
+    line answers with it alone; a run of another base is refused on the page."""
+    p, root = studio
+    tiny = root / "models" / "tiny"
+    random_adapter(tiny, root / "runs" / "a", seed=1, scale=0.5)
+    random_adapter(tiny, root / "runs" / "b", seed=2, scale=0.5, targets=("q_proj", "v_proj"))
+    other = make_tiny_model(root / "models" / "other", hidden_size=32, seed=3)
+    random_adapter(other, root / "runs" / "other", seed=4)
+    p.open("chat")
+
+    def tick(run: str, on: bool = True) -> None:
+        box = shots.wait_for(
+            run, lambda: p.d.find_element("css selector", f"#c-runs-list input[value='{run}']"), 30
+        )
+        if box.is_selected() != on:
+            box.click()
+
+    p.check("c-runs-mode", True)
+    assert p.el("c-runs").is_displayed() and not p.el("c-main").is_displayed()
+    tick("runs/a")
+    tick("runs/b")
+    p.check("c-compare", True)
+    p.fill("c-temp", 0)
+    p.fill("c-max", 16)
+    p.fill("c-input", QUESTION)
+    p.click("c-send")
+    shots.wait_for(
+        "three answers",
+        lambda: len(p.d.find_elements("css selector", "#c-cmp .msg[data-done='1']")) == 3,
+        120,
+    )
+    texts = [
+        p.d.find_element("css selector", f"#c-col-{i} .msg.assistant .text")
+        .get_attribute("textContent")
+        .strip()
+        for i in range(3)
+    ]
+    assert texts[0] == cli_answer(root, root / "runs" / "a", 16)
+    assert texts[1] == cli_answer(root, root / "runs" / "b", 16)
+    assert texts[2] == cli_answer(root, tiny, 16, "--model")
+    assert len(set(texts)) == 3, texts
+
+    # a run of another base: one line on the page, nothing answered
+    tick("runs/b", False)
+    tick("runs/other")
+    p.fill("c-input", QUESTION)
+    p.click("c-send")
+    assert "different bases" in shots.wait_for("banner", p.banner, 30)
+    assert not p.d.find_elements("css selector", "#c-cmp .msg")

@@ -24,7 +24,7 @@ from mlx_lora.data.preference import detect_preference_format
 from mlx_lora.export.pipeline import MODES, ExportConfig
 from mlx_lora.model.hub import check_model_dir
 from mlx_lora.model.lora import ADAPTER_WEIGHTS, read_adapter
-from mlx_lora.studio.chatting import ChatModels
+from mlx_lora.studio.chatting import ChatModels, check_messages
 from mlx_lora.studio.events import curves, final_figures, run_state
 from mlx_lora.studio.fields import (
     check_numbers,
@@ -276,10 +276,15 @@ def chat_target(studio: Studio, body: dict) -> tuple[str, Path | None]:
     must lie inside the roots too, like any path the page reaches.
     """
 
-    roots = studio.roots
     adapter = None
     if body.get("adapter"):
-        adapter = roots.resolve(body["adapter"], what="adapter", must_exist=True)
+        adapter = studio.roots.resolve(body["adapter"], what="adapter", must_exist=True)
+    return _chat_base(studio, body, adapter), None if body.get("base") else adapter
+
+
+def _chat_base(studio: Studio, body: dict, adapter: Path | None) -> str:
+    """The model a chat with ``adapter`` runs on: the body's ``model``, else the recorded base."""
+    roots = studio.roots
     model = body.get("model") or (read_adapter(adapter).base_model if adapter else None)
     if not model:
         raise MlxLoraError(
@@ -287,4 +292,58 @@ def chat_target(studio: Studio, body: dict) -> tuple[str, Path | None]:
             if adapter is None
             else f"{roots.show(adapter)} records no base model; enter the model to use"
         )
-    return loadable(roots.model(model)), None if body.get("base") else adapter
+    return loadable(roots.model(model))
+
+
+MAX_COMPARE = 6  # runs side by side in the Chat tab's compare mode (the base may join them)
+Column = tuple[str | None, list[dict]]  # (adapter name, or None for the bare base; messages)
+
+
+def compare_targets(studio: Studio, body: dict) -> tuple[str, dict[str, Path], list[Column]]:
+    """(base, {name: run folder}, columns) of a compare request.
+
+    ``columns``: ``[{"adapter": RUN, "messages": [...]}, …, {"base": true, "messages": [...]}]``,
+    two or more distinct runs and at most one base column, in the order the page shows them. The
+    runs must share one base (``model`` if given, else each run's recorded base, found as
+    :func:`chat_target` finds it); runs of different bases are refused.
+    """
+    columns = body.get("columns")
+    if not isinstance(columns, list) or not all(isinstance(c, dict) for c in columns):
+        raise MlxLoraError(
+            f"columns: expected a list of {{adapter, messages}}, got {kind(columns)}"
+        )
+    if not 2 <= len(columns) <= MAX_COMPARE + 1:
+        raise MlxLoraError(
+            f"columns: compare 2 to {MAX_COMPARE} runs (and the base), got {len(columns)}"
+        )
+    roots = studio.roots
+    adapters: dict[str, Path] = {}
+    bases: dict[str, str] = {}
+    out: list[Column] = []
+    for c in columns:
+        if unknown := sorted(set(c) - {"adapter", "base", "messages"}):
+            raise MlxLoraError(f"columns: unknown key {unknown[0][:40]!r}")
+        messages = check_messages(c.get("messages"))
+        if flag("base", c.get("base", False), bool):
+            if c.get("adapter"):
+                raise MlxLoraError("columns: a column is a run (adapter) or the base, not both")
+            out.append((None, messages))
+            continue
+        path = roots.resolve(c.get("adapter"), what="adapter", must_exist=True)
+        name = roots.show(path)
+        if name in adapters:
+            raise MlxLoraError(f"columns: {name} is picked twice")
+        adapters[name], bases[name] = path, _chat_base(studio, body, path)
+        out.append((name, messages))
+    if len(adapters) < 2:
+        raise MlxLoraError("compare: pick two or more runs (training output folders)")
+    if sum(name is None for name, _ in out) > 1:
+        raise MlxLoraError("columns: the base model is picked twice")
+    first = next(iter(adapters))
+    for name, base in bases.items():
+        if base != bases[first]:
+            raise MlxLoraError(
+                f"{first} and {name} were trained on different bases ({bases[first]}, {base}); "
+                "compare runs of one base"
+            )
+    return bases[first], adapters, out

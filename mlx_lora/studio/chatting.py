@@ -5,6 +5,11 @@ Loading is :func:`mlx_lora.model.load.load_for_inference` and generation
 greedy answer on the page is the command's answer. One worker thread owns every model (MLX
 streams belong to the thread that made them, as in serve): requests queue up, answers are
 generated one at a time, and at most two models stay loaded (the adapter's and the base beside it).
+
+Compare mode answers one conversation with several runs of one base: the base is loaded once as an
+adapter set (:func:`mlx_lora.model.load.load_adapter_set`, what serve loads for several adapters)
+and each column's answer comes from the same ``generate_answer`` with its adapter switched in, so
+each is the answer that adapter gives alone.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from typing import Any
 
 from mlx_lora.core.errors import MlxLoraError
 from mlx_lora.infer.generate import generate_answer, require_chat_template
-from mlx_lora.model.load import load_for_inference
+from mlx_lora.model.load import load_adapter_set, load_for_inference
 from mlx_lora.studio.fields import MAX_NUMBER, flag, text
 
 
@@ -45,7 +50,7 @@ class ChatModels:
 
     def __init__(self, limit: int = 2):
         self.limit = limit
-        self.cache: OrderedDict[tuple[str | None, str | None], Any] = OrderedDict()
+        self.cache: OrderedDict[tuple, Any] = OrderedDict()
         self.requests: queue.Queue[Request | None] = queue.Queue()
         self.thread = threading.Thread(target=self._loop, name="studio-mlx", daemon=True)
         self.thread.start()
@@ -66,21 +71,19 @@ class ChatModels:
         self.requests.put(None)
         self.thread.join(timeout=60)
 
-    def _get(self, model: str | None, adapter: Path | None) -> Any:
-        """Base (+ adapter) or a fused folder; ``model`` None = the adapter's recorded base."""
-
-        key = (model, str(adapter) if adapter else None)
+    def _cached(self, key: tuple, what: str, load: Callable[[], Any]) -> Any:
+        """The model under ``key``, loaded by ``load`` if not yet (``what`` names it in errors)."""
         if key in self.cache:
             self.cache.move_to_end(key)
             return self.cache[key]
         try:
-            loaded = load_for_inference(model, adapter)
+            loaded = load()
         except MlxLoraError:
             raise
         except Exception as e:  # noqa: BLE001 - a model that does not load is the user's to fix
             first = str(e).splitlines()[0] if str(e) else ""
             raise MlxLoraError(
-                f"cannot load {model or adapter} ({type(e).__name__}: {first}); check the folder"
+                f"cannot load {what} ({type(e).__name__}: {first}); check the folder"
             ) from None
         require_chat_template(loaded)
         self.cache[key] = loaded
@@ -88,38 +91,89 @@ class ChatModels:
             self.cache.popitem(last=False)
         return loaded
 
+    def _get(self, model: str | None, adapter: Path | None) -> Any:
+        """Base (+ adapter) or a fused folder; ``model`` None = the adapter's recorded base."""
+        key = (model, str(adapter) if adapter else None)
+        return self._cached(key, str(model or adapter), lambda: load_for_inference(model, adapter))
+
+    def _get_set(self, model: str, adapters: dict[str, Path]) -> Any:
+        """``model`` loaded once with every adapter of ``adapters`` (name → folder) beside it."""
+        key = ("adapter set", model, *sorted((n, str(d)) for n, d in adapters.items()))
+        return self._cached(key, model, lambda: load_adapter_set(model, adapters))
+
     def ask(
         self, model: str | None, adapter: Path | None, messages: list[dict], settings: dict
     ) -> Request:
         """Queue one answer; read its events from the returned request."""
 
         def work(req: Request) -> None:
-
             loaded = self._get(model, adapter)
             # bad settings, or a template that rejects the conversation, fail here: before a
             # byte of the answer is sent (generation starts when the stream is iterated)
             stream = generate_answer(loaded, messages, **settings)
             req.events.put(("start", None))
-            for piece in stream:
-                if req.cancel.is_set():
-                    stream.close()  # mlx-lm stops; the KV cache stays consistent
-                    return
-                req.events.put(("delta", piece))
-            a = stream.answer
-            done = {
-                "done": True,
-                "text": a.text,
-                "finish_reason": a.finish_reason,
-                "completion_tokens": a.completion_tokens,
-                "prompt_tokens": a.prompt_tokens,
-                "tokens_per_second": round(a.generation_tps, 1),
-                "stats": a.stats(),
-            }
-            req.events.put(("done", done))
+            done = _relay(req, stream)
+            if done is not None:
+                req.events.put(("done", done))
 
+        return self._queue(work)
+
+    def compare(
+        self,
+        model: str,
+        adapters: dict[str, Path],
+        columns: list[tuple[str | None, list[dict]]],
+        settings: dict,
+    ) -> Request:
+        """Queue the answers of several adapters on one base, one column after the other.
+
+        ``columns``: (adapter name in ``adapters`` or None for the bare base, its conversation).
+        Each answer is the one :meth:`ask` gives that adapter alone (same ``generate_answer``,
+        the adapter switched in place by :class:`~mlx_lora.model.lora.AdapterSet`). Events:
+        ``line`` ``{"column", "delta"}`` and ``{"column", "done", …}`` per column, then ``done``
+        ``{"end": true}``.
+        """
+
+        def work(req: Request) -> None:
+            loaded = self._get_set(model, adapters)
+            streams = [generate_answer(loaded, m, adapter=a, **settings) for a, m in columns]
+            req.events.put(("start", None))
+            for i, stream in enumerate(streams):
+                done = _relay(req, stream, column=i)
+                if done is None:
+                    return
+                req.events.put(("line", {"column": i, **done}))
+            req.events.put(("done", {"end": True, "columns": len(streams)}))
+
+        return self._queue(work)
+
+    def _queue(self, work: Callable[[Request], None]) -> Request:
         req = Request(work)
         self.requests.put(req)
         return req
+
+
+def _relay(req: Request, stream: Any, column: int | None = None) -> dict | None:
+    """Pass ``stream``'s pieces to the page (tagged with ``column`` when given); its counts at
+    the end, or None when the browser went away (generation stopped)."""
+    for piece in stream:
+        if req.cancel.is_set():
+            stream.close()  # mlx-lm stops; the KV cache stays consistent
+            return None
+        if column is None:
+            req.events.put(("delta", piece))
+        else:
+            req.events.put(("line", {"column": column, "delta": piece}))
+    a = stream.answer
+    return {
+        "done": True,
+        "text": a.text,
+        "finish_reason": a.finish_reason,
+        "completion_tokens": a.completion_tokens,
+        "prompt_tokens": a.prompt_tokens,
+        "tokens_per_second": round(a.generation_tps, 1),
+        "stats": a.stats(),
+    }
 
 
 def sampling_settings(body: dict) -> dict:

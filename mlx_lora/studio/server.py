@@ -233,6 +233,8 @@ class Handler(BaseHTTPRequestHandler):
                 return self._send(200, p.read_bytes(), ctype)
             if method == "POST" and url.path == "/api/chat":
                 return self._chat(self._body())
+            if method == "POST" and url.path == "/api/chat/compare":
+                return self._compare(self._body())
             route = ROUTES.get((method, url.path))
             if route is None:
                 return self._json(404, {"error": f"no such page: {method} {url.path[:100]}"})
@@ -278,7 +280,20 @@ class Handler(BaseHTTPRequestHandler):
         messages = check_messages(body.get("messages"))
         settings = sampling_settings(body)
         model, adapter_path = api.chat_target(s, body)
-        req = s.chat.ask(model, adapter_path, messages, settings)
+        self._stream(s.chat.ask(model, adapter_path, messages, settings), "chat")
+
+    def _compare(self, body: dict) -> None:
+        """Several runs of one base answering, column after column, as newline-delimited JSON:
+        {"column": i, "delta": …}…, {"column": i, "done": …} per column, then {"end": true}
+        (or {"error": …})."""
+        s = self.studio
+        settings = sampling_settings(body)
+        model, adapters, columns = api.compare_targets(s, body)
+        self._stream(s.chat.compare(model, adapters, columns, settings), "compare")
+
+    def _stream(self, req: Any, what: str) -> None:
+        """The worker's events for ``req`` as JSON lines; an error before the first line is an
+        ordinary JSON error answer, a browser that goes away stops generation."""
         kind, value = req.events.get()
         if kind == "error":  # nothing sent yet: an ordinary JSON error answer
             raise value
@@ -289,18 +304,18 @@ class Handler(BaseHTTPRequestHandler):
         try:
             while True:
                 kind, value = req.events.get()
-                if kind == "delta":
-                    self._line({"delta": value})
+                if kind in ("delta", "line"):
+                    self._line({"delta": value} if kind == "delta" else value)
                     continue
                 if kind == "error":
-                    log(f"chat: {value}")
+                    log(f"{what}: {value}")
                     self._line({"error": str(value)})
                 else:
                     self._line(value)
                 break
         except Disconnected:
             req.cancel.set()
-            log("chat: the browser disconnected mid-answer; generation stopped")
+            log(f"{what}: the browser disconnected mid-answer; generation stopped")
 
     def _line(self, obj: dict) -> None:
         try:

@@ -5,7 +5,7 @@ const $ = (id) => document.getElementById(id);
 const state = {
   info: null, found: null, jobs: {}, lines: {}, polling: new Set(),
   trainJob: null, exportJob: null, selected: new Set(), focus: null,
-  conv: { main: [], base: [] }, aborts: [], charts: {}, runsTimer: null,
+  conv: { main: [], base: [] }, cmp: { key: "", cols: [] }, aborts: [], charts: {}, runsTimer: null,
 };
 let lang = localStorage.getItem("mlx_lora.lang") || (navigator.language.startsWith("zh") ? "zh" : "en");
 
@@ -22,7 +22,7 @@ function applyLang() {
   document.querySelectorAll("[data-i18n-ph]").forEach((el) => { el.placeholder = t(el.dataset.i18nPh); });
   $("lang").textContent = lang === "zh" ? "English" : "中文";
   Object.values(state.jobs).forEach(showJob);
-  if (state.found) { fillAdapters(); renderRunList(); }
+  if (state.found) { fillAdapters(); fillRunPicks(); renderRunList(); }
   if (state.preview) renderPreview();
   redrawCharts();
 }
@@ -95,6 +95,7 @@ async function refreshScan() {
   fill("data-list", state.found.data);
   fill("runs-list", state.found.runs);
   fillAdapters();
+  fillRunPicks();
   renderRunList();
 }
 
@@ -107,6 +108,20 @@ function fillAdapters() {
     if ([...sel.options].some((o) => o.value === keep)) sel.value = keep;
     else if (state.found.adapters.length) sel.value = state.found.adapters[0];
   }
+}
+
+// Compare mode's run list: a checkbox per run, ticks kept across rescans.
+function fillRunPicks() {
+  const list = $("c-runs-list");
+  const ticked = new Set([...list.querySelectorAll("input:checked")].map((i) => i.value));
+  const picks = state.found.adapters.map((a) => {
+    const box = el("input", { type: "checkbox", value: a, "data-run": a });
+    box.checked = ticked.has(a);
+    const label = el("label", { class: "check" });
+    label.append(box, ` ${a}`);
+    return label;
+  });
+  list.replaceChildren(...(picks.length ? picks : [el("span", { class: "muted" }, t("chat.no_runs"))]));
 }
 
 function select(name, values, labels) {
@@ -400,19 +415,18 @@ async function resumeFocus() {
 
 // ------------------------------------------------------------------ Chat tab
 
-function bubble(side, role, text) {
+function bubble(box, role, text) {
   const b = el("div", { class: `msg ${role}` });
   b.append(el("div", { class: "who" }, role === "user" ? t("chat.you") : ""), el("div", { class: "text" }, text));
-  $(side === "main" ? "c-main" : "c-base").append(b);
+  box.append(b);
   return b;
 }
 
-async function streamAnswer(side, payload, b) {
+// POST a chat request; the response once it is a stream (an error answer throws its message).
+async function postStream(path, payload) {
   const ctrl = new AbortController();
   state.aborts.push(ctrl);
-  const textEl = b.querySelector(".text");
-  textEl.textContent = t("chat.loading");
-  const res = await fetch("/api/chat", {
+  const res = await fetch(path, {
     method: "POST", headers: { "Content-Type": "application/json" },
     body: JSON.stringify(payload), signal: ctrl.signal,
   });
@@ -421,10 +435,13 @@ async function streamAnswer(side, payload, b) {
     try { msg = (await res.json()).error || msg; } catch (e) { /* not JSON */ }
     throw new Error(msg);
   }
+  return res;
+}
+
+// Each JSON line of a streamed answer to onEvent; {"error"} throws; Stop (abort) just ends it.
+async function readLines(res, onEvent) {
   const reader = res.body.getReader(), dec = new TextDecoder();
-  let buf = "", text = "";
-  textEl.textContent = "";
-  b.classList.add("streaming");
+  let buf = "";
   try {
     for (;;) {
       const { value, done } = await reader.read();
@@ -436,33 +453,51 @@ async function streamAnswer(side, payload, b) {
         if (!line.trim()) continue;
         const ev = JSON.parse(line);
         if (ev.error) throw new Error(ev.error);
-        if (ev.delta) { text += ev.delta; textEl.textContent = text; }
-        if (ev.done) { b.append(el("div", { class: "stats muted" }, ev.stats)); b.dataset.done = "1"; }
+        onEvent(ev);
       }
     }
   } catch (e) {
     if (e.name !== "AbortError") throw e;
+  }
+}
+
+async function streamAnswer(side, payload, b) {
+  const textEl = b.querySelector(".text");
+  textEl.textContent = t("chat.loading");
+  const res = await postStream("/api/chat", payload);
+  let text = "";
+  textEl.textContent = "";
+  b.classList.add("streaming");
+  try {
+    await readLines(res, (ev) => {
+      if (ev.delta) { text += ev.delta; textEl.textContent = text; }
+      if (ev.done) { b.append(el("div", { class: "stats muted" }, ev.stats)); b.dataset.done = "1"; }
+    });
   } finally { b.classList.remove("streaming"); }
   state.conv[side].push({ role: "assistant", content: text });
   return text;
 }
 
+function chatSettings() {
+  return {
+    model: $("c-model").value.trim() || null, system_prompt: $("c-system").value,
+    temperature: $("c-temp").value, top_p: $("c-top-p").value, max_tokens: $("c-max").value,
+  };
+}
+
 async function sendChat() {
   const input = $("c-input"), text = input.value.trim();
   if (!text) return;
+  if ($("c-runs-mode").checked) return sendCompare(text);
   const compare = $("c-compare").checked;
-  const settings = {
-    adapter: $("c-adapter").value || null, model: $("c-model").value.trim() || null,
-    system_prompt: $("c-system").value, temperature: $("c-temp").value, top_p: $("c-top-p").value,
-    max_tokens: $("c-max").value,
-  };
+  const settings = { adapter: $("c-adapter").value || null, ...chatSettings() };
   input.value = "";
   $("c-stop").disabled = false;
   try {
     for (const side of compare ? ["main", "base"] : ["main"]) {
       state.conv[side].push({ role: "user", content: text });
-      bubble(side, "user", text);
-      const b = bubble(side, "assistant", "");
+      bubble($(side === "main" ? "c-main" : "c-base"), "user", text);
+      const b = bubble($(side === "main" ? "c-main" : "c-base"), "assistant", "");
       const payload = { ...settings, messages: state.conv[side], base: side === "base" };
       try { await streamAnswer(side, payload, b); } catch (e) {
         state.conv[side].pop();
@@ -473,11 +508,69 @@ async function sendChat() {
   } finally { $("c-stop").disabled = true; state.aborts = []; }
 }
 
+// Compare mode's columns: the ticked runs, then the base if "side by side" is ticked. Another
+// pick starts new columns (each keeps its own conversation while the pick stays).
+function compareColumns() {
+  const runs = [...$("c-runs-list").querySelectorAll("input:checked")].map((i) => i.value);
+  const picked = [...runs, ...($("c-compare").checked ? [null] : [])];
+  const key = JSON.stringify(picked);
+  if (state.cmp.key === key) return state.cmp.cols;
+  state.cmp = { key, cols: picked.map((adapter) => ({ adapter, conv: [] })) };
+  $("c-cmp").replaceChildren(...state.cmp.cols.map((c, i) => {
+    const col = el("div", { class: "conv-col" });
+    const title = c.adapter === null ? el("h3", { "data-i18n": "chat.base" }, t("chat.base")) : el("h3", {}, c.adapter);
+    col.append(title, el("div", { class: "conv", id: `c-col-${i}`, "data-run": c.adapter ?? "" }));
+    return col;
+  }));
+  return state.cmp.cols;
+}
+
+// One question to every column: one request, the base loaded once with every run beside it.
+async function sendCompare(text) {
+  const cols = compareColumns();
+  $("c-input").value = "";
+  $("c-stop").disabled = false;
+  const sent = cols.map((c, i) => {
+    c.conv.push({ role: "user", content: text });
+    const box = $(`c-col-${i}`);
+    return { user: bubble(box, "user", text), b: bubble(box, "assistant", t("chat.loading")), text: "" };
+  });
+  const columns = cols.map((c) => (c.adapter === null ? { base: true, messages: c.conv } : { adapter: c.adapter, messages: c.conv }));
+  try {
+    const res = await postStream("/api/chat/compare", { ...chatSettings(), columns });
+    sent.forEach((s) => { s.b.querySelector(".text").textContent = ""; s.b.classList.add("streaming"); });
+    await readLines(res, (ev) => {
+      const s = sent[ev.column];
+      if (!s) return;
+      if (ev.delta) { s.text += ev.delta; s.b.querySelector(".text").textContent = s.text; }
+      if (ev.done) { s.b.append(el("div", { class: "stats muted" }, ev.stats)); s.b.dataset.done = "1"; }
+    });
+    cols.forEach((c, i) => c.conv.push({ role: "assistant", content: sent[i].text }));
+  } catch (e) {
+    cols.forEach((c, i) => { c.conv.pop(); sent[i].user.remove(); sent[i].b.remove(); });
+    throw e;
+  } finally {
+    sent.forEach((s) => s.b.classList.remove("streaming"));
+    $("c-stop").disabled = true; state.aborts = [];
+  }
+}
+
+function showChatMode() {
+  const runs = $("c-runs-mode").checked;
+  $("c-runs").hidden = !runs;
+  $("c-adapter").disabled = runs;
+  $("c-single").hidden = runs;
+  $("c-cmp").hidden = !runs;
+  $("c-base-col").hidden = runs || !$("c-compare").checked;
+}
+
 function resetChat() {
   state.aborts.forEach((a) => a.abort());
   state.conv = { main: [], base: [] };
+  state.cmp = { key: "", cols: [] };
   $("c-main").replaceChildren();
   $("c-base").replaceChildren();
+  $("c-cmp").replaceChildren();
 }
 
 // ------------------------------------------------------------------ Export tab
@@ -551,7 +644,8 @@ function wire() {
   action($("c-send"), sendChat);
   $("c-stop").addEventListener("click", () => state.aborts.forEach((a) => a.abort()));
   $("c-reset").addEventListener("click", resetChat);
-  $("c-compare").addEventListener("change", () => { $("c-base-col").hidden = !$("c-compare").checked; });
+  $("c-compare").addEventListener("change", showChatMode);
+  $("c-runs-mode").addEventListener("change", showChatMode);
   $("c-input").addEventListener("keydown", (e) => {
     if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) $("c-send").click();
   });
