@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,52 +58,16 @@ def pairs(recs: list[dict], n: int, shift: int = 7) -> list[dict]:
 
 
 def use_clock(module, clock: str) -> None:
-    """``--clock cpu``: the tool's own step timer reads process CPU time instead of wall time
-    (with OPENBLAS_NUM_THREADS=1: the work done, whatever else runs on the machine)."""
+    """``--clock cpu`` for the peer's own step timer (this runs in mlx-lm-lora's interpreter,
+    which has no mlx_lora: :func:`mlx_lora.testing.bench.use_clock` is ours)."""
     if clock == "cpu":
-        import types
-
         module.time = types.SimpleNamespace(perf_counter=time.process_time)
 
 
 def worker_ours(a: dict) -> dict:
-    from mlx_lora.config import TrainConfig
-    from mlx_lora.train import loop as train_module
-    from mlx_lora.train.loop import train
+    from mlx_lora.testing.bench import train_ours
 
-    use_clock(train_module, a["clock"])
-
-    res = train(
-        TrainConfig(
-            model=a["model"],
-            data=a["train"],
-            output_dir=a["out"],
-            overwrite_output_dir=True,
-            method=a["method"],
-            beta=a["beta"],
-            max_steps=a["steps"],
-            per_device_train_batch_size=a["batch"],
-            gradient_accumulation_steps=1,
-            learning_rate=a["lr"],
-            lr_scheduler_type="constant",
-            weight_decay=0.0,
-            max_grad_norm=0.0,
-            lora_r=a["rank"],
-            lora_alpha=a["rank"] * a["scale"],
-            lora_dropout=0.0,
-            target_modules=",".join(TARGETS),
-            gradient_checkpointing=a["checkpointing"],
-            packing=True,
-            logging_steps=max(1, a["steps"] // 4),
-            save_steps=10**9,
-            max_seq_length=a["max_len"],
-            seed=a["seed"],
-            plot=False,
-        ),
-        progress=False,
-    )
-    log = json.loads((Path(a["out"]) / "trainer_state.json").read_text(encoding="utf-8"))
-    log = log["log_history"]
+    res, log = train_ours(a, TARGETS, method=a["method"], beta=a["beta"], weight_decay=0.0)
     tokens = log[-1]["train_tokens"]
     return {
         "seconds": tokens / res.tokens_per_second,

@@ -47,57 +47,16 @@ def messages(rec: dict) -> list[dict]:
 # ---------------------------------------------------------------- workers (run in subprocesses)
 
 
-def use_clock(module, clock: str) -> None:
-    """``--clock cpu``: the tool's own step timer reads process CPU time instead of wall time
-    (with OPENBLAS_NUM_THREADS=1, the work done, whatever else runs on the machine)."""
-    if clock == "cpu":
-        import types
-
-        module.time = types.SimpleNamespace(perf_counter=time.process_time)
-
-
 def worker_ours(a: dict) -> dict:
-    from mlx_lora.config import TrainConfig
-    from mlx_lora.train import loop as train_module
-    from mlx_lora.train.loop import train
+    from mlx_lora.testing.bench import train_ours
 
-    use_clock(train_module, a["clock"])
-    res = train(
-        TrainConfig(
-            model=a["model"],
-            data=a["train"],
-            eval_data=a["valid"],
-            output_dir=a["out"],
-            overwrite_output_dir=True,
-            max_steps=a["steps"],
-            per_device_train_batch_size=a["batch"],
-            gradient_accumulation_steps=1,
-            learning_rate=a["lr"],
-            lr_scheduler_type="constant",
-            max_grad_norm=0.0,
-            lora_r=a["rank"],
-            lora_alpha=a["rank"] * a["scale"],
-            lora_dropout=0.0,
-            target_modules=",".join(TARGETS),
-            gradient_checkpointing=a["checkpointing"],
-            packing=True,
-            logging_steps=max(1, a["steps"] // 4),
-            save_steps=10**9,
-            eval_steps=a["steps"],
-            max_seq_length=a["max_len"],
-            seed=a["seed"],
-            plot=False,
-        ),
-        progress=False,
-    )
-    state = json.loads((Path(a["out"]) / "trainer_state.json").read_text(encoding="utf-8"))
-    tokens = state["log_history"][-1]["train_tokens"]
+    res, log = train_ours(a, TARGETS, eval_data=a["valid"], eval_steps=a["steps"])
     return {
-        "seconds": tokens / res.tokens_per_second,
-        "tokens": tokens,
+        "seconds": log[-1]["train_tokens"] / res.tokens_per_second,
+        "tokens": log[-1]["train_tokens"],
         "peak_memory_gb": res.peak_memory_gb,
         "val_loss": res.eval_loss,
-        "targets": state["log_history"][-1]["train_target_tokens"],
+        "targets": log[-1]["train_target_tokens"],
         "checkpointing": res.gradient_checkpointing,
         "val_loss_mlx_lm_scoring": mlx_lm_val_loss(a, Path(a["out"])),
     }
@@ -158,6 +117,8 @@ def worker_mlx_lm(a: dict) -> dict:
     from mlx_lm.tuner import trainer
     from mlx_lm.tuner.callbacks import TrainingCallback
     from mlx_lm.utils import load
+
+    from mlx_lora.testing.bench import use_clock
 
     use_clock(trainer, a["clock"])
 

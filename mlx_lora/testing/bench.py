@@ -10,11 +10,17 @@ from __future__ import annotations
 import json
 import shutil
 import time
+import types
 from pathlib import Path
+from typing import Any
 
+from mlx_lora.config import TrainConfig
+from mlx_lora.core.files import read_json
 from mlx_lora.model.hub import resolve_model
 from mlx_lora.testing.assets import fetch_smollm2_gguf
 from mlx_lora.testing.tiny_model import make_tiny_model, shape_from_config
+from mlx_lora.train import loop as train_module
+from mlx_lora.train.loop import TrainResult, train
 
 
 def roofline(hidden: int, intermediate: int, tokens: int = 512, clock=time.perf_counter) -> float:
@@ -101,3 +107,43 @@ def prepare_model(spec: str, tmp: Path, args, *, qwen_tokenizer: Path) -> Path:
 
     folder = Path(resolve_model(str(smollm2_gguf()) if spec == "smollm2-135m" else spec, "auto"))
     return folder if args.bf16 else fp32_copy(folder, out)
+
+
+def use_clock(module: Any, clock: str) -> None:
+    """``--clock cpu``: the tool's own step timer reads process CPU time instead of wall time
+    (with OPENBLAS_NUM_THREADS=1, the work done, whatever else runs on the machine)."""
+    if clock == "cpu":
+        module.time = types.SimpleNamespace(perf_counter=time.process_time)
+
+
+def train_ours(a: dict, targets: tuple[str, ...], **extra: Any) -> tuple[TrainResult, list[dict]]:
+    """Our side of an A B benchmark: ``a`` is the worker payload both tools were given (model,
+    data, steps, batch, lr, rank, scale, checkpointing, max_len, seed, clock); ``extra`` adds
+    flags (a method, validation data). Returns the result and the run's log history."""
+    use_clock(train_module, a["clock"])
+    cfg = TrainConfig(
+        model=a["model"],
+        data=a["train"],
+        output_dir=a["out"],
+        overwrite_output_dir=True,
+        max_steps=a["steps"],
+        per_device_train_batch_size=a["batch"],
+        gradient_accumulation_steps=1,
+        learning_rate=a["lr"],
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        lora_r=a["rank"],
+        lora_alpha=a["rank"] * a["scale"],
+        lora_dropout=0.0,
+        target_modules=",".join(targets),
+        gradient_checkpointing=a["checkpointing"],
+        packing=True,
+        logging_steps=max(1, a["steps"] // 4),
+        save_steps=10**9,
+        max_seq_length=a["max_len"],
+        seed=a["seed"],
+        plot=False,
+        **extra,
+    )
+    res = train(cfg, progress=False)
+    return res, read_json(Path(a["out"]) / "trainer_state.json")["log_history"]
