@@ -21,7 +21,9 @@ from hypothesis import strategies as st
 
 from mlx_lora.core.errors import MlxLoraError
 from mlx_lora.data.dataset import (
-    FORMATS,
+    SFT_FORMATS as FORMATS,  # what SFT's reader takes (preference forms: test_preference)
+)
+from mlx_lora.data.dataset import (
     detect_format,
     load_dataset,
     make_batch,

@@ -444,6 +444,7 @@ import json, resource, sys, time
 resource.setrlimit(resource.RLIMIT_AS, ({limit}, {limit}))
 from mlx_lora.core.errors import MlxLoraError
 from mlx_lora.model.hub import resolve_model
+from mlx_lora.train.report import peak_rss_bytes
 out = {{}}
 for path in sys.argv[1:]:
     t0 = time.perf_counter()
@@ -455,7 +456,8 @@ for path in sys.argv[1:]:
     except BaseException as e:  # MemoryError, or the traceback of a bug
         kind, msg = type(e).__name__, str(e)[:300]
     out[path] = [kind, msg, time.perf_counter() - t0]
-out["peak_rss_kb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+# VmHWM, not ru_maxrss: that keeps the parent's size at fork time across exec (a big pytest)
+out["peak_rss_kb"] = peak_rss_bytes() // 1024
 print(json.dumps(out))
 """
 

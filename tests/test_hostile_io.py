@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -137,27 +136,46 @@ def test_check_apart_cases(tmp_path):
 # ------------------------------------------------------------------ a huge record
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+PEAK_SCRIPT = """
+import json, sys
+from pathlib import Path
+from mlx_lora.data.dataset import load_dataset
+from mlx_lora.model.load import load_base_tokenizer
+from mlx_lora.train.report import peak_rss_bytes
+tok = load_base_tokenizer(Path(sys.argv[1]))
+ds = load_dataset(Path(sys.argv[2]), tok, max_seq_length=64)
+print(json.dumps({"peak": peak_rss_bytes(), "ids": ds.examples[0].ids, "truncated": ds.truncated}))
+"""
+
+
+def _load_in_child(model: Path, data: Path) -> dict:
+    """load_dataset in a process of its own: its peak resident memory (VmHWM) is its own."""
+    r = subprocess.run(
+        [sys.executable, "-c", PEAK_SCRIPT, str(model), str(data)],
+        capture_output=True, text=True, timeout=600, check=True,
+    )  # fmt: skip
+    return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 def test_a_huge_record_is_cut_before_tokenizing(model, tmp_path):
-    """A 20 MB answer with --max-seq-length 64: tokenized whole it took ~1 GB and minutes; cut at
-    64 × MAX_CHARS_PER_TOKEN characters it costs nothing, and the kept tokens are the same."""
-    tok = load_base_tokenizer(model)
-    huge = "臣妾做不到啊。" * 3_000_000  # 21 M characters
-    data = tmp_path / "huge.json"
+    """A 21 M-character answer with --max-seq-length 64: tokenized whole it costs gigabytes, only
+    to be truncated; cut at 64 × MAX_CHARS_PER_TOKEN characters first, it costs what a small
+    record does, and the kept tokens are the same."""
+    huge = "臣妾做不到啊。" * 3_000_000
     small = {"instruction": "你是谁？", "output": "我是甄嬛，家父是大理寺少卿甄远道。"}
+    data, base = tmp_path / "huge.json", tmp_path / "small.json"
     data.write_text(json.dumps([{"instruction": "你是谁？", "output": huge}, small]), "utf-8")
-    rss = _peak_rss_mb()
-    ds = load_dataset(data, tok, max_seq_length=64)
-    assert _peak_rss_mb() - rss < 400
-    assert ds.truncated == 1 and len(ds.examples[0].ids) == 64 and len(ds.examples) == 2
+    short = {"instruction": "你是谁？", "output": huge[:2000]}
+    base.write_text(json.dumps([short, small]), "utf-8")
+    got, ref = _load_in_child(model, data), _load_in_child(model, base)
+    # the file itself (63 MB of UTF-8, parsed: ~150 MB) is read; tokenizing it would be GBs
+    assert got["peak"] - ref["peak"] < 400 << 20, (got["peak"], ref["peak"])
+    assert got["truncated"] == 1 and got["ids"] == ref["ids"] and len(got["ids"]) == 64
     # the first 64 ids are exactly those of the record cut much later (no cut effect reaches back)
+    tok = load_base_tokenizer(model)
     longer = {"instruction": "你是谁？", "output": huge[: 64 * MAX_CHARS_PER_TOKEN * 4]}
     enc = encode_record(longer, "alpaca", tok, system_prompt=None, eot="<|im_end|>")
-    assert enc.ids[:64] == ds.examples[0].ids
-    assert enc.mask[:64] == ds.examples[0].mask
+    assert enc.ids[:64] == got["ids"]
 
 
 def test_many_huge_messages_are_cut_in_order(model, tmp_path):

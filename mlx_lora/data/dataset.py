@@ -193,7 +193,7 @@ def to_messages(record: Any, fmt: str) -> list[Message] | str | None:
         return [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
     if fmt == "text":
         return _text(record.get("text"))
-    raise MlxLoraError(f"unknown --format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    raise MlxLoraError(f"--format {fmt!r} is no SFT format; choose one of {', '.join(SFT_FORMATS)}")
 
 
 def encode_plain(tokenizer: Any, text: str, allow_special: bool = False) -> Encoded:
