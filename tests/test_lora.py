@@ -226,3 +226,29 @@ def test_adapter_on_a_same_shaped_but_different_base_is_refused(tiny_model, tiny
         fuse(str(tiny_qwen), out, tmp_path / "f")
     assert not (tmp_path / "f").exists()
     load_for_inference(str(tiny_model), out)  # the right base loads
+
+
+def test_rslora_adapter_computes_what_its_merge_computes(tiny_model, tmp_path):
+    """PEFT's per-module factor (rsLoRA: alpha / √r) is the LoRA layers' factor as well as the
+    merge's: base + adapter, the fused folder and an AdapterSet give the same logits."""
+    from mlx_lora.export.fuse import fuse
+    from mlx_lora.model.load import load_adapter_set, load_for_inference
+    from mlx_lora.model.lora import LoRALinear
+    from mlx_lora.testing.adapter import random_adapter
+
+    adapter = random_adapter(tiny_model, tmp_path / "a", r=4, alpha=8.0, scale=0.5)
+    cfg_path = adapter / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "use_rslora": True}))
+    ids = mx.array([[1, 5, 9, 14, 3, 7]])
+    lora = load_for_inference(str(tiny_model), adapter, dtype="float32")
+    scales = {m.scale for _, m in lora.model.named_modules() if isinstance(m, LoRALinear)}
+    assert scales == {8.0 / 2.0}  # alpha / √r, not alpha / r
+    fused = fuse(str(tiny_model), adapter, tmp_path / "fused", dtype="float32")
+    merged = load_for_inference(str(fused), dtype="float32")
+    bank = load_adapter_set(str(tiny_model), {"a": adapter})
+    bank.adapter_set.use("a")
+    want = np.array(lora.model(ids).astype(mx.float32))
+    assert np.abs(np.array(merged.model(ids).astype(mx.float32)) - want).max() < 1e-4
+    got = np.array(bank.model(ids).astype(mx.float32))
+    assert np.abs(got - want).max() < 1e-2  # the set's base is loaded in the compute dtype

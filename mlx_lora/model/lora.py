@@ -428,6 +428,9 @@ def load_adapter(
     )
     check_fits(model, adapter.tensors, f"adapter {adapter.directory}", adapter.base_model)
     set_lora_tensors(model, adapter.tensors)
+    for path, m in model.named_modules():  # PEFT's factor per module (rsLoRA, alpha_pattern),
+        if isinstance(m, LoRALinear):  # the one the merge uses too
+            m.scale = adapter.scale(path)
     return adapter
 
 
@@ -483,13 +486,12 @@ class AdapterSet:
         if name == self.current:
             return
         pairs = self.tensors[name] if name is not None else {}
-        scale = self.adapters[name].alpha / self.adapters[name].r if name is not None else 1.0
         for path, layer in self.layers.items():
             ab = pairs.get(path)
             layer.active = ab is not None
             if ab is not None:
                 layer.lora_A, layer.lora_B = ab
-                layer.scale = scale
+                layer.scale = self.adapters[name].scale(path)
         self.current = name
 
 
