@@ -59,9 +59,9 @@ def check_max_tokens(max_tokens: int, name: str = "max_tokens") -> None:
 
 
 def stop_token_ids(loaded: Any) -> set[int]:
-    """Make mlx-lm's ``stream_generate`` stop on every end token
-    (:func:`mlx_lora.model.meta.end_token_ids`) by adding them to the tokenizer wrapper's eos set;
-    returns the full set. Idempotent."""
+    """Every end token (:func:`mlx_lora.model.meta.end_token_ids`): the :class:`Engine`'s stop
+    tokens, also added to the tokenizer wrapper's eos set for mlx-lm's own loops (verify's
+    reference greedy); returns the full set. Idempotent."""
     wrapper = loaded.tokenizer
     done = getattr(wrapper, "_mlx_lora_stop_ids", None)
     if done is not None and done <= set(wrapper.eos_token_ids):
